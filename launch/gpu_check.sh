@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check, run once on a lent H100/H200 (from any directory), results in $OUT; under 8 minutes wall:
+#   1. the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
+#   2. the toy set packed to shards;
+#   3. `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64): eager, then torch.compile.
+# Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
+# $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:?set OUT to the folder whose files come back}"
+PY="${PY:-python3}"
+WORK="${WORK:-/tmp/mlgcn-gpu-check}"
+DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+mkdir -p "$OUT" "$WORK"
+
+# step NAME LIMIT_S CMD...: CMD under `timeout` (LIMIT_S, or less if the budget is nearly spent).
+step() {
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS)) start=$SECONDS rc=0
+    shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 30)); then
+        echo "$name: skipped, budget spent" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+    echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
+}
+
+# Wheels this machine lacks (webdataset ...), unless the caller has installed them already.
+if [[ -d .whl ]] && ! "$PY" -c "import webdataset" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{ nvidia-smi; "$PY" -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"; } \
+    > "$OUT/env.txt" 2>&1
+
+# Drawing the toy set takes ~30 s on one core: it overlaps the tests.
+timeout 150 "$PY" -m mlgcn_dist.cli make-toy --out "$WORK/toy" --train 256 --val 16 --size 640 \
+    > "$OUT/make_toy.log" 2>&1 &
+toy_pid=$!
+step pytest_gpu 180 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$OUT/pytest_gpu.xml" tests
+wait "$toy_pid"
+echo "make_toy: exit $?" | tee -a "$OUT/summary.txt"
+step pack 90 "$PY" -m mlgcn_dist.cli pack coco --root "$WORK/toy" --out "$WORK/shards" --shard-count 32 \
+    --workers 16 --overwrite
+
+bench=("$PY" -m mlgcn_dist.cli bench train --config configs/coco_gcn.yaml --shards "$WORK/shards"
+       --steps 60 --warmup 10)
+overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data.batch_size=64 data.workers=15
+           train.precision=bf16 train.channels_last=true)
+step bench_eager 180 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" train.compile=false
+step bench_compile 330 "${bench[@]}" --json "$OUT/bench_compile.json" "${overrides[@]}" train.compile=true
+
+for name in bench_eager bench_compile; do
+    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 12; }
+done
+echo "== summary"; cat "$OUT/summary.txt"

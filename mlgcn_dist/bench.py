@@ -1,0 +1,540 @@
+"""Throughput benchmarks (``mlgcn bench train`` and ``mlgcn bench loader``): where training time goes.
+
+``bench train`` times training steps (forward, loss, backward, clipping, SGD with the backbone/head parameter
+groups) on one device, in one process, in four phases:
+
+* ceiling: synthetic tensors already on the device, with the run's settings (precision, channels_last,
+  compile, batch size): the fastest this model can train here;
+* end to end, twice: the same settings fed by the real training loader from shards, decoding JPEGs in the CPU
+  workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder in the main process);
+* reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data.
+
+End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
+the original code. The data-wait fraction is the share of the timed window spent blocked on ``next(loader)``.
+MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
+phase's numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mlgcn_dist.config import Config, load_config, set_key
+from mlgcn_dist.data.loader import DatasetInfo, bench_loader, build_train_loader, dataset_info, read_meta
+from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
+from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.data.transforms import GpuAugment, to_device
+from mlgcn_dist.engine import build_model_for
+from mlgcn_dist.losses import build_loss
+from mlgcn_dist.optim import build_optimizer
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
+# torch.cuda.get_device_name ("H100 PCIe" before "H100", whose numbers are the SXM part's). fp32: CUDA cores.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+# FlopCounterMode counts a forward; the backward costs about twice as much (input and weight gradients).
+TRAIN_FLOPS_PER_FORWARD = 3
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a training step runs: numerics, memory layout, compilation."""
+
+    precision: str  # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    channels_last: bool
+    compile: bool
+    tf32: bool  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA)
+    cudnn_benchmark: bool
+
+    @property
+    def numerics(self) -> str:
+        """The key of PEAK_TFLOPS this setting runs at."""
+        return "tf32" if self.precision == "fp32" and self.tf32 else self.precision
+
+
+# The original code trained in fp32 on GPUs without TF32, NCHW, eagerly, with cudnn.benchmark on.
+ORIGINAL_MLGCN = Setting("fp32", channels_last=False, compile=False, tf32=False, cudnn_benchmark=True)
+
+
+def run_setting(cfg: Config) -> Setting:
+    """The configured setting; TF32 and cuDNN autotuning as the engine enables them (unless deterministic)."""
+    fast = not cfg.train.deterministic
+    return Setting(
+        cfg.train.precision, cfg.train.channels_last, cfg.train.compile, tf32=fast, cudnn_benchmark=fast
+    )
+
+
+def peak_tflops(device_name: str, numerics: str) -> float | None:
+    """Dense peak TFLOP/s of a known GPU at ``numerics`` (bf16, fp16, tf32, fp32); None if unknown or CPU."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks[numerics]
+    return None
+
+
+@contextmanager
+def cuda_numerics(setting: Setting) -> Iterator[None]:
+    """TF32 and cuDNN autotuning as ``setting`` says, restored afterwards (these flags are process-global)."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setting.tf32
+    torch.backends.cudnn.benchmark = setting.cudnn_benchmark
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = saved
+
+
+class TrainStep:
+    """One optimiser step as the engine takes it: autocast forward, fp32 loss, backward, clipping, SGD."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, setting: Setting, device: torch.device) -> None:
+        memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=memory_format).train()
+        self.forward = torch.compile(self.model) if setting.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr)
+        self.criterion = build_loss(cfg.optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
+        self.clip_grad = cfg.optim.clip_grad
+        self.setting = setting
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.forward(images)
+        loss = self.criterion(logits.float(), targets)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def forward_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
+    """FLOPs of one image's forward: convolutions and matmuls, 2 per multiply-add (as FlopCounterMode)."""
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics update from this probe
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def _synced_clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak CUDA memory allocated since the last reset; on CPU the process's peak RSS (never reset)."""
+    if device.type == "cuda":
+        return {
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_mem_kind": "cuda_max_allocated",
+        }
+    return {
+        "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_mem_kind": "process_max_rss",
+    }
+
+
+def time_training(
+    step: TrainStep,
+    batches: Iterable,
+    to_inputs: Callable[[object], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    warmup: int,
+) -> dict:
+    """``warmup`` untimed steps (the first one timed alone: compilation, cuDNN autotuning, worker start-up),
+    then ``steps`` timed ones; the time blocked on ``next(batches)`` is the data wait."""
+    device = step.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    source = iter(batches)
+
+    def run_one() -> tuple[float, int, torch.Tensor]:
+        t0 = time.perf_counter()
+        batch = next(source)
+        waited = time.perf_counter() - t0
+        images, targets = to_inputs(batch)
+        return waited, len(images), step(images, targets)
+
+    t0 = _synced_clock(device)
+    run_one()
+    first_step_s = _synced_clock(device) - t0
+    for _ in range(warmup - 1):
+        run_one()
+    data_wait = 0.0
+    images = 0
+    start = _synced_clock(device)
+    for _ in range(steps):
+        waited, count, loss = run_one()
+        data_wait += waited
+        images += count
+    seconds = _synced_clock(device) - start
+    return {
+        "steps": steps,
+        "images": images,
+        "seconds": seconds,
+        "img_s": images / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "data_wait_s": data_wait,
+        "data_wait_frac": data_wait / seconds,
+        "first_step_s": first_step_s,
+        "final_loss": float(loss),
+        **peak_memory(device),
+        "setting": asdict(step.setting),
+        "numerics": step.setting.numerics,
+    }
+
+
+def synthetic_phase(
+    step: TrainStep, batch_size: int, image_size: int, num_classes: int, steps: int, warmup: int
+) -> dict:
+    """The ceiling: one batch of random images and sparse multi-hot targets, already on the device, reused."""
+    device = step.device
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if step.setting.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = (torch.rand(batch_size, num_classes, device=device) < 0.05).to(torch.int8)
+    return time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup)
+
+
+def loader_phase(step: TrainStep, cfg: Config, decode: str, steps: int, warmup: int) -> dict:
+    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device``."""
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    augment = GpuAugment(cfg.data.image_size, train=True) if decode == "gpu" else None
+    rng = random.Random(cfg.train.seed)
+
+    def to_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets, _ = to_device(batch, step.device, augment, rng, step.setting.channels_last)
+        return images, targets
+
+    result = time_training(step, loader, to_inputs, steps, warmup)
+    if decode == "cpu":
+        result["decode_on"] = "cpu workers (PIL)"
+    else:
+        result["decode_on"] = "cuda (nvJPEG)" if step.device.type == "cuda" else "cpu main process (no CUDA)"
+    return result
+
+
+def _progress(name: str, result: dict) -> dict:
+    """Print a phase as soon as it is measured: a run cut short by a timeout still shows what it got."""
+    print(
+        f"[bench] {name}: {result['img_s']:.1f} img/s, data wait {result['data_wait_frac']:.1%}, "
+        f"first step {result['first_step_s']:.1f} s",
+        flush=True,
+    )
+    return result
+
+
+def with_mfu(result: dict, train_flops: int, device_name: str) -> dict:
+    """``result`` plus the achieved training TFLOP/s and their fraction of the device's peak (MFU)."""
+    peak = peak_tflops(device_name, result["numerics"])
+    achieved = train_flops * result["img_s"]
+    return {
+        **result,
+        "peak_tflops": peak,
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / (peak * 1e12) if peak else None,
+    }
+
+
+def ratios(phases: dict[str, dict]) -> dict[str, float]:
+    """img/s of each end-to-end phase over the ceiling's and over the reference's."""
+    return {
+        f"{name}/{base}": phases[name]["img_s"] / phases[base]["img_s"]
+        for name in phases
+        if name.startswith("e2e_")
+        for base in ("ceiling", "reference")
+    }
+
+
+def bench_device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
+
+
+def _configured_phases(
+    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int
+) -> tuple[dict[str, dict], int]:
+    """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
+    setting = run_setting(cfg)
+    with cuda_numerics(setting):
+        torch.manual_seed(cfg.train.seed)
+        step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
+        forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device)
+        ceiling = synthetic_phase(
+            step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup
+        )
+        phases = {"ceiling": _progress("ceiling", ceiling)}
+        for decode in ("cpu", "gpu"):
+            name = f"e2e_decode_{decode}"
+            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup))
+    return phases, forward_flops
+
+
+def _reference_phase(cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int) -> dict:
+    with cuda_numerics(ORIGINAL_MLGCN):
+        torch.manual_seed(cfg.train.seed)
+        step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
+        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup))
+
+
+def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
+    """All phases on ``cfg.data.shards``; returns the report (see the module docstring)."""
+    device = bench_device(cfg)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = dataset_info(cfg.data)
+    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup)
+    if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
+        torch.cuda.empty_cache()
+    phases["reference"] = _reference_phase(cfg, info, device, steps, warmup)
+    train_flops = TRAIN_FLOPS_PER_FORWARD * forward_flops
+    phases = {name: with_mfu(result, train_flops, device_name) for name, result in phases.items()}
+    loader = bench_loader(
+        cfg.data.shards,
+        "cpu",
+        workers=cfg.data.workers,
+        batches=warmup + steps,
+        batch_size=cfg.data.batch_size,
+        image_size=cfg.data.image_size,
+    )
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": info.num_classes},
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+        "workers": cfg.data.workers,
+        "prefetch_factor": cfg.data.prefetch_factor,
+        "steps": steps,
+        "warmup": warmup,
+        "flops": {"forward_per_image": forward_flops, "train_per_image": train_flops},
+        "compile_s": phases["ceiling"]["first_step_s"] if cfg.train.compile else None,
+        "phases": phases,
+        "ratios": ratios(phases),
+        "loader_cpu": loader,
+        "notes": _notes(cfg, steps),
+    }
+
+
+def _notes(cfg: Config, steps: int) -> list[str]:
+    depth = max(cfg.data.workers, 1) * cfg.data.prefetch_factor
+    if steps >= 2 * depth:
+        return []
+    return [
+        f"{steps} timed steps are fewer than twice the loader's prefetch depth ({depth} batches): batches "
+        f"prefetched during warmup hide part of the data wait; use --steps {2 * depth} or more"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def make_toy_shards(workdir: Path, images: int, size: int, workers: int, seed: int) -> Path:
+    """make-toy at ``size`` px (real-sized noisy JPEGs), packed into two shards per loader worker."""
+    root, shards = workdir / "toy", workdir / "shards"
+    make_toy(root, train=images, val=max(4, images // 16), size=size, seed=seed)
+    pack_dataset(
+        "coco",
+        root,
+        shards,
+        ["train", "val"],
+        shard_count=2 * max(workers, 1),
+        workers=max(1, min(workers, os.cpu_count() or 1)),
+        overwrite=True,
+    )
+    return shards
+
+
+def describe_shards(shards: Path, split: str) -> dict:
+    """Where the data came from, and the mean bytes of a training sample (its JPEG, json and tar headers)."""
+    body = read_meta(shards)["splits"][split]
+    total = sum((shards / s["file"]).stat().st_size for s in body["shards"])
+    return {
+        "shards": str(shards),
+        "split": split,
+        "images": body["count"],
+        "mean_sample_bytes": total / max(body["count"], 1),
+    }
+
+
+def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
+    """Read ``shards`` whatever the config said, with one loader epoch covering every batch a phase takes."""
+    dataset = read_meta(shards)["dataset"]
+    for key, value in (
+        ("data.format", "wds"),
+        ("data.shards", str(shards)),
+        ("data.dataset", dataset),
+        ("data.train_split", TRAINING_SPLIT[dataset]),
+        ("data.steps_per_epoch", batches),
+    ):
+        set_key(cfg, key, value, "bench")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_report(report: dict) -> str:
+    """The phases as a table, then compile time, FLOPs and the loader's own rate."""
+    setting = report["phases"]["ceiling"]["setting"]
+    layout = "channels_last" if setting["channels_last"] else "NCHW"
+    mode = "compile" if setting["compile"] else "eager"
+    lines = [
+        f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
+        f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
+        f"{layout}, {mode}; "
+        f"{report['steps']} timed steps after {report['warmup']} warmup",
+        f"{'phase':16s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'/ceiling':>10s}{'/reference':>11s}  decode",
+    ]
+    for name, p in report["phases"].items():
+        vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
+        lines.append(
+            f"{name:16s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
+            + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
+            + f"  {p.get('decode_on', 'synthetic on device')}"
+        )
+    flops = report["flops"]
+    loader = report["loader_cpu"]
+    if report["compile_s"] is not None:
+        lines.append(f"compile: first step took {report['compile_s']:.1f} s (excluded from the timings)")
+    lines.append(
+        f"FLOPs per image: forward {flops['forward_per_image'] / 1e9:.2f} G, "
+        f"training ~{flops['train_per_image'] / 1e9:.2f} G"
+    )
+    lines.append(
+        f"loader alone (cpu decode, {loader['workers']} workers): {loader['images_per_s']:.1f} img/s, "
+        f"{loader['images_per_s_per_worker']:.1f} img/s per worker"
+    )
+    lines += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """``mlgcn bench train ...`` and ``mlgcn bench loader ...``."""
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = sub.add_parser(
+        "train", help="training img/s: ceiling, end to end (cpu and gpu decode), ML-GCN reference"
+    )
+    p.add_argument("--config", help="YAML file in configs/ (default: the built-in defaults)")
+    p.add_argument("--steps", type=_positive, default=50, help="timed steps per phase")
+    p.add_argument(
+        "--warmup", type=_positive, default=10, help="untimed steps before them (the first is reported)"
+    )
+    p.add_argument(
+        "--shards", type=Path, help="a pack (meta.json + shards); default: a toy set made in a temp dir"
+    )
+    p.add_argument("--toy-images", type=_positive, default=256, help="training images of the toy set")
+    p.add_argument(
+        "--toy-size", type=_positive, default=640, help="long side of the toy images (640: ~180 KB)"
+    )
+    p.add_argument(
+        "--json", type=Path, default=Path("runs/bench/train.json"), help="where to write the report"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
+    p = sub.add_parser("loader", help="img/s of the training loader alone, total and per worker")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--batches", type=_positive, default=20)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--image-size", type=_positive, default=448)
+    p.add_argument(
+        "--decode",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: the workers only read the JPEG bytes (decoding happens on the device)",
+    )
+    p.add_argument("--json", type=Path, help="also write the result here")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
+        shards = args.shards or make_toy_shards(
+            Path(tmp), args.toy_images, args.toy_size, cfg.data.workers, cfg.train.seed
+        )
+        point_config_at_shards(cfg, shards, args.warmup + args.steps)
+        report = bench_train(cfg, args.steps, args.warmup)
+        report["data"] = describe_shards(shards, cfg.data.train_split)
+        report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
+    print(format_report(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _run_loader(args: argparse.Namespace) -> int:
+    result = bench_loader(
+        args.shards,
+        args.decode,
+        workers=args.workers,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+    )
+    print(" ".join(f"{key}={value}" for key, value in result.items()))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    return _run_train(args) if args.bench == "train" else _run_loader(args)

@@ -1,0 +1,202 @@
+"""Checkpoints that are never half-written, resume that finds the last complete one, and a run-directory lock.
+
+Layout of ``<run_dir>/checkpoints/``:
+
+- ``step-00001234/``: full training state through Accelerate's ``save_state`` (model, optimizer, grad scaler, the
+  registered LR scheduler, EMA and :class:`TrainState`, RNG states of every rank; DeepSpeed's sharded states too).
+  Written into ``.tmp-step-00001234/`` by all ranks and renamed by the main process once every rank is done, so a
+  directory named ``step-*`` is complete by construction. The newest ``train.keep_checkpoints`` are kept.
+- ``best.pt`` / ``last.pt``: portable files (plain ``torch.load``) with the model and EMA weights, the config and the
+  label names, for ``mlgcn evaluate``/``predict`` without Accelerate; replaced atomically (tmp + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved inside every checkpoint so resume continues at the right batch."""
+
+    epoch: int = 0  # epoch in progress (or next to start when step_in_epoch == 0)
+    step_in_epoch: int = 0  # optimiser steps already done in ``epoch``
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_epoch: int = -1
+    best_source: str = ""
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete full-state checkpoints, oldest first (temporary directories are never listed)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``auto``: the newest complete checkpoint of the run directory, if any; ``none``: start afresh; else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint directory (no train_state.json)")
+    return path
+
+
+class CheckpointManager:
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
+        self.accelerator = accelerator
+        self.dir = run_dir / "checkpoints"
+        self.keep = max(keep, 1)
+
+    def save(self, state: TrainState, config: dict) -> Path:
+        """Full state from every rank into a temporary directory, renamed when all ranks are done."""
+        acc = self.accelerator
+        final = self.dir / f"step-{state.global_step:08d}"
+        tmp = self.dir / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the directory is published
+        if acc.is_main_process:
+            # train_state.json is the last file written: its presence inside a step-* directory is what
+            # `resolve_resume` and humans check.
+            atomic_write_text(tmp / "train_state.json", json.dumps({"state": state.state_dict(), "config": config}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        for old in complete_checkpoints(self.dir)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+
+    def save_portable(self, name: str, payload: dict) -> None:
+        if self.accelerator.is_main_process:
+            atomic_torch_save(payload, self.dir / name)
+
+
+class RunLock:
+    """An exclusive lock on the run directory: a second run pointed at it refuses instead of overwriting it.
+
+    ``flock`` is released by the kernel when the holder dies, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RuntimeError(
+                f"run directory {self.path.parent} is in use by {holder}; choose another train.output_dir "
+                "or wait for that run to end"
+            ) from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+# Exit status of a run that stopped to be requeued (SLURM preemption or time limit): BSD's EX_TEMPFAIL.
+# Launchers (torchrun, accelerate) report any worker failure as 1, so the run also leaves a REQUEUE marker file.
+REQUEUE_EXIT_CODE = 75
+
+
+class PreemptionHandler:
+    """Turns SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) into a flag.
+
+    The training loop polls ``requested`` at step boundaries, all ranks agree on it, save, and exit with
+    :data:`REQUEUE_EXIT_CODE`; nothing is done inside the signal handler itself.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = signum
+
+    def install(self) -> PreemptionHandler:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def mark_requeue(run_dir: Path, reason: str) -> None:
+    atomic_write_text(run_dir / "REQUEUE", reason + "\n")

@@ -1,0 +1,124 @@
+"""The ``mlgcn`` command: one subcommand per job, each a thin layer over a package module.
+
+Imports are done inside the subcommands so ``mlgcn --help`` and ``mlgcn make-toy`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlgcn_dist.config import ConfigError
+
+
+def _add_config_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 model.backbone=resnet50")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mlgcn_dist.config import load_config
+    from mlgcn_dist.engine import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_make_toy(args: argparse.Namespace) -> int:
+    from mlgcn_dist.data.toy import make_toy
+
+    summary = make_toy(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    print(f"wrote a synthetic COCO-2014-format dataset to {args.out}: {summary}")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from mlgcn_dist.data.pack import run_pack
+
+    return run_pack(args) or 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mlgcn_dist.inference import run_evaluate
+
+    return run_evaluate(args) or 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mlgcn_dist.inference import run_predict
+
+    return run_predict(args) or 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mlgcn_dist.compare import run_compare
+
+    return run_compare(args) or 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mlgcn_dist.bench import run_bench
+
+    return run_bench(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlgcn", description="ML-GCN multi-label training, distributed.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (use `accelerate launch launch/train.py` for several processes)")
+    _add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("make-toy", help="write the synthetic dataset in COCO 2014 layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_toy)
+
+    p = sub.add_parser("pack", help="repack COCO 2014 / VOC 2007 into WebDataset shards")
+    from mlgcn_dist.data.pack import add_pack_arguments
+
+    add_pack_arguments(p)
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on the validation split (distributed-aware)")
+    from mlgcn_dist.inference import add_evaluate_arguments, add_predict_arguments
+
+    add_evaluate_arguments(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="labels of images from a checkpoint")
+    add_predict_arguments(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("compare", help="compare runs (local run directories or W&B)")
+    from mlgcn_dist.compare import add_compare_arguments
+
+    add_compare_arguments(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench train` (ceiling vs end to end) and `bench loader`")
+    from mlgcn_dist.bench import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mlgcn {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"mlgcn {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""``mlgcn compare``: runs side by side (config differences, best mAP, F1, throughput, GPUs) and their mAP curves.
+
+Runs come from local run directories (summary.json + metrics.jsonl written by :mod:`mlgcn_dist.tracking`), from a
+W&B project through ``wandb.Api``, or from W&B's own run files (``offline-run-*/run-*.wandb``), read back here so
+offline runs can be compared without a server and without ``wandb sync``.
+
+A ``.wandb`` file is W&B's record log: a 7-byte header (``:W&B``, magic 0xBEE1 little-endian, version 0), then
+32 KiB blocks of records, each a 7-byte header (CRC-32 of type byte + payload, payload length uint16, type:
+1 full, 2 first, 3 middle, 4 last fragment) and a payload; a block tail under 7 bytes is padding. Joined payloads
+are ``wandb.proto.wandb_internal_pb2.Record`` messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlgcn_dist.config import Config
+from mlgcn_dist.tracking import EVAL_SOURCES, flatten_config, read_jsonl
+
+# Table columns: column name -> summary key it shows (name and config are computed from the run itself).
+SUMMARY_COLUMNS = {"best_mAP": "best_mAP", "CF1": "best_CF1", "OF1": "best_OF1", "img_per_s": "img_per_s",
+                   "GPUs": "world_size"}
+DEFAULT_COLUMNS = ("name", "config", *SUMMARY_COLUMNS)
+DECIMAL_COLUMNS = frozenset(SUMMARY_COLUMNS) - {"GPUs"}  # shown with two decimals (W&B returns 61.0 as 61)
+# Keys that differ between any two runs by construction: they would fill the config column with noise.
+IDENTITY_KEYS = frozenset({"train.run_name", "train.output_dir", "log.run_id"})
+
+_WANDB_FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+_BLOCK_SIZE = 32 * 1024
+_RECORD_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _LAST = 1, 2, 4  # record types; 3 (a middle fragment) is only appended
+
+
+@dataclass
+class RunRecord:
+    name: str
+    source: str  # where it was read from: a run directory, a .wandb file or a W&B run path
+    config: dict[str, Any]  # flattened "section.key" -> value
+    summary: dict[str, Any]  # best_mAP, best_CF1, best_OF1, best_epoch, img_per_s, world_size, ...
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # model|ema -> [(epoch, mAP)]
+
+
+def _curve(points: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
+    """(epoch, mAP) pairs sorted by epoch; a repeated epoch keeps its last value, missing values are dropped."""
+    by_epoch = {int(e): float(v) for e, v in points if e is not None and v is not None and math.isfinite(v)}
+    return sorted(by_epoch.items())
+
+
+# -- local run directories ------------------------------------------------------------------------------------
+
+
+def _read_local_run(run_dir: Path) -> RunRecord:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = read_jsonl(run_dir / "metrics.jsonl")
+    curves = {source: _curve((r["epoch"], (r.get(source) or {}).get("mAP")) for r in evals)
+              for source in EVAL_SOURCES}
+    return RunRecord(
+        name=summary.get("run_name") or run_dir.name,
+        source=str(run_dir),
+        config=flatten_config(summary.get("config", {})),
+        summary={k: v for k, v in summary.items() if k != "config"},
+        curves={k: v for k, v in curves.items() if v},
+    )
+
+
+def collect_local_runs(paths: list[Path]) -> list[RunRecord]:
+    """Each path is a run directory (holding summary.json) or a directory of run directories."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            runs.append(_read_local_run(path))
+            continue
+        children = sorted(p for p in path.glob("*/summary.json")) if path.is_dir() else []
+        if not children:
+            raise ValueError(f"{path}: no run found (expected summary.json in it or in its subdirectories)")
+        runs.extend(_read_local_run(p.parent) for p in children)
+    return runs
+
+
+# -- W&B run files (offline runs, or the local copy of online ones) --------------------------------------------
+
+
+def read_wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of a ``.wandb`` file in order; stops with a warning at a torn or corrupt record
+    (a run killed mid-write) so everything before it is still usable."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if not data.startswith(_WANDB_FILE_HEADER):
+        raise ValueError(f"{path}: not a W&B run file (expected the header {_WANDB_FILE_HEADER!r})")
+    pos, pending = len(_WANDB_FILE_HEADER), b""
+    while pos + _RECORD_HEADER.size <= len(data):
+        block_left = _BLOCK_SIZE - pos % _BLOCK_SIZE
+        if block_left < _RECORD_HEADER.size:
+            pos += block_left
+            continue
+        checksum, length, kind = _RECORD_HEADER.unpack_from(data, pos)
+        payload = data[pos + _RECORD_HEADER.size: pos + _RECORD_HEADER.size + length]
+        if len(payload) < length or zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
+            warnings.warn(f"{path}: torn or corrupt record at byte {pos}; reading stops there", stacklevel=2)
+            return
+        pos += _RECORD_HEADER.size + length
+        pending = payload if kind in (_FULL, _FIRST) else pending + payload
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def _apply_items(target: dict[str, Any], items: Iterable[Any]) -> None:
+    """Apply W&B key/value items (a ``key`` or a ``nested_key`` path, and a JSON value) to a dict."""
+    for item in items:
+        keys = [item.key] if item.key else list(item.nested_key)
+        node = target
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = json.loads(item.value_json)
+
+
+@dataclass
+class _WandbRunState:
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def read(self, path: Path) -> None:
+        for record in read_wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                self.name = record.run.display_name or record.run.run_id
+                _apply_items(self.config, record.run.config.update)
+                _apply_items(self.summary, record.run.summary.update)
+            elif kind == "config":
+                _apply_items(self.config, record.config.update)
+            elif kind == "summary":
+                _apply_items(self.summary, record.summary.update)
+            elif kind == "history":
+                row: dict[str, Any] = {}
+                _apply_items(row, record.history.item)
+                self.history.append(row)
+        self.files.append(str(path))
+
+    def to_run(self) -> RunRecord:
+        curves = {source: _curve((r.get("epoch"), r.get(f"{prefix}/mAP")) for r in self.history)
+                  for source, prefix in EVAL_SOURCES.items()}
+        return RunRecord(
+            name=self.name,
+            source=self.files[-1],
+            config=flatten_config({k: v for k, v in self.config.items() if not k.startswith("_")}),
+            summary={k: v for k, v in self.summary.items() if not k.startswith("_")},
+            curves={k: v for k, v in curves.items() if v},
+        )
+
+
+def collect_offline_wandb_runs(wandb_dir: Path) -> list[RunRecord]:
+    """Runs from W&B run directories (``[offline-]run-<time>-<id>/run-<id>.wandb``) under ``wandb_dir`` or its
+    ``wandb/`` subdirectory. Directories of one run id (a requeued job resumed the run) are read in time order into
+    one record."""
+    wandb_dir = Path(wandb_dir)
+    files = [*wandb_dir.glob("*run-*/run-*.wandb"), *wandb_dir.glob("wandb/*run-*/run-*.wandb")]
+    if not files:
+        raise ValueError(f"{wandb_dir}: no W&B run files (expected offline-run-*/run-*.wandb in it or in wandb/)")
+    states: dict[str, _WandbRunState] = {}
+    for path in sorted(files, key=lambda p: p.parent.name.removeprefix("offline-")):
+        run_id = path.stem.removeprefix("run-")
+        states.setdefault(run_id, _WandbRunState()).read(path)
+    return [state.to_run() for state in states.values()]
+
+
+# -- W&B server ----------------------------------------------------------------------------------------------
+
+
+def collect_wandb_runs(path: str, filters: dict | None = None, *, curves: bool = False) -> list[RunRecord]:
+    """Runs of W&B project ``entity/project`` matching ``filters`` (W&B's MongoDB-style run filters), best mAP
+    first. ``curves`` also fetches each run's mAP per epoch (two history queries per run)."""
+    import wandb
+
+    runs = []
+    for run in wandb.Api().runs(path, filters=filters or {}, order="-summary_metrics.best_mAP"):
+        record = RunRecord(
+            name=run.name or run.id,
+            source=f"{path}/{run.id}",
+            config=flatten_config({k: v for k, v in run.config.items() if not k.startswith("_")}),
+            summary={k: v for k, v in run.summary_metrics.items() if not k.startswith("_")},
+        )
+        if curves:
+            for source, prefix in EVAL_SOURCES.items():
+                key = f"{prefix}/mAP"
+                points = _curve((row.get("epoch"), row.get(key)) for row in run.scan_history(keys=["epoch", key]))
+                if points:
+                    record.curves[source] = points
+        runs.append(record)
+    return runs
+
+
+# -- filters --------------------------------------------------------------------------------------------------
+
+
+def parse_filters(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "model.head=gcn"]`` -> ``{"optim.lr": 0.1, "model.head": "gcn"}`` (YAML-typed values)."""
+    conditions = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--filter '{item}': expected key=value, e.g. optim.lr=0.1")
+        conditions[key.strip()] = yaml.safe_load(value) if value else value
+    return conditions
+
+
+def wandb_filters(conditions: dict[str, Any]) -> dict[str, Any]:
+    """The same conditions as W&B run filters: config sections under ``config.``, anything else a summary key."""
+    return {
+        (f"config.{key}" if key.split(".")[0] in Config.__dataclass_fields__ else f"summary_metrics.{key}"): value
+        for key, value in conditions.items()
+    }
+
+
+def filter_runs(runs: list[RunRecord], conditions: dict[str, Any]) -> list[RunRecord]:
+    """Runs whose config (or summary) value equals every condition."""
+    def matches(run: RunRecord) -> bool:
+        return all(run.config.get(key, run.summary.get(key)) == value for key, value in conditions.items())
+
+    return [run for run in runs if matches(run)]
+
+
+# -- table and plot --------------------------------------------------------------------------------------------
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(_format_value, value))
+    return str(value)
+
+
+def config_differences(runs: list[RunRecord]) -> list[str]:
+    """Config keys (of the Config sections) whose values are not the same in all ``runs``, in sorted order."""
+    keys = {k for run in runs for k in run.config
+            if k.split(".")[0] in Config.__dataclass_fields__ and k not in IDENTITY_KEYS}
+    return sorted(k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True) for run in runs}) > 1)
+
+
+def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:
+    if column == "name":
+        return run.name
+    if column == "config":
+        return " ".join(f"{k}={_format_value(run.config[k])}" for k in diff_keys if k in run.config)
+    if column in SUMMARY_COLUMNS:
+        return run.summary.get(SUMMARY_COLUMNS[column])
+    return run.config[column] if column in run.config else run.summary.get(column)
+
+
+def _sort_runs(runs: list[RunRecord], column: str, diff_keys: list[str]) -> list[RunRecord]:
+    """Metrics (summary values) descending, names and config values ascending; runs without a value last."""
+    known = {*DEFAULT_COLUMNS, *(k for run in runs for k in (*run.config, *run.summary))}
+    if column not in known:
+        raise ValueError(f"--sort '{column}': not a column ({', '.join(DEFAULT_COLUMNS)}), config key or summary key")
+    descending = column not in ("name", "config") and not any(column in run.config for run in runs)
+    present = [r for r in runs if _cell(r, column, diff_keys) is not None]
+    missing = [r for r in runs if _cell(r, column, diff_keys) is None]
+    try:
+        ordered = sorted(present, key=lambda r: _cell(r, column, diff_keys), reverse=descending)
+    except TypeError:  # values of mixed types (e.g. a key whose type changed between versions)
+        ordered = sorted(present, key=lambda r: str(_cell(r, column, diff_keys)), reverse=descending)
+    return ordered + missing
+
+
+def format_table(runs: list[RunRecord], sort_by: str = "best_mAP",
+                 columns: tuple[str, ...] = DEFAULT_COLUMNS) -> str:
+    """A plain-text table of ``runs``, one row each, sorted by ``sort_by`` (any column, config or summary key)."""
+    diff_keys = config_differences(runs)
+    ordered = _sort_runs(runs, sort_by, diff_keys)
+    rows = [list(columns)] + [[_format_cell(_cell(run, c, diff_keys), c) for c in columns] for run in ordered]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format_cell(value: Any, column: str) -> str:
+    """Metrics to two decimals; everything else as in the config column."""
+    if column in DECIMAL_COLUMNS and isinstance(value, (int, float)) and math.isfinite(value):
+        return f"{value:.2f}"
+    return _format_value(value) or "-"
+
+
+def plot_map_curves(runs: list[RunRecord], out_png: Path) -> Path:
+    """Write a PNG of mAP per epoch: one colour per run, the EMA model dashed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as err:
+        raise RuntimeError("plotting needs matplotlib: pip install 'mlgcn-dist[plot]'") from err
+    plotted = [run for run in runs if run.curves]
+    if not plotted:
+        raise ValueError("plot: none of the chosen runs has an evaluation (metrics.jsonl / val/mAP history empty)")
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)  # the Agg canvas, chosen here rather than through pyplot's global backend
+    ax = fig.add_subplot()
+    for index, run in enumerate(plotted):
+        color = f"C{index % 10}"
+        for source, style in (("model", "-"), ("ema", "--")):
+            points = run.curves.get(source)
+            if points:
+                label = run.name if source == "model" else f"{run.name} (EMA)"
+                ax.plot(*zip(*points), style, color=color, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mAP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    return out_png
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories, or directories holding run directories")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also compare the runs of this W&B project")
+    parser.add_argument("--wandb-offline", metavar="DIR", type=Path, action="append", default=[],
+                        help="also compare W&B run files (offline-run-*) under DIR (repeatable)")
+    parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
+                        help="keep runs whose config (or summary) KEY equals VALUE, e.g. model.head=gcn (repeatable)")
+    parser.add_argument("--sort", default="best_mAP",
+                        help=f"sort column: {', '.join(DEFAULT_COLUMNS)}, or any config/summary key "
+                             "(metrics descending)")
+    parser.add_argument("--plot", metavar="OUT.png", type=Path, help="also write mAP per epoch of these runs")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Collect, filter, print the table and optionally plot; returns the exit status."""
+    conditions = parse_filters(args.filter)
+    runs = collect_local_runs(args.runs) if args.runs else []
+    for wandb_dir in args.wandb_offline:
+        runs += collect_offline_wandb_runs(wandb_dir)
+    if args.wandb:
+        runs += collect_wandb_runs(args.wandb, wandb_filters(conditions), curves=args.plot is not None)
+    runs = filter_runs(runs, conditions)
+    if not runs:
+        print("compare: no runs to compare (give run directories, --wandb or --wandb-offline; check --filter)",
+              file=sys.stderr)
+        return 1
+    print(format_table(runs, sort_by=args.sort))
+    if args.plot is not None:
+        print(f"wrote {plot_map_curves(runs, args.plot)}")
+    return 0

@@ -1,0 +1,277 @@
+"""Typed run configuration: dataclasses per concern, loaded from YAML, overridden with dotted ``key=value``.
+
+``load_config("configs/toy.yaml", ["optim.lr=0.05", "model.backbone=resnet50"])`` returns a :class:`Config`.
+Every key is checked against the dataclass fields: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the key (and the file it came from) and listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"  # coco | voc: which reader / label space
+    format: str = "folder"  # folder: read the COCO/VOC layout directly; wds: WebDataset shards
+    root: str = "data/toy"  # dataset root in its original layout (format=folder, and the packer's input)
+    shards: str = ""  # directory holding meta.json and the tar shards (format=wds)
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 448
+    batch_size: int = 16  # per device, per micro-step
+    eval_batch_size: int = 0  # 0: same as batch_size
+    workers: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    decode: str = "auto"  # auto | cpu | gpu: where JPEGs are decoded and augmented
+    shuffle_buffer: int = 1000
+    keep_empty: bool = False  # keep images without any annotation as all-negative samples
+    max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
+    steps_per_epoch: int = 0  # 0: dataset size / global batch
+
+
+@dataclass
+class GraphConfig:
+    t: float = 0.4  # binarisation threshold of the conditional co-occurrence probability
+    p: float = 0.25  # weight given to neighbours after re-weighting
+    variant: str = "original"  # original (ML-GCN code) | paper (diagonal 1-p, as in the paper's eq. 8)
+    stats: str = ""  # ML-GCN adjacency pickle {'nums','adj'}; "" = computed from the training split
+    embeddings: str = "onehot"  # ML-GCN word-vector pickle, GloVe text file, or "onehot"
+
+
+@dataclass
+class ModelConfig:
+    head: str = "gcn"  # gcn | hgat | hgat_fc | linear
+    backbone: str = "resnet101"
+    pretrained: str = "none"  # none | imagenet | /path/to/weights.pth
+    gcn_hidden: int = 1024
+    leaky_slope: float = 0.2
+    hgat_reduce: int = 512  # HGAT: width of the shared reduction before the per-group heads
+    hgat_heads_dim: int = 256  # HGAT: per-label feature width inside the group heads
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # head learning rate
+    lrp: float = 0.1  # backbone learning rate = lr * lrp (ML-GCN get_config_optim)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False
+    lr_scaling: str = "fixed"  # fixed | linear (lr *= global_batch / base_batch_size)
+    base_batch_size: int = 32
+    schedule: str = "step"  # step | cosine
+    epoch_step: list[int] = field(default_factory=lambda: [30])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    clip_grad: float = 10.0  # max gradient norm; 0 disables
+    loss: str = "mlsm"  # mlsm (MultiLabelSoftMarginLoss) | asl (Asymmetric Loss)
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    output_dir: str = ""  # "" = runs/<run_name>
+    run_name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    grad_accum: int = 1
+    sync_bn: bool = False
+    deterministic: bool = False
+    ema_decay: float = 0.0  # 0 disables the EMA model
+    resume: str = "auto"  # auto | none | /path/to/checkpoint
+    keep_checkpoints: int = 2
+    eval_every: int = 1
+    log_every: int = 10
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke tests
+    dist_timeout_s: int = 600
+    deepspeed: str = ""  # DeepSpeed JSON (ZeRO stage etc.); batch sizes/precision are filled from this config
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "disabled"  # online | offline | disabled
+    project: str = "mlgcn-dist"
+    entity: str = ""
+    group: str = ""
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    run_id: str = ""  # W&B run id; a requeued SLURM job passes the same id to resume the same run
+    log_artifact: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.train.run_name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Values a key may take, checked at load time so a typo fails before any heavy work starts.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("coco", "voc"),
+    "data.format": ("folder", "wds"),
+    "data.decode": ("auto", "cpu", "gpu"),
+    "graph.variant": ("original", "paper"),
+    "model.head": ("gcn", "hgat", "hgat_fc", "linear"),
+    "optim.lr_scaling": ("fixed", "linear"),
+    "optim.schedule": ("step", "cosine"),
+    "optim.loss": ("mlsm", "asl"),
+    "train.device": ("auto", "cpu"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "log.wandb": ("online", "offline", "disabled"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    """Return ``value`` as ``kind`` or raise a ConfigError naming the key; strings from the command line are parsed."""
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        (item_kind,) = typing.get_args(kind)[:1]
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' expects a list of {item_kind.__name__}, got {value!r}")
+        return [_coerce(v, item_kind, key, source) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{source}: '{key}' has an unsupported type {kind}")
+    if isinstance(value, str) and kind is not str:
+        parsed = yaml.safe_load(value) if value != "" else value
+        value = parsed
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: '{key}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _valid_keys(cfg: Config) -> list[str]:
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def set_key(cfg: Config, key: str, value: Any, source: str = "override") -> None:
+    """Set dotted ``key`` (``section.name``) on ``cfg`` after checking it exists and the value has its type."""
+    section_name, _, name = key.partition(".")
+    section = getattr(cfg, section_name, None) if section_name in Config.__dataclass_fields__ else None
+    types_ = _field_types(type(section)) if section is not None else {}
+    if section is None or name not in types_:
+        valid = ", ".join(_valid_keys(cfg))
+        raise ConfigError(f"{source}: unknown config key '{key}'. Valid keys: {valid}")
+    coerced = _coerce(value, types_[name], key, source)
+    allowed = CHOICES.get(key)
+    if allowed is not None and coerced not in allowed:
+        raise ConfigError(f"{source}: '{key}' must be one of {', '.join(allowed)}; got {coerced!r}")
+    setattr(section, name, coerced)
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, graph, model, optim, train, log)")
+    for section_name, body in mapping.items():
+        if section_name not in Config.__dataclass_fields__:
+            raise ConfigError(
+                f"{source}: unknown config section '{section_name}'. Valid sections: "
+                + ", ".join(Config.__dataclass_fields__)
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section '{section_name}' must be a mapping, got {body!r}")
+        for name, value in body.items():
+            set_key(cfg, f"{section_name}.{name}", value, source)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; checked and validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            mapping = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        apply_mapping(cfg, mapping, str(path))
+    for key, value in parse_overrides(overrides or []):
+        set_key(cfg, key, value, f"override {key}={value}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any], source: str = "checkpoint") -> Config:
+    cfg = Config()
+    apply_mapping(cfg, mapping, source)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that cannot work, reported before any process starts heavy work."""
+    problems = []
+    if cfg.data.format == "wds" and not cfg.data.shards:
+        problems.append("data.format=wds needs data.shards (a directory with meta.json)")
+    if cfg.data.batch_size < 1:
+        problems.append("data.batch_size must be >= 1")
+    if cfg.train.grad_accum < 1:
+        problems.append("train.grad_accum must be >= 1")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        problems.append("data.max_bad_fraction must lie in [0, 1]")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        problems.append("train.ema_decay must lie in [0, 1)")
+    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
+        problems.append("train.precision=fp16 is not supported on CPU: use bf16 or fp32")
+    if any(b <= a for a, b in zip(cfg.optim.epoch_step, cfg.optim.epoch_step[1:])):
+        problems.append(f"optim.epoch_step must be increasing, got {cfg.optim.epoch_step}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,107 @@
+"""Map-style dataset over a COCO/VOC folder layout, and the collate function that builds the batch dict.
+
+Batch contract (shared with the WebDataset loaders): "image" float32 [B,3,S,S] normalised (CPU decode) or "jpeg"
+list of B uint8 1-D tensors (raw bytes, decoded on the device); "target" int8 [B,C] (1/0/-1); "image_id" int64
+[B]; "n_bad" int, samples of this batch dropped because their file could not be read or decoded. A batch whose
+samples all failed has B = 0 and an empty "image".
+
+Augmentation is reproducible whatever the worker count: each sample's random stream is derived from
+(seed, epoch, index). Call :meth:`FolderDataset.set_epoch` before iterating the loader each epoch (workers receive
+a copy of the dataset when an iterator starts, so persistent workers would keep the old epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mlgcn_dist.data.coco import read_coco
+from mlgcn_dist.data.records import SplitIndex, encode_target
+from mlgcn_dist.data.transforms import CpuTransform, device_decodable_jpeg
+from mlgcn_dist.data.voc import read_voc
+
+logger = logging.getLogger(__name__)
+
+
+def read_split(dataset: str, root: str | Path, split: str, keep_empty: bool = False) -> SplitIndex:
+    """Index ``split`` of ``dataset`` (coco | voc) in its original layout under ``root``.
+
+    ``keep_empty`` applies to COCO only: VOC keeps every listed image, as its protocol scores them all.
+    """
+    if dataset == "coco":
+        return read_coco(root, split, keep_empty=keep_empty)
+    if dataset == "voc":
+        return read_voc(root, split)
+    raise ValueError(f"unknown dataset {dataset!r}: expected 'coco' or 'voc'")
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Samples of a :class:`SplitIndex`: a transformed image (CPU path) or the raw JPEG bytes (``raw``, GPU path)."""
+
+    def __init__(self, index: SplitIndex, transform: CpuTransform | None, raw: bool = False, seed: int = 0) -> None:
+        if transform is None and not raw:
+            raise ValueError("FolderDataset needs a CpuTransform unless raw=True (JPEG bytes for device decode)")
+        self.index = index
+        self.transform = transform
+        self.raw = raw
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index.records)
+
+    def __getitem__(self, i: int) -> dict | None:
+        """The sample dict, or None when the file cannot be read or decoded (collate counts it in n_bad)."""
+        record = self.index.records[i]
+        try:
+            payload = _read_jpeg(record.path) if self.raw else _load_rgb(record.path)
+        except (OSError, SyntaxError, ValueError) as err:
+            logger.warning("skipping unreadable image %s: %s", record.path, err)
+            return None
+        if self.raw:
+            sample = {"jpeg": payload}
+        else:
+            sample = {"image": self.transform(payload, self.sample_rng(i))}
+        target = encode_target(record.labels, record.difficult, self.index.labels.num_classes)
+        return {**sample, "target": torch.from_numpy(target), "image_id": record.image_id}
+
+    def sample_rng(self, i: int) -> random.Random:
+        """Sample ``i``'s random stream this epoch (str seeds are hashed with SHA-512: stable across processes)."""
+        return random.Random(f"{self.seed}:{self.epoch}:{i}")
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """Fully decoded RGB image: decoding here, not lazily in the transform, surfaces a truncated file as OSError."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _read_jpeg(path: str) -> torch.Tensor:
+    """The file's bytes as uint8 [N]; only the header is checked here, the device decode finds the rest."""
+    data = device_decodable_jpeg(Path(path).read_bytes())
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack the readable samples into the batch dict above; None samples are dropped and counted in n_bad."""
+    good = [s for s in samples if s is not None]
+    batch: dict = {"n_bad": len(samples) - len(good)}
+    if not good:
+        batch["image"] = torch.empty(0, 3, 0, 0)
+        batch["target"] = torch.empty(0, 0, dtype=torch.int8)
+        batch["image_id"] = torch.empty(0, dtype=torch.int64)
+        return batch
+    if "jpeg" in good[0]:
+        batch["jpeg"] = [s["jpeg"] for s in good]
+    else:
+        batch["image"] = torch.stack([s["image"] for s in good])
+    batch["target"] = torch.stack([s["target"] for s in good])
+    batch["image_id"] = torch.tensor([s["image_id"] for s in good], dtype=torch.int64)
+    return batch

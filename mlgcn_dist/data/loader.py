@@ -1,0 +1,582 @@
+"""Training and evaluation loaders over WebDataset shards (``data.format=wds``) or the original layout (``folder``).
+
+Both formats yield the batch dict of :mod:`mlgcn_dist.data.folder` ("image" or "jpeg", "target", "image_id",
+"n_bad") and keep the same two promises, which distributed training depends on:
+
+* Training: every rank yields exactly :func:`steps_per_epoch` batches per epoch (``len(loader)``), so no rank waits
+  forever in a collective for a peer that ran out of data. Shards are read as an endless stream of shuffled passes
+  over the shard list, dealt round robin to all (rank, worker) consumers; a consumer stops after its share of the
+  batches. The shard order comes from (seed, epoch, pass), the sample shuffle buffer and augmentation from
+  (seed, epoch, rank, worker): runs are reproducible, and nothing depends on pid or time.
+* Evaluation: every sample exactly once across all ranks and workers, no padding, no drop. The samples (in
+  meta.json order) are cut into one contiguous range per rank, then per worker; a worker reads only the shards its
+  range touches. A rank whose range is empty (more ranks than samples) yields no batch: evaluation gathers with
+  uneven counts, so this cannot hang.
+
+A JPEG that does not decode is skipped and counted in the next batch's ``n_bad`` (a trailing one in a batch of
+B = 0). A truncated shard costs training the rest of that shard (with a warning naming it) but stops evaluation
+with an error naming it: evaluation must never silently score fewer images.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+import tarfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from mlgcn_dist.config import DataConfig
+from mlgcn_dist.data.folder import FolderDataset, collate, read_split
+from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
+from mlgcn_dist.data.records import SplitIndex, encode_target
+from mlgcn_dist.data.transforms import CpuTransform
+from mlgcn_dist.graph import label_stats, read_stats
+
+# Distinct first words keep the seed streams of different purposes apart (see _seed).
+_SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION = 1, 2, 3, 4
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read as meta.json describes it; the message names the shard."""
+
+
+class Shard(NamedTuple):
+    path: str
+    count: int  # samples, as listed in meta.json
+
+
+@dataclass
+class DatasetInfo:
+    label_names: list[str]
+    supercategories: list[str]
+    num_classes: int
+    nums: np.ndarray  # label counts of the training split (ML-GCN statistics)
+    adj: np.ndarray  # label co-occurrence counts of the training split
+    num_train: int
+    num_val: int
+
+
+@dataclass
+class TrainLoader:
+    """One epoch of training batches: exactly ``steps`` of them on every rank."""
+
+    loader: Iterable[dict]
+    steps: int
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+
+
+def read_meta(shards_dir: str | Path) -> dict:
+    """meta.json of a pack, after checking that every shard it lists exists (a missing shard is named)."""
+    path = Path(shards_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {shards_dir} holds no complete pack (run `mlgcn pack`; an interrupted pack has no "
+            f"meta.json)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    missing_keys = [k for k in ("dataset", "label_names", "supercategories", "splits") if k not in meta]
+    if missing_keys:
+        raise ValueError(
+            f"{path}: missing key(s) {', '.join(missing_keys)}; not a meta.json written by mlgcn pack"
+        )
+    for split, body in meta["splits"].items():
+        for shard in body["shards"]:
+            if not (Path(shards_dir) / shard["file"]).is_file():
+                raise FileNotFoundError(
+                    f"shard {Path(shards_dir) / shard['file']} of split '{split}', listed in "
+                    f"{path}, is missing"
+                )
+    return meta
+
+
+def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]:
+    if split not in meta["splits"]:
+        raise ValueError(
+            f"{Path(shards_dir) / META_FILE}: no split '{split}'; packed splits: {', '.join(meta['splits'])}"
+        )
+    return [
+        Shard(str(Path(shards_dir) / s["file"]), int(s["count"])) for s in meta["splits"][split]["shards"]
+    ]
+
+
+def _check_dataset(meta: dict, data_cfg: DataConfig) -> None:
+    if meta["dataset"] != data_cfg.dataset:
+        raise ValueError(
+            f"{Path(data_cfg.shards) / META_FILE}: shards of '{meta['dataset']}' but "
+            f"data.dataset={data_cfg.dataset}"
+        )
+
+
+@lru_cache(maxsize=8)
+def _cached_split(dataset: str, root: str, split: str, keep_empty: bool) -> SplitIndex:
+    """read_split, once per process: loaders are rebuilt every epoch and COCO's annotation files take seconds."""
+    return read_split(dataset, root, split, keep_empty=keep_empty)
+
+
+def _folder_split(data_cfg: DataConfig, split: str) -> SplitIndex:
+    return _cached_split(data_cfg.dataset, str(data_cfg.root), split, data_cfg.keep_empty)
+
+
+def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
+    """Label space, training-split label statistics and split sizes, for either data format."""
+    if data_cfg.format == "wds":
+        meta = read_meta(data_cfg.shards)
+        _check_dataset(meta, data_cfg)
+        stats = meta.get("stats")
+        if not stats or stats["split"] != data_cfg.train_split:
+            raise ValueError(
+                f"{Path(data_cfg.shards) / META_FILE}: no label statistics of the training split "
+                f"'{data_cfg.train_split}' (pack that split, or set graph.stats)"
+            )
+        nums, adj = read_stats(Path(data_cfg.shards) / stats["pickle"])
+        counts = {name: body["count"] for name, body in meta["splits"].items()}
+        names, supers = meta["label_names"], meta["supercategories"]
+        num_train, num_val = counts.get(data_cfg.train_split, 0), counts.get(data_cfg.val_split, 0)
+    elif data_cfg.format == "folder":
+        train = _folder_split(data_cfg, data_cfg.train_split)
+        nums, adj = label_stats(train.targets())
+        names, supers = train.labels.names, train.labels.supercategories
+        num_train, num_val = len(train), len(_folder_split(data_cfg, data_cfg.val_split))
+    else:
+        raise ValueError(f"data.format must be 'wds' or 'folder', got {data_cfg.format!r}")
+    return DatasetInfo(list(names), list(supers), len(names), nums, adj, num_train, num_val)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def steps_per_epoch(data_cfg: DataConfig, num_train: int, world_size: int) -> int:
+    """Batches per rank per epoch: data.steps_per_epoch, else the training set over the global batch (>= 1)."""
+    return data_cfg.steps_per_epoch or max(1, num_train // (data_cfg.batch_size * world_size))
+
+
+def _seed(*parts: int) -> int:
+    """A 64-bit seed mixed from ints (SeedSequence: no pid, no time, the same in every process)."""
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
+
+
+def _part(n: int, part: int, parts: int) -> range:
+    """The ``part``-th of ``parts`` contiguous, near-equal pieces of range(n)."""
+    return range(n * part // parts, n * (part + 1) // parts)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker)."""
+    worker_seed = torch.initial_seed()
+    random.seed(worker_seed)
+    np.random.seed(worker_seed % 2**32)
+
+
+def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
+    kwargs = {
+        "num_workers": data_cfg.workers,
+        "pin_memory": data_cfg.pin_memory and torch.cuda.is_available(),
+        "persistent_workers": False,  # a loader lives one epoch: its dataset carries that epoch's seeds
+        "worker_init_fn": _seed_worker,
+        "generator": torch.Generator().manual_seed(_seed(_SEED_LOADER, seed, epoch, rank)),
+    }
+    if data_cfg.workers > 0:
+        kwargs["prefetch_factor"] = data_cfg.prefetch_factor
+    return kwargs
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode must be 'cpu' or 'gpu' (resolve 'auto' first), got {decode!r}")
+
+
+# ----------------------------------------------------------------------------------------------- shard reading
+
+
+def _tar_samples(stream: BinaryIO, path: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset's own tar expansion and grouping, over a file we open and close ourselves (its opener leaves
+    the file open when a reader stops early, as ours do)."""
+    files = tar_file_expander([{"url": path, "stream": stream}], handler=handler)
+    return group_by_keys(files, handler=handler)
+
+
+def _read_shard(shard: Shard) -> Iterator[dict]:
+    """Training: the samples of one shard. A truncated or corrupt tar ends the shard early, with one warning."""
+    errors: list[str] = []
+
+    def stop_reading(
+        exn: Exception,
+    ) -> bool:  # webdataset handler: False = stop this shard, go on with the next
+        errors.append(str(exn.args[0]) if exn.args else repr(exn))
+        return False
+
+    read = 0
+    with open(shard.path, "rb") as stream:
+        for sample in _tar_samples(stream, shard.path, stop_reading):
+            read += 1
+            yield sample
+    if errors or read < shard.count:
+        reason = errors[0] if errors else "the tar ends early"
+        warnings.warn(
+            f"{shard.path}: read {read} of {shard.count} samples ({reason}); skipping the rest of this shard",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _endless_samples(shards: list[Shard], order: Iterator[int]) -> Iterator[dict]:
+    """Training: the samples of the shards in ``order``. Many shards in a row without a single sample means the
+    pack is unreadable: an error, rather than an endless loop of warnings."""
+    empty_run, limit = 0, max(100, 10 * len(shards))
+    for shard_index in order:
+        empty_run += 1
+        for sample in _read_shard(shards[shard_index]):
+            empty_run = 0
+            yield sample
+        if empty_run > limit:
+            raise ShardError(f"{empty_run} shards in a row gave no sample (last: {shards[shard_index].path})")
+
+
+def _read_shard_exactly(shard: Shard, start: int, stop: int) -> Iterator[dict]:
+    """Evaluation: samples ``start``..``stop`` of a shard; a tar error, an incomplete sample or fewer samples than
+    meta.json lists is an error naming the shard."""
+    seen = 0
+    try:
+        with open(shard.path, "rb") as stream:
+            for sample in _tar_samples(stream, shard.path, reraise_exception):
+                if "jpg" not in sample or "json" not in sample:
+                    raise ShardError(
+                        f"{shard.path}: sample '{sample['__key__']}' lacks its .jpg or .json member"
+                    )
+                if seen >= start:
+                    yield sample
+                seen += 1
+                if seen >= stop:
+                    return
+    except (tarfile.TarError, OSError, ValueError) as err:
+        reason = err.args[0] if err.args else err
+        raise ShardError(f"{shard.path}: unreadable or truncated tar ({reason})") from err
+    raise ShardError(
+        f"{shard.path}: ends after {seen} samples, meta.json lists {shard.count} "
+        f"(truncated or replaced after packing?)"
+    )
+
+
+def _samples_in_range(shards: list[Shard], start: int, stop: int) -> Iterator[dict]:
+    """Global samples ``start``..``stop`` (meta.json order), reading only the shards that hold them."""
+    offset = 0
+    for shard in shards:
+        first, last = max(start, offset), min(stop, offset + shard.count)
+        if first < last:
+            yield from _read_shard_exactly(shard, first - offset, last - offset)
+        offset += shard.count
+
+
+def _shard_order(shards: list[Shard], consumer: int, consumers: int, seed: int, epoch: int) -> Iterator[int]:
+    """Endless shard indices for one consumer: passes over a (seed, epoch, pass)-shuffled list of the non-empty
+    shards, dealt round robin to all consumers, so within a pass no two consumers read the same shard, and with
+    fewer shards than consumers every consumer still gets work (from later passes)."""
+    position = 0
+    for pass_index in itertools.count():
+        order = [i for i, shard in enumerate(shards) if shard.count > 0]
+        random.Random(_seed(_SEED_SHARD_ORDER, seed, epoch, pass_index)).shuffle(order)
+        for shard_index in order:
+            if position % consumers == consumer:
+                yield shard_index
+            position += 1
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+class SampleDecoder:
+    """A shard sample (jpg + json bytes) -> the sample dict FolderDataset yields, or None if the JPEG is broken."""
+
+    def __init__(self, num_classes: int, transform: CpuTransform | None) -> None:
+        self.num_classes = num_classes
+        self.transform = transform  # None: GPU decode, pass the bytes on
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict | None:
+        if "jpg" not in sample or "json" not in sample:
+            return None  # the tail of a truncated shard
+        try:
+            info = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{sample.get('__url__')}: sample '{sample.get('__key__')}': bad .json ({err})"
+            ) from err
+        target = self.target(info, sample)
+        data = sample["jpg"]
+        if self.transform is None:
+            payload = {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        else:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    rgb = img.convert("RGB")  # decodes fully: a truncated JPEG fails here
+            except _DECODE_ERRORS:
+                return None
+            payload = {"image": self.transform(rgb, rng)}
+        return {**payload, "target": target, "image_id": int(info["image_id"])}
+
+    def target(self, info: dict, sample: dict) -> torch.Tensor:
+        labels, difficult = info.get("labels", []), info.get("difficult", [])
+        bad = [i for i in (*labels, *difficult) if not (isinstance(i, int) and 0 <= i < self.num_classes)]
+        if bad:
+            raise ValueError(
+                f"{sample.get('__url__')}: sample '{sample.get('__key__')}' has label indices {bad} "
+                f"outside 0..{self.num_classes - 1} (meta.json lists {self.num_classes} labels)"
+            )
+        return torch.from_numpy(encode_target(labels, difficult, self.num_classes))
+
+
+def batch_samples(
+    samples: Iterable[dict | None], batch_size: int, max_bad_run: int | None = None
+) -> Iterator[dict]:
+    """Collate every ``batch_size`` decodable samples; undecodable ones (None) go to the next batch's n_bad.
+
+    ``max_bad_run``: more undecodable samples in a row than this is an error (an endless training stream of
+    broken images would otherwise never yield).
+    """
+    good: list[dict] = []
+    bad = run = 0
+    for sample in samples:
+        if sample is None:
+            bad, run = bad + 1, run + 1
+            if max_bad_run is not None and run > max_bad_run:
+                raise RuntimeError(f"{run} undecodable samples in a row: the shards hold no readable JPEG")
+            continue
+        good.append(sample)
+        run = 0
+        if len(good) == batch_size:
+            yield collate(good + [None] * bad)
+            good, bad = [], 0
+    if good or bad:
+        yield collate(good + [None] * bad)
+
+
+# ----------------------------------------------------------------------------------------------- wds datasets
+
+
+class TrainShardStream(IterableDataset):
+    """Training batches from shards; each worker yields its share of ``steps`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        steps: int,
+        batch_size: int,
+        shuffle_buffer: int,
+        decoder: SampleDecoder,
+    ) -> None:
+        super().__init__()
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.seed, self.epoch, self.steps = seed, epoch, steps
+        self.batch_size, self.shuffle_buffer, self.decoder = batch_size, shuffle_buffer, decoder
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        rng = random.Random(_seed(_SEED_WORKER, self.seed, self.epoch, self.rank, worker))
+        order = _shard_order(
+            self.shards, self.rank * workers + worker, self.world_size * workers, self.seed, self.epoch
+        )
+        samples = _endless_samples(self.shards, order)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+        decoded = (self.decoder(s, rng) for s in samples)
+        total = sum(s.count for s in self.shards)
+        yield from itertools.islice(
+            batch_samples(decoded, self.batch_size, max_bad_run=total),
+            len(_part(self.steps, worker, workers)),
+        )
+
+
+class EvalShardStream(IterableDataset):
+    """Evaluation batches from shards: this rank's contiguous range of samples, split again per worker."""
+
+    def __init__(
+        self, shards: list[Shard], *, rank: int, world_size: int, batch_size: int, decoder: SampleDecoder
+    ) -> None:
+        super().__init__()
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.decoder = batch_size, decoder
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        mine = _part(sum(s.count for s in self.shards), self.rank, self.world_size)
+        part = _part(len(mine), worker, workers)
+        samples = _samples_in_range(self.shards, mine.start + part.start, mine.start + part.stop)
+        rng = random.Random(0)  # the evaluation transform draws nothing; the argument is only the interface
+        yield from batch_samples((self.decoder(s, rng) for s in samples), self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _transform(data_cfg: DataConfig, decode: str, train: bool) -> CpuTransform | None:
+    return CpuTransform(data_cfg.image_size, train=train) if decode == "cpu" else None
+
+
+def epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, count: int) -> list[int]:
+    """``count`` dataset indices for ``rank``: positions rank, rank + world, ... of an endless stream of
+    (seed, epoch, pass)-seeded permutations of range(n). Ranks never share an index within a pass (as
+    DistributedSampler with drop_last), and any ``count`` is served, so every rank runs the same steps."""
+    stream = itertools.chain.from_iterable(
+        np.random.default_rng(_seed(_SEED_PERMUTATION, seed, epoch, p)).permutation(n).tolist()
+        for p in itertools.count()
+    )
+    return list(itertools.islice(stream, rank, rank + count * world_size, world_size))
+
+
+def build_train_loader(
+    data_cfg: DataConfig, *, rank: int, world_size: int, epoch: int, seed: int, decode: str
+) -> TrainLoader:
+    """This rank's training batches for ``epoch``: exactly ``len(loader)`` of them, the same count on every rank."""
+    _check_decode(decode)
+    kwargs = _loader_kwargs(data_cfg, seed, epoch, rank)
+    transform = _transform(data_cfg, decode, train=True)
+    if data_cfg.format == "wds":
+        meta = read_meta(data_cfg.shards)
+        _check_dataset(meta, data_cfg)
+        shards = _split_shards(meta, data_cfg.shards, data_cfg.train_split)
+        num_train = sum(s.count for s in shards)
+        if num_train == 0:
+            raise ValueError(f"{data_cfg.shards}: split '{data_cfg.train_split}' holds no samples")
+        steps = steps_per_epoch(data_cfg, num_train, world_size)
+        stream = TrainShardStream(
+            shards,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            epoch=epoch,
+            steps=steps,
+            batch_size=data_cfg.batch_size,
+            shuffle_buffer=data_cfg.shuffle_buffer,
+            decoder=SampleDecoder(len(meta["label_names"]), transform),
+        )
+        return TrainLoader(DataLoader(stream, batch_size=None, **kwargs), steps)
+    index = _folder_split(data_cfg, data_cfg.train_split)
+    if len(index) == 0:
+        raise ValueError(f"{data_cfg.root}: split '{data_cfg.train_split}' holds no images")
+    steps = steps_per_epoch(data_cfg, len(index), world_size)
+    dataset = FolderDataset(index, transform, raw=decode == "gpu", seed=seed)
+    dataset.set_epoch(epoch)
+    indices = epoch_indices(len(index), rank, world_size, seed, epoch, steps * data_cfg.batch_size)
+    loader = DataLoader(
+        dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate, **kwargs
+    )
+    return TrainLoader(loader, steps)
+
+
+def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decode: str) -> Iterable[dict]:
+    """This rank's share of the validation split: over all ranks, every image exactly once (possibly none here)."""
+    _check_decode(decode)
+    kwargs = _loader_kwargs(data_cfg, 0, 0, rank)
+    transform = _transform(data_cfg, decode, train=False)
+    batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
+    if data_cfg.format == "wds":
+        meta = read_meta(data_cfg.shards)
+        _check_dataset(meta, data_cfg)
+        stream = EvalShardStream(
+            _split_shards(meta, data_cfg.shards, data_cfg.val_split),
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            decoder=SampleDecoder(len(meta["label_names"]), transform),
+        )
+        return DataLoader(stream, batch_size=None, **kwargs)
+    index = _folder_split(data_cfg, data_cfg.val_split)
+    dataset = FolderDataset(index, transform, raw=decode == "gpu")
+    indices = list(_part(len(index), rank, world_size))
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate, **kwargs
+    )
+
+
+def bench_loader(
+    shards_dir: str | Path,
+    decode: str = "cpu",
+    workers: int = 0,
+    batches: int = 20,
+    batch_size: int = 32,
+    image_size: int = 448,
+) -> dict:
+    """Images/s of the training loader over a pack (``mlgcn bench loader``), total and per worker process.
+
+    The first batch (worker start-up, shuffle-buffer fill) is not timed. With ``workers=0`` the loading runs in
+    this process on one torch thread, as in a DataLoader worker: the per-image tensor ops gain nothing from
+    intra-op threads and lose much on a busy host.
+    """
+    meta = read_meta(shards_dir)
+    split = TRAINING_SPLIT[meta["dataset"]]
+    split = split if split in meta["splits"] else next(iter(meta["splits"]))
+    cfg = DataConfig(
+        dataset=meta["dataset"],
+        format="wds",
+        shards=str(shards_dir),
+        train_split=split,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+        steps_per_epoch=batches + 1,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if workers == 0 else threads)
+    try:
+        iterator = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode=decode))
+        next(iterator)
+        images = n_bad = 0
+        start = time.perf_counter()
+        for batch in iterator:
+            images += len(batch["image_id"])
+            n_bad += batch["n_bad"]
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    rate = images / seconds if seconds > 0 else 0.0
+    return {
+        "shards": str(shards_dir),
+        "split": split,
+        "decode": decode,
+        "workers": workers,
+        "batches": batches,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rate, 1),
+        "images_per_s_per_worker": round(rate / max(workers, 1), 1),
+        "n_bad": n_bad,
+    }

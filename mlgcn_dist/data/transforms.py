@@ -1,0 +1,215 @@
+"""ML-GCN's image transforms, on two paths with the same semantics: PIL on CPU workers, or tensors on the device.
+
+Training (ML-GCN ``MultiScaleCrop`` + ``RandomHorizontalFlip``): a crop whose sides are taken from
+``scales x min(W, H)`` (sides within 3 px of the output size snap to it; the width and height scale indices differ
+by at most ``max_distort``), placed at one of 13 fixed offsets drawn uniformly (4 corners, centre, 4 edge middles,
+4 quarter points), resized bilinearly to ``size x size``, flipped with probability 1/2. Evaluation (ML-GCN ``Warp``):
+the whole image resized to ``size x size``. Both then scale to [0, 1] and apply the ImageNet normalisation.
+
+Both paths draw their parameters from :func:`crop_params`, so a given ``random.Random`` state gives the same crop on
+either path. Bilinear downscaling is antialiased on both (PIL always antialiases; the tensor path asks
+``interpolate`` for it), so the paths agree to about one grey level (PIL rounds to uint8 after each resampling pass).
+The decoders themselves differ for 4:2:0 colour JPEGs (most photos): libjpeg-turbo (PIL) interpolates the chroma
+planes, nvJPEG does not, which moves pixels by a few grey levels at colour edges (measured on an H200: mean 0.8
+grey levels on the toy scenes after augmentation, 3.3 on chroma noise); 4:4:4 and grayscale files decode identically.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)  # ML-GCN's training scales
+MAX_DISTORT = 2
+SNAP_PX = 3  # ML-GCN snaps a crop side to the output size when it is this close
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """A crop box in source pixels, and whether the resized crop is mirrored."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    flip: bool = False
+
+
+def fixed_offsets(width: int, height: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+    """The 13 candidate top-left corners of ML-GCN's "more fix crop": a 5x5 grid of quarter steps, 13 of its points."""
+    ws, hs = (width - crop_w) // 4, (height - crop_h) // 4
+    grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
+    return [(i * ws, j * hs) for i, j in grid]
+
+
+def sample_crop(
+    width: int,
+    height: int,
+    size: int,
+    rng: random.Random,
+    scales: tuple[float, ...] = SCALES,
+    max_distort: int = MAX_DISTORT,
+) -> CropParams:
+    """Draw one training crop + flip for a ``width x height`` image (ML-GCN MultiScaleCrop, then the flip coin)."""
+    sides = [max(1, int(min(width, height) * s)) for s in scales]
+    sides = [size if abs(s - size) < SNAP_PX else s for s in sides]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= max_distort]
+    crop_w, crop_h = rng.choice(pairs)
+    # A snapped side can exceed a small image (size > min side): clamp so the box stays inside it.
+    crop_w, crop_h = min(crop_w, width), min(crop_h, height)
+    x, y = rng.choice(fixed_offsets(width, height, crop_w, crop_h))
+    return CropParams(x, y, crop_w, crop_h, flip=rng.random() < 0.5)
+
+
+def crop_params(width: int, height: int, size: int, train: bool, rng: random.Random) -> CropParams:
+    """Training: a random crop + flip; evaluation: the whole frame (the resize alone is ML-GCN's Warp)."""
+    if train:
+        return sample_crop(width, height, size, rng)
+    return CropParams(0, 0, width, height)
+
+
+class CpuTransform:
+    """PIL image -> normalised float tensor [3, size, size]; used inside DataLoader workers."""
+
+    def __init__(self, size: int, train: bool) -> None:
+        self.size = size
+        self.train = train
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.apply(img, crop_params(img.width, img.height, self.size, self.train, rng))
+
+    def apply(self, img: Image.Image, p: CropParams) -> torch.Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        # Crop first, then resize (as ML-GCN): resize(box=...) would also blend pixels just outside the box.
+        img = img.crop((p.x, p.y, p.x + p.w, p.y + p.h)).resize((self.size, self.size), Image.BILINEAR)
+        if p.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255.0)
+        return x.sub_(self._mean).div_(self._std)
+
+
+class GpuAugment:
+    """Encoded JPEGs -> normalised float [B, 3, size, size] on ``device``: batched decode (nvJPEG on CUDA)."""
+
+    def __init__(self, size: int, train: bool) -> None:
+        self.size = size
+        self.train = train
+
+    def __call__(
+        self, jpegs: list[torch.Tensor], device: torch.device | str, rng: random.Random
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The augmented batch of the JPEGs that decode, and their positions in ``jpegs``.
+
+        A corrupt file only shows itself here (workers pass raw bytes on), so it is dropped rather than
+        failing the whole batch; the caller drops its target too.
+        """
+        images, kept = self.decode(jpegs, device)
+        params = [crop_params(im.shape[2], im.shape[1], self.size, self.train, rng) for im in images]
+        return self.apply(images, params, device), kept
+
+    @staticmethod
+    def decode(jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
+        """uint8 [3, H, W] per decodable image and their positions; RGB mode makes grayscale/CMYK 3-channel.
+
+        One file the batched call cannot take (corrupt, or CMYK, which nvJPEG refuses) fails the whole call: then
+        each image is decoded alone, on the device or else on the CPU with libjpeg-turbo, and only a file that
+        fails both is dropped. nvJPEG does not notice truncation (it fills the missing part in), the CPU path does.
+        """
+        if not jpegs:  # a batch whose samples all failed in the workers
+            return [], []
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), list(range(len(jpegs)))
+        except RuntimeError as err:
+            reason = str(err).splitlines()[0]
+            logger.warning("batched JPEG decode on %s failed (%s); decoding one at a time", device, reason)
+        images, kept = [], []
+        for i, data in enumerate(jpegs):
+            image = _decode_one(data, torch.device(device))
+            if image is None:
+                logger.warning("undecodable JPEG at batch position %d (%d bytes) dropped", i, data.numel())
+            else:
+                images.append(image)
+                kept.append(i)
+        return images, kept
+
+    def apply(self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str) -> torch.Tensor:
+        """Crop, resize, flip each decoded uint8 [3, H, W] image; normalise the stacked batch."""
+        out = [torch.empty(0, 3, self.size, self.size, device=device)]  # keeps cat valid for an empty batch
+        for im, p in zip(images, params):
+            crop = im[None, :, p.y : p.y + p.h, p.x : p.x + p.w].float()
+            crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(crop.flip(3) if p.flip else crop)
+        batch = torch.cat(out)
+        mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255.0
+        return batch.sub_(mean).div_(std)
+
+
+def device_decodable_jpeg(data: bytes) -> bytes:
+    """``data`` as is, or re-encoded when nvJPEG would silently mis-decode it; for files bound for GpuAugment.
+
+    nvJPEG (torchvision 0.26 + CUDA 13 on an H200) decodes a grayscale JPEG whose single component declares 2x2
+    sampling factors into wrong pixels (up to 114 grey levels off) without raising; libjpeg-turbo reads it right.
+    Such a file is re-encoded (quality 95, 1x1 sampling). A non-JPEG file raises ValueError (device decoding reads
+    JPEG only), an unreadable header OSError.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "JPEG":
+            raise ValueError(f"{im.format} file, but device decoding reads JPEG only")
+        if len(im.layer) == 1 and tuple(im.layer[0][1:3]) != (1, 1):
+            buffer = io.BytesIO()
+            im.save(buffer, "JPEG", quality=95)
+            return buffer.getvalue()
+    return data
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    for where in dict.fromkeys((device, torch.device("cpu"))):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
+        except RuntimeError:
+            continue
+    return None
+
+
+def to_device(
+    batch: dict,
+    device: torch.device | str,
+    augment: GpuAugment | None,
+    rng: random.Random,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A collated batch -> (images float [B,3,S,S], targets int8 [B,C], image ids int64 [B]) on ``device``.
+
+    A batch of "jpeg" is decoded and augmented on the device by ``augment``; JPEGs that fail to decode there are
+    dropped with their targets and added to ``batch["n_bad"]`` (so read n_bad after this call). A batch of "image"
+    was transformed by the CPU workers and is only copied. Copies are non-blocking (pinned batches overlap them).
+    """
+    targets, image_ids = batch["target"], batch["image_id"]
+    if "jpeg" in batch:
+        if augment is None:
+            raise ValueError("batch holds raw 'jpeg' bytes but no GpuAugment was given to decode them")
+        images, kept = augment(batch["jpeg"], device, rng)
+        if len(kept) < len(batch["jpeg"]):
+            batch["n_bad"] += len(batch["jpeg"]) - len(kept)
+            targets, image_ids = targets[kept], image_ids[kept]
+    else:
+        images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True), image_ids.to(device, non_blocking=True)

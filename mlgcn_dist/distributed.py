@@ -1,0 +1,176 @@
+"""Distributed plumbing: building the Accelerator for CUDA, CPU process groups, MPS and DeepSpeed ZeRO.
+
+Everything about "how many processes, which backend, which precision" is decided here, so the engine only sees an
+Accelerator. Launch with ``accelerate launch`` or ``torchrun``; a plain ``python`` run is a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+)
+
+from mlgcn_dist.config import Config, ConfigError
+
+_DTYPES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What a run looks like once launched; printed at start so the global batch is never implicit."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    device: str
+    distributed_type: str
+    per_device_batch: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.grad_accum * self.world_size
+
+    def describe(self) -> str:
+        return (
+            f"{self.distributed_type} on {self.device}: world size {self.world_size}; global batch = "
+            f"{self.per_device_batch} per device x {self.grad_accum} accumulation x {self.world_size} processes "
+            f"= {self.global_batch}"
+        )
+
+
+def accelerator_available() -> str:
+    """cuda, mps or cpu: the accelerator this machine offers."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launcher_wants_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON with batch sizes, clipping and precision filled from our config.
+
+    The JSON file holds only what is DeepSpeed's own business (ZeRO stage, buckets); values that our config already
+    states are derived here so the two can never disagree. An optimizer or scheduler block is refused: ours are
+    defined in code so the per-group learning rates (backbone lr*lrp, head lr) survive. Launched by
+    ``accelerate launch`` with a DEEPSPEED config but no ``train.deepspeed``, the launcher's ZeRO stage is used.
+    """
+    if cfg.train.deepspeed:
+        path = Path(cfg.train.deepspeed)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON: {err}") from err
+    else:
+        path = Path("<accelerate launcher>")
+        ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{path}: remove the '{key}' block: the optimiser and LR schedule are defined by the optim.* config "
+                "so that the backbone group keeps lr*lrp"
+            )
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.clip_grad
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
+    # A non-DeepSpeed optimiser (torch SGD with two groups) under ZeRO needs this flag.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    device = "cpu" if cfg.train.device == "cpu" else accelerator_available()
+    world_size = launched_world_size()
+    if cfg.train.precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU (loss scaling on CPU is unsupported): use bf16 or fp32")
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    handlers = [
+        # gradient_as_bucket_view saves a gradient copy per step; every parameter is used (the adjacency is a
+        # buffer), so unused-parameter detection stays off.
+        DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=False),
+    ]
+    kwargs: dict = {}
+    if cfg.train.deepspeed or _launcher_wants_deepspeed():
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
+    else:
+        # On a machine without CUDA/MPS, cpu=True is what makes several processes form one gloo group.
+        kwargs["cpu"] = device == "cpu"
+    if world_size > 1:
+        # Without CUDA, Accelerate leaves a DeepSpeed run's backend unset and then believes each process runs
+        # alone (num_processes=1): naming gloo makes the process group a real one on CPU.
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if device == "cpu" else "nccl", timeout=timeout))
+    return Accelerator(
+        mixed_precision=_DTYPES[cfg.train.precision],
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        # We step the LR scheduler ourselves, once per optimiser step, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        **kwargs,
+    )
+
+
+def topology(accelerator: Accelerator, cfg: Config) -> Topology:
+    return Topology(
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        local_rank=accelerator.local_process_index,
+        device=str(accelerator.device),
+        distributed_type=str(accelerator.distributed_type.value),
+        per_device_batch=cfg.data.batch_size,
+        grad_accum=cfg.train.grad_accum,
+    )
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def average_buffers(model: torch.nn.Module) -> None:
+    """All-reduce (mean) floating-point buffers such as BatchNorm running stats.
+
+    DDP broadcasts rank 0's buffers on every forward; DeepSpeed never does, so the running statistics drift apart
+    per rank. Averaging them before evaluation and saving makes every rank evaluate and save the same model.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            torch.distributed.all_reduce(buf)
+            buf.div_(world)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on at least one (used to agree on stopping at the same step)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,189 @@
+"""Evaluate and predict from checkpoints: ours (``best.pt``/``last.pt``) and the original ML-GCN's.
+
+``mlgcn evaluate`` runs under ``accelerate launch`` too: every rank evaluates its part of the validation split and
+the AP meter is gathered, each image counted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key
+from mlgcn_dist.data.records import LabelSpace
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A portable checkpoint file, or a run directory (its ``checkpoints/best.pt``, else ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            for candidate in (path / "checkpoints" / name, path / name):
+                if candidate.is_file():
+                    return candidate
+        raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_portable(path: Path) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("model", "config", "label_names") if k not in payload]
+    if missing:
+        raise ValueError(
+            f"{path}: not an mlgcn-dist checkpoint (missing {', '.join(missing)}); for a checkpoint of the original "
+            "ML-GCN code pass --import-mlgcn"
+        )
+    return payload
+
+
+def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> torch.nn.Module:
+    """Rebuild the model the checkpoint was trained as (label graph from its own statistics) and load weights."""
+    from mlgcn_dist.graph import build_graph_inputs
+    from mlgcn_dist.models import build_model
+
+    names = payload["label_names"]
+    adj, embeddings = build_graph_inputs(cfg.graph, names, np.asarray(payload["nums"]), np.asarray(payload["adj"]))
+    groups = LabelSpace(names, payload["supercategories"]).groups()
+    model = build_model(cfg.model, len(names), adj=adj, embeddings=embeddings, groups=groups)
+    state = payload["ema"] if weights == "ema" else payload["model"]
+    if state is None:
+        raise ValueError("this checkpoint holds no EMA weights (trained with train.ema_decay=0); use --weights model")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _config_for(payload: dict, args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, []) if args.config else config_from_dict(payload["config"])
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        set_key(cfg, key, value, f"override {item}")
+    return cfg
+
+
+def check_label_space(payload: dict, dataset_names: list[str], source: str) -> None:
+    if list(payload["label_names"]) != list(dataset_names):
+        raise ConfigError(
+            f"{source}: the checkpoint has {len(payload['label_names'])} labels but the dataset has "
+            f"{len(dataset_names)} (or a different order); evaluate on the dataset it was trained on"
+        )
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a run directory, or an ML-GCN .pth.tar")
+    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+    p.add_argument("--weights", choices=("model", "ema"), default="model")
+    p.add_argument("--import-mlgcn", action="store_true", help="the checkpoint comes from the original ML-GCN code")
+    p.add_argument("--scores-out", help="write per-image scores (JSON lines: image_id, scores, target)")
+    p.add_argument("--metrics-out", help="write the metrics (and top-3, per-class AP) as JSON")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.shards=/data/coco-shards")
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
+    p.add_argument("--weights", choices=("model", "ema"), default="model")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is printed")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("images", nargs="+")
+
+
+def _imported_payload(args: argparse.Namespace) -> dict:
+    """Wrap an original ML-GCN checkpoint as ours: weights converted, graph statistics from the configured data."""
+    from mlgcn_dist.data.loader import dataset_info
+    from mlgcn_dist.models.convert import import_mlgcn_state_dict
+
+    if not args.config:
+        raise ConfigError("--import-mlgcn needs --config (the original checkpoint stores no configuration)")
+    cfg = load_config(args.config, args.overrides)
+    raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state, a_matrix = import_mlgcn_state_dict(raw)
+    info = dataset_info(cfg.data)
+    return {"model": state, "ema": None, "config": cfg.to_dict(), "label_names": info.label_names,
+            "supercategories": info.supercategories, "nums": info.nums, "adj": info.adj, "A": a_matrix}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mlgcn_dist import distributed
+    from mlgcn_dist.data.loader import dataset_info
+    from mlgcn_dist.data.transforms import GpuAugment
+    from mlgcn_dist.engine import evaluate, format_metrics_table, resolve_decode
+
+    if args.import_mlgcn:
+        payload = _imported_payload(args)
+    else:
+        payload = load_portable(resolve_checkpoint(args.checkpoint))
+    cfg = _config_for(payload, args)
+    cfg.train.resume = "none"
+    cfg.train.deepspeed = ""
+    check_label_space(payload, dataset_info(cfg.data).label_names, str(args.checkpoint))
+    accelerator = distributed.build_accelerator(cfg)
+    model = model_from_payload(payload, cfg, args.weights)
+    if "A" in payload:  # the original's learned/fixed correlation matrix replaces the one from statistics
+        from mlgcn_dist.graph import gen_adj
+
+        model.head.adj.copy_(gen_adj(torch.as_tensor(payload["A"]).float()))
+    model = model.to(accelerator.device)
+    decode = resolve_decode(cfg, accelerator.device)
+    augment = GpuAugment(cfg.data.image_size, train=False) if decode == "gpu" else None
+    results, merged = evaluate(model, cfg, accelerator, decode, augment)
+    if accelerator.is_main_process:
+        print(format_metrics_table({args.weights: results}))
+        print(f"images evaluated: {results['num_images']} (duplicates removed: {results['duplicates']})")
+        print("per-class AP:")
+        for name, ap in zip(payload["label_names"], results["ap"]):
+            print(f"  {name:20s} {ap:6.2f}" if ap == ap else f"  {name:20s}    n/a (no positive)")
+        if args.scores_out:
+            _write_scores(Path(args.scores_out), merged)
+        if args.metrics_out:
+            from mlgcn_dist.tracking import json_safe
+
+            Path(args.metrics_out).write_text(json.dumps(json_safe(results), indent=1))
+    accelerator.end_training()
+    return 0
+
+
+def _write_scores(path: Path, meter) -> None:
+    state = meter.state()
+    with open(path, "w") as fh:
+        for image_id, scores, target in zip(state["image_ids"].tolist(), state["scores"].tolist(),
+                                            state["targets"].tolist()):
+            fh.write(json.dumps({"image_id": image_id, "scores": scores, "target": target}) + "\n")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.Tensor:
+    """Label probabilities [N, C] of image files (evaluation transform: plain resize, normalise)."""
+    import random
+
+    from PIL import Image
+
+    from mlgcn_dist.data.transforms import CpuTransform
+
+    transform = CpuTransform(image_size, train=False)
+    rng = random.Random(0)
+    batch = []
+    for path in paths:
+        with Image.open(path) as img:
+            batch.append(transform(img.convert("RGB"), rng))
+    return torch.sigmoid(model(torch.stack(batch)).float())
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    payload = load_portable(resolve_checkpoint(args.checkpoint))
+    cfg = config_from_dict(payload["config"])
+    model = model_from_payload(payload, cfg, args.weights)
+    probs = predict(model, cfg.data.image_size, args.images)
+    names = payload["label_names"]
+    for path, p in zip(args.images, probs):
+        above = [(names[i], float(p[i])) for i in torch.nonzero(p >= args.threshold).flatten().tolist()]
+        top = torch.topk(p, min(args.top_k, len(names)))
+        print(path)
+        print("  above {:.2f}: {}".format(args.threshold, ", ".join(f"{n} {s:.3f}" for n, s in above) or "none"))
+        print("  top-{}: {}".format(args.top_k, ", ".join(f"{names[i]} {float(s):.3f}"
+                                                          for s, i in zip(top.values, top.indices))))
+    return 0

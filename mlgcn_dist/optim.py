@@ -1,0 +1,81 @@
+"""Optimiser and learning-rate schedule: ML-GCN's per-group learning rates, warmup, step or cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mlgcn_dist.config import OptimConfig
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(
+    model: nn.Module, lr: float, lrp: float, weight_decay: float = 1e-4, no_decay_norm_bias: bool = False
+) -> list[dict]:
+    """ML-GCN's get_config_optim: the backbone learns at ``lr * lrp``, everything else (the head) at ``lr``.
+
+    Each group carries a ``name`` (backbone, head, and ``*_no_decay`` when norm layers and biases are exempt from
+    weight decay) so LRs can be logged and checked per group after Accelerate/DeepSpeed wrap the optimiser.
+    """
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            part = "backbone" if module_name == "backbone" or module_name.startswith("backbone.") else "head"
+            exempt = no_decay_norm_bias and (isinstance(module, _NORM_TYPES) or name == "bias")
+            buckets.setdefault(part + ("_no_decay" if exempt else ""), []).append(param)
+    groups = []
+    for name in ("backbone", "backbone_no_decay", "head", "head_no_decay"):
+        if name in buckets:
+            groups.append({
+                "name": name,
+                "params": buckets[name],
+                "lr": lr * lrp if name.startswith("backbone") else lr,
+                "weight_decay": 0.0 if name.endswith("no_decay") else weight_decay,
+            })
+    return groups
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The head LR after the configured scaling rule (linear: proportional to the global batch)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch / cfg.base_batch_size
+    return cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, lr, cfg.lrp, cfg.weight_decay, cfg.no_decay_norm_bias)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_epochs: int) -> float:
+    """Multiplier of every group's base LR at optimiser step ``step`` (warmup, then step or cosine decay).
+
+    Epoch boundaries are expressed in optimiser steps so the schedule is stepped once per optimiser step and still
+    decays exactly at ML-GCN's ``epoch_step`` epochs.
+    """
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    if cfg.schedule == "cosine":
+        total = max(total_epochs * steps_per_epoch - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min((step - warmup) / total, 1.0)))
+    return cfg.gamma ** sum(epoch >= milestone for milestone in cfg.epoch_step)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    # A torch LambdaLR keeps each group's own base LR (lr*lrp survives), unlike DeepSpeed's built-in schedulers.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total_epochs)
+    )
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}

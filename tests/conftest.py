@@ -1,0 +1,73 @@
+"""Shared fixtures: a small synthetic COCO-layout dataset and a tiny VOC2007 layout, each written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.data.voc import VOC_CLASSES
+
+# split -> {image stem: (present class names, difficult-only class names)}; sizes vary to test header reading
+VOC_FIXTURE = {
+    "trainval": {
+        "000005": (("chair",), ("pottedplant",)),
+        "000007": (("car",), ()),
+        "000009": (("horse", "person"), ()),
+        "000012": (("car",), ("person",)),
+        "000016": (("bicycle",), ()),
+        "000017": (("horse", "person"), ()),
+    },
+    "test": {
+        "000001": (("dog", "person"), ()),
+        "000002": (("train",), ()),
+        "000004": (("car",), ("bus",)),
+        "000006": (("chair", "diningtable", "pottedplant"), ()),
+    },
+}
+
+
+def write_voc(root: Path, splits: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]) -> Path:
+    """Write ``root/VOCdevkit/VOC2007`` with one small JPEG per image and the 20 class files per split."""
+    base = root / "VOCdevkit" / "VOC2007"
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (base / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    for split, images in splits.items():
+        for n, stem in enumerate(images):
+            size = (40 + 4 * n, 30 + 2 * n)
+            Image.new("RGB", size, (20 * n % 256, 90, 160)).save(base / "JPEGImages" / f"{stem}.jpg", quality=90)
+        for name in VOC_CLASSES:
+            lines = []
+            for stem, (present, difficult) in images.items():
+                flag = 1 if name in present else 0 if name in difficult else -1
+                lines.append(f"{stem} {flag:2d}")
+            (base / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy COCO 2014 layout: 64 train / 32 val images of 64 px (some 64x48 / 48x64), 12 categories."""
+    root = tmp_path_factory.mktemp("toy")
+    make_toy(root, train=64, val=32, size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny VOC2007 layout (``root/VOCdevkit/VOC2007``): splits trainval (6 images) and test (4), see VOC_FIXTURE."""
+    return write_voc(tmp_path_factory.mktemp("voc"), VOC_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def voc_labels() -> dict:
+    """What ``voc_root`` holds: split -> {stem: (present names, difficult-only names)}."""
+    return VOC_FIXTURE
+
+
+@pytest.fixture
+def voc_writer():
+    """``write_voc(root, splits)`` for tests that need their own (e.g. broken) VOC layout."""
+    return write_voc

@@ -1,0 +1,176 @@
+"""mlgcn compare: runs collected from run directories, W&B run files and (faked) W&B API; table, filters, plot."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from test_tracking import flush_wandb, record_run, wandb_env  # noqa: F401 (a fixture, used by name)
+
+from mlgcn_dist.compare import (
+    add_compare_arguments,
+    collect_local_runs,
+    collect_offline_wandb_runs,
+    collect_wandb_runs,
+    filter_runs,
+    format_table,
+    parse_filters,
+    plot_map_curves,
+    run_compare,
+    wandb_filters,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    """Three finished runs: a (lr 0.1, gcn, best 55), b (lr 0.05, gcn, best 60 by its EMA), c (linear, 2 GPUs)."""
+    root = tmp_path / "runs"
+    record_run(root, "a", [(50.0, None), (55.0, None)], ("optim.lr=0.1",), img_per_s=100.0, cf1=61.0)
+    record_run(root, "b", [(52.0, 51.0), (58.0, 60.0)], ("optim.lr=0.05",), img_per_s=90.0, cf1=62.0)
+    record_run(root, "c", [(45.0, None), (50.0, None)], ("optim.lr=0.1", "model.head=linear"), img_per_s=180.0,
+               world_size=2, cf1=55.0)
+    return root
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """Table lines below the header and rule, split into cells on runs of two or more spaces."""
+    return [re.split(r"\s{2,}", line) for line in table.splitlines()[2:]]
+
+
+def test_collect_local_runs_reads_run_dirs_and_directories_of_run_dirs(runs_root):
+    assert sorted(r.name for r in collect_local_runs([runs_root])) == ["a", "b", "c"]
+    (run,) = collect_local_runs([runs_root / "b"])
+    assert run.config["optim.lr"] == 0.05 and run.summary["best_mAP"] == 60.0
+    assert run.curves == {"model": [(0, 52.0), (1, 58.0)], "ema": [(0, 51.0), (1, 60.0)]}
+    with pytest.raises(ValueError, match="nowhere: no run found"):
+        collect_local_runs([runs_root / "nowhere"])
+
+
+def test_table_shows_only_differing_config_keys_best_map_first(runs_root):
+    table = format_table(collect_local_runs([runs_root]))
+    assert table.splitlines()[0].split() == ["name", "config", "best_mAP", "CF1", "OF1", "img_per_s", "GPUs"]
+    assert table_rows(table) == [
+        ["b", "model.head=gcn optim.lr=0.05", "60.00", "62.00", "64.60", "90.00", "1"],
+        ["a", "model.head=gcn optim.lr=0.1", "55.00", "61.00", "64.60", "100.00", "1"],
+        ["c", "model.head=linear optim.lr=0.1", "50.00", "55.00", "64.60", "180.00", "2"],
+    ]
+
+
+@pytest.mark.parametrize(("column", "order"), [
+    ("img_per_s", ["c", "a", "b"]),  # metrics: descending
+    ("CF1", ["b", "a", "c"]),
+    ("name", ["a", "b", "c"]),  # names and config values: ascending
+    ("optim.lr", ["b", "a", "c"]),
+    ("best_epoch", ["a", "b", "c"]),  # any summary key: descending (all 1, stable)
+])
+def test_table_sorts_by_any_column(runs_root, column, order):
+    rows = table_rows(format_table(collect_local_runs([runs_root]), sort_by=column))
+    assert [row[0] for row in rows] == order
+
+
+def test_table_sort_by_unknown_column_names_the_valid_columns(runs_root):
+    with pytest.raises(ValueError, match="--sort 'speed': not a column .*best_mAP"):
+        format_table(collect_local_runs([runs_root]), sort_by="speed")
+
+
+def test_filters_compare_yaml_typed_values_with_config_values(runs_root):
+    runs = collect_local_runs([runs_root])
+    assert [r.name for r in filter_runs(runs, parse_filters(["optim.lr=0.1", "model.head=gcn"]))] == ["a"]
+    assert wandb_filters(parse_filters(["optim.lr=0.1", "best_epoch=1"])) == {
+        "config.optim.lr": 0.1, "summary_metrics.best_epoch": 1}
+    with pytest.raises(ValueError, match="--filter 'optim.lr': expected key=value"):
+        parse_filters(["optim.lr"])
+
+
+def test_plot_map_curves_writes_a_png(runs_root, tmp_path):
+    out = plot_map_curves(collect_local_runs([runs_root]), tmp_path / "plots" / "map.png")
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_compare_cli_prints_the_filtered_sorted_table_and_writes_the_plot(runs_root, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    out = tmp_path / "map.png"
+    args = parser.parse_args([str(runs_root), "--filter", "model.head=gcn", "--sort", "name", "--plot", str(out)])
+    assert run_compare(args) == 0
+    printed = capsys.readouterr().out
+    assert [row[0] for row in table_rows(printed.split("\nwrote ")[0])] == ["a", "b"]
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_compare_cli_without_matching_runs_exits_1(runs_root, capsys):
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    assert run_compare(parser.parse_args([str(runs_root), "--filter", "model.head=hgat"])) == 1
+    assert "no runs to compare" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("wandb_env")
+def test_offline_runs_of_one_id_are_merged_in_time_order(tmp_path, monkeypatch):
+    # A requeued job: the first process evaluated epochs 0-2, the second resumed from epoch 2's start.
+    merged_dir = tmp_path / "wandb_runs"
+    for index, (maps, first_epoch) in enumerate([([(50.0, None), (52.0, None), (60.0, None)], 0),
+                                                 ([(51.0, None), (53.0, None)], 2)]):
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"w{index}"))
+        record_run(tmp_path, "r", maps, ("log.run_id=rq1",), wandb="offline", first_epoch=first_epoch)
+        (run_files,) = (tmp_path / f"w{index}" / "wandb").glob("offline-run-*-rq1")
+        shutil.copytree(run_files, merged_dir / f"offline-run-20260101_00000{index}-rq1")
+    assert not (tmp_path / "r" / "wandb").exists(), "WANDB_DIR replaces the run directory as W&B's directory"
+    (run,) = collect_offline_wandb_runs(merged_dir)
+    assert run.curves["model"] == [(0, 50.0), (1, 52.0), (2, 51.0), (3, 53.0)]
+    assert (run.summary["best_mAP"], run.summary["best_epoch"]) == (53.0, 3)
+    assert run.source.endswith("offline-run-20260101_000001-rq1/run-rq1.wandb")
+
+
+@pytest.mark.usefixtures("wandb_env")
+def test_offline_reader_joins_records_split_across_blocks_and_stops_at_a_torn_one(tmp_path):
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), id="big1", project="p")
+    run.summary["notes"] = "x" * 100_000  # one record over three 32 KiB blocks
+    run.log({"epoch": 0, "val/mAP": 40.0}, step=1)
+    run.finish()
+    flush_wandb()
+    (run,) = collect_offline_wandb_runs(tmp_path)
+    assert len(run.summary["notes"]) == 100_000 and run.curves == {"model": [(0, 40.0)]}
+    (wandb_file,) = tmp_path.glob("wandb/offline-run-*/run-big1.wandb")
+    wandb_file.write_bytes(wandb_file.read_bytes()[:50_000])  # killed while writing the long record
+    with pytest.warns(UserWarning, match="torn or corrupt record"):
+        (run,) = collect_offline_wandb_runs(tmp_path)
+    assert "notes" not in run.summary and run.config == {}
+
+
+class FakeRun:
+    def __init__(self, name: str, lr: float, best: float) -> None:
+        self.name, self.id = name, f"id-{name}"
+        self.config = {"optim": {"lr": lr}, "_wandb": {"x": 1}}
+        self.summary_metrics = {"best_mAP": best, "world_size": 8, "_runtime": 3}
+
+    def scan_history(self, keys: list[str]) -> list[dict]:
+        return [{"epoch": 0, keys[1]: 10.0}, {"epoch": 1, keys[1]: 20.0}] if keys[1] == "val/mAP" else []
+
+
+def test_collect_wandb_runs_asks_the_api_for_filtered_runs_best_map_first(monkeypatch):
+    import wandb
+
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters, order):
+            calls.append((path, filters, order))
+            return [FakeRun("x", 0.1, 70.0), FakeRun("y", 0.2, 65.0)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    runs = collect_wandb_runs("team/mlgcn", {"config.optim.lr": 0.1}, curves=True)
+    assert calls == [("team/mlgcn", {"config.optim.lr": 0.1}, "-summary_metrics.best_mAP")]
+    assert [(r.name, r.source, r.config, r.summary) for r in runs][0] == (
+        "x", "team/mlgcn/id-x", {"optim.lr": 0.1}, {"best_mAP": 70.0, "world_size": 8})
+    assert runs[1].curves == {"model": [(0, 10.0), (1, 20.0)]}
+    assert [row[0] for row in table_rows(format_table(runs))] == ["x", "y"]
+

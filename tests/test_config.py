@@ -1,0 +1,98 @@
+"""Configuration: YAML + dotted overrides into typed dataclasses; every mistake names the key."""
+
+from pathlib import Path
+
+import pytest
+
+from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["coco_gcn", "voc_gcn", "coco_hgat", "toy"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+
+
+def test_coco_gcn_config_is_the_papers_recipe():
+    cfg = load_config(REPO / "configs/coco_gcn.yaml")
+    assert (cfg.model.backbone, cfg.data.image_size, cfg.model.head) == ("resnet101", 448, "gcn")
+    assert (cfg.graph.t, cfg.graph.p) == (0.4, 0.25)
+    assert (cfg.optim.lr, cfg.optim.lrp, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.1, 0.9, 1e-4)
+    assert cfg.optim.clip_grad == 10.0 and cfg.optim.schedule == "step"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(REPO / "configs/toy.yaml", ["optim.lr=0.05", "model.backbone=resnet50", "train.compile=true",
+                                                  "optim.epoch_step=[3,6]", "log.tags=a,b", "data.workers=0"])
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.train.compile is True
+    assert cfg.optim.epoch_step == [3, 6]
+    assert cfg.log.tags == ["a", "b"]
+    assert cfg.data.workers == 0
+
+
+def test_integer_is_accepted_where_a_float_is_expected():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.learning_rate=0.1"])
+    assert "optim.learning_rate" in str(err.value) and "optim.lr" in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbone: resnet50\n  depth: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "model.depth" in str(err.value)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown config section 'trainer'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=abc", "train.compile=maybe", "optim.lr=[1]",
+                                      "data.batch_size=1.5", "train.epochs=true"])
+def test_wrong_type_names_key_and_expected_type(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value) and "expects" in str(err.value)
+
+
+def test_value_outside_choices_lists_them():
+    with pytest.raises(ConfigError, match="train.precision' must be one of fp32, bf16, fp16"):
+        load_config(None, ["train.precision=fp8"])
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_impossible_combinations_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.device=cpu", "train.precision=fp16", "data.format=wds", "train.grad_accum=0"])
+    text = str(err.value)
+    assert "fp16" in text and "data.shards" in text and "grad_accum" in text
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+def test_config_round_trips_through_dict_and_yaml(tmp_path):
+    cfg = load_config(REPO / "configs/coco_gcn.yaml", ["optim.lr=0.01"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg

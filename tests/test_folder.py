@@ -1,0 +1,110 @@
+"""Specifications of the map-style folder dataset, its collate function and the split dispatch."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mlgcn_dist.data.folder import FolderDataset, collate, read_split
+from mlgcn_dist.data.transforms import CpuTransform, GpuAugment, to_device
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the supported path here.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+@pytest.fixture
+def small_index(toy_root, tmp_path):
+    """The first 8 toy val images, copied so a test may corrupt them; records point at the copies."""
+    index = read_split("coco", toy_root, "val")
+    index.records = [replace(r, path=str(shutil.copy(r.path, tmp_path))) for r in index.records[:8]]
+    return index
+
+
+def test_read_split_dispatches_to_the_coco_and_voc_readers(toy_root, voc_root):
+    assert read_split("coco", toy_root, "val").dataset == "coco"
+    assert len(read_split("coco", toy_root, "val", keep_empty=True)) == 32
+    assert read_split("voc", voc_root, "trainval").labels.num_classes == 20
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        read_split("imagenet", toy_root, "val")
+
+
+def test_folder_dataset_targets_and_ids_match_the_index(toy_root):
+    index = read_split("coco", toy_root, "train")
+    loader = DataLoader(FolderDataset(index, CpuTransform(32, train=True)), batch_size=16, collate_fn=collate)
+    batches = list(loader)
+    assert torch.equal(torch.cat([b["target"] for b in batches]), torch.from_numpy(index.targets()))
+    assert torch.cat([b["image_id"] for b in batches]).tolist() == [r.image_id for r in index.records]
+    first = batches[0]
+    assert first["image"].shape == (16, 3, 32, 32) and first["image"].dtype == torch.float32
+    assert first["target"].dtype == torch.int8 and first["image_id"].dtype == torch.int64 and first["n_bad"] == 0
+
+
+def test_raw_mode_yields_the_file_bytes(small_index):
+    sample = FolderDataset(small_index, None, raw=True)[3]
+    with open(small_index.records[3].path, "rb") as f:
+        assert sample["jpeg"].dtype == torch.uint8 and sample["jpeg"].numpy().tobytes() == f.read()
+    batch = collate([sample, FolderDataset(small_index, None, raw=True)[4]])
+    assert len(batch["jpeg"]) == 2 and batch["image_id"].shape == (2,) and "image" not in batch
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_corrupt_image_on_the_cpu_path_gives_n_bad_1_and_the_rest_of_the_batch(small_index, damage):
+    _damage(small_index.records[2].path, damage)
+    dataset = FolderDataset(small_index, CpuTransform(32, train=False))
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    assert batch["n_bad"] == 1 and batch["image"].shape[0] == 7
+    kept = [r for i, r in enumerate(small_index.records) if i != 2]
+    assert batch["image_id"].tolist() == [r.image_id for r in kept]
+    assert torch.equal(batch["target"], torch.from_numpy(small_index.targets()[[i for i in range(8) if i != 2]]))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_corrupt_image_on_the_raw_path_gives_n_bad_1_after_device_decode(small_index, damage):
+    """Unreadable or non-JPEG files fail in the worker; a truncated JPEG only when decoded (in to_device)."""
+    _damage(small_index.records[2].path, damage)
+    dataset = FolderDataset(small_index, None, raw=True)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=False), random.Random(0), False)
+    assert batch["n_bad"] == 1 and images.shape[0] == targets.shape[0] == 7
+    assert 2 not in ids.tolist() and ids.tolist() == [r.image_id for i, r in enumerate(small_index.records) if i != 2]
+
+
+def test_collate_of_only_bad_samples_is_an_empty_batch_with_n_bad():
+    batch = collate([None, None])
+    assert batch["n_bad"] == 2 and batch["image"].shape[0] == 0 and batch["target"].shape[0] == 0
+    images, targets, ids = to_device(batch, "cpu", None, random.Random(0), channels_last=False)
+    assert images.shape[0] == targets.shape[0] == ids.shape[0] == 0
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_not_on_workers(small_index):
+    dataset = FolderDataset(small_index, CpuTransform(32, train=True), seed=5)
+    first = torch.stack([dataset[i]["image"] for i in range(8)])
+    assert torch.equal(first, torch.stack([dataset[i]["image"] for i in range(8)]))
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate)
+    assert torch.equal(torch.cat([b["image"] for b in loader]), first)
+    dataset.set_epoch(1)
+    second = torch.cat([b["image"] for b in loader])
+    assert not torch.equal(second, first)  # new epoch, new crops (workers see set_epoch on the next iterator)
+    assert not torch.equal(FolderDataset(small_index, CpuTransform(32, train=True), seed=6)[0]["image"], first[0])
+
+
+def test_folder_dataset_needs_a_transform_unless_raw(small_index):
+    with pytest.raises(ValueError, match="CpuTransform"):
+        FolderDataset(small_index, None)
+
+
+def _damage(path: str, how: str) -> None:
+    """Make one image file unreadable: deleted, overwritten with garbage, or cut in half."""
+    file = Path(path)
+    if how == "missing":
+        file.unlink()
+    elif how == "garbage":
+        file.write_bytes(b"\x00garbage" * 50)
+    else:
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])

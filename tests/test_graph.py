@@ -1,0 +1,273 @@
+"""The label graph: statistics, gen_A / gen_adj against ML-GCN's reference pickles, embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlgcn_dist.config import GraphConfig
+from mlgcn_dist.graph import (
+    build_graph_inputs,
+    gen_A,
+    gen_adj,
+    label_stats,
+    load_embeddings,
+    read_stats,
+    write_stats,
+    write_stats_json,
+)
+
+REFERENCE = Path(os.environ.get("MLGCN_REFERENCE_DIR", "/work/shared/reference/mlgcn"))
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"ML-GCN reference data absent ({REFERENCE})")
+
+# ML-GCN's COCO label order: the 80 category names sorted as strings (reference README.txt).
+COCO_NAMES = [
+    "airplane", "apple", "backpack", "banana", "baseball bat", "baseball glove", "bear", "bed", "bench",
+    "bicycle", "bird", "boat", "book", "bottle", "bowl", "broccoli", "bus", "cake", "car", "carrot", "cat",
+    "cell phone", "chair", "clock", "couch", "cow", "cup", "dining table", "dog", "donut", "elephant",
+    "fire hydrant", "fork", "frisbee", "giraffe", "hair drier", "handbag", "horse", "hot dog", "keyboard", "kite",
+    "knife", "laptop", "microwave", "motorcycle", "mouse", "orange", "oven", "parking meter", "person", "pizza",
+    "potted plant", "refrigerator", "remote", "sandwich", "scissors", "sheep", "sink", "skateboard", "skis",
+    "snowboard", "spoon", "sports ball", "stop sign", "suitcase", "surfboard", "teddy bear", "tennis racket", "tie",
+    "toaster", "toilet", "toothbrush", "traffic light", "train", "truck", "tv", "umbrella", "vase", "wine glass",
+    "zebra",
+]  # fmt: skip
+VOC_NAMES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+def straightforward_gen_A(nums: np.ndarray, adj: np.ndarray, t: float, p: float) -> np.ndarray:
+    """ML-GCN's gen_A written element by element, as an independent reference."""
+    c = len(nums)
+    edge = [[1.0 if adj[i, j] / nums[i] >= t else 0.0 for j in range(c)] for i in range(c)]
+    column_sums = [sum(edge[i][j] for i in range(c)) for j in range(c)]
+    return np.array(
+        [[edge[i][j] * p / (column_sums[j] + 1e-6) + (i == j) for j in range(c)] for i in range(c)]
+    )
+
+
+def straightforward_gen_adj(A: np.ndarray) -> np.ndarray:
+    """out[i, j] = A[j, i] / sqrt(rowsum_i rowsum_j), i.e. D A^T D, element by element in float64."""
+    r = A.sum(axis=1)
+    c = len(r)
+    return np.array([[A[j, i] / np.sqrt(r[i] * r[j]) for j in range(c)] for i in range(c)])
+
+
+@pytest.fixture(params=["coco", "voc"])
+def reference_stats(request) -> tuple[np.ndarray, np.ndarray]:
+    if not REFERENCE.is_dir():
+        pytest.skip(f"ML-GCN reference data absent ({REFERENCE})")
+    return read_stats(REFERENCE / f"{request.param}_adj.pkl")
+
+
+def test_label_stats_counts_images_and_pairs_of_a_hand_made_matrix():
+    targets = np.array([[1, 0, 1], [1, 1, -1], [0, 0, 0], [1, 1, 1]], dtype=np.int8)
+    nums, adj = label_stats(targets)
+    assert nums.dtype == np.int64 and adj.dtype == np.int64
+    assert nums.tolist() == [3, 2, 2]  # the difficult (-1) entry is not counted
+    assert adj.tolist() == [[0, 2, 2], [2, 0, 1], [2, 1, 0]]
+
+
+def test_stats_pickle_round_trip_keeps_values_and_int64(tmp_path):
+    nums, adj = label_stats(np.array([[1, 1, 0], [0, 1, 1], [1, 1, 1]]))
+    write_stats(tmp_path / "stats.pkl", nums, adj)
+    read_nums, read_adj = read_stats(tmp_path / "stats.pkl")
+    assert read_nums.dtype == np.int64 and read_adj.dtype == np.int64
+    np.testing.assert_array_equal(read_nums, nums)
+    np.testing.assert_array_equal(read_adj, adj)
+
+
+def test_stats_json_twin_lists_names_and_counts(tmp_path):
+    nums, adj = label_stats(np.array([[1, 1], [0, 1]]))
+    write_stats_json(tmp_path / "stats.json", nums, adj, ["cat", "dog"])
+    payload = json.loads((tmp_path / "stats.json").read_text())
+    assert payload == {"label_names": ["cat", "dog"], "nums": [1, 2], "adj": [[0, 1], [1, 0]]}
+
+
+def test_read_stats_names_the_file_when_a_key_is_missing(tmp_path):
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps({"nums": np.zeros(3, dtype=np.int64)}))
+    with pytest.raises(ValueError, match=r"bad\.pkl.*'nums' and 'adj'"):
+        read_stats(path)
+
+
+def test_read_stats_names_the_file_when_shapes_disagree(tmp_path):
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps({"nums": np.zeros(3, dtype=np.int64), "adj": np.zeros((2, 2), dtype=np.int64)}))
+    with pytest.raises(ValueError, match=r"bad\.pkl.*\[C, C\]"):
+        read_stats(path)
+
+
+def test_read_stats_refuses_a_pickle_that_holds_more_than_numpy_arrays(tmp_path):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"nums": Path("x"), "adj": np.zeros((1, 1))}))
+    with pytest.raises(ValueError, match=r"evil\.pkl.*refusing to load pathlib"):
+        read_stats(path)
+
+
+def test_read_stats_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pkl"):
+        read_stats(tmp_path / "nothere.pkl")
+
+
+@needs_reference
+def test_reference_coco_pickle_reads_with_the_documented_counts():
+    nums, adj = read_stats(REFERENCE / "coco_adj.pkl")
+    assert nums.shape == (80,) and adj.shape == (80, 80)
+    assert nums.sum() == 241035 and adj.sum() == 741362
+    assert COCO_NAMES[int(nums.argmax())] == "person" and nums[49] == 45174
+    np.testing.assert_array_equal(adj, adj.T)
+    assert not np.diag(adj).any()
+
+
+def test_gen_A_matches_an_element_by_element_formula_on_the_reference_pickles(reference_stats):
+    nums, adj = reference_stats
+    np.testing.assert_allclose(gen_A(nums, adj, 0.4, 0.25), straightforward_gen_A(nums, adj, 0.4, 0.25), atol=1e-12)
+
+
+def test_gen_adj_matches_d_at_d_on_the_reference_pickles(reference_stats):
+    A = gen_A(*reference_stats, 0.4, 0.25)
+    normalised = gen_adj(torch.from_numpy(A).float())
+    assert normalised.dtype == torch.float32
+    np.testing.assert_allclose(normalised.numpy(), straightforward_gen_adj(A), rtol=1e-5, atol=1e-7)
+
+
+def test_gen_A_original_gives_each_column_with_edges_weight_p_off_the_diagonal(reference_stats):
+    A = gen_A(*reference_stats, 0.4, 0.3)
+    np.testing.assert_array_equal(np.diag(A), 1.0)  # no label is its own neighbour: the diagonal is the identity
+    off_diagonal = A - np.identity(A.shape[0])
+    column_sums = off_diagonal.sum(axis=0)
+    has_edges = (off_diagonal > 0).any(axis=0)
+    assert has_edges.any()
+    np.testing.assert_allclose(column_sums[has_edges], 0.3, rtol=1e-5)
+    assert not column_sums[~has_edges].any()
+
+
+@needs_reference
+def test_gen_A_person_row_of_coco_has_no_neighbour_and_its_column_has_55():
+    nums, adj = read_stats(REFERENCE / "coco_adj.pkl")
+    A = gen_A(nums, adj, 0.4, 0.25)
+    person = COCO_NAMES.index("person")
+    # No label appears in 40% of the person images (the most frequent, car, in 13.4%) ...
+    np.testing.assert_array_equal(A[person], np.eye(80)[person])
+    # ... but 55 labels appear with a person in at least 40% of their own images; they share p = 0.25.
+    column = np.delete(A[:, person], person)
+    assert (column > 0).sum() == 55
+    np.testing.assert_allclose(column[column > 0], 0.25 / (55 + 1e-6))
+
+
+def test_gen_A_counts_a_conditional_probability_equal_to_t_as_an_edge():
+    A = gen_A(np.array([10, 5]), np.array([[0, 4], [4, 0]]), t=0.4, p=0.25)  # P(1|0) = 0.4, P(0|1) = 0.8
+    np.testing.assert_allclose(A, [[1.0, 0.25 / (1 + 1e-6)], [0.25 / (1 + 1e-6), 1.0]])
+
+
+def test_gen_A_gives_a_label_that_never_occurs_no_edges_instead_of_nan():
+    nums, adj = np.array([0, 4, 4]), np.array([[0, 0, 0], [0, 0, 4], [0, 4, 0]])
+    for variant in ("original", "paper"):
+        A = gen_A(nums, adj, 0.4, 0.25, variant)
+        assert np.isfinite(A).all()
+        assert A[0, 1] == A[0, 2] == 0.0
+        assert torch.isfinite(gen_adj(torch.from_numpy(A).float())).all()
+
+
+def test_gen_A_paper_variant_gives_neighbours_p_and_the_node_one_minus_p(reference_stats):
+    A = gen_A(*reference_stats, 0.4, 0.2, variant="paper")
+    np.testing.assert_allclose(np.diag(A), 0.8)
+    off_diagonal = A - np.diag(np.diag(A))
+    has_neighbours = (off_diagonal > 0).any(axis=1)
+    np.testing.assert_allclose(A[has_neighbours].sum(axis=1), 1.0)
+    np.testing.assert_allclose(A[~has_neighbours].sum(axis=1), 0.8)
+
+
+def test_gen_A_rejects_an_unknown_variant_and_a_paper_p_of_one():
+    nums, adj = np.array([2, 2]), np.array([[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match="unknown variant 'eq8'"):
+        gen_A(nums, adj, 0.4, 0.25, variant="eq8")
+    with pytest.raises(ValueError, match="0 <= p < 1"):
+        gen_A(nums, adj, 0.4, 1.0, variant="paper")
+
+
+def test_gen_adj_of_a_symmetric_matrix_is_symmetric_and_transposes_a_non_symmetric_one():
+    symmetric = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.0]])
+    out = gen_adj(symmetric)
+    torch.testing.assert_close(out, out.t())
+    A = torch.tensor([[1.0, 3.0], [0.0, 1.0]])  # row sums 4 and 1: D = diag(1/2, 1)
+    torch.testing.assert_close(gen_adj(A), torch.tensor([[0.25, 0.0], [1.5, 1.0]]))
+
+
+def write_glove(path: Path, rows: dict[str, list[float]]) -> Path:
+    path.write_text("".join(f"{word} {' '.join(map(str, vec))}\n" for word, vec in rows.items()))
+    return path
+
+
+def test_glove_text_gives_multi_word_labels_the_mean_of_their_words(tmp_path):
+    glove = write_glove(tmp_path / "glove.txt", {"the": [9, 9], "baseball": [1, 2], "bat": [3, 4], "cat": [5, 6]})
+    vectors = load_embeddings(str(glove), ["baseball bat", "cat"])
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, [[2.0, 3.0], [5.0, 6.0]])
+
+
+def test_glove_text_error_lists_every_missing_word(tmp_path):
+    glove = write_glove(tmp_path / "glove.txt", {"hair": [1, 2], "cat": [5, 6], "phone": [0, 1]})
+    with pytest.raises(ValueError, match=r"glove\.txt.*cell, drier"):
+        load_embeddings(str(glove), ["hair drier", "cat", "cell phone"])
+
+
+def test_load_embeddings_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent_glove.txt"):
+        load_embeddings(str(tmp_path / "absent_glove.txt"), ["cat"])
+
+
+def test_onehot_embeddings_are_the_identity():
+    np.testing.assert_array_equal(load_embeddings("onehot", ["a", "b", "c"]), np.eye(3, dtype=np.float32))
+
+
+def test_embedding_pickle_with_the_wrong_row_count_names_file_and_expected_shape(tmp_path):
+    path = tmp_path / "vectors.pkl"
+    path.write_bytes(pickle.dumps(np.zeros((3, 4), dtype=np.float32)))
+    with pytest.raises(ValueError, match=r"vectors\.pkl.*\(2, d\).*\(3, 4\)"):
+        load_embeddings(str(path), ["cat", "dog"])
+
+
+@needs_reference
+def test_reference_coco_word_vectors_load_for_the_80_names_in_reference_order():
+    coco = load_embeddings(str(REFERENCE / "coco_glove_word2vec.pkl"), COCO_NAMES)
+    voc = load_embeddings(str(REFERENCE / "voc_glove_word2vec.pkl"), VOC_NAMES)
+    assert coco.shape == (80, 300) and coco.dtype == np.float32
+    for word in ("cat", "person", "dog"):  # shared words have the same GloVe row in both files
+        np.testing.assert_array_equal(coco[COCO_NAMES.index(word)], voc[VOC_NAMES.index(word)])
+
+
+@needs_reference
+def test_build_graph_inputs_reads_stats_and_word_vectors_named_in_the_config():
+    cfg = GraphConfig(stats=str(REFERENCE / "coco_adj.pkl"), embeddings=str(REFERENCE / "coco_glove_word2vec.pkl"))
+    adjacency, embeddings = build_graph_inputs(cfg, COCO_NAMES, None, None)
+    nums, adj = read_stats(REFERENCE / "coco_adj.pkl")
+    assert adjacency.dtype == torch.float32 and adjacency.shape == (80, 80)
+    torch.testing.assert_close(adjacency, gen_adj(torch.from_numpy(gen_A(nums, adj, 0.4, 0.25)).float()))
+    assert embeddings.shape == (80, 300)
+
+
+@needs_reference
+def test_build_graph_inputs_rejects_stats_for_another_label_space():
+    cfg = GraphConfig(stats=str(REFERENCE / "coco_adj.pkl"))
+    with pytest.raises(ValueError, match=r"coco_adj\.pkl.*has 20"):
+        build_graph_inputs(cfg, VOC_NAMES, None, None)
+
+
+def test_build_graph_inputs_uses_given_statistics_without_a_stats_file():
+    nums, adj = label_stats(np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]]))
+    adjacency, embeddings = build_graph_inputs(GraphConfig(), ["a", "b", "c"], nums, adj)
+    expected = gen_adj(torch.from_numpy(gen_A(nums, adj, 0.4, 0.25)).float())
+    torch.testing.assert_close(adjacency, expected)
+    np.testing.assert_array_equal(embeddings, np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="graph.stats is empty"):
+        build_graph_inputs(GraphConfig(), ["a", "b", "c"], None, None)

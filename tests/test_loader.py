@@ -1,0 +1,284 @@
+"""Specifications of the training/evaluation loaders over shards (wds) and the original layout (folder).
+
+Ranks are simulated in one process: each rank's loader is built with its rank number and read in turn.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from mlgcn_dist.config import DataConfig
+from mlgcn_dist.data.folder import read_split
+from mlgcn_dist.data.loader import (
+    Shard,
+    ShardError,
+    _shard_order,
+    batch_samples,
+    bench_loader,
+    build_eval_loader,
+    build_train_loader,
+    dataset_info,
+    epoch_indices,
+    read_meta,
+)
+from mlgcn_dist.data.pack import pack_dataset
+from mlgcn_dist.data.records import encode_target
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def shards(toy_root, tmp_path_factory) -> Path:
+    """The toy set in 2 shards per split: fewer shards than ranks x workers in most tests below."""
+    out = tmp_path_factory.mktemp("loader") / "shards"
+    pack_dataset("coco", toy_root, out, ["train", "val"], shard_count=2, workers=1)
+    return out
+
+
+@pytest.fixture
+def copied_shards(shards, tmp_path) -> Path:
+    """A private copy of the pack, for tests that damage it."""
+    return Path(shutil.copytree(shards, tmp_path / "shards"))
+
+
+def config(fmt: str, toy_root: Path, shards: Path, workers: int = 0, **overrides) -> DataConfig:
+    return DataConfig(
+        dataset="coco",
+        format=fmt,
+        root=str(toy_root),
+        shards=str(shards),
+        image_size=32,
+        batch_size=BATCH,
+        workers=workers,
+        shuffle_buffer=16,
+        pin_memory=False,
+        **overrides,
+    )
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    """Rewrite one shard with ``edit(position, sample)`` applied to every sample (webdataset's own reader/writer)."""
+    with open(path, "rb") as stream:
+        samples = list(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])))
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for position, sample in enumerate(samples):
+            edit(position, sample)
+            if sample:  # an edit that clears a sample drops it
+                writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+
+
+def eval_ids(cfg: DataConfig, world: int, decode: str = "cpu") -> list[int]:
+    return [
+        i
+        for rank in range(world)
+        for b in build_eval_loader(cfg, rank=rank, world_size=world, decode=decode)
+        for i in b["image_id"].tolist()
+    ]
+
+
+def train_batches(
+    cfg: DataConfig, rank: int = 0, world: int = 1, epoch: int = 0, seed: int = 0
+) -> list[dict]:
+    return list(build_train_loader(cfg, rank=rank, world_size=world, epoch=epoch, seed=seed, decode="cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_evaluation_yields_every_image_exactly_once_across_ranks_and_workers(
+    fmt, workers, world, toy_root, shards
+):
+    index = read_split("coco", toy_root, "val")
+    cfg = config(fmt, toy_root, shards, workers)
+    expected = {
+        r.image_id: encode_target(r.labels, r.difficult, index.labels.num_classes) for r in index.records
+    }
+    seen = []
+    for rank in range(world):
+        for batch in build_eval_loader(cfg, rank=rank, world_size=world, decode="cpu"):
+            assert batch["image"].shape[1:] == (3, 32, 32) and batch["n_bad"] == 0
+            for image_id, target in zip(batch["image_id"].tolist(), batch["target"]):
+                np.testing.assert_array_equal(target.numpy(), expected[image_id])
+            seen += batch["image_id"].tolist()
+    assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2), (3, 1), (3, 2)])
+def test_training_gives_every_rank_the_same_number_of_full_batches(fmt, world, workers, toy_root, shards):
+    cfg = config(fmt, toy_root, shards, workers)
+    num_train = dataset_info(cfg).num_train
+    expected = max(1, num_train // (BATCH * world))
+    for rank in range(world):
+        loader = build_train_loader(cfg, rank=rank, world_size=world, epoch=0, seed=0, decode="cpu")
+        batches = list(loader)
+        assert len(loader) == len(batches) == expected
+        assert all(b["image"].shape == (BATCH, 3, 32, 32) for b in batches)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_steps_per_epoch_overrides_the_epoch_length_even_beyond_one_pass(fmt, toy_root, shards):
+    cfg = config(fmt, toy_root, shards, workers=2, steps_per_epoch=25)  # 100 samples per rank > 62 images
+    for rank in range(2):
+        assert len(train_batches(cfg, rank, world=2)) == 25
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_training_order_and_augmentation_repeat_with_the_seed_and_change_with_the_epoch(
+    fmt, toy_root, shards
+):
+    cfg = config(fmt, toy_root, shards, workers=2)
+    first, again = train_batches(cfg, epoch=3, seed=7), train_batches(cfg, epoch=3, seed=7)
+    assert [b["image_id"].tolist() for b in first] == [b["image_id"].tolist() for b in again]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    ids = [b["image_id"].tolist() for b in first]
+    assert ids != [b["image_id"].tolist() for b in train_batches(cfg, epoch=4, seed=7)]
+    assert ids != [b["image_id"].tolist() for b in train_batches(cfg, epoch=3, seed=8)]
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_training_ranks_read_disjoint_images_when_an_epoch_fits_in_one_pass(fmt, toy_root, shards):
+    cfg = config(fmt, toy_root, shards)
+    per_rank = [
+        {i for b in train_batches(cfg, rank, world=2) for i in b["image_id"].tolist()} for rank in range(2)
+    ]
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_shards_are_dealt_round_robin_per_pass_and_every_consumer_gets_work():
+    shards = [Shard(f"s{i}", 10) for i in range(6)]
+    first_pass = [list(zip(range(2), _shard_order(shards, c, 3, seed=0, epoch=0))) for c in range(3)]
+    assert sorted(s for taken in first_pass for _, s in taken) == list(range(6))
+    few = [Shard("a", 10), Shard("empty", 0)]
+    for consumer in range(4):  # more consumers than shards: each still reads, and never the empty shard
+        assert set(zip(range(3), _shard_order(few, consumer, 4, seed=0, epoch=0))) == {(0, 0), (1, 0), (2, 0)}
+
+
+def test_epoch_indices_are_disjoint_across_ranks_and_serve_any_count():
+    parts = [epoch_indices(10, rank, 3, seed=0, epoch=0, count=3) for rank in range(3)]
+    assert len({i for p in parts for i in p}) == 9
+    assert epoch_indices(10, 0, 1, seed=0, epoch=0, count=25)[:10] != list(range(10))
+    assert sorted(epoch_indices(10, 0, 1, seed=0, epoch=0, count=20)[10:]) == list(range(10))
+
+
+def test_wds_and_folder_describe_the_dataset_identically(toy_root, shards):
+    a, b = dataset_info(config("wds", toy_root, shards)), dataset_info(config("folder", toy_root, shards))
+    assert (a.label_names, a.supercategories, a.num_classes) == (
+        b.label_names,
+        b.supercategories,
+        b.num_classes,
+    )
+    assert (a.num_train, a.num_val) == (b.num_train, b.num_val)
+    np.testing.assert_array_equal(a.nums, b.nums)
+    np.testing.assert_array_equal(a.adj, b.adj)
+
+
+def test_gpu_decode_carries_the_original_jpeg_bytes(toy_root, shards):
+    index = read_split("coco", toy_root, "val")
+    by_id = {r.image_id: Path(r.path).read_bytes() for r in index.records}
+    batches = list(build_eval_loader(config("wds", toy_root, shards), rank=0, world_size=1, decode="gpu"))
+    assert "image" not in batches[0]
+    for batch in batches:
+        for image_id, jpeg in zip(batch["image_id"].tolist(), batch["jpeg"]):
+            assert jpeg.dtype == torch.uint8 and jpeg.numpy().tobytes() == by_id[image_id]
+
+
+def test_a_shard_listed_in_meta_but_missing_is_an_error_naming_it(toy_root, copied_shards):
+    (copied_shards / "coco-val-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="coco-val-000001.tar"):
+        read_meta(copied_shards)
+    with pytest.raises(FileNotFoundError, match="coco-val-000001.tar"):
+        build_eval_loader(config("wds", toy_root, copied_shards), rank=0, world_size=1, decode="cpu")
+
+
+def test_missing_or_invalid_meta_is_a_clear_error(copied_shards):
+    (copied_shards / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json: not valid JSON"):
+        read_meta(copied_shards)
+    (copied_shards / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="mlgcn pack"):
+        read_meta(copied_shards)
+
+
+def truncate(path: Path, inside_member: bool) -> None:
+    """Cut a shard halfway through its middle member's data, or exactly before that member's header."""
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[len(tar.getmembers()) // 2]
+    cut = member.offset_data + member.size // 2 if inside_member else member.offset
+    path.write_bytes(path.read_bytes()[:cut])
+
+
+@pytest.mark.parametrize("inside_member", [True, False])
+def test_truncated_shard_warns_naming_it_and_training_goes_on(toy_root, copied_shards, inside_member):
+    truncate(copied_shards / "coco-train-000000.tar", inside_member)
+    cfg = config("wds", toy_root, copied_shards)
+    with pytest.warns(RuntimeWarning, match="coco-train-000000.tar: read .* skipping the rest of this shard"):
+        batches = train_batches(cfg)
+    assert len(batches) == len(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode="cpu"))
+
+
+@pytest.mark.parametrize("damage", ["cut_inside_member", "cut_at_member_boundary", "sample_removed"])
+def test_truncated_shard_stops_evaluation_with_an_error_naming_it(toy_root, copied_shards, damage):
+    path = copied_shards / "coco-val-000001.tar"
+    if damage == "sample_removed":
+        rewrite_shard(path, lambda position, sample: sample.clear() if position == 3 else None)
+    else:
+        truncate(path, inside_member=damage == "cut_inside_member")
+    with pytest.raises(ShardError, match="coco-val-000001.tar"):
+        eval_ids(config("wds", toy_root, copied_shards), world=1)
+
+
+def test_undecodable_jpeg_in_a_shard_is_counted_in_n_bad_not_fatal(toy_root, copied_shards):
+    broken = []
+
+    def corrupt_second(position, sample):
+        if position == 1:
+            sample["jpg"] = b"\xff\xd8 not really a jpeg"
+            broken.append(int(sample["__key__"]))
+
+    rewrite_shard(copied_shards / "coco-val-000000.tar", corrupt_second)
+    cfg = config("wds", toy_root, copied_shards, workers=2)
+    batches = [b for rank in range(2) for b in build_eval_loader(cfg, rank=rank, world_size=2, decode="cpu")]
+    ids = [i for b in batches for i in b["image_id"].tolist()]
+    assert sum(b["n_bad"] for b in batches) == 1
+    assert (
+        broken[0] not in ids
+        and len(ids) == len(set(ids)) == read_meta(copied_shards)["splits"]["val"]["count"] - 1
+    )
+
+
+def test_label_index_out_of_range_is_an_error_naming_shard_and_key(toy_root, copied_shards):
+    keys = []
+
+    def bad_label(position, sample):
+        if position == 0:
+            sample["json"] = json.dumps({**json.loads(sample["json"]), "labels": [99]}).encode()
+            keys.append(sample["__key__"])
+
+    rewrite_shard(copied_shards / "coco-val-000000.tar", bad_label)
+    with pytest.raises(
+        ValueError, match=rf"coco-val-000000.tar: sample '{keys[0]}' has label indices \[99\]"
+    ):
+        eval_ids(config("wds", toy_root, copied_shards), world=1)
+
+
+def test_batches_carry_skipped_samples_in_n_bad_and_a_trailing_skip_in_an_empty_batch():
+    sample = {"image": torch.zeros(3, 2, 2), "target": torch.zeros(5, dtype=torch.int8), "image_id": 1}
+    batches = list(batch_samples([None, sample, sample, None], 2))
+    assert [(len(b["image_id"]), b["n_bad"]) for b in batches] == [(2, 1), (0, 1)]
+    with pytest.raises(RuntimeError, match="undecodable samples in a row"):
+        list(batch_samples([None] * 5, 2, max_bad_run=4))
+
+
+def test_bench_loader_reports_images_per_second(shards):
+    result = bench_loader(shards, decode="cpu", workers=0, batches=3, batch_size=4, image_size=32)
+    assert result["images"] == 12 and result["images_per_s"] > 0 and result["n_bad"] == 0

@@ -1,0 +1,316 @@
+"""Backbone registry, heads, global max pooling, pretrained loading and ML-GCN checkpoint import."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mlgcn_dist.config import ModelConfig
+from mlgcn_dist.models import (
+    GlobalMaxPool,
+    MultiLabelModel,
+    build_backbone,
+    build_model,
+    list_backbones,
+    list_heads,
+)
+from mlgcn_dist.models.convert import import_mlgcn_state_dict
+from mlgcn_dist.models.gcn import GraphConvolution
+from mlgcn_dist.models.hgat import FullyConnectedMixing, GraphAttention, HGATHead
+
+NUM_CLASSES = 7
+# Interleaved on purpose: labels of one group are not contiguous.
+GROUPS = [0, 1, 0, 2, 1, 2, 0]
+
+
+def small_cfg(head: str, backbone: str = "cifar_resnet_tiny") -> ModelConfig:
+    return ModelConfig(head=head, backbone=backbone, gcn_hidden=16, hgat_reduce=16, hgat_heads_dim=8)
+
+
+def graph_inputs() -> dict:
+    rng = np.random.default_rng(0)
+    adj = rng.random((NUM_CLASSES, NUM_CLASSES)).astype(np.float32)
+    return {"adj": adj / adj.sum(1, keepdims=True), "embeddings": rng.standard_normal((NUM_CLASSES, 10))}
+
+
+def build(head: str, backbone: str = "cifar_resnet_tiny") -> MultiLabelModel:
+    torch.manual_seed(0)
+    return build_model(small_cfg(head, backbone), NUM_CLASSES, **graph_inputs(), groups=GROUPS)
+
+
+# --------------------------------------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_builds_and_outputs_its_feature_width(name):
+    backbone, width = build_backbone(name, pretrained="none")
+    with torch.no_grad():
+        features = backbone.eval()(torch.randn(2, 3, 16, 16))
+    assert features.ndim == 4 and features.shape[:2] == (2, width)
+
+
+def test_resnet_backbone_keeps_the_original_mlgcn_feature_indices():
+    backbone, width = build_backbone("resnet18")
+    kinds = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] + [nn.Sequential] * 4
+    assert width == 512 and [type(m) for m in backbone] == kinds
+    assert "0.weight" in backbone.state_dict() and "7.1.conv2.weight" in backbone.state_dict()
+
+
+def test_unknown_backbone_lists_the_registered_names():
+    with pytest.raises(ValueError, match="resnet101"):
+        build_backbone("resnet1001")
+
+
+def save_torchvision_weights(net: nn.Module, path, rename=lambda key: key) -> dict:
+    """Save ``net``'s weights the way training scripts often do: nested and with DataParallel prefixes."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": {"module." + rename(k): v for k, v in state.items()}}, path)
+    return state
+
+
+def test_pretrained_path_loads_a_torchvision_state_dict_into_the_backbone(tmp_path):
+    torch.manual_seed(1)
+    saved = save_torchvision_weights(torchvision.models.resnet18(), tmp_path / "r18.pth")
+    torch.manual_seed(2)
+    backbone, _ = build_backbone("resnet18", pretrained=str(tmp_path / "r18.pth"))
+    random_init, _ = build_backbone("resnet18")
+    assert torch.equal(backbone[0].weight, saved["conv1.weight"])
+    assert torch.equal(backbone[7][1].bn2.running_var, saved["layer4.1.bn2.running_var"])
+    assert not torch.equal(random_init[0].weight, saved["conv1.weight"])
+
+
+def test_pretrained_path_accepts_densenet_keys_from_torchvision_download_urls(tmp_path):
+    def old_style(key: str) -> str:  # "denselayer1.norm1.weight" was "denselayer1.norm.1.weight"
+        for part in ("norm", "relu", "conv"):
+            key = key.replace(f".{part}1.", f".{part}.1.").replace(f".{part}2.", f".{part}.2.")
+        return key
+
+    saved = save_torchvision_weights(torchvision.models.densenet121(), tmp_path / "d121.pth", old_style)
+    backbone, width = build_backbone("densenet121", pretrained=str(tmp_path / "d121.pth"))
+    loaded = backbone[0].denseblock1.denselayer1.norm1.running_mean
+    assert width == 1024 and torch.equal(loaded, saved["features.denseblock1.denselayer1.norm1.running_mean"])
+
+
+def test_pretrained_missing_file_error_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_backbone("resnet18", pretrained=str(missing))
+
+
+def test_pretrained_path_of_another_architecture_is_rejected(tmp_path):
+    save_torchvision_weights(torchvision.models.resnet18(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="r18.pth"):
+        build_backbone("resnet50", pretrained=str(tmp_path / "r18.pth"))
+
+
+def test_pretrained_imagenet_without_network_explains_how_to_pass_a_file(tmp_path, monkeypatch):
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights must be fetched
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(RuntimeError, match=r"download.*model\.pretrained=/path/to/file\.pth"):
+        build_backbone("resnet18", pretrained="imagenet")
+
+
+def test_cifar_backbone_loads_its_own_state_dict_from_a_path(tmp_path):
+    torch.manual_seed(3)
+    source, _ = build_backbone("cifar_resnet_tiny")
+    torch.save(source.state_dict(), tmp_path / "tiny.pth")
+    loaded, _ = build_backbone("cifar_resnet_tiny", pretrained=str(tmp_path / "tiny.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_backbone("cifar_resnet_tiny", pretrained="imagenet")
+
+
+# --------------------------------------------------------------------------------------------- pooling, heads
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 7), (14, 14)])
+def test_global_max_pool_takes_the_spatial_maximum_at_any_size(size):
+    x = torch.randn(2, 5, *size)
+    assert torch.equal(GlobalMaxPool()(x), x.flatten(2).max(dim=2).values)
+
+
+@pytest.mark.parametrize("size", [(17, 17), (32, 32), (60, 100)])
+def test_model_accepts_any_input_size(size):
+    model = build("gcn").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, *size)).shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("head", list_heads())
+def test_every_head_gives_one_logit_per_label_and_trains_every_parameter(head):
+    model = build(head)
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, NUM_CLASSES) and model.num_classes == NUM_CLASSES
+    logits.square().sum().backward()
+    # DDP fails on a parameter that gets no gradient.
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    split = {id(p) for p in model.backbone.parameters()} | {id(p) for p in model.head.parameters()}
+    assert split == {id(p) for p in model.parameters()}
+
+
+def test_gcn_adjacency_and_embeddings_are_buffers_not_parameters():
+    model = build("gcn")
+    assert {"head.adj", "head.embeddings"} <= dict(model.named_buffers()).keys()
+    assert not {"head.adj", "head.embeddings"} & dict(model.named_parameters()).keys()
+    assert torch.allclose(model.head.adj, torch.as_tensor(graph_inputs()["adj"]))
+
+
+def test_gcn_logits_are_pooled_features_dotted_with_gcn_classifiers():
+    model = build("gcn").eval()
+    images = torch.randn(2, 3, 32, 32)
+    head = model.head
+    hidden = torch.nn.functional.leaky_relu(head.adj @ head.embeddings @ head.gc1.weight, 0.2)
+    classifiers = head.adj @ hidden @ head.gc2.weight
+    with torch.no_grad():
+        pooled = model.backbone(images).amax(dim=(2, 3))
+        assert torch.allclose(model(images), pooled @ classifiers.t(), atol=1e-5)
+
+
+def test_graph_convolution_uses_mlgcn_initialisation_range():
+    layer = GraphConvolution(300, 64)
+    assert layer.weight.shape == (300, 64) and layer.bias is None
+    assert layer.weight.abs().max() <= 1 / 8 and layer.weight.abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("head", "kwargs", "message"),
+    [
+        ("gcn", {"embeddings": np.zeros((NUM_CLASSES, 4))}, "needs adj"),
+        ("gcn", {"adj": np.eye(NUM_CLASSES)}, "needs embeddings"),
+        ("gcn", {"adj": np.eye(5), "embeddings": np.zeros((5, 4))}, "adj describes 5 labels"),
+        ("hgat", {}, "needs groups"),
+        ("hgat_fc", {"groups": [0, 1]}, "groups describes 2 labels"),
+        ("transformer", {}, "unknown head"),
+    ],
+)
+def test_build_model_with_missing_or_mismatched_inputs_raises_value_error(head, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(small_cfg(head), NUM_CLASSES, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- HGAT
+
+
+def hgat_head(attention: bool) -> HGATHead:
+    torch.manual_seed(0)
+    return HGATHead(12, GROUPS, reduce_dim=16, label_dim=8, attention=attention).eval()
+
+
+def logits_with_perturbed(head: HGATHead, module: nn.Module, node: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits before and after adding noise to node ``node`` of ``module``'s [B, N, D] output."""
+    features = torch.randn(3, 12)
+    with torch.no_grad():
+        before = head(features)
+        handle = module.register_forward_hook(
+            lambda m, i, out: out + torch.eye(out.shape[1])[node, :, None] * 5
+        )
+        after = head(features)
+        handle.remove()
+    return before, after
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_hgat_mixing_across_groups_lets_one_group_change_every_groups_logits(attention):
+    head = hgat_head(attention)
+    before, after = logits_with_perturbed(head, head.group_blocks, node=0)
+    assert (before - after).abs().min() > 0  # labels of groups 1 and 2 read group 0 through the group mixing
+    head.group_mixing = nn.Identity()
+    before, after = logits_with_perturbed(head, head.group_blocks, node=0)
+    changed = (before - after).abs().amax(dim=0) > 0
+    assert changed.tolist() == [g == 0 for g in GROUPS]
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_hgat_within_group_mixing_never_crosses_groups(attention):
+    head = hgat_head(attention)
+    for label in range(NUM_CLASSES):
+        before, after = logits_with_perturbed(head, head.label_nodes, node=label)
+        changed = (before - after).abs().amax(dim=0) > 0
+        assert changed.tolist() == [g == GROUPS[label] for g in GROUPS]
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_hgat_logits_come_out_in_the_original_label_order(attention):
+    head = hgat_head(attention)
+    with torch.no_grad():
+        head.classifier.weight.zero_()
+        head.classifier.bias.copy_(torch.arange(NUM_CLASSES, dtype=torch.float32)[:, None])
+        assert torch.equal(head(torch.randn(2, 12)), torch.arange(NUM_CLASSES).float().expand(2, -1))
+
+
+def test_graph_attention_weights_sum_to_one_depend_on_the_input_and_respect_the_mask():
+    torch.manual_seed(0)
+    same_group = torch.tensor(GROUPS)[:, None] == torch.tensor(GROUPS)[None, :]
+    attention = GraphAttention(8, same_group)
+    first, second = attention.coefficients(torch.randn(2, NUM_CLASSES, 8)).detach()
+    assert torch.allclose(first.sum(dim=1), torch.ones(NUM_CLASSES))
+    assert torch.all(first[~same_group] == 0) and torch.all(first[same_group] > 0)
+    assert not torch.allclose(first, second)
+
+
+def test_graph_attention_output_is_the_attention_weighted_sum_of_projected_nodes():
+    torch.manual_seed(0)
+    attention = GraphAttention(8, torch.ones(4, 4, dtype=torch.bool))
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        attention.att_src.zero_()
+        attention.att_dst.zero_()  # equal scores: alpha is uniform, each node receives the mean message
+        mean_message = attention.proj(x).mean(dim=1, keepdim=True)
+        assert torch.allclose(attention(x), x + torch.nn.functional.elu(mean_message), atol=1e-6)
+        attention.att_src.normal_()
+        assert not torch.allclose(attention(x), x + torch.nn.functional.elu(mean_message), atol=1e-3)
+
+
+def test_fully_connected_mixing_coefficients_do_not_depend_on_the_input():
+    mixing = FullyConnectedMixing(8, torch.ones(3, 3, dtype=torch.bool))
+    first, second = mixing.coefficients(torch.randn(3, 8)), mixing.coefficients(torch.randn(3, 8))
+    assert torch.equal(first, second) and torch.allclose(first, torch.full((3, 3), 1 / 3))
+
+
+def test_hgat_accepts_arbitrary_group_ids():
+    head = HGATHead(12, [7, 3, 7, 40], reduce_dim=16, label_dim=8).eval()
+    assert head.label_nodes.label_group.tolist() == [0, 1, 0, 2]
+    assert head(torch.randn(1, 12)).shape == (1, 4)
+
+
+# --------------------------------------------------------------------------------------------- ML-GCN import
+
+
+def original_layout(model: MultiLabelModel, adjacency: torch.Tensor) -> dict:
+    """What the original GCNResnet's checkpoint would hold for ``model`` (DataParallel-wrapped, nested)."""
+    state = {"features." + k: v for k, v in model.backbone.state_dict().items()}
+    state.update({"gc1.weight": model.head.gc1.weight, "gc2.weight": model.head.gc2.weight, "A": adjacency})
+    return {"epoch": 20, "best_score": 0.83, "state_dict": {"module." + k: v for k, v in state.items()}}
+
+
+def test_import_mlgcn_state_dict_reproduces_the_original_model():
+    source = build("gcn", backbone="resnet18").eval()
+    adjacency = torch.rand(NUM_CLASSES, NUM_CLASSES)
+    converted, imported_adjacency = import_mlgcn_state_dict(original_layout(source, adjacency))
+    assert torch.equal(imported_adjacency, adjacency)
+
+    torch.manual_seed(5)
+    cfg = small_cfg("gcn", "resnet18")
+    target = build_model(
+        cfg, NUM_CLASSES, adj=source.head.adj, embeddings=source.head.embeddings.numpy()
+    ).eval()
+    result = target.load_state_dict(converted, strict=False)
+    assert set(result.missing_keys) == {"head.adj", "head.embeddings"} and result.unexpected_keys == []
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(target(images), source(images))
+
+
+def test_import_mlgcn_state_dict_rejects_foreign_keys():
+    with pytest.raises(ValueError, match="classifier.weight"):
+        import_mlgcn_state_dict({"A": torch.eye(2), "classifier.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="no 'A'"):
+        import_mlgcn_state_dict({"gc1.weight": torch.zeros(2, 2)})

@@ -1,0 +1,56 @@
+"""Optimiser groups and LR schedule: ML-GCN's lr x lrp for the backbone, decay at epoch_step, warmup."""
+
+import pytest
+from torch import nn
+
+from mlgcn_dist.config import OptimConfig
+from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, lr_factor, param_groups, scaled_lr
+
+
+class TwoPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 2)
+
+
+def test_backbone_gets_lr_times_lrp_and_head_gets_lr():
+    groups = param_groups(TwoPart(), lr=0.1, lrp=0.1)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"backbone": pytest.approx(0.01), "head": 0.1}
+    assert sum(len(g["params"]) for g in groups) == len(list(TwoPart().parameters()))
+
+
+def test_norm_and_bias_exempt_from_weight_decay_only_when_asked():
+    groups = param_groups(TwoPart(), lr=0.1, lrp=0.1, weight_decay=1e-4, no_decay_norm_bias=True)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["backbone_no_decay"]["weight_decay"] == 0.0
+    assert len(by_name["backbone"]["params"]) == 1  # conv weight only
+    assert len(by_name["head_no_decay"]["params"]) == 1  # head bias
+    assert by_name["backbone_no_decay"]["lr"] == pytest.approx(0.01)
+
+
+def test_step_schedule_decays_at_epoch_step_measured_in_optimiser_steps():
+    cfg = OptimConfig(lr=0.1, lrp=0.1, epoch_step=[2, 4], gamma=0.1)
+    opt = build_optimizer(TwoPart(), cfg, cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5, total_epochs=6)
+    seen = []
+    for _ in range(30):
+        seen.append(group_lrs(opt)["head"])
+        opt.step()
+        sched.step()
+    assert seen[9] == pytest.approx(0.1) and seen[10] == pytest.approx(0.01) and seen[20] == pytest.approx(0.001)
+    assert group_lrs(opt)["backbone"] == pytest.approx(0.0001)
+
+
+def test_warmup_rises_linearly_then_cosine_ends_near_zero():
+    cfg = OptimConfig(schedule="cosine", warmup_epochs=1)
+    assert lr_factor(0, cfg, 10, 5) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(49, cfg, 10, 5) < 0.01
+
+
+def test_linear_scaling_rule_scales_with_global_batch():
+    assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="linear", base_batch_size=32), 256) == pytest.approx(0.8)
+    assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="fixed"), 256) == pytest.approx(0.1)

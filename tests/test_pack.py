@@ -1,0 +1,284 @@
+"""Specifications of the shard packer (``mlgcn pack``): standard WebDataset shards, meta.json, label statistics."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from mlgcn_dist.data import pack
+from mlgcn_dist.data.folder import read_split
+from mlgcn_dist.data.loader import read_meta
+from mlgcn_dist.data.pack import add_pack_arguments, pack_dataset, parse_size, plan_shards, run_pack
+from mlgcn_dist.data.records import encode_target
+from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.graph import label_stats, read_stats
+
+
+@pytest.fixture(scope="module")
+def packed(toy_root, tmp_path_factory) -> tuple[Path, dict]:
+    """The conftest toy set packed into 3 shards per split."""
+    out = tmp_path_factory.mktemp("packed") / "shards"
+    return out, pack_dataset("coco", toy_root, out, ["train", "val"], shard_count=3, workers=1)
+
+
+def shard_paths(out: Path, meta: dict, split: str) -> list[str]:
+    return [str(out / s["file"]) for s in meta["splits"][split]["shards"]]
+
+
+def plain_wds_samples(urls: list[str]) -> list[dict]:
+    """Samples read by webdataset alone: no code of ours involved."""
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_shards_list_with_tar_one_jpg_and_json_per_image_keyed_by_image_id(packed):
+    out, meta = packed
+    for split in ("train", "val"):
+        for shard in meta["splits"][split]["shards"]:
+            assert shard["file"].startswith(f"coco-{split}-") and shard["file"].endswith(".tar")
+            names = subprocess.run(
+                ["tar", "tf", str(out / shard["file"])], capture_output=True, text=True, check=True
+            ).stdout.split()
+            keys = [n.split(".", 1)[0] for n in names]
+            assert len(names) == 2 * shard["count"]
+            assert sorted(names) == sorted(f"{k}.{ext}" for k in set(keys) for ext in ("jpg", "json"))
+            assert all(k.isdigit() for k in keys)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_plain_webdataset_reads_every_image_with_labels_and_untouched_bytes(packed, toy_root, split):
+    out, meta = packed
+    index = read_split("coco", toy_root, split)
+    samples = plain_wds_samples(shard_paths(out, meta, split))
+    assert len(samples) == len(index) == meta["splits"][split]["count"]
+    by_id = {r.image_id: r for r in index.records}
+    for sample in samples:
+        info = json.loads(sample["json"])
+        record = by_id[info["image_id"]]
+        assert sample["__key__"] == str(record.image_id)
+        assert (info["labels"], info["difficult"]) == (list(record.labels), list(record.difficult))
+        assert (info["file_name"], info["width"], info["height"]) == (
+            record.file_name,
+            record.width,
+            record.height,
+        )
+        assert sample["jpg"] == Path(record.path).read_bytes()
+    assert [s["__key__"] for s in samples] == [str(r.image_id) for r in index.records]  # contiguous sharding
+
+
+def test_label_stats_pickle_and_json_equal_stats_of_the_shards_training_targets(packed):
+    out, meta = packed
+    assert meta["stats"] == {"split": "train", "pickle": "coco_adj.pkl", "json": "coco_adj.json"}
+    num_classes = len(meta["label_names"])
+    infos = [json.loads(s["json"]) for s in plain_wds_samples(shard_paths(out, meta, "train"))]
+    targets = np.stack([encode_target(i["labels"], i["difficult"], num_classes) for i in infos])
+    nums, adj = label_stats(targets)
+    read_nums, read_adj = read_stats(out / "coco_adj.pkl")
+    np.testing.assert_array_equal(read_nums, nums)
+    np.testing.assert_array_equal(read_adj, adj)
+    twin = json.loads((out / "coco_adj.json").read_text())
+    assert twin["label_names"] == meta["label_names"]
+    assert twin["nums"] == nums.tolist() and twin["adj"] == adj.tolist()
+
+
+def test_meta_records_labels_splits_skips_and_the_pack_config(packed, toy_root):
+    _, meta = packed
+    index = read_split("coco", toy_root, "val")
+    assert meta["dataset"] == "coco" and meta["packer_version"] == pack.PACKER_VERSION
+    assert meta["label_names"] == index.labels.names
+    assert meta["supercategories"] == index.labels.supercategories
+    assert meta["config"]["shard_count"] == 3 and meta["config"]["splits"] == ["train", "val"]
+    assert meta["splits"]["val"]["skipped"] == index.skipped  # images without annotations, from the reader
+    assert meta["splits"]["val"]["converted"] == []
+    assert "created" in meta
+
+
+def test_parallel_pack_writes_the_same_bytes_as_a_serial_pack(toy_root, tmp_path):
+    serial = pack_dataset("coco", toy_root, tmp_path / "serial", ["val"], shard_count=3, workers=1)
+    parallel = pack_dataset("coco", toy_root, tmp_path / "parallel", ["val"], shard_count=3, workers=2)
+    assert serial["splits"] == parallel["splits"]
+    for shard in serial["splits"]["val"]["shards"]:
+        assert (tmp_path / "serial" / shard["file"]).read_bytes() == (
+            tmp_path / "parallel" / shard["file"]
+        ).read_bytes()
+
+
+def test_rerun_over_an_existing_pack_is_refused_unless_overwrite(toy_root, tmp_path):
+    out = tmp_path / "shards"
+    pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
+    (out / "meta.json").unlink()  # shards alone also count as an earlier pack
+    with pytest.raises(FileExistsError, match="coco-val-000000.tar"):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
+    meta = pack_dataset("coco", toy_root, out, ["val"], shard_count=1, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["coco-val-000000.tar"]
+    assert read_meta(out)["splits"] == meta["splits"]
+
+
+def test_shard_count_splits_records_into_contiguous_near_equal_shards(toy_root, tmp_path):
+    meta = pack_dataset("coco", toy_root, tmp_path / "s", ["val"], shard_count=4)
+    counts = [s["count"] for s in meta["splits"]["val"]["shards"]]
+    assert (
+        len(counts) == 4 and sum(counts) == meta["splits"]["val"]["count"] and max(counts) - min(counts) <= 1
+    )
+
+
+def test_shard_size_caps_the_source_bytes_of_each_shard(toy_root, tmp_path):
+    index = read_split("coco", toy_root, "val")
+    sizes = [Path(r.path).stat().st_size for r in index.records]
+    limit = sum(sizes) // 3
+    meta = pack_dataset("coco", toy_root, tmp_path / "s", ["val"], shard_size=limit)
+    shards = meta["splits"]["val"]["shards"]
+    assert len(shards) >= 3
+    start = 0
+    for shard in shards:
+        assert sum(sizes[start : start + shard["count"]]) <= limit
+        start += shard["count"]
+
+
+def test_plan_shards_cuts_by_bytes_or_count_and_never_leaves_an_empty_shard():
+    assert plan_shards([5, 5, 5, 5], 10, None) == [range(0, 2), range(2, 4)]
+    assert plan_shards([20, 1, 1], 10, None) == [
+        range(0, 1),
+        range(1, 3),
+    ]  # an oversized image gets its own shard
+    assert plan_shards([1] * 10, None, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert plan_shards([1, 1], None, 5) == [range(0, 1), range(1, 2)]
+    assert plan_shards([], None, 3) == [] == plan_shards([], 10, None)
+
+
+def test_parse_size_reads_decimal_and_binary_units_and_rejects_nonsense():
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("1GB") == parse_size("1 gb") == 10**9
+    assert parse_size("64MiB") == 64 * 2**20
+    assert parse_size("4096") == 4096
+    for bad in ("", "MB", "5XB", "-1GB", "0MB"):
+        with pytest.raises(ValueError, match="shard size"):
+            parse_size(bad)
+
+
+def test_interrupted_pack_leaves_nothing_that_looks_complete(toy_root, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    real, calls = pack.jpeg_bytes, []
+
+    def dies_on_the_fifteenth_image(path):
+        calls.append(path)
+        if len(calls) == 15:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(pack, "jpeg_bytes", dies_on_the_fifteenth_image)
+    with pytest.raises(KeyboardInterrupt):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=3)
+    assert not (out / "meta.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["coco-val-000000.tar"]  # only the shard that was closed
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        read_meta(out)
+
+
+def test_a_killed_packs_partial_shard_never_counts_and_blocks_a_rerun_without_overwrite(toy_root, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "coco-val-000000.tar.partial").write_bytes(b"half a tar")  # what a SIGKILL mid-shard leaves
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        read_meta(out)
+    with pytest.raises(FileExistsError):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=1)
+    pack_dataset("coco", toy_root, out, ["val"], shard_count=1, overwrite=True)
+    assert not list(out.glob("*.partial"))
+
+
+def _cmyk_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("CMYK", (24, 16), (10, 200, 30, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 10, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_broken_images_are_skipped_and_png_or_cmyk_reencoded_and_all_listed(tmp_path):
+    root = tmp_path / "toy"
+    make_toy(root, train=10, val=4, size=32, seed=1)
+    records = read_split("coco", root, "train").records
+    corrupt, truncated, png, cmyk = records[:4]
+    Path(corrupt.path).write_bytes(b"this is not an image")
+    Path(truncated.path).write_bytes(Path(truncated.path).read_bytes()[:300])
+    Path(png.path).write_bytes(_png())
+    Path(cmyk.path).write_bytes(_cmyk_jpeg())
+    meta = pack_dataset("coco", root, tmp_path / "shards", ["train"], shard_count=2)
+
+    split = meta["splits"]["train"]
+    skipped = {s["image_id"] for s in split["skipped"] if s["reason"] == "undecodable"}
+    assert skipped == {corrupt.image_id, truncated.image_id}
+    assert {c["image_id"]: c["detail"].split()[:2] for c in split["converted"]} == {
+        png.image_id: ["PNG", "RGB"],
+        cmyk.image_id: ["JPEG", "CMYK"],
+    }
+    assert split["count"] == len(records) - 2
+    samples = {s["__key__"]: s for s in plain_wds_samples(shard_paths(tmp_path / "shards", meta, "train"))}
+    assert str(corrupt.image_id) not in samples and str(truncated.image_id) not in samples
+    for record in (png, cmyk):
+        with Image.open(io.BytesIO(samples[str(record.image_id)]["jpg"])) as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (24, 16))
+    nums, _ = read_stats(tmp_path / "shards" / "coco_adj.pkl")  # statistics of the packed images only
+    kept = [r for r in records if r.image_id not in skipped]
+    assert nums.sum() == sum(len(r.labels) for r in kept)
+
+
+def test_voc_packs_trainval_statistics_and_difficult_labels(voc_root, voc_labels, tmp_path):
+    meta = pack_dataset("voc", voc_root, tmp_path / "shards", ["trainval", "test"], shard_count=2)
+    assert meta["stats"]["split"] == "trainval"
+    assert {k: v["count"] for k, v in meta["splits"].items()} == {k: len(v) for k, v in voc_labels.items()}
+    samples = plain_wds_samples(shard_paths(tmp_path / "shards", meta, "trainval"))
+    names = meta["label_names"]
+    by_stem = {json.loads(s["json"])["file_name"][:-4]: json.loads(s["json"]) for s in samples}
+    for stem, (present, difficult) in voc_labels["trainval"].items():
+        assert sorted(names[i] for i in by_stem[stem]["labels"]) == sorted(present)
+        assert sorted(names[i] for i in by_stem[stem]["difficult"]) == sorted(difficult)
+
+
+def test_missing_annotations_fail_naming_the_path_before_writing_anything(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instances_train2014.json"):
+        pack_dataset("coco", tmp_path / "nowhere", tmp_path / "shards", ["train"], shard_count=1)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_pack_arguments(parser)
+    out = tmp_path / "shards"
+    args = parser.parse_args(
+        [
+            "coco",
+            "--root",
+            str(toy_root),
+            "--out",
+            str(out),
+            "--split",
+            "val",
+            "--shard-size",
+            "1MB",
+            "--workers",
+            "1",
+        ]
+    )
+    assert args.shard_size == 10**6
+    assert run_pack(args) == 0
+    assert "val: " in capsys.readouterr().out
+    assert read_meta(out)["config"]["shard_size"] == 10**6
+    with pytest.raises(SystemExit):
+        parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "lots"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "1GB", "--shard-count", "2"])

@@ -1,0 +1,318 @@
+"""The sbatch scripts in slurm/: the launch command they build, when they requeue, and real jobs on a local SLURM.
+
+The fast tests run ``slurm/coco_gcn.sh`` with bash under a fake SLURM environment whose ``srun``, ``scontrol`` and
+``accelerate`` are stubs that record what they were given. The slow tests start a real one-node SLURM (needs root;
+tests/slurm_cluster.py installs it with apt-get when missing) and submit the real script to train on the toy set
+with two CPU processes: once to the end, once preempted by SIGUSR1 to check the save-requeue-resume loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "coco_gcn.sh"
+SINGLE_NODE_SCRIPT = REPO / "slurm" / "single_node.sh"
+SIGUSR1_BIT = 1 << (10 - 1)  # bit of SIGUSR1 (10 on Linux) in /proc/<pid>/status SigIgn
+
+# srun stub: record the options, then run the command once per node as SLURM would, with SLURM_NODEID set.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == -* ]]; do echo "$1" >> "$STUB_LOG/srun.flags"; shift; done
+rc=0
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) printf '%s\\n' $STUB_HOSTS ;;
+  requeue) echo "$2" >> "$STUB_LOG/requeued" ;;
+esac
+"""
+# accelerate stub: record argv and the ignored-signal mask; like a preempted trainer, optionally leave the marker.
+FAKE_ACCELERATE = """#!/usr/bin/env bash
+node=$SLURM_NODEID
+printf '%s\\n' "$@" > "$STUB_LOG/accelerate.$node"
+grep SigIgn /proc/$$/status | cut -f2 > "$STUB_LOG/sigign.$node"
+if [[ -n "${STUB_MARKER:-}" ]]; then
+  for arg in "$@"; do case "$arg" in train.output_dir=*) dir="${arg#*=}" ;; esac; done
+  mkdir -p "$dir" && echo preempted > "$dir/REQUEUE"
+fi
+exit "${STUB_EXIT:-0}"
+"""
+
+
+def _write_exe(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_job(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess, Path]]:
+    """Run coco_gcn.sh as job 4242 on nodes gpu07 and gpu08 (4 GPUs each); returns (result, stub log dir)."""
+    log = tmp_path / "log"
+    log.mkdir()
+    _write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
+    _write_exe(tmp_path / "bin" / "scontrol", FAKE_SCONTROL)
+    _write_exe(tmp_path / "venv" / "bin" / "accelerate", FAKE_ACCELERATE)
+
+    def run(*args: str, script: Path = SCRIPT, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+        job_env = {
+            "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+            "HOME": str(tmp_path),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_GPUS_ON_NODE": "4",
+            "SLURM_CPUS_PER_TASK": "32",
+            "SLURM_SUBMIT_DIR": str(tmp_path),  # not the repository: found through the script's own path
+            "MLGCN_VENV": str(tmp_path / "venv"),
+            "MLGCN_RUNS_DIR": str(tmp_path / "runs"),
+            "STUB_LOG": str(log),
+            "STUB_HOSTS": "gpu07 gpu08",
+            **env,
+        }
+        done = subprocess.run(["bash", str(script), *args], env=job_env, capture_output=True, text=True,
+                              timeout=60)
+        return done, log
+
+    return run
+
+
+def _launch_args(log: Path, node: int) -> list[str]:
+    return (log / f"accelerate.{node}").read_text().splitlines()
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_each_node_launches_with_its_own_rank_and_the_first_host_as_rendezvous(fake_job, tmp_path):
+    done, log = fake_job("configs/toy.yaml")
+    assert done.returncode == 0, done.stderr
+    for node in (0, 1):
+        args = _launch_args(log, node)
+        assert args[:2] == ["launch", "--machine_rank"] and args[2] == str(node)
+        assert _flag(args, "--num_machines") == "2"
+        assert _flag(args, "--num_processes") == "8"
+        assert _flag(args, "--main_process_ip") == "gpu07"
+        assert _flag(args, "--main_process_port") == str(20000 + 4242 % 10000)
+        assert _flag(args, "--rdzv_backend") == "static"
+        assert "--multi_gpu" in args
+    srun_flags = (log / "srun.flags").read_text().split()
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=32"} <= set(srun_flags)
+
+
+def test_run_dir_wandb_id_and_resume_derive_from_the_job_id(fake_job, tmp_path):
+    done, log = fake_job("configs/toy.yaml", "optim.lr=0.05")
+    assert done.returncode == 0, done.stderr
+    args = _launch_args(log, 0)
+    script_args = args[args.index("launch/train.py") + 1:]
+    assert script_args == [
+        "--config", "configs/toy.yaml",
+        f"train.output_dir={tmp_path / 'runs' / 'toy-4242'}", "train.run_name=toy-4242", "log.run_id=toy-4242",
+        "train.resume=auto",
+        "optim.lr=0.05",  # the user's overrides come last, so they win
+    ]
+
+
+def test_launcher_starts_with_sigusr1_ignored_so_only_the_trainers_act_on_it(fake_job):
+    done, log = fake_job("configs/toy.yaml")
+    assert done.returncode == 0, done.stderr
+    for node in (0, 1):
+        assert int((log / f"sigign.{node}").read_text(), 16) & SIGUSR1_BIT
+
+
+def test_requeues_and_exits_zero_when_the_trainer_left_the_requeue_marker(fake_job):
+    done, log = fake_job("configs/toy.yaml", STUB_MARKER="1", STUB_EXIT="1")
+    assert done.returncode == 0, done.stderr
+    assert (log / "requeued").read_text().split() == ["4242"]
+    assert "requeueing job 4242" in done.stdout
+
+
+def test_failure_without_marker_propagates_and_a_stale_marker_is_ignored(fake_job, tmp_path):
+    stale = tmp_path / "runs" / "toy-4242" / "REQUEUE"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier launch\n")
+    done, log = fake_job("configs/toy.yaml", STUB_EXIT="3")
+    assert done.returncode == 3
+    assert not (log / "requeued").exists()
+    assert not stale.exists()
+
+
+def test_marker_is_looked_for_in_the_output_dir_the_user_chose(fake_job, tmp_path):
+    chosen = tmp_path / "elsewhere"
+    done, log = fake_job("configs/toy.yaml", f"train.output_dir={chosen}", STUB_MARKER="1", STUB_EXIT="1")
+    assert done.returncode == 0, done.stderr
+    assert (chosen / "REQUEUE").exists()
+    assert (log / "requeued").exists()
+
+
+def test_deepspeed_uses_the_standard_multinode_launcher_and_passes_its_config(fake_job):
+    done, log = fake_job("configs/toy.yaml", MLGCN_DEEPSPEED="configs/deepspeed/zero2.json")
+    assert done.returncode == 0, done.stderr
+    args = _launch_args(log, 1)
+    assert "--use_deepspeed" in args and "--multi_gpu" not in args
+    assert _flag(args, "--deepspeed_multinode_launcher") == "standard"
+    assert "train.deepspeed=configs/deepspeed/zero2.json" in args
+
+
+def test_extra_launch_flags_come_after_the_scripts_own(fake_job):
+    done, log = fake_job("configs/toy.yaml", MLGCN_LAUNCH_FLAGS="--num_processes 2 --rdzv_backend c10d")
+    assert done.returncode == 0, done.stderr
+    args = _launch_args(log, 0)
+    launch = args[: args.index("launch/train.py")]
+    assert launch[-4:] == ["--num_processes", "2", "--rdzv_backend", "c10d"]  # argparse keeps the last value
+
+
+@pytest.mark.parametrize("gpus_env", [{"SLURM_GPUS_ON_NODE": ""}, {"SLURM_GPUS_ON_NODE": "0"}])
+def test_no_gpu_count_is_an_error_naming_the_variable_to_set(fake_job, gpus_env):
+    done, _ = fake_job("configs/toy.yaml", **gpus_env)
+    assert done.returncode == 2
+    assert "MLGCN_GPUS_PER_NODE" in done.stderr
+
+
+def test_typed_gpus_per_node_counts_the_gpus(fake_job):
+    done, log = fake_job("configs/toy.yaml", SLURM_GPUS_ON_NODE="", SLURM_GPUS_PER_NODE="h100:2")
+    assert done.returncode == 0, done.stderr
+    assert _flag(_launch_args(log, 0), "--num_processes") == "4"
+
+
+def test_single_node_script_runs_the_same_job_on_one_node(fake_job):
+    done, log = fake_job("configs/toy.yaml", script=SINGLE_NODE_SCRIPT, SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu07",
+                         STUB_HOSTS="gpu07", SLURM_SUBMIT_DIR=str(REPO))
+    assert done.returncode == 0, done.stderr
+    args = _launch_args(log, 0)
+    assert (_flag(args, "--num_machines"), _flag(args, "--num_processes")) == ("1", "4")
+    assert not (log / "accelerate.1").exists()
+
+
+def test_missing_config_file_is_an_error_naming_it(fake_job):
+    done, _ = fake_job("configs/nope.yaml")
+    assert done.returncode == 2
+    assert "configs/nope.yaml" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real SLURM on localhost: the script as users submit it, training the toy set on two CPU processes.
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as err:
+        pytest.skip(f"no local SLURM: {err}")
+    yield cluster
+    cluster.stop()
+
+
+class ToyJobs:
+    """Submits the sbatch scripts with configs/toy.yaml from ``workdir`` and knows where each job's files land."""
+
+    def __init__(self, slurm: SlurmCluster, workdir: Path, toy_root: Path):
+        self.slurm = slurm
+        self.workdir = workdir
+        self.toy_root = toy_root
+        self.submitted: list[int] = []
+        (workdir / "logs").mkdir()
+
+    def submit(self, *overrides: str, script: Path = SCRIPT) -> int:
+        env = {
+            "MLGCN_REPO": str(REPO),
+            "MLGCN_VENV": sys.prefix,  # the environment running these tests
+            "MLGCN_RUNS_DIR": str(self.workdir / "runs"),
+            "MLGCN_GPUS_PER_NODE": "2",  # two CPU processes: the trainer forms a gloo group without GPUs
+            "WANDB_MODE": "disabled",
+        }
+        # One node; --gpus-per-node=0 replaces the script's 8 GPUs (SLURM 22.05 accepts it without any GRES).
+        flags = ["--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={min(self.slurm.cpus, 2)}", "--time=10"]
+        args = ["configs/toy.yaml", f"data.root={self.toy_root}", "data.workers=0", *overrides]
+        job = self.slurm.submit(script, args, flags, env, cwd=self.workdir)
+        self.submitted.append(job)
+        return job
+
+    def log(self, job: int) -> str:
+        path = self.workdir / "logs" / f"mlgcn-{job}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def run_dir(self, job: int) -> Path:
+        return self.workdir / "runs" / f"toy-{job}"
+
+    def evaluations(self, job: int) -> int:
+        metrics = self.run_dir(job) / "metrics.jsonl"
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+@pytest.fixture
+def toy_jobs(slurm: SlurmCluster, tmp_path: Path, toy_root: Path) -> Iterator[ToyJobs]:
+    jobs = ToyJobs(slurm, tmp_path, toy_root)
+    yield jobs
+    for job in jobs.submitted:
+        slurm.cancel(job)
+    for job in jobs.submitted:
+        wait_until(lambda job=job: slurm.job(job).get("JobState", "forgotten") in ENDED | {"forgotten"}, 60,
+                   f"job {job} to end")
+
+
+@pytest.mark.slow
+def test_single_node_job_trains_to_the_end_with_checkpoint_and_summary(slurm, toy_jobs):
+    job = toy_jobs.submit("train.epochs=1", script=SINGLE_NODE_SCRIPT)
+    info = slurm.wait_job(job, ENDED, timeout=150)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), toy_jobs.log(job)[-4000:]
+    run_dir = toy_jobs.run_dir(job)
+    assert list((run_dir / "checkpoints").glob("step-*/train_state.json"))
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert "best_mAP" in json.loads((run_dir / "summary.json").read_text())
+    assert toy_jobs.evaluations(job) == 1
+    assert not (run_dir / "REQUEUE").exists()
+    assert "training exited with status 0" in toy_jobs.log(job)
+
+
+def _wait_for_training(toy_jobs: ToyJobs, job: int) -> None:
+    """A new evaluation proves the trainers are in their training loop, with their signal handler installed."""
+    evaluated = toy_jobs.evaluations(job)
+    wait_until(lambda: toy_jobs.evaluations(job) > evaluated, 120, f"job {job} to train",
+               lambda: toy_jobs.log(job)[-3000:])
+
+
+def _preempt_and_resume(slurm: SlurmCluster, toy_jobs: ToyJobs, job: int, scancel_flags: list[str],
+                        restarts: int) -> None:
+    """Signal USR1 once training runs, check save + requeue, then start the requeued job and wait for its resume."""
+    _wait_for_training(toy_jobs, job)
+    slurm.run("scancel", *scancel_flags, "--signal=USR1", str(job))
+    wait_until(lambda: slurm.job(job).get("Restarts") == str(restarts), 90, f"job {job} to requeue itself",
+               lambda: f"{slurm.job(job)}\n{toy_jobs.log(job)[-3000:]}")
+    assert toy_jobs.log(job).count(f"requeueing job {job}") == restarts
+    slurm.release(job)
+    wait_until(lambda: toy_jobs.log(job).count("resumed from") == restarts, 120, f"job {job} to resume",
+               lambda: toy_jobs.log(job)[-3000:])
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_requeues_and_resumes_until_scancel_ends_the_job(slurm, toy_jobs):
+    job = toy_jobs.submit("train.epochs=1000", "train.log_every=1")
+    # What --signal=USR1@T does before the time limit: USR1 to every process of the job step.
+    _preempt_and_resume(slurm, toy_jobs, job, [], restarts=1)
+    checkpoints = list((toy_jobs.run_dir(job) / "checkpoints").glob("step-*/train_state.json"))
+    assert checkpoints, toy_jobs.log(job)[-3000:]
+    # What --signal=B:USR1@T does: USR1 to the batch shell only, which passes it on to the trainers.
+    _preempt_and_resume(slurm, toy_jobs, job, ["--batch"], restarts=2)
+    # A plain scancel (SIGTERM everywhere) ends the job for good, although the trainers save and ask for a requeue.
+    _wait_for_training(toy_jobs, job)
+    slurm.cancel(job)
+    info = slurm.wait_job(job, ENDED, timeout=60)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "2"), toy_jobs.log(job)[-3000:]
+    assert (toy_jobs.run_dir(job) / "REQUEUE").exists()
+    assert toy_jobs.log(job).count(f"requeueing job {job}") == 2
+    assert "training exited with status" in toy_jobs.log(job).rsplit("resumed from", 1)[1]

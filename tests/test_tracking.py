@@ -1,0 +1,200 @@
+"""Tracker: local metrics files, best-mAP bookkeeping, and W&B offline runs read back from their .wandb files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlgcn_dist.compare import collect_offline_wandb_runs, read_wandb_records
+from mlgcn_dist.config import load_config
+from mlgcn_dist.tracking import Tracker, git_state, resolve_wandb_mode
+
+LABELS = ["cat", "dog", "person"]
+
+
+def fake_metrics(mAP: float, cf1: float = 60.0) -> dict:
+    """An AveragePrecisionMeter.compute() result (class "person" absent) with its top-3 counterpart."""
+    metrics = {"mAP": mAP, "OP": 70.0, "OR": 60.0, "OF1": 64.6, "CP": 68.0, "CR": 55.0, "CF1": cf1,
+               "ap": [mAP - 5.0, mAP + 5.0, math.nan], "absent_classes": [2], "num_images": 12}
+    return {**metrics, "top3": {**metrics, "OF1": 50.0, "CF1": cf1 - 10.0}}
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No WANDB_* setting from the outside; W&B's home directories under tmp_path; nothing printed."""
+    for name in [n for n in os.environ if n.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "wandb_home"
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(home / name.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    return home
+
+
+def flush_wandb() -> None:
+    """Wait until W&B's service has written every run file: run.finish() returns before the .wandb file is
+    flushed (measured with wandb 0.31: often only its 7-byte header right after finish)."""
+    import wandb
+
+    wandb.teardown()
+
+
+def record_run(root: Path, name: str, maps: list[tuple[float, float | None]], overrides: tuple[str, ...] = (),
+               wandb: str = "disabled", img_per_s: float = 100.0, world_size: int = 1, cf1: float = 60.0,
+               first_epoch: int = 0) -> Path:
+    """A finished run made through the Tracker: one step line and one evaluation (model, EMA) per epoch, from
+    ``first_epoch`` on (a resumed run)."""
+    cfg = load_config(None, [f"train.run_name={name}", f"train.output_dir={root / name}", f"log.wandb={wandb}",
+                             *overrides])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=world_size, label_names=LABELS,
+                      system={"device": "cpu", "torch": "test"})
+    for epoch, (model_map, ema_map) in enumerate(maps, start=first_epoch):
+        tracker.log_step(10 * epoch + 5, {"train/loss": 1.0 / (epoch + 1), "train/img_per_s": img_per_s})
+        results = {"model": fake_metrics(model_map, cf1)}
+        if ema_map is not None:
+            results["ema"] = fake_metrics(ema_map, cf1)
+        tracker.log_eval(epoch, 10 * epoch + 10, results)
+    tracker.finish({})
+    if wandb != "disabled":
+        flush_wandb()
+    return cfg.run_dir
+
+
+def test_metrics_jsonl_has_one_line_per_eval_with_named_per_class_ap_and_null_for_absent(tmp_path):
+    run_dir = record_run(tmp_path, "a", [(50.0, 49.0), (55.0, None)])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in lines] == [(0, 10), (1, 20)]
+    assert lines[0]["model"]["mAP"] == 50.0 and lines[0]["ema"]["mAP"] == 49.0 and "ema" not in lines[1]
+    assert lines[0]["model"]["top3"]["CF1"] == 50.0 and "ap" not in lines[0]["model"]
+    assert lines[0]["per_class_ap"] == {"cat": 45.0, "dog": 55.0, "person": None}
+    assert lines[0]["per_class_ap_ema"]["person"] is None
+    steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [5, 15] and steps[1]["train/loss"] == 0.5
+
+
+def test_summary_holds_best_map_over_model_and_ema_with_config_and_throughput(tmp_path):
+    run_dir = record_run(tmp_path, "a", [(50.0, 52.0), (55.0, 54.0), (53.0, 56.0)], ("optim.lr=0.05",),
+                         img_per_s=80.0, world_size=4)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_mAP"], summary["best_epoch"], summary["best_step"], summary["best_source"]) == (
+        56.0, 2, 30, "ema")
+    assert summary["best_CF1"] == 60.0 and summary["best_OF1"] == 64.6
+    assert summary["final"]["epoch"] == 2 and summary["final"]["model"]["mAP"] == 53.0
+    assert summary["img_per_s"] == 80.0 and summary["world_size"] == 4 and summary["run_name"] == "a"
+    assert summary["config"]["optim"]["lr"] == 0.05 and summary["system"]["device"] == "cpu"
+    assert not list(run_dir.glob(".*.tmp")), "atomic writes leave no temporary file behind"
+
+
+def test_finish_merges_caller_values_and_a_second_call_changes_nothing(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_eval(0, 3, {"model": fake_metrics(40.0)})
+    tracker.finish({"img_per_s": 123.0, "global_step": 3})
+    tracker.finish({"img_per_s": 1.0})
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["img_per_s"] == 123.0 and summary["global_step"] == 3 and summary["best_mAP"] == 40.0
+
+
+def test_non_main_rank_writes_no_file_and_never_imports_wandb(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would raise
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", "log.log_artifact=true"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=False, world_size=2, label_names=LABELS)
+    tracker.log_step(1, {"train/loss": 1.0})
+    tracker.log_eval(0, 1, {"model": fake_metrics(40.0)})
+    tracker.log_checkpoint(tmp_path / "ckpt.pt", 0, True)
+    tracker.finish({})
+    assert not tmp_path.joinpath("r").exists()
+
+
+def test_disabled_tracking_writes_local_files_without_importing_wandb(tmp_path, monkeypatch, wandb_env):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    run_dir = record_run(tmp_path, "a", [(50.0, None)], ("log.log_artifact=true",))
+    assert {p.name for p in run_dir.iterdir()} == {"metrics.jsonl", "train_log.jsonl", "summary.json"}
+
+
+def test_relogged_epochs_and_steps_replace_later_lines_and_best_after_resume(tmp_path):
+    run_dir = record_run(tmp_path, "a", [(50.0, None), (52.0, None), (60.0, None)])
+    # Requeued with the checkpoint of epoch 1: epoch 2 is trained and evaluated again, worse this time.
+    cfg = load_config(None, ["train.run_name=a", f"train.output_dir={run_dir}"])
+    tracker = Tracker(cfg, run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_step(22, {"train/loss": 0.3})
+    tracker.log_eval(2, 30, {"model": fake_metrics(51.0)})
+    tracker.finish({})
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["model"]["mAP"]) for r in evals] == [(0, 50.0), (1, 52.0), (2, 51.0)]
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [5, 15, 22]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_mAP"], summary["best_epoch"]) == (52.0, 1)
+
+
+def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS[:2])
+    with pytest.raises(ValueError, match=r"results\['model'\]\['ap'\] has 3 values for 2 label names"):
+        tracker.log_eval(0, 1, {"model": fake_metrics(40.0)})
+
+
+@pytest.mark.parametrize(("configured", "environ", "expected"), [
+    ("disabled", {}, "disabled"),
+    ("disabled", {"WANDB_MODE": "offline"}, "offline"),
+    ("disabled", {"WANDB_MODE": "dryrun"}, "offline"),
+    ("offline", {"WANDB_MODE": "disabled"}, "offline"),
+    ("online", {"WANDB_MODE": "offline"}, "online"),
+])
+def test_wandb_mode_from_config_wins_unless_it_is_the_default_and_wandb_mode_is_set(configured, environ, expected):
+    assert resolve_wandb_mode(configured, environ) == expected
+
+
+def test_unknown_wandb_mode_environment_value_is_named_in_the_error():
+    with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
+        resolve_wandb_mode("disabled", {"WANDB_MODE": "sometimes"})
+
+
+def test_offline_wandb_run_holds_map_history_top3_table_config_and_summary(tmp_path, wandb_env):
+    run_dir = record_run(tmp_path, "a", [(50.0, 52.0), (55.0, 54.0)], ("optim.lr=0.05", "log.run_id=abc123"),
+                         wandb="offline", world_size=2)
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-abc123.wandb")
+    history_keys = {item.key or "/".join(item.nested_key)
+                    for record in read_wandb_records(wandb_file) if record.WhichOneof("record_type") == "history"
+                    for item in record.history.item}
+    assert {"val/mAP", "val_ema/mAP", "val/top3/CF1", "val/per_class_ap/_type", "train/loss"} <= history_keys
+    (run,) = collect_offline_wandb_runs(run_dir)
+    assert run.name == "a" and run.config["optim.lr"] == 0.05 and run.config["runtime.world_size"] == 2
+    assert run.summary["best_mAP"] == 55.0 and run.summary["best_source"] == "model"
+    assert run.summary["world_size"] == 2 and run.summary["img_per_s"] == 100.0
+    assert run.curves == {"model": [(0, 50.0), (1, 55.0)], "ema": [(0, 52.0), (1, 54.0)]}
+    assert json.loads((run_dir / "summary.json").read_text())["wandb_run_id"] == "abc123"
+
+
+def test_wandb_api_key_in_the_environment_reaches_no_file_under_the_run_dir(tmp_path, wandb_env, monkeypatch):
+    secret = "k" * 20 + "0123456789abcdef0123"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    run_dir = record_run(tmp_path, "a", [(50.0, None)], wandb="offline")
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
+
+
+def test_checkpoint_is_logged_as_a_file_reference_artifact(tmp_path, wandb_env):
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", "log.log_artifact=true"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_checkpoint(checkpoint, 3, is_best=True)
+    tracker.finish({})
+    flush_wandb()
+    (wandb_file,) = cfg.run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    (artifact,) = [r.artifact for r in read_wandb_records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "model" and {"latest", "epoch-3", "best"} <= set(artifact.aliases)
+    assert [entry.ref for entry in artifact.manifest.contents] == [checkpoint.resolve().as_uri()]
+
+
+def test_git_state_outside_a_git_checkout_is_none(tmp_path):
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}

@@ -1,0 +1,294 @@
+"""Specifications of the transforms: ML-GCN's crop sampler, and the CPU (PIL) and tensor (device) paths agreeing."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mlgcn_dist.data.transforms import (
+    IMAGENET_STD,
+    SCALES,
+    CpuTransform,
+    CropParams,
+    GpuAugment,
+    device_decodable_jpeg,
+    fixed_offsets,
+    sample_crop,
+    to_device,
+)
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the supported path here.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+# PIL resamples in two passes and rounds to uint8 after each; the tensor path stays in float. The two differ by
+# up to one grey level (measured: max 1.0, mean 0.3 of 255), i.e. 1/255/std after normalisation.
+ONE_GREY_LEVEL = 1.0 / 255 / min(IMAGENET_STD)
+TOLERANCE = 1.05 * ONE_GREY_LEVEL
+
+
+def photo(width: int = 160, height: int = 120, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A textured test picture: smooth gradients plus noise, so crops and resampling show in every pixel."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 64 * 4], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
+    """Encoded bytes; colour defaults to 4:2:0 chroma (PIL's default, as most photos), subsampling=0 is 4:4:4."""
+    buffer = io.BytesIO()
+    options = {} if subsampling is None else {"subsampling": subsampling}
+    img.save(buffer, "JPEG", quality=90, **options)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def decoded_pil(data: torch.Tensor) -> Image.Image:
+    return Image.open(io.BytesIO(data.numpy().tobytes()))
+
+
+def tensor_path(data: torch.Tensor, size: int, train: bool, params: CropParams) -> torch.Tensor:
+    augment = GpuAugment(size, train)
+    images, _ = augment.decode([data], "cpu")
+    return augment.apply(images, [params], "cpu")[0]
+
+
+# ---------------------------------------------------------------- the crop sampler
+
+
+def test_fixed_offsets_are_mlgcn_13_point_grid():
+    offsets = fixed_offsets(100, 80, 60, 40)  # quarter steps of 10 px in x and y
+    corners_centre = [(0, 0), (40, 0), (0, 40), (40, 40), (20, 20)]
+    edges = [(0, 20), (40, 20), (20, 40), (20, 0)]
+    quarters = [(10, 10), (30, 10), (10, 30), (30, 30)]
+    assert offsets == corners_centre + edges + quarters
+
+
+def test_sample_crop_sides_come_from_scales_with_bounded_distortion():
+    rng = random.Random(0)
+    sides = [int(480 * s) for s in SCALES]
+    seen = set()
+    for _ in range(2000):
+        p = sample_crop(640, 480, 448, rng)
+        i, j = sides.index(p.h), sides.index(p.w)
+        assert abs(i - j) <= 2
+        assert (p.x, p.y) in fixed_offsets(640, 480, p.w, p.h)
+        seen.add((p.w, p.h))
+    assert len(seen) == 5 * 5 - 6  # every pair with |i - j| <= 2
+
+
+def test_sample_crop_draws_each_fixed_offset_and_flip_about_equally():
+    rng = random.Random(1)
+    draws = [sample_crop(400, 400, 224, rng, scales=(0.5,)) for _ in range(13 * 400)]
+    offsets = Counter((p.x, p.y) for p in draws)
+    assert len(offsets) == 13 and min(offsets.values()) > 300
+    assert 0.45 < sum(p.flip for p in draws) / len(draws) < 0.55
+
+
+def test_sample_crop_snaps_sides_within_3px_to_the_output_size():
+    p = sample_crop(450, 450, 448, random.Random(0), scales=(1.0,))
+    assert (p.w, p.h) == (448, 448)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2000), st.integers(1, 2000), st.integers(1, 1024), st.integers(0, 2**32))
+def test_sample_crop_always_lies_inside_the_image(width, height, size, seed):
+    p = sample_crop(width, height, size, random.Random(seed))
+    assert 1 <= p.w and 1 <= p.h and 0 <= p.x and 0 <= p.y
+    assert p.x + p.w <= width and p.y + p.h <= height
+
+
+# ---------------------------------------------------------------- CPU path == tensor path
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        CropParams(0, 0, 120, 120, False),
+        CropParams(40, 0, 120, 90, True),
+        CropParams(10, 15, 79, 60, False),
+        CropParams(25, 30, 60, 60, True),
+    ],
+)
+@pytest.mark.parametrize("size", [48, 96, 200])  # downscale, near 1:1, upscale
+def test_cpu_and_tensor_paths_agree_within_one_grey_level_for_the_same_crop(params, size):
+    data = jpeg(photo())
+    cpu = CpuTransform(size, train=True).apply(decoded_pil(data), params)
+    tensor = tensor_path(data, size, True, params)
+    assert cpu.shape == tensor.shape == (3, size, size)
+    diff = (cpu - tensor).abs()
+    print(f"size {size} {params}: max |cpu - tensor| = {diff.max():.4f} (tolerance {TOLERANCE:.4f})")
+    assert diff.max() <= TOLERANCE
+    assert diff.mean() <= 0.5 * ONE_GREY_LEVEL
+
+
+def test_eval_paths_warp_the_whole_image_and_agree():
+    data = jpeg(photo(200, 130))
+    cpu = CpuTransform(64, train=False)(decoded_pil(data), random.Random(0))
+    tensor = GpuAugment(64, train=False)([data], "cpu", random.Random(0))[0][0]
+    plain = torch.from_numpy(np.asarray(decoded_pil(data).resize((64, 64), Image.BILINEAR)).copy())
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    expected = (plain.permute(2, 0, 1).float() / 255 - mean) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(cpu, expected, atol=1e-5)  # eval is exactly ML-GCN's Warp + normalise
+    assert (cpu - tensor).abs().max() <= TOLERANCE
+
+
+def test_same_seed_draws_the_same_crop_on_both_paths():
+    data = jpeg(photo())
+    for seed in range(5):
+        cpu = CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed))
+        again = CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed))
+        tensor, _ = GpuAugment(64, train=True)([data], "cpu", random.Random(seed))
+        assert torch.equal(cpu, again)
+        assert (cpu - tensor[0]).abs().max() <= TOLERANCE
+
+
+def test_flip_mirrors_the_resized_crop_on_both_paths():
+    data = jpeg(photo())
+    plain, flipped = CropParams(20, 10, 100, 100, False), CropParams(20, 10, 100, 100, True)
+    transform = CpuTransform(50, train=True)
+    assert torch.equal(transform.apply(decoded_pil(data), flipped), transform.apply(decoded_pil(data), plain).flip(2))
+    assert torch.equal(tensor_path(data, 50, True, flipped), tensor_path(data, 50, True, plain).flip(2))
+    assert not torch.equal(transform.apply(decoded_pil(data), flipped), transform.apply(decoded_pil(data), plain))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
+    data = jpeg(photo(mode=mode))
+    assert decoded_pil(data).mode == mode
+    cpu = CpuTransform(32, train=False)(decoded_pil(data), random.Random(0))
+    tensor, kept = GpuAugment(32, train=False)([data], "cpu", random.Random(0))
+    assert cpu.shape == (3, 32, 32) and tensor.shape == (1, 3, 32, 32) and kept == [0]
+    assert (cpu - tensor[0]).abs().max() <= TOLERANCE
+
+
+def test_device_decodable_jpeg_reencodes_only_grayscale_files_with_2x2_sampling():
+    odd = jpeg(photo(mode="L"), subsampling=2).numpy().tobytes()
+    fixed = device_decodable_jpeg(odd)
+    assert fixed != odd and decoded_pil(torch.frombuffer(bytearray(fixed), dtype=torch.uint8)).layer[0][1:3] == (1, 1)
+    before = np.asarray(Image.open(io.BytesIO(odd)), dtype=int)
+    after = np.asarray(Image.open(io.BytesIO(fixed)), dtype=int)
+    assert np.abs(after - before).mean() < 1.5  # one quality-95 re-encoding
+    for normal in (jpeg(photo(mode="L")), jpeg(photo()), jpeg(photo(mode="CMYK"))):
+        assert device_decodable_jpeg(normal.numpy().tobytes()) == normal.numpy().tobytes()
+    png = io.BytesIO()
+    photo().save(png, "PNG")
+    with pytest.raises(ValueError, match="PNG file"):
+        device_decodable_jpeg(png.getvalue())
+
+
+# ---------------------------------------------------------------- to_device
+
+
+def batch_of(jpegs: list[torch.Tensor]) -> dict:
+    n = len(jpegs)
+    return {
+        "jpeg": jpegs,
+        "target": torch.tensor([[1, 0, -1]] * n, dtype=torch.int8),
+        "image_id": torch.arange(10, 10 + n, dtype=torch.int64),
+        "n_bad": 1,
+    }
+
+
+def test_to_device_decodes_jpeg_batch_with_the_augment_and_honours_channels_last():
+    batch = batch_of([jpeg(photo(seed=s)) for s in range(3)])
+    images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=True), random.Random(0), channels_last=True)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert targets.dtype == torch.int8 and ids.tolist() == [10, 11, 12] and batch["n_bad"] == 1
+
+
+def test_to_device_drops_an_undecodable_jpeg_with_its_target_and_counts_it():
+    good = [jpeg(photo(seed=s)) for s in range(3)]
+    truncated = good[1][: good[1].numel() // 2].clone()
+    batch = batch_of([good[0], truncated, good[2]])
+    images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=False), random.Random(0), False)
+    assert images.shape[0] == 2 and ids.tolist() == [10, 12] and targets.shape == (2, 3)
+    assert batch["n_bad"] == 2  # the worker's 1 plus this one
+    reference, _ = GpuAugment(32, train=False)([good[0], good[2]], "cpu", random.Random(0))
+    assert torch.equal(images, reference)
+
+
+def test_to_device_copies_a_cpu_transformed_batch_as_is():
+    batch = {
+        "image": torch.randn(2, 3, 8, 8),
+        "target": torch.zeros(2, 4, dtype=torch.int8),
+        "image_id": torch.tensor([5, 6]),
+        "n_bad": 0,
+    }
+    images, targets, ids = to_device(batch, "cpu", None, random.Random(0), channels_last=False)
+    assert torch.equal(images, batch["image"]) and ids.tolist() == [5, 6]
+
+
+def test_to_device_refuses_a_jpeg_batch_without_an_augment():
+    with pytest.raises(ValueError, match="GpuAugment"):
+        to_device(batch_of([jpeg(photo())]), "cpu", None, random.Random(0), channels_last=False)
+
+
+# ---------------------------------------------------------------- on a CUDA device (nvJPEG)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_nvjpeg_path_matches_the_cpu_path_within_one_grey_level_without_chroma_subsampling():
+    """With 4:4:4 chroma nvJPEG decodes bit-identically to libjpeg-turbo (measured on an H200): only resampling
+    rounding remains, as on the CPU."""
+    jpegs = [jpeg(photo(160 + 8 * s, 120, seed=s), subsampling=0) for s in range(8)]
+    images, kept = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(3))
+    assert images.device.type == "cuda" and kept == list(range(len(jpegs)))
+    rng = random.Random(3)
+    cpu = torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs])
+    assert (images.cpu() - cpu).abs().max() <= TOLERANCE
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_nvjpeg_chroma_upsampling_of_420_jpegs_differs_modestly_from_libjpeg_turbo():
+    """For 4:2:0 files libjpeg-turbo (PIL) interpolates chroma ("fancy upsampling") and nvJPEG does not: a decoder
+    difference, not an augmentation one. Measured on an H200 at 96 px: mean 3.3 grey levels on this noisy picture
+    (chroma noise is its worst case), 0.8 on the toy scenes; grayscale files decode identically."""
+    for mode, mean_limit in (("RGB", 4.5), ("L", 0.5)):
+        jpegs = [jpeg(photo(seed=s, mode=mode)) for s in range(4)]
+        images, _ = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(0))
+        rng = random.Random(0)
+        cpu = torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs])
+        diff = (images.cpu() - cpu).abs() / ONE_GREY_LEVEL
+        print(f"{mode} 4:2:0 nvJPEG vs PIL: mean {diff.mean():.2f}, max {diff.max():.1f} grey levels")
+        assert diff.mean() <= mean_limit
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_cuda_batch_with_grayscale_cmyk_and_corrupt_files_keeps_every_decodable_image():
+    """nvJPEG refuses CMYK (the batch then decodes image by image, CMYK on the CPU); junk bytes are dropped."""
+    good = jpeg(photo(), subsampling=0)
+    jpegs = [good, jpeg(photo(mode="L")), jpeg(photo(mode="CMYK")), good[: good.numel() // 3].clone(), good]
+    jpegs.append(torch.frombuffer(bytearray(b"\x00junk" * 40), dtype=torch.uint8))
+    images, kept = GpuAugment(64, train=False)(jpegs, "cuda", random.Random(0))
+    assert images.shape[1:] == (3, 64, 64) and images.device.type == "cuda"
+    assert kept[:3] == [0, 1, 2] and kept[-1] == 4 and 5 not in kept  # nvJPEG may fill a truncated file in
+    for position, image in zip(kept, images.cpu()):
+        if position != 3:
+            cpu = CpuTransform(64, train=False)(decoded_pil(jpegs[position]), random.Random(0))
+            assert (image - cpu).abs().max() <= TOLERANCE
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_grayscale_jpeg_with_2x2_sampling_decodes_right_on_cuda_after_device_decodable_jpeg():
+    odd = jpeg(photo(mode="L"), subsampling=2)
+    fixed = torch.frombuffer(bytearray(device_decodable_jpeg(odd.numpy().tobytes())), dtype=torch.uint8)
+    images, _ = GpuAugment(64, train=False)([fixed], "cuda", random.Random(0))
+    cpu = CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0))
+    assert (images[0].cpu() - cpu).abs().mean() <= 1.5 * ONE_GREY_LEVEL
