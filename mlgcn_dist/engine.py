@@ -7,12 +7,10 @@ and under DeepSpeed ZeRO; ``distributed.build_accelerator`` decides which.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,198 +158,243 @@ def _system_info(accelerator: Accelerator) -> dict:
 
 def train(cfg: Config) -> dict:
     """Train and evaluate as configured; returns the run summary. Raises SystemExit(75) after a preemption save."""
-    accelerator = distributed.build_accelerator(cfg)
-    topo = distributed.topology(accelerator, cfg)
-    is_main = accelerator.is_main_process
-    run_dir = cfg.run_dir
-    lock = RunLock(run_dir)
-    if is_main:
-        lock.acquire()
-        (run_dir / "REQUEUE").unlink(missing_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        accelerator.print(cfg.to_yaml())
-        accelerator.print(topo.describe())
-    _configure_determinism(cfg, accelerator.process_index)
-
-    info = dataset_info(cfg.data)
-    model = build_model_for(cfg, info)
-    if cfg.train.sync_bn and accelerator.device.type == "cuda" and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
-    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-
-    train_loader_len = len(
-        build_train_loader(cfg.data, rank=topo.rank, world_size=topo.world_size, epoch=0, seed=cfg.train.seed,
-                           decode="cpu")
-    )
-    steps_per_epoch = max(train_loader_len // cfg.train.grad_accum, 1)
-    # Every optimiser step sees exactly grad_accum micro-batches; a remainder would leak into the next epoch.
-    micro_batches = steps_per_epoch * cfg.train.grad_accum
-    lr = scaled_lr(cfg.optim, topo.global_batch)
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    criterion = build_loss(cfg.optim)
-    ckpt = CheckpointManager(accelerator, run_dir, cfg.train.keep_checkpoints)
-    tracker = Tracker(cfg, run_dir, is_main=is_main, world_size=topo.world_size, system=_system_info(accelerator),
-                      label_names=info.label_names)
-    accelerator.print(f"LR per group: {group_lrs(optimizer)} (head lr {lr:g}, backbone lr x lrp {cfg.optim.lrp:g})")
-
-    resume_from = resolve_resume(cfg.train.resume, run_dir)
-    if resume_from is not None:
-        ckpt.load(resume_from)
-        accelerator.print(f"resumed from {resume_from}: epoch {state.epoch}, batch {state.step_in_epoch}, "
-                          f"step {state.global_step}")
-
-    decode = resolve_decode(cfg, accelerator.device)
-    train_augment = GpuAugment(cfg.data.image_size, train=True) if decode == "gpu" else None
-    eval_augment = GpuAugment(cfg.data.image_size, train=False) if decode == "gpu" else None
+    # First of all: a preemption signal that arrives while the model is still being built must not be lost.
     preemption = PreemptionHandler().install()
-    last_ckpt: Path | None = resume_from
-    results: dict[str, dict] = {}
-    bad_samples = 0
-    seen_samples = 0
-    throughput_total: list[float] = []
     try:
-        while state.epoch < cfg.train.epochs:
-            epoch = state.epoch
-            model.train()
-            loader = build_train_loader(cfg.data, rank=topo.rank, world_size=topo.world_size, epoch=epoch,
-                                        seed=cfg.train.seed, decode=decode)
-            aug_rng = random.Random(hash((cfg.train.seed, epoch, topo.rank)))
-            bar = tqdm(total=micro_batches, initial=state.step_in_epoch, disable=not is_main,
-                       desc=f"epoch {epoch}", dynamic_ncols=True)
-            meter = ThroughputMeter()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            loss_count = 0
-            data_iter = iter(loader)
-            for _ in range(state.step_in_epoch):  # deterministic order: skip what the checkpoint already saw
-                next(data_iter)
-            stop = False
-            while state.step_in_epoch < micro_batches:
-                t0 = time.perf_counter()
-                batch = next(data_iter, None)
-                if batch is None:
-                    break
-                meter.data_wait += time.perf_counter() - t0
-                bad_samples += int(batch.get("n_bad", 0))
-                images, targets, image_ids = to_device(batch, accelerator.device, train_augment, aug_rng,
-                                                       cfg.train.channels_last)
-                seen_samples += len(image_ids)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits = model(images)
-                    loss = criterion(logits.float(), targets)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.clip_grad > 0 and not distributed.is_deepspeed(
-                        accelerator
-                    ):
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.step_in_epoch += 1
-                loss_sum += loss.detach()
-                loss_count += 1
-                meter.images += len(image_ids)
-                bar.update(1)
-                if not accelerator.sync_gradients:
-                    continue
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                state.global_step += 1
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model))
-                if state.global_step % cfg.train.log_every == 0:
-                    mean_loss = float(loss_sum) / max(loss_count, 1)
-                    if not math.isfinite(mean_loss):
-                        raise NonFiniteLossError(
-                            f"loss is {mean_loss} at step {state.global_step} (epoch {epoch}); last batch image ids "
-                            f"{image_ids.tolist()}; last good checkpoint: {last_ckpt or 'none'}"
-                        )
-                    img_s, wait_frac = meter.window()
-                    throughput_total.append(img_s * topo.world_size)
-                    lrs = group_lrs(optimizer)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s * topo.world_size:.1f}",
-                                    wait=f"{wait_frac:.0%}")
-                    tracker.log_step(state.global_step, {
-                        "train/loss": mean_loss,
-                        "train/img_per_s": img_s * topo.world_size,
-                        "train/img_per_s_per_process": img_s,
-                        "train/data_wait_frac": wait_frac,
-                        "train/epoch": epoch + state.step_in_epoch / micro_batches,
-                        **{f"train/lr_{name}": value for name, value in lrs.items()},
-                    })
-                    loss_sum.zero_()
-                    loss_count = 0
-                    if distributed.any_rank(preemption.requested is not None, accelerator.device):
-                        stop = True
-                        break
-                if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
-                    break
-            bar.close()
-            _check_bad_fraction(cfg, bad_samples, seen_samples)
-            if stop:
-                if distributed.is_deepspeed(accelerator):
-                    distributed.average_buffers(accelerator.unwrap_model(model))
-                last_ckpt = ckpt.save(state, cfg.to_dict())
-                if is_main:
-                    mark_requeue(run_dir, f"preempted at step {state.global_step}; checkpoint {last_ckpt}")
-                accelerator.print(f"preemption signal: saved {last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
-                tracker.finish({"preempted": True, "global_step": state.global_step})
-                raise SystemExit(REQUEUE_EXIT_CODE)
-
-            state.epoch += 1
-            state.step_in_epoch = 0
-            finished = state.epoch >= cfg.train.epochs or 0 < cfg.train.max_steps <= state.global_step
-            if distributed.is_deepspeed(accelerator):
-                distributed.average_buffers(accelerator.unwrap_model(model))
-            if state.epoch % cfg.train.eval_every == 0 or finished:
-                results = _evaluate_all(cfg, accelerator, model, ema, decode, eval_augment)
-                best_name, best_value = max(((n, r["mAP"]) for n, r in results.items()), key=lambda x: x[1])
-                improved = best_value > state.best_metric
-                if improved:
-                    state.best_metric, state.best_epoch, state.best_source = best_value, epoch, best_name
-                tracker.log_eval(epoch, state.global_step, results)
-                accelerator.print(format_metrics_table(results))
-                payload = _portable_payload(cfg, accelerator, model, ema, info, state, results)
-                if improved:
-                    ckpt.save_portable("best.pt", payload)
-                ckpt.save_portable("last.pt", payload)
-            last_ckpt = ckpt.save(state, cfg.to_dict())
-            if finished:
-                break
+        trainer = Trainer(cfg, preemption)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.lock.release()
     finally:
         preemption.uninstall()
 
-    summary = {
-        "best_mAP": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "best_source": state.best_source,
-        "final": {name: {k: res[k] for k in METRIC_KEYS} for name, res in results.items()},
-        "img_per_s": float(np.median(throughput_total)) if throughput_total else None,
-        "world_size": topo.world_size,
-        "global_batch": topo.global_batch,
-        "global_step": state.global_step,
-        "bad_samples": bad_samples,
-    }
-    if results:
-        summary["frequency_baseline_mAP"] = results["model"]["frequency_baseline_mAP"]
-        summary["num_val_images"] = results["model"]["num_images"]
-    tracker.finish(summary)
-    if is_main:
-        accelerator.print(
+
+class Trainer:
+    """The components of one run, composed: data, model, optimiser, checkpoints, tracking (set up in that order)."""
+
+    def __init__(self, cfg: Config, preemption: PreemptionHandler):
+        self.cfg, self.preemption = cfg, preemption
+        self.accelerator = acc = distributed.build_accelerator(cfg)
+        self.topo = distributed.topology(acc, cfg)
+        self.run_dir = cfg.run_dir
+        self.lock = RunLock(self.run_dir)
+        if acc.is_main_process:
+            self.lock.acquire()
+            (self.run_dir / "REQUEUE").unlink(missing_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            acc.print(cfg.to_yaml())
+            acc.print(self.topo.describe())
+        _configure_determinism(cfg, acc.process_index)
+
+        self.info = dataset_info(cfg.data)
+        model = build_model_for(cfg, self.info)
+        if cfg.train.sync_bn and acc.device.type == "cuda" and acc.num_processes > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(acc.device)
+        self.ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+
+        loader_len = len(self._train_loader(epoch=0, decode="cpu"))
+        self.steps_per_epoch = max(loader_len // cfg.train.grad_accum, 1)
+        # Every optimiser step sees exactly grad_accum micro-batches; a remainder would leak into the next epoch.
+        self.micro_batches = self.steps_per_epoch * cfg.train.grad_accum
+        lr = scaled_lr(cfg.optim, self.topo.global_batch)
+        optimizer = build_optimizer(model, cfg.optim, lr)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.scheduler, self.state)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        self.criterion = build_loss(cfg.optim)
+        self.ckpt = CheckpointManager(acc, self.run_dir, cfg.train.keep_checkpoints)
+        self.tracker = Tracker(cfg, self.run_dir, is_main=acc.is_main_process, world_size=self.topo.world_size,
+                               system=_system_info(acc), label_names=self.info.label_names)
+        acc.print(f"LR per group after prepare: {group_lrs(self.optimizer)} "
+                  f"(head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
+
+        self.last_ckpt = resolve_resume(cfg.train.resume, self.run_dir)
+        if self.last_ckpt is not None:
+            self.ckpt.load(self.last_ckpt)
+            acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
+                      f"step {self.state.global_step}")
+        self.decode = resolve_decode(cfg, acc.device)
+        self.train_augment = GpuAugment(cfg.data.image_size, train=True) if self.decode == "gpu" else None
+        self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None
+        self.results: dict[str, dict] = {}
+        self.bad_samples = self.seen_samples = self.nonfinite_steps = 0
+        self.throughput: list[float] = []
+
+    def _train_loader(self, epoch: int, decode: str):
+        return build_train_loader(self.cfg.data, rank=self.topo.rank, world_size=self.topo.world_size, epoch=epoch,
+                                  seed=self.cfg.train.seed, decode=decode)
+
+    def fit(self) -> dict:
+        state, cfg = self.state, self.cfg
+        while state.epoch < cfg.train.epochs:
+            if self._train_epoch():
+                self._preempted()
+            epoch = state.epoch
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            finished = state.epoch >= cfg.train.epochs or 0 < cfg.train.max_steps <= state.global_step
+            self._sync_buffers()
+            if state.epoch % cfg.train.eval_every == 0 or finished:
+                self._evaluate_and_keep_best(epoch)
+            self.last_ckpt = self.ckpt.save(state, cfg.to_dict())
+            if finished:
+                break
+        if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
+            self.results = _evaluate_all(cfg, self.accelerator, self.model, self.ema, self.decode, self.eval_augment)
+            self.tracker.log_eval(state.epoch - 1, state.global_step, self.results)
+        return self._finish()
+
+    def _train_epoch(self) -> bool:
+        """One epoch (or its remainder after a resume); True when a preemption signal asks to stop."""
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        self.model.train()
+        loader = self._train_loader(state.epoch, self.decode)
+        aug_rng = random.Random(hash((cfg.train.seed, state.epoch, self.topo.rank)))
+        bar = tqdm(total=self.micro_batches, initial=state.step_in_epoch, disable=not acc.is_main_process,
+                   desc=f"epoch {state.epoch}", dynamic_ncols=True)
+        window = ThroughputMeter()
+        loss_sum = torch.zeros((), device=acc.device)
+        nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
+        batches = iter(loader)
+        for _ in range(state.step_in_epoch):  # the order is fixed by (seed, epoch): skip what was already trained
+            next(batches)
+        try:
+            while state.step_in_epoch < self.micro_batches:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                window.data_wait += time.perf_counter() - t0
+                images, targets, image_ids = to_device(batch, acc.device, self.train_augment, aug_rng,
+                                                       cfg.train.channels_last)
+                self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
+                self.seen_samples += len(image_ids)
+                loss = self._train_step(images, targets)
+                # Summed on the device: no host sync in the hot loop, only at logging intervals.
+                finite = torch.isfinite(loss)
+                loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+                nonfinite += (~finite).long()
+                state.step_in_epoch += 1
+                window.images += len(image_ids)
+                bar.update(1)
+                if not acc.sync_gradients:
+                    continue
+                if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skipped this step
+                    self.scheduler.step()
+                state.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(acc.unwrap_model(self.model))
+                if state.global_step % cfg.train.log_every == 0:
+                    self._log_window(bar, window, loss_sum, nonfinite, image_ids)
+                    loss_sum.zero_()
+                    nonfinite.zero_()
+                    if distributed.any_rank(self.preemption.requested is not None, acc.device):
+                        return True
+                if 0 < cfg.train.max_steps <= state.global_step:
+                    break
+        finally:
+            bar.close()
+        _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
+        return False
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        acc, cfg = self.accelerator, self.cfg
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                logits = self.model(images)
+            loss = self.criterion(logits.float(), targets)
+            acc.backward(loss)
+            # DeepSpeed clips inside its step (gradient_clipping in its config, filled from optim.clip_grad).
+            if acc.sync_gradients and cfg.optim.clip_grad > 0 and not distributed.is_deepspeed(acc):
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _log_window(self, bar, window: ThroughputMeter, loss_sum, nonfinite, image_ids) -> None:
+        cfg, state = self.cfg, self.state
+        bad_steps = int(nonfinite)
+        counted = max(cfg.train.log_every * cfg.train.grad_accum - bad_steps, 1)
+        if bad_steps and cfg.train.precision != "fp16":
+            raise NonFiniteLossError(
+                f"non-finite loss in {bad_steps} micro-batch(es) within steps {state.global_step - cfg.train.log_every + 1}"
+                f"..{state.global_step} (epoch {state.epoch}); image ids of the last batch {image_ids.tolist()}; "
+                f"last good checkpoint: {self.last_ckpt or 'none'}"
+            )
+        self.nonfinite_steps += bad_steps  # fp16: the grad scaler skipped these steps and lowered its scale
+        mean_loss = float(loss_sum) / counted
+        img_s, wait_frac = window.window()
+        world = self.topo.world_size
+        self.throughput.append(img_s * world)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s * world:.1f}", wait=f"{wait_frac:.0%}")
+        self.tracker.log_step(state.global_step, {
+            "train/loss": mean_loss,
+            "train/img_per_s": img_s * world,
+            "train/img_per_s_per_process": img_s,
+            "train/data_wait_frac": wait_frac,
+            "train/epoch": state.epoch + state.step_in_epoch / self.micro_batches,
+            **{f"train/lr_{name}": value for name, value in group_lrs(self.optimizer).items()},
+        })
+
+    def _sync_buffers(self) -> None:
+        if distributed.is_deepspeed(self.accelerator):
+            distributed.average_buffers(self.accelerator.unwrap_model(self.model))
+
+    def _evaluate_and_keep_best(self, epoch: int) -> None:
+        acc, state = self.accelerator, self.state
+        self.results = _evaluate_all(self.cfg, acc, self.model, self.ema, self.decode, self.eval_augment)
+        best_name, best_value = max(((n, r["mAP"]) for n, r in self.results.items()), key=lambda x: x[1])
+        improved = best_value > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.best_source = best_value, epoch, best_name
+        self.tracker.log_eval(epoch, state.global_step, self.results)
+        acc.print(format_metrics_table(self.results))
+        payload = _portable_payload(self.cfg, acc, self.model, self.ema, self.info, state, self.results)
+        if improved:
+            self.ckpt.save_portable("best.pt", payload)
+        self.ckpt.save_portable("last.pt", payload)
+
+    def _preempted(self) -> None:
+        acc, state = self.accelerator, self.state
+        self._sync_buffers()
+        self.last_ckpt = self.ckpt.save(state, self.cfg.to_dict())
+        if acc.is_main_process:
+            mark_requeue(self.run_dir, f"preempted at step {state.global_step}; checkpoint {self.last_ckpt}")
+        acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
+        acc.print(f"preemption signal: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
+        self.tracker.finish({"preempted": True, "global_step": state.global_step})
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def _finish(self) -> dict:
+        acc, state, results = self.accelerator, self.state, self.results
+        acc.print(format_metrics_table(results))
+        summary = {
+            "best_mAP": state.best_metric,
+            "best_epoch": state.best_epoch,
+            "best_source": state.best_source,
+            "final": {name: {k: res[k] for k in METRIC_KEYS} for name, res in results.items()},
+            "img_per_s": float(np.median(self.throughput)) if self.throughput else None,
+            "world_size": self.topo.world_size,
+            "global_batch": self.topo.global_batch,
+            "global_step": state.global_step,
+            "bad_samples": self.bad_samples,
+            "nonfinite_steps_skipped": self.nonfinite_steps,
+            "frequency_baseline_mAP": results["model"]["frequency_baseline_mAP"],
+            "num_val_images": results["model"]["num_images"],
+        }
+        self.tracker.finish(summary)
+        acc.print(
             f"best mAP {state.best_metric:.2f} ({state.best_source}, epoch {state.best_epoch}); "
-            f"label-frequency baseline mAP {summary.get('frequency_baseline_mAP', float('nan')):.2f}"
+            f"label-frequency baseline mAP {summary['frequency_baseline_mAP']:.2f}"
         )
-        lock.release()
-    accelerator.end_training()
-    return summary
+        acc.end_training()
+        return summary
 
 
 def _evaluate_all(cfg, accelerator, model, ema, decode, augment) -> dict[str, dict]:

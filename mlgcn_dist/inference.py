@@ -54,7 +54,8 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     state = payload["ema"] if weights == "ema" else payload["model"]
     if state is None:
         raise ValueError("this checkpoint holds no EMA weights (trained with train.ema_decay=0); use --weights model")
-    model.load_state_dict(state)
+    # An imported original checkpoint has no adjacency/embedding buffers: they come from our graph inputs.
+    model.load_state_dict(state, strict="A" not in payload)
     return model.eval()
 
 

@@ -60,7 +60,7 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_epochs: i
     """
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)
     epoch = step / steps_per_epoch
     if cfg.schedule == "cosine":
         total = max(total_epochs * steps_per_epoch - warmup, 1)

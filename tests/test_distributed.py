@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -136,9 +137,18 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank (torchrun starts its workers in their own process groups)."""
+    victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for victim in victims:
+        victim.kill()
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
 def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny_toy, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    extra = ("train.epochs=3",)
+    extra = ("train.epochs=3", "data.steps_per_epoch=15")  # long enough epochs for the kill to land mid-run
     check(run(torchrun_cmd(2, overrides(tiny_toy, straight, *extra))))
 
     cmd = torchrun_cmd(2, overrides(tiny_toy, killed, *extra))
@@ -146,11 +156,11 @@ def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny
                             text=True, start_new_session=True)
     ckpts = killed / "checkpoints"
     _wait_for(lambda: any(p.name.startswith("step-") for p in ckpts.glob("step-*")), 240, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, wherever they are
-    proc.wait(timeout=30)
+    kill_tree(proc)
 
     resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, killed, *extra, "train.resume=auto"))))
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    match = re.search(r"resumed from \S+: epoch (\d+)", resumed.stdout + resumed.stderr)
+    assert match and int(match.group(1)) < 3, "the kill should land before the run finished"
     a, b = summary(straight), summary(killed)
     assert b["global_step"] == a["global_step"]
     assert b["final"]["model"]["mAP"] == pytest.approx(a["final"]["model"]["mAP"], abs=1e-6)
@@ -170,7 +180,7 @@ def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(tiny_
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
     assert "exitcode: 75" in out or "exitcode  : 75" in out or proc.returncode == 75, out[-4000:]
     assert (run_dir / "REQUEUE").is_file()
     assert list((run_dir / "checkpoints").glob("step-*"))

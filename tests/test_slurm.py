@@ -249,6 +249,10 @@ class ToyJobs:
     def run_dir(self, job: int) -> Path:
         return self.workdir / "runs" / f"toy-{job}"
 
+    def newest_checkpoint(self, job: int) -> str:
+        complete = sorted(p.parent.name for p in (self.run_dir(job) / "checkpoints").glob("step-*/train_state.json"))
+        return complete[-1] if complete else ""
+
     def evaluations(self, job: int) -> int:
         metrics = self.run_dir(job) / "metrics.jsonl"
         return len(metrics.read_text().splitlines()) if metrics.exists() else 0
@@ -288,15 +292,21 @@ def _wait_for_training(toy_jobs: ToyJobs, job: int) -> None:
 
 def _preempt_and_resume(slurm: SlurmCluster, toy_jobs: ToyJobs, job: int, scancel_flags: list[str],
                         restarts: int) -> None:
-    """Signal USR1 once training runs, check save + requeue, then start the requeued job and wait for its resume."""
+    """Signal USR1 once training runs, check save + requeue, then start the requeued job and check its resume."""
     _wait_for_training(toy_jobs, job)
+    before = toy_jobs.newest_checkpoint(job)
     slurm.run("scancel", *scancel_flags, "--signal=USR1", str(job))
-    wait_until(lambda: slurm.job(job).get("Restarts") == str(restarts), 90, f"job {job} to requeue itself",
-               lambda: f"{slurm.job(job)}\n{toy_jobs.log(job)[-3000:]}")
+    # Pending again, not just counted as restarted: a start time set while the job still completes is overwritten.
+    wait_until(lambda: (slurm.job(job).get("Restarts"), slurm.job(job).get("JobState")) == (str(restarts), "PENDING"),
+               90, f"job {job} to requeue itself", lambda: f"{slurm.job(job)}\n{toy_jobs.log(job)[-3000:]}")
     assert toy_jobs.log(job).count(f"requeueing job {job}") == restarts
+    saved = toy_jobs.newest_checkpoint(job)
+    assert saved > before, "no checkpoint saved on SIGUSR1"
     slurm.release(job)
     wait_until(lambda: toy_jobs.log(job).count("resumed from") == restarts, 120, f"job {job} to resume",
                lambda: toy_jobs.log(job)[-3000:])
+    resumed = toy_jobs.log(job).rsplit("resumed from", 1)[1].splitlines()[0]
+    assert f"/{saved}" in resumed
 
 
 @pytest.mark.slow
@@ -304,8 +314,6 @@ def test_sigusr1_saves_requeues_and_resumes_until_scancel_ends_the_job(slurm, to
     job = toy_jobs.submit("train.epochs=1000", "train.log_every=1")
     # What --signal=USR1@T does before the time limit: USR1 to every process of the job step.
     _preempt_and_resume(slurm, toy_jobs, job, [], restarts=1)
-    checkpoints = list((toy_jobs.run_dir(job) / "checkpoints").glob("step-*/train_state.json"))
-    assert checkpoints, toy_jobs.log(job)[-3000:]
     # What --signal=B:USR1@T does: USR1 to the batch shell only, which passes it on to the trainers.
     _preempt_and_resume(slurm, toy_jobs, job, ["--batch"], restarts=2)
     # A plain scancel (SIGTERM everywhere) ends the job for good, although the trainers save and ask for a requeue.

@@ -223,6 +223,7 @@ def _register_builtin_backbones() -> None:
     _register_cifar("cifar_resnet_tiny", cifar.cifar_resnet_tiny)
     _register_cifar("cifar_densenet", cifar.cifar_densenet)
     _register_cifar("cifar_googlenet", cifar.cifar_googlenet)
+    _register_cifar("cifar_plainnet", cifar.cifar_plainnet)
 
 
 _register_builtin_backbones()

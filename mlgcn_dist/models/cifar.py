@@ -217,3 +217,29 @@ def cifar_densenet() -> CifarDenseNet:
 
 def cifar_googlenet() -> CifarGoogLeNet:
     return CifarGoogLeNet()
+
+
+class PlainConvNet(nn.Module):
+    """Conv + ReLU stages without any normalisation layer.
+
+    BatchNorm makes a sample's output depend on the other samples of its device's batch, so a DDP run and a
+    single-process run with the same global batch legitimately differ. Without it, they must agree to float
+    tolerance: the distributed tests use this net to prove gradient averaging exact.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for width in widths:
+            layers += [nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+            in_ch = width
+        self.body = nn.Sequential(*layers)
+        self.out_channels = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def cifar_plainnet() -> PlainConvNet:
+    return PlainConvNet()

@@ -1,0 +1,94 @@
+"""`mlgcn evaluate` and `mlgcn predict` on our checkpoints, and evaluation of an original ML-GCN checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from mlgcn_dist.cli import main
+from mlgcn_dist.config import load_config
+from mlgcn_dist.engine import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def run_dir(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("infer") / "run"
+    train(load_config(REPO / "configs/toy.yaml", [
+        f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "train.epochs=2", "train.resume=none",
+        f"train.output_dir={out}", "log.wandb=disabled", "train.ema_decay=0.9",
+    ]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out
+
+
+def test_evaluate_prints_the_metrics_table_and_per_class_ap_and_matches_training(run_dir, tmp_path, capsys):
+    metrics_out, scores_out = tmp_path / "m.json", tmp_path / "s.jsonl"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--metrics-out", str(metrics_out),
+                 "--scores-out", str(scores_out)]) == 0
+    out = capsys.readouterr().out
+    assert "mAP" in out and "per-class AP:" in out and "person" in out
+    metrics = json.loads(metrics_out.read_text())
+    best = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    assert metrics["mAP"] == pytest.approx(best["metrics"]["model"]["mAP"], abs=1e-6)
+    lines = scores_out.read_text().splitlines()
+    assert len(lines) == metrics["num_images"]
+    assert len(json.loads(lines[0])["scores"]) == 12
+
+
+def test_evaluate_with_ema_weights(run_dir, tmp_path):
+    out = tmp_path / "ema.json"
+    assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--weights", "ema",
+                 "--metrics-out", str(out)]) == 0
+    best = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(best["metrics"]["ema"]["mAP"], abs=1e-6)
+
+
+def test_predict_prints_labels_above_the_threshold_and_top_k(run_dir, toy_root, capsys):
+    images = sorted((toy_root / "val2014").glob("*.jpg"))[:2]
+    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.3", "--top-k", "2",
+                 *map(str, images)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("top-2:") == 2 and str(images[0]) in out
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), "x.jpg"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, tmp_path):
+    """Write our trained GCN in the original code's layout (features.*, gc1, gc2, A, DataParallel prefixes),
+    then evaluate it with --import-mlgcn: it must score what our own checkpoint scores."""
+    payload = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    ours = payload["model"]
+    original = {f"module.{k.replace('backbone.', 'features.', 1).replace('head.', '', 1)}": v
+                for k, v in ours.items() if k not in ("head.adj", "head.embeddings")}
+    from mlgcn_dist.graph import gen_A
+
+    cfg = payload["config"]
+    original["module.A"] = torch.from_numpy(gen_A(payload["nums"], payload["adj"], cfg["graph"]["t"],
+                                                  cfg["graph"]["p"])).float()
+    ckpt = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 2, "state_dict": original, "best_score": 0.0}, ckpt)
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config),
+                 "--metrics-out", str(a)]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--metrics-out", str(b)]) == 0
+    assert json.loads(a.read_text())["mAP"] == pytest.approx(json.loads(b.read_text())["mAP"], abs=1e-4)

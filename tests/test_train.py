@@ -1,0 +1,107 @@
+"""Single-process training end to end on the toy dataset, in this process: the loop, its files and its numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
+from mlgcn_dist.config import load_config
+from mlgcn_dist.engine import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each in-process run here starts from a clean one."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def toy_config(toy_root: Path, run_dir: Path, *extra: str):
+    return load_config(REPO / "configs/toy.yaml", [
+        f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "train.epochs=3", "train.log_every=2",
+        "train.resume=none", f"train.output_dir={run_dir}", "log.wandb=disabled", "optim.epoch_step=[100]",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    summary = train(toy_config(toy_root, run_dir, "train.ema_decay=0.9"))
+    return run_dir, summary
+
+
+def test_training_lowers_the_loss_and_beats_the_label_frequency_baseline(trained):
+    run_dir, summary = trained
+    steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    losses = [s["train/loss"] for s in steps]
+    assert losses[-1] < losses[0]
+    assert summary["best_mAP"] > summary["frequency_baseline_mAP"] + 10
+
+
+def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
+    run_dir, summary = trained
+    assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1, 2]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["best_mAP"] == pytest.approx(summary["best_mAP"])
+    assert {"model", "ema"} <= set(saved["final"])
+    assert (run_dir / "checkpoints/best.pt").is_file() and (run_dir / "checkpoints/last.pt").is_file()
+    assert len(complete_checkpoints(run_dir / "checkpoints")) == 2  # train.keep_checkpoints: older ones rotated
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_portable_checkpoint_holds_weights_config_and_label_names(trained):
+    run_dir, _ = trained
+    payload = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    assert len(payload["label_names"]) == 12
+    assert payload["ema"] is not None
+    assert payload["config"]["model"]["head"] == "gcn"
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(trained, toy_root, tmp_path):
+    run_dir, summary = trained
+    more = train(toy_config(toy_root, run_dir, "train.ema_decay=0.9", "train.epochs=4", "train.resume=auto"))
+    assert more["global_step"] > summary["global_step"]
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1, 2, 3]
+
+
+def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
+    summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
+                               "data.batch_size=4", "data.steps_per_epoch=8"))
+    assert summary["global_step"] == 4 and summary["global_batch"] == 8
+
+
+@pytest.mark.parametrize("head", ["hgat", "hgat_fc", "linear"])
+def test_every_head_trains_one_short_epoch(head, toy_root, tmp_path):
+    summary = train(toy_config(toy_root, tmp_path / head, f"model.head={head}", "train.epochs=1",
+                               "data.steps_per_epoch=3"))
+    assert summary["global_step"] == 3 and summary["final"]["model"]["mAP"] > 0
+
+
+def test_asl_loss_cosine_schedule_and_bf16_autocast_train(toy_root, tmp_path):
+    summary = train(toy_config(toy_root, tmp_path / "asl", "optim.loss=asl", "optim.schedule=cosine",
+                               "train.precision=bf16", "train.channels_last=true", "train.epochs=1",
+                               "data.steps_per_epoch=3"))
+    assert summary["global_step"] == 3
+
+
+def test_a_second_run_on_the_same_directory_refuses(toy_root, tmp_path):
+    run_dir = tmp_path / "locked"
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        with pytest.raises(RuntimeError, match="is in use by pid"):
+            train(toy_config(toy_root, run_dir, "train.epochs=1"))
+    finally:
+        lock.release()
