@@ -11,4 +11,5 @@ DATA=data/toy
 NPROC="${NPROC:-2}"
 exec .venv/bin/accelerate launch --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no \
     --dynamo_backend no --main_process_port "${PORT:-29511}" \
-    launch/train.py --config configs/toy.yaml train.output_dir=runs/demo train.resume=none "$@"
+    launch/train.py --config configs/toy.yaml train.output_dir=runs/demo train.run_name=demo \
+    train.resume=none "$@"

@@ -5,7 +5,9 @@ Layout of ``<run_dir>/checkpoints/``:
 - ``step-00001234/``: full training state through Accelerate's ``save_state`` (model, optimizer, grad scaler, the
   registered LR scheduler, EMA and :class:`TrainState`, RNG states of every rank; DeepSpeed's sharded states too).
   Written into ``.tmp-step-00001234/`` by all ranks and renamed by the main process once every rank is done, so a
-  directory named ``step-*`` is complete by construction. The newest ``train.keep_checkpoints`` are kept.
+  directory named ``step-*`` is complete by construction. The newest ``train.keep_checkpoints`` are kept. A save
+  that fails (a full disk) removes its temporary directory, leaves the older checkpoints as they were and raises
+  :class:`CheckpointError` naming the one a resume will use.
 - ``best.pt`` / ``last.pt``: portable files (plain ``torch.load``) with the model and EMA weights, the config and the
   label names, for ``mlgcn evaluate``/``predict`` without Accelerate; replaced atomically (tmp + ``os.replace``).
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+
+from mlgcn_dist.config import ConfigError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -46,6 +50,18 @@ class TrainState:
             setattr(self, key, value)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (typically a full disk); the message names what is still intact."""
+
+
+def _write_error(target: Path, err: Exception, intact: str) -> CheckpointError:
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"could not write {target} ({type(err).__name__}: {err}; {free}); {intact}")
+
+
 def atomic_torch_save(obj: object, path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +72,8 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        raise _write_error(path, err, f"the previous {path.name}, if any, is intact") from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -91,31 +109,52 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def check_resume_labels(path: Path, label_names: list[str]) -> None:
+    """A checkpoint trained on another label space cannot continue on this dataset: say so before any weights load
+    (a shape mismatch deep inside ``load_state`` would not name the cause)."""
+    saved = json.loads((path / "train_state.json").read_text()).get("label_names")
+    if saved is not None and list(saved) != list(label_names):
+        raise ConfigError(
+            f"train.resume: checkpoint {path} was trained on {len(saved)} labels, the dataset has {len(label_names)}"
+            f"{'' if len(saved) != len(label_names) else ' in another order'}; resume on the dataset it was "
+            "trained on, or start afresh with train.resume=none and another train.output_dir"
+        )
+
+
 class CheckpointManager:
     def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
         self.accelerator = accelerator
         self.dir = run_dir / "checkpoints"
         self.keep = max(keep, 1)
 
-    def save(self, state: TrainState, config: dict) -> Path:
+    def save(self, state: TrainState, config: dict, label_names: list[str]) -> Path:
         """Full state from every rank into a temporary directory, renamed when all ranks are done."""
         acc = self.accelerator
         final = self.dir / f"step-{state.global_step:08d}"
         tmp = self.dir / f".tmp-{final.name}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the directory is published
-        if acc.is_main_process:
-            # train_state.json is the last file written: its presence inside a step-* directory is what
-            # `resolve_resume` and humans check.
-            atomic_write_text(tmp / "train_state.json", json.dumps({"state": state.state_dict(), "config": config}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._rotate()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the directory is published
+            if acc.is_main_process:
+                # train_state.json is the last file written: its presence inside a step-* directory is what
+                # `resolve_resume` and humans check.
+                record = {"state": state.state_dict(), "config": config, "label_names": list(label_names)}
+                atomic_write_text(tmp / "train_state.json", json.dumps(record))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._rotate()
+        except Exception as err:
+            # Typically a full disk, which surfaces as OSError, torch's RuntimeError or a SafetensorError: free the
+            # space the partial checkpoint holds and name the one a resume will use.
+            shutil.rmtree(tmp, ignore_errors=True)
+            found = complete_checkpoints(self.dir)
+            newest = f"the newest complete checkpoint {found[-1]}" if found else "no complete checkpoint"
+            raise _write_error(final, err, f"{newest} is intact (train.resume=auto uses it)") from err
         acc.wait_for_everyone()
         return final
 
@@ -174,8 +213,10 @@ REQUEUE_EXIT_CODE = 75
 class PreemptionHandler:
     """Turns SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) into a flag.
 
-    The training loop polls ``requested`` at step boundaries, all ranks agree on it, save, and exit with
-    :data:`REQUEUE_EXIT_CODE`; nothing is done inside the signal handler itself.
+    The training loop polls :meth:`stop_reason` at step boundaries, all ranks agree on it, save, and exit with
+    :data:`REQUEUE_EXIT_CODE`; nothing is done inside the signal handler itself. A worker started by torchrun or
+    ``accelerate launch`` (their elastic agent sets TORCHELASTIC_RUN_ID) stops the same way when that launcher dies
+    (kill -9, the OOM killer): orphaned, it would otherwise train on unattended and keep the run directory locked.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -183,6 +224,7 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.requested: int | None = None
         self._previous: dict[int, object] = {}
+        self._launcher: int | None = None
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = signum
@@ -190,7 +232,16 @@ class PreemptionHandler:
     def install(self) -> PreemptionHandler:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         return self
+
+    def stop_reason(self) -> str | None:
+        """Why training should stop at this step boundary (a signal, the launcher's death), or None."""
+        if self.requested is not None:
+            return f"signal {signal.Signals(self.requested).name}"
+        if self._launcher is not None and os.getppid() != self._launcher:
+            return f"the launcher (pid {self._launcher}) is gone"
+        return None
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():

@@ -7,7 +7,9 @@ Every key is checked against the dataclass fields: an unknown key or a value of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +155,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Lower bounds of integer keys: below them a run fails late (a division by zero after the first epoch, a zero
+# collective timeout) instead of at load time.
+AT_LEAST: dict[str, int] = {
+    "data.image_size": 1,
+    "data.batch_size": 1,
+    "data.eval_batch_size": 0,
+    "data.workers": 0,
+    "data.prefetch_factor": 1,
+    "data.shuffle_buffer": 0,
+    "data.steps_per_epoch": 0,
+    "train.epochs": 1,
+    "train.grad_accum": 1,
+    "train.keep_checkpoints": 1,
+    "train.eval_every": 1,
+    "train.log_every": 1,
+    "train.max_steps": 0,
+    "train.dist_timeout_s": 1,
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -164,15 +191,17 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
     if origin in (list, tuple):
         (item_kind,) = typing.get_args(kind)[:1]
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if value.strip().startswith("["):
+                value = _parse_yaml_value(value, key, source)
+            else:
+                value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' expects a list of {item_kind.__name__}, got {value!r}")
         return [_coerce(v, item_kind, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{source}: '{key}' has an unsupported type {kind}")
     if isinstance(value, str) and kind is not str:
-        parsed = yaml.safe_load(value) if value != "" else value
-        value = parsed
+        value = _parse_yaml_value(value, key, source) if value != "" else value
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -180,12 +209,24 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads an exponent without a dot (1e-4) as text
+                value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            with contextlib.suppress(OverflowError):  # an integer beyond float's range is reported below
+                return float(value)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{source}: '{key}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_yaml_value(text: str, key: str, source: str) -> Any:
+    """A command-line value read as YAML (``[3,6]``, ``true``, ``0.05``); unparsable text names the key."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: '{key}' has a value that is not valid YAML: {text!r}") from err
 
 
 def _valid_keys(cfg: Config) -> list[str]:
@@ -241,7 +282,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {path}")
         try:
             mapping = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         apply_mapping(cfg, mapping, str(path))
     for key, value in parse_overrides(overrides or []):
@@ -258,13 +299,17 @@ def config_from_dict(mapping: dict[str, Any], source: str = "checkpoint") -> Con
 
 def validate(cfg: Config) -> None:
     """Combinations that cannot work, reported before any process starts heavy work."""
-    problems = []
+    problems = [f"{key} must be >= {low}, got {value}" for key, low in AT_LEAST.items()
+                if (value := _get(cfg, key)) < low]
+    problems += [f"{key} must be a finite number, got {value}" for key in _valid_keys(cfg)
+                 if isinstance(value := _get(cfg, key), float) and not math.isfinite(value)]
     if cfg.data.format == "wds" and not cfg.data.shards:
         problems.append("data.format=wds needs data.shards (a directory with meta.json)")
-    if cfg.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
-    if cfg.train.grad_accum < 1:
-        problems.append("train.grad_accum must be >= 1")
+    if 0 < cfg.data.steps_per_epoch < cfg.train.grad_accum:
+        problems.append(
+            f"data.steps_per_epoch={cfg.data.steps_per_epoch} micro-batches cannot fill one optimiser step of "
+            f"train.grad_accum={cfg.train.grad_accum}"
+        )
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         problems.append("data.max_bad_fraction must lie in [0, 1]")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

@@ -26,10 +26,11 @@ from mlgcn_dist.checkpoint import (
     RunLock,
     TrainState,
     atomic_write_text,
+    check_resume_labels,
     mark_requeue,
     resolve_resume,
 )
-from mlgcn_dist.config import Config
+from mlgcn_dist.config import Config, ConfigError
 from mlgcn_dist.data.loader import DatasetInfo, build_eval_loader, build_train_loader, dataset_info
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.data.transforms import GpuAugment, to_device
@@ -86,6 +87,9 @@ def evaluate(
 ) -> tuple[dict, AveragePrecisionMeter]:
     """Metrics over the validation split, each image counted exactly once across all ranks.
 
+    An image that cannot be read or decoded is not scored, and never silently: ``results["num_bad"]`` counts such
+    images and ``results["bad_ids"]`` names them (printed here, kept in metrics.jsonl and the run summary).
+
     The unwrapped model is used: evaluation batches are uneven across ranks, and a DDP forward could start a
     collective (buffer broadcast) that a rank with fewer batches never joins.
     """
@@ -95,8 +99,11 @@ def evaluate(
         cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes, decode=decode
     )
     rng = random.Random(0)
+    num_bad, bad_ids = 0, []
     for batch in loader:
         images, targets, image_ids = to_device(batch, accelerator.device, augment, rng, cfg.train.channels_last)
+        num_bad += batch["n_bad"]  # after to_device: it adds the JPEGs the device could not decode
+        bad_ids += batch.get("bad_ids", []) + _dropped_ids(batch, image_ids)
         with accelerator.autocast():
             logits = model(images)
         meter.add(logits.float().cpu(), targets.cpu(), image_ids.cpu())
@@ -104,7 +111,21 @@ def evaluate(
     results = merged.compute()
     results["top3"] = merged.compute(top_k=3)
     results["duplicates"] = duplicates
+    per_rank = distributed.gather_objects((num_bad, bad_ids))
+    results["num_bad"] = sum(n for n, _ in per_rank)
+    results["bad_ids"] = sorted(i for _, ids in per_rank for i in ids)
+    if results["num_bad"]:
+        accelerator.print(f"evaluation skipped {results['num_bad']} image(s) that could not be read or decoded; "
+                          f"image ids: {results['bad_ids']}")
     return results, merged
+
+
+def _dropped_ids(batch: dict, kept_ids: torch.Tensor) -> list[int]:
+    """Ids of the batch's images that ``to_device`` dropped (JPEGs the device could not decode)."""
+    if len(kept_ids) == len(batch["image_id"]):
+        return []
+    kept = set(kept_ids.tolist())
+    return [i for i in batch["image_id"].tolist() if i not in kept]
 
 
 def frequency_baseline_map(meter: AveragePrecisionMeter) -> float:
@@ -160,27 +181,24 @@ def train(cfg: Config) -> dict:
     """Train and evaluate as configured; returns the run summary. Raises SystemExit(75) after a preemption save."""
     # First of all: a preemption signal that arrives while the model is still being built must not be lost.
     preemption = PreemptionHandler().install()
+    lock = RunLock(cfg.run_dir)  # taken by the main process as the Trainer starts; released however the run ends
     try:
-        trainer = Trainer(cfg, preemption)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.lock.release()
+        return Trainer(cfg, preemption, lock).fit()
     finally:
+        lock.release()
         preemption.uninstall()
 
 
 class Trainer:
     """The components of one run, composed: data, model, optimiser, checkpoints, tracking (set up in that order)."""
 
-    def __init__(self, cfg: Config, preemption: PreemptionHandler):
+    def __init__(self, cfg: Config, preemption: PreemptionHandler, lock: RunLock):
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
         self.topo = distributed.topology(acc, cfg)
         self.run_dir = cfg.run_dir
-        self.lock = RunLock(self.run_dir)
         if acc.is_main_process:
-            self.lock.acquire()
+            lock.acquire()
             (self.run_dir / "REQUEUE").unlink(missing_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             acc.print(cfg.to_yaml())
@@ -188,6 +206,17 @@ class Trainer:
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
+        # Checked before the model is built: a resume on another label space, an epoch too short for one step.
+        self.last_ckpt = resolve_resume(cfg.train.resume, self.run_dir)
+        if self.last_ckpt is not None:
+            check_resume_labels(self.last_ckpt, self.info.label_names)
+        loader_len = len(self._train_loader(epoch=0, decode="cpu"))
+        if loader_len < cfg.train.grad_accum:
+            raise ConfigError(
+                f"an epoch holds {loader_len} micro-batch(es) per process, fewer than train.grad_accum="
+                f"{cfg.train.grad_accum}: no optimiser step could complete; lower train.grad_accum or "
+                "data.batch_size, or raise data.steps_per_epoch"
+            )
         model = build_model_for(cfg, self.info)
         if cfg.train.sync_bn and acc.device.type == "cuda" and acc.num_processes > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -196,8 +225,7 @@ class Trainer:
         model = model.to(acc.device)
         self.ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-        loader_len = len(self._train_loader(epoch=0, decode="cpu"))
-        self.steps_per_epoch = max(loader_len // cfg.train.grad_accum, 1)
+        self.steps_per_epoch = loader_len // cfg.train.grad_accum
         # Every optimiser step sees exactly grad_accum micro-batches; a remainder would leak into the next epoch.
         self.micro_batches = self.steps_per_epoch * cfg.train.grad_accum
         lr = scaled_lr(cfg.optim, self.topo.global_batch)
@@ -215,7 +243,6 @@ class Trainer:
         acc.print(f"LR per group after prepare: {group_lrs(self.optimizer)} "
                   f"(head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
 
-        self.last_ckpt = resolve_resume(cfg.train.resume, self.run_dir)
         if self.last_ckpt is not None:
             self.ckpt.load(self.last_ckpt)
             acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
@@ -242,7 +269,7 @@ class Trainer:
             self._sync_buffers()
             if state.epoch % cfg.train.eval_every == 0 or finished:
                 self._evaluate_and_keep_best(epoch)
-            self.last_ckpt = self.ckpt.save(state, cfg.to_dict())
+            self.last_ckpt = self.ckpt.save(state, cfg.to_dict(), self.info.label_names)
             if finished:
                 break
         if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
@@ -262,6 +289,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         batches = iter(loader)
+        image_ids = None
         for _ in range(state.step_in_epoch):  # the order is fixed by (seed, epoch): skip what was already trained
             next(batches)
         try:
@@ -294,12 +322,14 @@ class Trainer:
                     self._log_window(bar, window, loss_sum, nonfinite, image_ids)
                     loss_sum.zero_()
                     nonfinite.zero_()
-                    if distributed.any_rank(self.preemption.requested is not None, acc.device):
+                    if distributed.any_rank(self.preemption.stop_reason() is not None, acc.device):
                         return True
                 if 0 < cfg.train.max_steps <= state.global_step:
                     break
         finally:
             bar.close()
+        # The steps after the last logging window: a NaN there must not reach the checkpoint saved next.
+        self._check_finite(int(nonfinite), image_ids)
         _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
         return False
 
@@ -321,13 +351,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         bad_steps = int(nonfinite)
         counted = max(cfg.train.log_every * cfg.train.grad_accum - bad_steps, 1)
-        if bad_steps and cfg.train.precision != "fp16":
-            raise NonFiniteLossError(
-                f"non-finite loss in {bad_steps} micro-batch(es) within steps {state.global_step - cfg.train.log_every + 1}"
-                f"..{state.global_step} (epoch {state.epoch}); image ids of the last batch {image_ids.tolist()}; "
-                f"last good checkpoint: {self.last_ckpt or 'none'}"
-            )
-        self.nonfinite_steps += bad_steps  # fp16: the grad scaler skipped these steps and lowered its scale
+        self._check_finite(bad_steps, image_ids)
         mean_loss = float(loss_sum) / counted
         img_s, wait_frac = window.window()
         world = self.topo.world_size
@@ -341,6 +365,17 @@ class Trainer:
             "train/epoch": state.epoch + state.step_in_epoch / self.micro_batches,
             **{f"train/lr_{name}": value for name, value in group_lrs(self.optimizer).items()},
         })
+
+    def _check_finite(self, bad_steps: int, image_ids: torch.Tensor | None) -> None:
+        """Stop at a NaN/inf loss (fp32/bf16), naming where; fp16 counts them: the grad scaler skipped those steps."""
+        cfg, state = self.cfg, self.state
+        if bad_steps and cfg.train.precision != "fp16":
+            raise NonFiniteLossError(
+                f"non-finite loss in {bad_steps} micro-batch(es) up to step {state.global_step} (epoch "
+                f"{state.epoch}); image ids of the last batch {image_ids.tolist() if image_ids is not None else []}; "
+                f"last good checkpoint: {self.last_ckpt or 'none'}"
+            )
+        self.nonfinite_steps += bad_steps
 
     def _sync_buffers(self) -> None:
         if distributed.is_deepspeed(self.accelerator):
@@ -363,11 +398,12 @@ class Trainer:
     def _preempted(self) -> None:
         acc, state = self.accelerator, self.state
         self._sync_buffers()
-        self.last_ckpt = self.ckpt.save(state, self.cfg.to_dict())
+        self.last_ckpt = self.ckpt.save(state, self.cfg.to_dict(), self.info.label_names)
         if acc.is_main_process:
             mark_requeue(self.run_dir, f"preempted at step {state.global_step}; checkpoint {self.last_ckpt}")
         acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
-        acc.print(f"preemption signal: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
+        reason = self.preemption.stop_reason() or "stop requested by another process"
+        acc.print(f"{reason}: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
         self.tracker.finish({"preempted": True, "global_step": state.global_step})
         raise SystemExit(REQUEUE_EXIT_CODE)
 
@@ -384,6 +420,7 @@ class Trainer:
             "global_batch": self.topo.global_batch,
             "global_step": state.global_step,
             "bad_samples": self.bad_samples,
+            "eval_bad_ids": results["model"]["bad_ids"],
             "nonfinite_steps_skipped": self.nonfinite_steps,
             "frequency_baseline_mAP": results["model"]["frequency_baseline_mAP"],
             "num_val_images": results["model"]["num_images"],

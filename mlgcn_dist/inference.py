@@ -134,7 +134,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results, merged = evaluate(model, cfg, accelerator, decode, augment)
     if accelerator.is_main_process:
         print(format_metrics_table({args.weights: results}))
-        print(f"images evaluated: {results['num_images']} (duplicates removed: {results['duplicates']})")
+        skipped = f"; skipped as unreadable: {results['num_bad']}, ids {results['bad_ids']}" if results["num_bad"] else ""
+        print(f"images evaluated: {results['num_images']} (duplicates removed: {results['duplicates']}{skipped})")
         print("per-class AP:")
         for name, ap in zip(payload["label_names"], results["ap"]):
             print(f"  {name:20s} {ap:6.2f}" if ap == ap else f"  {name:20s}    n/a (no positive)")

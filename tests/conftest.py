@@ -71,3 +71,15 @@ def voc_labels() -> dict:
 def voc_writer():
     """``write_voc(root, splits)`` for tests that need their own (e.g. broken) VOC layout."""
     return write_voc
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; an in-process training or evaluation run starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -7,7 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
@@ -60,3 +65,39 @@ def summary(run_dir: Path) -> dict:
 def train_log(run_dir: Path) -> list[dict]:
     path = run_dir / "train_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def overrides(toy: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A deterministic, BatchNorm-free tiny model: per-sample computation independent of the batch split."""
+    return [
+        "--config", str(REPO / "configs/toy.yaml"),
+        f"data.root={toy}", "data.image_size=32", "data.workers=0", "data.batch_size=8",
+        "model.backbone=cifar_plainnet", "model.gcn_hidden=32",
+        "train.epochs=1", "train.log_every=1", "train.resume=none", f"train.output_dir={run_dir}",
+        "train.deterministic=true", "train.ema_decay=0", "optim.warmup_epochs=0", "log.wandb=disabled",
+        *extra,
+    ]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, proc: subprocess.Popen, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out = proc.stdout.read()[-4000:] if proc.stdout else ""
+            raise AssertionError(f"run ended (exit {proc.returncode}) before the condition:\n{out}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(poll)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank (torchrun starts its workers in their own process groups)."""
+    victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for victim in victims:
+        victim.kill()
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)

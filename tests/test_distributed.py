@@ -8,11 +8,9 @@ any number of processes, a killed run resumes to the same result, and SIGUSR1 ch
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -23,11 +21,15 @@ from launching import (
     accelerate_cmd,
     check,
     free_port,
+    kill_tree,
+    overrides,
     process_env,
     run,
     summary,
     torchrun_cmd,
     train_log,
+    wait_for,
+    weights,
 )
 
 from mlgcn_dist.data.toy import make_toy
@@ -40,22 +42,6 @@ def tiny_toy(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_toy")
     make_toy(root, train=64, val=40, size=32, seed=3)
     return root
-
-
-def overrides(toy: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A deterministic, BatchNorm-free tiny model: per-sample computation independent of the batch split."""
-    return [
-        "--config", str(REPO / "configs/toy.yaml"),
-        f"data.root={toy}", "data.image_size=32", "data.workers=0", "data.batch_size=8",
-        "model.backbone=cifar_plainnet", "model.gcn_hidden=32",
-        "train.epochs=1", "train.log_every=1", "train.resume=none", f"train.output_dir={run_dir}",
-        "train.deterministic=true", "train.ema_decay=0", "optim.warmup_epochs=0", "log.wandb=disabled",
-        *extra,
-    ]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_toy, tmp_path):
@@ -95,12 +81,18 @@ def test_two_nodes_on_loopback_train_together(tiny_toy, tmp_path):
     assert summary(run_dir)["world_size"] == 2
 
 
-def test_deepspeed_zero2_through_accelerate_keeps_per_group_learning_rates(tiny_toy, tmp_path):
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_deepspeed_zero2_through_accelerate_keeps_per_group_learning_rates(launcher, tiny_toy, tmp_path):
+    """ZeRO-2 via `accelerate launch --use_deepspeed` and via torchrun + our DeepSpeed JSON: same engine."""
     run_dir = tmp_path / "zero2"
     args = overrides(tiny_toy, run_dir, "optim.lr=0.2", "optim.lrp=0.1",
                      f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}")
-    proc = check(run(torchrun_cmd(2, args), timeout=600))
-    assert "DEEPSPEED" in proc.stdout + proc.stderr
+    if launcher == "accelerate":
+        cmd = accelerate_cmd(2, args, "--use_deepspeed", "--zero_stage", "2")
+    else:
+        cmd = torchrun_cmd(2, args)
+    proc = check(run(cmd, timeout=600))
+    assert "DEEPSPEED on cpu: world size 2" in proc.stdout + proc.stderr
     first = train_log(run_dir)[0]
     assert first["train/lr_head"] == pytest.approx(0.2)
     assert first["train/lr_backbone"] == pytest.approx(0.02)
@@ -127,25 +119,6 @@ def test_evaluation_is_identical_on_one_two_and_three_processes_and_counts_each_
             assert results[nproc][key] == pytest.approx(results[1][key], abs=1e-9), key
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before the condition:\n{proc.stdout.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.2)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank (torchrun starts its workers in their own process groups)."""
-    victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-    for victim in victims:
-        victim.kill()
-    psutil.wait_procs(victims, timeout=30)
-    proc.wait(timeout=30)
-
-
 def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny_toy, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = ("train.epochs=3", "data.steps_per_epoch=15")  # long enough epochs for the kill to land mid-run
@@ -155,7 +128,7 @@ def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny
     proc = subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     ckpts = killed / "checkpoints"
-    _wait_for(lambda: any(p.name.startswith("step-") for p in ckpts.glob("step-*")), 240, proc)
+    wait_for(lambda: any(p.name.startswith("step-") for p in ckpts.glob("step-*")), 240, proc)
     kill_tree(proc)
 
     resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, killed, *extra, "train.resume=auto"))))
@@ -174,7 +147,7 @@ def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(tiny_
     proc = subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        _wait_for(lambda: (run_dir / "train_log.jsonl").exists(), 180, proc)
+        wait_for(lambda: (run_dir / "train_log.jsonl").exists(), 180, proc)
         for child in psutil.Process(proc.pid).children(recursive=True):
             child.send_signal(signal.SIGUSR1)  # what SLURM's --signal delivers to the job's tasks
         out, _ = proc.communicate(timeout=120)

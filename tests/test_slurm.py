@@ -302,9 +302,12 @@ def _preempt_and_resume(slurm: SlurmCluster, toy_jobs: ToyJobs, job: int, scance
     assert toy_jobs.log(job).count(f"requeueing job {job}") == restarts
     saved = toy_jobs.newest_checkpoint(job)
     assert saved > before, "no checkpoint saved on SIGUSR1"
-    slurm.release(job)
+    # No `scontrol update StartTime=now`: SLURM holds a requeued job until the old job credential expires
+    # (AuthInfo cred_expire, 5 s in the test cluster, 120 s by default); starting it sooner on the same node
+    # fails with "Job credential revoked".
     wait_until(lambda: toy_jobs.log(job).count("resumed from") == restarts, 120, f"job {job} to resume",
-               lambda: toy_jobs.log(job)[-3000:])
+               lambda: f"{slurm.job(job)}\n{slurm.run('sinfo', '-N', '-l', check=False).stdout}\n"
+                       f"{toy_jobs.log(job)[-3000:]}")
     resumed = toy_jobs.log(job).rsplit("resumed from", 1)[1].splitlines()[0]
     assert f"/{saved}" in resumed
 

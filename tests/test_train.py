@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
@@ -16,12 +15,7 @@ from mlgcn_dist.engine import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; each in-process run here starts from a clean one."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def toy_config(toy_root: Path, run_dir: Path, *extra: str):

@@ -23,9 +23,9 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
 
 def coco_label_space(categories: list[dict], source: str | Path = "categories") -> tuple[LabelSpace, dict[int, int]]:
     """The label space of COCO ``categories`` (names sorted) and the map category_id -> label index."""
-    ids = [_field(c, "id", source, "a category") for c in categories]
-    names = [_field(c, "name", source, "a category") for c in categories]
-    supers = [_field(c, "supercategory", source, "a category") for c in categories]
+    ids = [_field(c, "id", source, "a category", int) for c in categories]
+    names = [_field(c, "name", source, "a category", str) for c in categories]
+    supers = [_field(c, "supercategory", source, "a category", str) for c in categories]
     if len(set(names)) != len(names) or len(set(ids)) != len(ids):
         raise ValueError(f"{source}: 'categories' repeats a name or an id; each must be unique")
     order = sorted(range(len(names)), key=names.__getitem__)
@@ -41,14 +41,14 @@ def read_coco(root: str | Path, split: str, keep_empty: bool = False) -> SplitIn
             raise FileNotFoundError(f"COCO {split} split: {path} does not exist (expected the COCO 2014 layout)")
     data = _load_json(json_path)
     labels, label_of = coco_label_space(data["categories"], json_path)
-    images = {_field(im, "id", json_path, "an image"): im for im in data["images"]}
+    images = {_field(im, "id", json_path, "an image", int): im for im in data["images"]}
     if len(images) != len(data["images"]):
         raise ValueError(f"{json_path}: 'images' repeats an id; image ids must be unique")
     present = _labels_per_image(data["annotations"], images, label_of, json_path)
     on_disk = set(os.listdir(image_dir))  # one listing, not a stat per image (COCO train has 83k files)
     records, skipped = [], []
     for image_id, im in images.items():
-        file_name = _field(im, "file_name", json_path, "an image")
+        file_name = _field(im, "file_name", json_path, "an image", str)
         found = present.get(image_id, set())
         if file_name not in on_disk or not (found or keep_empty):
             reason = "missing_file" if file_name not in on_disk else "no_annotations"
@@ -59,8 +59,8 @@ def read_coco(root: str | Path, split: str, keep_empty: bool = False) -> SplitIn
                 image_id=image_id,
                 file_name=file_name,
                 path=str((image_dir / file_name).absolute()),
-                width=int(_field(im, "width", json_path, "an image")),
-                height=int(_field(im, "height", json_path, "an image")),
+                width=_field(im, "width", json_path, "an image", int),
+                height=_field(im, "height", json_path, "an image", int),
                 labels=tuple(sorted(found)),
             )
         )
@@ -70,7 +70,7 @@ def read_coco(root: str | Path, split: str, keep_empty: bool = False) -> SplitIn
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
@@ -85,8 +85,8 @@ def _labels_per_image(
 ) -> dict[int, set[int]]:
     present: dict[int, set[int]] = {}
     for ann in annotations:
-        image_id = _field(ann, "image_id", source, "an annotation")
-        category_id = _field(ann, "category_id", source, "an annotation")
+        image_id = _field(ann, "image_id", source, "an annotation", int)
+        category_id = _field(ann, "category_id", source, "an annotation", int)
         if image_id not in images:
             raise ValueError(f"{source}: annotation {ann.get('id')} has 'image_id' {image_id} not in 'images'")
         if category_id not in label_of:
@@ -97,9 +97,12 @@ def _labels_per_image(
     return present
 
 
-def _field(entry: Any, key: str, source: str | Path, what: str) -> Any:
-    """``entry[key]``, or a ValueError naming the file and the missing key."""
+def _field(entry: Any, key: str, source: str | Path, what: str, kind: type) -> Any:
+    """``entry[key]`` if it is a ``kind``, or a ValueError naming the file and the missing or mistyped key."""
     try:
-        return entry[key]
+        value = entry[key]
     except (KeyError, TypeError, IndexError):
         raise ValueError(f"{source}: {what} lacks key '{key}': {str(entry)[:200]}") from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{source}: {what} has '{key}' = {value!r:.100}, expected {kind.__name__}")
+    return value

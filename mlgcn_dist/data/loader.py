@@ -13,9 +13,10 @@ Both formats yield the batch dict of :mod:`mlgcn_dist.data.folder` ("image" or "
   range touches. A rank whose range is empty (more ranks than samples) yields no batch: evaluation gathers with
   uneven counts, so this cannot hang.
 
-A JPEG that does not decode is skipped and counted in the next batch's ``n_bad`` (a trailing one in a batch of
-B = 0). A truncated shard costs training the rest of that shard (with a warning naming it) but stops evaluation
-with an error naming it: evaluation must never silently score fewer images.
+A JPEG that does not decode is skipped, counted in the next batch's ``n_bad`` (a trailing one in a batch of
+B = 0) and named by image id in its ``bad_ids``: evaluation reports every image it could not score. A truncated
+shard costs training the rest of that shard (a warning names it; the samples meta.json lists but the tar lost count
+in ``n_bad``) but stops evaluation with an error naming it: evaluation must never silently score fewer images.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class ShardError(RuntimeError):
 class Shard(NamedTuple):
     path: str
     count: int  # samples, as listed in meta.json
+
+
+class Skipped(NamedTuple):
+    """A sample that could not be read or decoded: dropped from its batch, counted in n_bad, named in bad_ids."""
+
+    image_id: int | None  # None when the sample lost its .json (the image id is not known)
 
 
 @dataclass
@@ -250,6 +257,8 @@ def _read_shard(shard: Shard) -> Iterator[dict]:
             RuntimeWarning,
             stacklevel=2,
         )
+        # Stand-ins for the samples the tar lost, so they count as skipped (n_bad, data.max_bad_fraction).
+        yield from ({"__url__": shard.path} for _ in range(shard.count - read))
 
 
 def _endless_samples(shards: list[Shard], order: Iterator[int]) -> Iterator[dict]:
@@ -259,7 +268,8 @@ def _endless_samples(shards: list[Shard], order: Iterator[int]) -> Iterator[dict
     for shard_index in order:
         empty_run += 1
         for sample in _read_shard(shards[shard_index]):
-            empty_run = 0
+            if "__key__" in sample:  # a real sample, not a stand-in for a lost one
+                empty_run = 0
             yield sample
         if empty_run > limit:
             raise ShardError(f"{empty_run} shards in a row gave no sample (last: {shards[shard_index].path})")
@@ -318,22 +328,25 @@ def _shard_order(shards: list[Shard], consumer: int, consumers: int, seed: int, 
 
 
 class SampleDecoder:
-    """A shard sample (jpg + json bytes) -> the sample dict FolderDataset yields, or None if the JPEG is broken."""
+    """A shard sample (jpg + json bytes) -> the sample dict FolderDataset yields, or Skipped if it is broken."""
 
     def __init__(self, num_classes: int, transform: CpuTransform | None) -> None:
         self.num_classes = num_classes
         self.transform = transform  # None: GPU decode, pass the bytes on
 
-    def __call__(self, sample: dict, rng: random.Random) -> dict | None:
-        if "jpg" not in sample or "json" not in sample:
-            return None  # the tail of a truncated shard
+    def __call__(self, sample: dict, rng: random.Random) -> dict | Skipped:
+        if "json" not in sample:
+            return Skipped(None)  # a sample that lost its .json, or a stand-in for one a truncated tar lost
         try:
             info = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            image_id = int(info["image_id"])
+        except (KeyError, TypeError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError too
             raise ValueError(
-                f"{sample.get('__url__')}: sample '{sample.get('__key__')}': bad .json ({err})"
+                f"{sample.get('__url__')}: sample '{sample.get('__key__')}': bad .json ({err!r})"
             ) from err
         target = self.target(info, sample)
+        if "jpg" not in sample:
+            return Skipped(image_id)
         data = sample["jpg"]
         if self.transform is None:
             payload = {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
@@ -342,9 +355,9 @@ class SampleDecoder:
                 with Image.open(io.BytesIO(data)) as img:
                     rgb = img.convert("RGB")  # decodes fully: a truncated JPEG fails here
             except _DECODE_ERRORS:
-                return None
+                return Skipped(image_id)
             payload = {"image": self.transform(rgb, rng)}
-        return {**payload, "target": target, "image_id": int(info["image_id"])}
+        return {**payload, "target": target, "image_id": image_id}
 
     def target(self, info: dict, sample: dict) -> torch.Tensor:
         labels, difficult = info.get("labels", []), info.get("difficult", [])
@@ -357,29 +370,47 @@ class SampleDecoder:
         return torch.from_numpy(encode_target(labels, difficult, self.num_classes))
 
 
+def collate_reporting(samples: list[dict | Skipped | None]) -> dict:
+    """:func:`collate`, plus "bad_ids": the image ids of the skipped samples (those whose id is known)."""
+    batch = collate([s if isinstance(s, dict) else None for s in samples])
+    batch["bad_ids"] = [s.image_id for s in samples if isinstance(s, Skipped) and s.image_id is not None]
+    return batch
+
+
 def batch_samples(
-    samples: Iterable[dict | None], batch_size: int, max_bad_run: int | None = None
+    samples: Iterable[dict | Skipped | None], batch_size: int, max_bad_run: int | None = None
 ) -> Iterator[dict]:
-    """Collate every ``batch_size`` decodable samples; undecodable ones (None) go to the next batch's n_bad.
+    """Collate every ``batch_size`` decodable samples; undecodable ones (Skipped, None) go to the next batch's
+    n_bad and bad_ids.
 
     ``max_bad_run``: more undecodable samples in a row than this is an error (an endless training stream of
     broken images would otherwise never yield).
     """
     good: list[dict] = []
-    bad = run = 0
+    bad: list[Skipped | None] = []
+    run = 0
     for sample in samples:
-        if sample is None:
-            bad, run = bad + 1, run + 1
+        if not isinstance(sample, dict):
+            bad.append(sample)
+            run += 1
             if max_bad_run is not None and run > max_bad_run:
                 raise RuntimeError(f"{run} undecodable samples in a row: the shards hold no readable JPEG")
             continue
         good.append(sample)
         run = 0
         if len(good) == batch_size:
-            yield collate(good + [None] * bad)
-            good, bad = [], 0
+            yield collate_reporting(good + bad)
+            good, bad = [], []
     if good or bad:
-        yield collate(good + [None] * bad)
+        yield collate_reporting(good + bad)
+
+
+class ReportingFolderDataset(FolderDataset):
+    """FolderDataset whose unreadable images come back as Skipped(image id), so their batch can name them."""
+
+    def __getitem__(self, i: int) -> dict | Skipped:
+        sample = super().__getitem__(i)
+        return Skipped(self.index.records[i].image_id) if sample is None else sample
 
 
 # ----------------------------------------------------------------------------------------------- wds datasets
@@ -491,11 +522,12 @@ def build_train_loader(
     if len(index) == 0:
         raise ValueError(f"{data_cfg.root}: split '{data_cfg.train_split}' holds no images")
     steps = steps_per_epoch(data_cfg, len(index), world_size)
-    dataset = FolderDataset(index, transform, raw=decode == "gpu", seed=seed)
+    dataset = ReportingFolderDataset(index, transform, raw=decode == "gpu", seed=seed)
     dataset.set_epoch(epoch)
     indices = epoch_indices(len(index), rank, world_size, seed, epoch, steps * data_cfg.batch_size)
     loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate, **kwargs
+        dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate_reporting,
+        **kwargs,
     )
     return TrainLoader(loader, steps)
 
@@ -518,10 +550,10 @@ def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decod
         )
         return DataLoader(stream, batch_size=None, **kwargs)
     index = _folder_split(data_cfg, data_cfg.val_split)
-    dataset = FolderDataset(index, transform, raw=decode == "gpu")
+    dataset = ReportingFolderDataset(index, transform, raw=decode == "gpu")
     indices = list(_part(len(index), rank, world_size))
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate, **kwargs
+        dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate_reporting, **kwargs
     )
 
 

@@ -85,8 +85,12 @@ def _read_class_flags(main_dir: Path, split: str) -> dict[str, list[str]]:
         path = main_dir / f"{name}_{split}.txt"
         if not path.is_file():
             raise FileNotFoundError(f"VOC {split} split: {path} does not exist")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a text file ({err})") from err
         seen = 0
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()

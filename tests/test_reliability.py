@@ -1,0 +1,545 @@
+"""Reliability: bad input, faults and interruptions never lose a user's run, and never pass unnoticed.
+
+Each fault below is provoked for real on the 32 px toy set (see docs_reliability.md for the table of faults, what
+the system does and which test proves it): damaged shards and images, impossible configurations, a NaN loss,
+kill -9 of a rank / all ranks / the launcher (also while a checkpoint is being written), a hung rank, a full disk,
+two runs on one directory, and secrets in the environment. In-process runs come first (seconds); the real
+multi-process ones are marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from launching import (
+    REPO,
+    TRAIN,
+    check,
+    kill_tree,
+    overrides,
+    process_env,
+    run,
+    summary,
+    torchrun_cmd,
+    wait_for,
+    weights,
+)
+from test_loader import rewrite_shard, truncate
+
+from mlgcn_dist.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_torch_save,
+    complete_checkpoints,
+    resolve_resume,
+)
+from mlgcn_dist.cli import main as mlgcn
+from mlgcn_dist.config import Config, ConfigError, load_config
+from mlgcn_dist.data.loader import ShardError
+from mlgcn_dist.data.pack import pack_dataset
+from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.engine import NonFiniteLossError, train
+from mlgcn_dist.tracking import read_jsonl
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process runs each start from a clean state
+
+
+@pytest.fixture(scope="module")
+def tiny_toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_toy")
+    make_toy(root, train=64, val=40, size=32, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_toy, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_shards") / "shards"
+    pack_dataset("coco", tiny_toy, out, ["train", "val"], shard_count=2, workers=1)
+    return out
+
+
+@pytest.fixture
+def shards(tiny_shards, tmp_path) -> Path:
+    """A private copy of the pack, for a test to damage."""
+    return Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+
+
+def tiny_config(toy: Path, run_dir: Path, *extra: str) -> Config:
+    args = overrides(toy, run_dir, *extra)
+    return load_config(args[1], args[2:])
+
+
+def from_shards(shards: Path) -> tuple[str, ...]:
+    return "data.format=wds", f"data.shards={shards}", "data.shuffle_buffer=16"
+
+
+def damage_sample(shard: Path, position: int, damage: str) -> int:
+    """Damage sample ``position`` of ``shard`` in place; returns its image id."""
+    damaged = []
+
+    def edit(at: int, sample: dict) -> None:
+        if at != position:
+            return
+        info = json.loads(sample["json"])
+        damaged.append(info["image_id"])
+        if damage == "truncated_jpeg":
+            sample["jpg"] = sample["jpg"][: len(sample["jpg"]) // 2]
+        elif damage == "missing_json":
+            del sample["json"]
+        elif damage == "label_out_of_range":
+            sample["json"] = json.dumps({**info, "labels": [99]}).encode()
+
+    rewrite_shard(shard, edit)
+    return damaged[0]
+
+
+def truncate_image_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpeg", "missing_json", "truncated_tar"])
+def test_training_skips_damaged_samples_and_counts_them_in_the_summary(damage, tiny_toy, shards, tmp_path):
+    shard = shards / "coco-train-000000.tar"
+    if damage == "truncated_tar":
+        truncate(shard, inside_member=True)
+    else:
+        damage_sample(shard, 1, damage)
+    run_dir = tmp_path / "run"
+    lost_rest = pytest.warns(RuntimeWarning, match="coco-train-000000.tar: read .* skipping the rest of this shard")
+    with lost_rest if damage == "truncated_tar" else contextlib.nullcontext():
+        # 16 batches of 8: more than two passes over the 62 training images, so the damaged one is met
+        result = train(tiny_config(tiny_toy, run_dir, *from_shards(shards), "data.max_bad_fraction=0.5",
+                                   "data.steps_per_epoch=16"))
+    assert result["bad_samples"] >= 2
+    assert json.loads((run_dir / "summary.json").read_text())["bad_samples"] == result["bad_samples"]
+    assert result["global_step"] == 16 and result["eval_bad_ids"] == []
+
+
+@pytest.mark.parametrize(("fmt", "decode"), [("wds", "cpu"), ("wds", "gpu"), ("folder", "cpu")])
+def test_evaluation_reports_an_undecodable_image_by_id_in_results_summary_and_log(
+    fmt, decode, tiny_toy, shards, tmp_path, capsys
+):
+    if fmt == "wds":
+        bad_id = damage_sample(shards / "coco-val-000000.tar", 2, "truncated_jpeg")
+        data = from_shards(shards)
+    else:
+        toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+        image = sorted((toy / "val2014").glob("*.jpg"))[2]
+        annotations = json.loads((toy / "annotations" / "instances_val2014.json").read_text())
+        bad_id = next(im["id"] for im in annotations["images"] if im["file_name"] == image.name)
+        truncate_image_file(image)
+        data = (f"data.root={toy}",)
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(tiny_toy, run_dir, *data, f"data.decode={decode}"))
+    assert result["eval_bad_ids"] == [bad_id]
+    assert json.loads((run_dir / "summary.json").read_text())["eval_bad_ids"] == [bad_id]
+    last_eval = read_jsonl(run_dir / "metrics.jsonl")[-1]["model"]
+    assert last_eval["bad_ids"] == [bad_id] and last_eval["num_bad"] == 1
+    assert re.search(rf"evaluation skipped 1 image\(s\) .*image ids: \[{bad_id}\]", capsys.readouterr().out)
+    # ... and `mlgcn evaluate` says it too
+    assert mlgcn(["evaluate", "--checkpoint", str(run_dir)]) == 0
+    assert f"skipped as unreadable: 1, ids [{bad_id}]" in capsys.readouterr().out
+
+
+def test_a_label_out_of_range_stops_training_with_an_error_naming_shard_and_sample(tiny_toy, shards, tmp_path):
+    damage_sample(shards / "coco-train-000001.tar", 0, "label_out_of_range")
+    with pytest.raises(ValueError, match=r"coco-train-000001.tar: sample '\w+' has label indices \[99\]"):
+        train(tiny_config(tiny_toy, tmp_path / "run", *from_shards(shards)))
+
+
+def test_a_missing_json_in_a_validation_shard_stops_evaluation_with_an_error_naming_the_shard(
+    tiny_toy, shards, tmp_path
+):
+    damage_sample(shards / "coco-val-000001.tar", 1, "missing_json")
+    with pytest.raises(ShardError, match="coco-val-000001.tar: sample .* lacks its .jpg or .json"):
+        train(tiny_config(tiny_toy, tmp_path / "run", *from_shards(shards)))
+
+
+def test_a_shard_listed_in_meta_but_missing_stops_training_before_any_heavy_work(
+    tiny_toy, shards, tmp_path, monkeypatch
+):
+    (shards / "coco-train-000001.tar").unlink()
+    monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
+    with pytest.raises(FileNotFoundError, match="coco-train-000001.tar of split 'train'.* is missing"):
+        train(tiny_config(tiny_toy, tmp_path / "run", *from_shards(shards)))
+
+
+def _heavy_work_started(*args, **kwargs):
+    raise AssertionError("the model was built before the error was found")
+
+
+def test_more_skipped_samples_than_max_bad_fraction_stop_training(tiny_toy, shards, tmp_path):
+    for position in (0, 3, 5):
+        damage_sample(shards / "coco-train-000000.tar", position, "truncated_jpeg")
+    with pytest.raises(RuntimeError, match=r"undecodable training samples out of \d+ exceed data.max_bad_fraction"):
+        train(tiny_config(tiny_toy, tmp_path / "run", *from_shards(shards), "data.max_bad_fraction=0.01"))
+    assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+IMPOSSIBLE = {  # case: (override, what the error says); {optimizer}/{scheduler}: a DeepSpeed JSON with that block
+    "fp16_without_a_gpu": ("train.precision=fp16", "train.precision=fp16 needs a GPU"),
+    "grad_accum_beyond_the_epoch": ("train.grad_accum=16",
+                                    r"7 micro-batch\(es\) per process, fewer than train.grad_accum=16"),
+    "deepspeed_json_with_an_optimizer": ("train.deepspeed={optimizer}", "remove the 'optimizer' block"),
+    "deepspeed_json_with_a_scheduler": ("train.deepspeed={scheduler}", "remove the 'scheduler' block"),
+}
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE)
+def test_an_impossible_combination_is_one_config_error_before_any_heavy_work(case, tiny_toy, tmp_path, monkeypatch):
+    if case == "fp16_without_a_gpu" and torch.cuda.is_available():
+        pytest.skip("fp16 is possible on this machine")
+    override, message = IMPOSSIBLE[case]
+    deepspeed_json = {}
+    for block in ("optimizer", "scheduler"):
+        deepspeed_json[block] = tmp_path / f"ds_{block}.json"
+        deepspeed_json[block].write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW"}}))
+    monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(tiny_toy, tmp_path / "run", override.format(**deepspeed_json)))
+
+
+LOAD_TIME_ERRORS = {  # override (with train.grad_accum=4): what the error says
+    "data.steps_per_epoch=2": "cannot fill one optimiser step of train.grad_accum=4",
+    "train.log_every=0": "train.log_every must be >= 1",
+    "optim.lr=1.0e999": "optim.lr must be a finite number",
+}
+
+
+@pytest.mark.parametrize("override", LOAD_TIME_ERRORS)
+def test_config_errors_reach_the_user_as_exit_status_2_and_one_message(override, tiny_toy, tmp_path, capsys):
+    args = overrides(tiny_toy, tmp_path / "run", "train.grad_accum=4", override)
+    assert mlgcn(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and LOAD_TIME_ERRORS[override] in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_toy, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(tiny_toy, run_dir))
+    return run_dir
+
+
+def voc_data(voc_root: Path) -> tuple[str, ...]:
+    return "data.dataset=voc", f"data.root={voc_root}", "data.train_split=trainval", "data.val_split=test"
+
+
+def test_resuming_on_a_dataset_with_another_label_count_is_a_config_error_before_loading(
+    trained_run, tiny_toy, voc_root, monkeypatch
+):
+    monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
+    cfg = tiny_config(tiny_toy, trained_run, *voc_data(voc_root), "train.resume=auto", "data.batch_size=2")
+    with pytest.raises(ConfigError, match="was trained on 12 labels, the dataset has 20"):
+        train(cfg)
+
+
+def test_evaluating_a_checkpoint_on_a_dataset_with_another_label_count_is_a_config_error(
+    trained_run, voc_root, capsys
+):
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), *voc_data(voc_root)]) == 2
+    assert "the checkpoint has 12 labels but the dataset has 20" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- numerics
+
+
+def test_a_diverging_run_stops_at_the_first_nan_loss_naming_step_and_image_ids(tiny_toy, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"up to step \d+ .*image ids of the last batch \[\d+, .*"
+                                                 r"last good checkpoint: none"):
+        train(tiny_config(tiny_toy, tmp_path / "run", "optim.lr=1e6"))
+
+
+@pytest.mark.parametrize("log_every", [1, 100])  # 100: the NaN falls after the last logging window of the epoch
+def test_a_nan_loss_stops_the_run_before_it_is_checkpointed_and_names_the_last_good_checkpoint(
+    log_every, tiny_toy, tmp_path, monkeypatch
+):
+    import mlgcn_dist.engine as engine
+
+    real_build_loss, calls = engine.build_loss, []
+
+    def loss_turning_nan_at_step_10(cfg):
+        criterion = real_build_loss(cfg)
+
+        def loss(logits, targets):
+            calls.append(1)
+            value = criterion(logits, targets)
+            return value * float("nan") if len(calls) >= 10 else value
+
+        return loss
+
+    monkeypatch.setattr(engine, "build_loss", loss_turning_nan_at_step_10)
+    run_dir = tmp_path / "run"
+    good = run_dir / "checkpoints" / "step-00000007"  # 7 steps per epoch: the NaN comes in epoch 1
+    with pytest.raises(NonFiniteLossError, match=rf"epoch 1\); image ids of the last batch \[\d+.*{re.escape(str(good))}"):
+        train(tiny_config(tiny_toy, run_dir, "train.epochs=2", f"train.log_every={log_every}"))
+    assert complete_checkpoints(run_dir / "checkpoints") == [good]
+    monkeypatch.undo()
+    assert train(tiny_config(tiny_toy, run_dir, "train.epochs=2", "train.resume=auto"))["global_step"] == 14
+
+
+# ----------------------------------------------------------------------------------------------- disk
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file until the filesystem holding ``directory`` is full."""
+    filler = directory / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(bytes(1 << 16))
+                fh.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs (root only; skipped where mounting is not permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["tmpfs_full", "enospc_in_save"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(
+    fault, tiny_toy, tmp_path, monkeypatch, request
+):
+    disk = request.getfixturevalue("small_disk") if fault == "tmpfs_full" else tmp_path
+    run_dir = disk / "run"
+    real_save, saves, filler = CheckpointManager.save, [], []
+
+    def second_save_meets_a_full_disk(self, *args):
+        saves.append(1)
+        if len(saves) == 2 and fault == "tmpfs_full":
+            filler.append(fill_disk(disk))
+        elif len(saves) == 2:
+            real_save_state = self.accelerator.save_state
+
+            def save_state_then_enospc(output_dir):
+                real_save_state(output_dir)  # every file written, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "extra.bin"))
+
+            monkeypatch.setattr(self.accelerator, "save_state", save_state_then_enospc)
+        return real_save(self, *args)
+
+    monkeypatch.setattr(CheckpointManager, "save", second_save_meets_a_full_disk)
+    first = run_dir / "checkpoints" / "step-00000007"
+    with pytest.raises(CheckpointError, match=rf"step-00000014 .*No space left .* {re.escape(str(first))} is intact"):
+        train(tiny_config(tiny_toy, run_dir, "train.epochs=2"))
+    assert complete_checkpoints(run_dir / "checkpoints") == [first]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the partial checkpoint still takes space"
+    assert resolve_resume("auto", run_dir) == first
+
+    monkeypatch.undo()  # space is back
+    for path in filler:
+        path.unlink()
+    resumed = train(tiny_config(tiny_toy, run_dir, "train.epochs=2", "train.resume=auto"))
+    assert resumed["global_step"] == 14
+
+
+def test_a_failed_write_of_a_portable_checkpoint_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    atomic_torch_save({"epoch": 1}, path)
+
+    def torch_save_meets_a_full_disk(obj, fh):
+        fh.write(b"half a file")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", torch_save_meets_a_full_disk)
+    with pytest.raises(CheckpointError, match=r"best.pt .*file write failed; \d+ MiB free there\); the previous"):
+        atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_a_partial_checkpoint_directory_is_never_resumed_from_and_is_replaced_on_the_next_save(tiny_toy, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_toy, run_dir))
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / ".tmp-step-00000014"  # what a kill during the next save leaves behind
+    shutil.copytree(ckpts / "step-00000007", partial)
+    (partial / "train_state.json").unlink()
+    assert resolve_resume("auto", run_dir) == ckpts / "step-00000007"
+    train(tiny_config(tiny_toy, run_dir, "train.epochs=2", "train.resume=auto"))
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step-00000007", "step-00000014"]
+    assert not partial.exists()
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+KILL_RUN = ("train.epochs=3", "data.steps_per_epoch=15")  # 45 steps, a checkpoint after steps 15, 30 and 45
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_toy, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, *KILL_RUN))))
+    return run_dir
+
+
+def logged_steps(run_dir: Path) -> int:
+    return len(read_jsonl(run_dir / "train_log.jsonl"))
+
+
+def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """A run in the background, its output in ``log`` (a file never fills up and blocks the run like a pipe)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=process_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def ranks(launcher: subprocess.Popen, count: int) -> dict[int, psutil.Process]:
+    """The launcher's worker processes by RANK, once all ``count`` have started."""
+    found: dict[int, psutil.Process] = {}
+
+    def started() -> bool:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None:
+                found[int(rank)] = child
+        return len(found) == count
+
+    wait_for(started, 60, launcher)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("victim", "seed"), [("one_rank", 0), ("all_ranks", 6), ("launcher", 2),
+                                              ("all_ranks_while_saving", 5)])
+def test_kill_9_at_a_random_point_then_resume_auto_ends_equal_to_an_uninterrupted_run(
+    victim, seed, tiny_toy, uninterrupted, tmp_path
+):
+    run_dir, log = tmp_path / "killed", tmp_path / "killed.log"
+    launcher = start(torchrun_cmd(2, overrides(tiny_toy, run_dir, *KILL_RUN)), log)
+    try:
+        workers = ranks(launcher, 2)
+        rng = random.Random(seed)
+        if victim == "all_ranks_while_saving":
+            partial = run_dir / "checkpoints" / f".tmp-step-{15 * rng.randint(1, 2):08d}"
+            wait_for(partial.exists, 120, launcher, poll=0.002)
+        else:
+            at_step = rng.randint(2, 43)
+            wait_for(lambda: logged_steps(run_dir) >= at_step, 120, launcher)
+        killed_at = time.monotonic()
+        if victim == "one_rank":
+            workers[1].kill()
+        elif victim == "launcher":
+            launcher.kill()
+        else:
+            for worker in workers.values():
+                worker.kill()
+        # Every process ends on its own: the launcher takes the group down when a worker dies, and orphaned
+        # workers checkpoint and stop when their launcher is gone.
+        gone, alive = psutil.wait_procs(list(workers.values()), timeout=60)
+        assert not alive, f"workers still running {time.monotonic() - killed_at:.0f} s after the kill"
+        status = launcher.wait(timeout=60)
+        assert status != 0, log.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    complete = complete_checkpoints(run_dir / "checkpoints")
+    if victim == "all_ranks_while_saving":
+        assert partial.exists() and partial not in complete
+    if victim == "launcher":
+        assert "the launcher (pid" in log.read_text()
+
+    resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, *KILL_RUN, "train.resume=auto"))))
+    output = resumed.stdout + resumed.stderr
+    if complete:
+        assert f"resumed from {complete[-1]}:" in output
+    else:
+        assert "resumed from" not in output
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    a, b = summary(uninterrupted), summary(run_dir)
+    assert b["global_step"] == a["global_step"] == 45
+    assert b["final"]["model"]["mAP"] == pytest.approx(a["final"]["model"]["mAP"], abs=1e-6)
+    for key, value in weights(uninterrupted).items():
+        torch.testing.assert_close(weights(run_dir)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_others_exit_within_train_dist_timeout_s_and_the_launcher_fail(tiny_toy, tmp_path):
+    run_dir, log, timeout_s = tmp_path / "hung", tmp_path / "hung.log", 5
+    launcher = start(torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=200",
+                                               f"train.dist_timeout_s={timeout_s}")), log)
+    try:
+        workers = ranks(launcher, 2)
+        wait_for(lambda: logged_steps(run_dir) >= 3, 120, launcher)
+        workers[1].suspend()  # SIGSTOP: alive, holding its sockets, making no progress (a deadlock, a stuck driver)
+        hung_at = time.monotonic()
+        gone, _ = psutil.wait_procs([workers[0]], timeout=timeout_s + 30)
+        assert gone, "rank 0 waits on the hung rank beyond train.dist_timeout_s"
+        rank_0_exit = time.monotonic() - hung_at
+        # The launcher SIGTERMs the hung rank, SIGKILLs it 30 s later (torch's fixed grace for a failed group) and
+        # exits with a failure.
+        status = launcher.wait(timeout=60)
+        launcher_exit = time.monotonic() - hung_at
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    assert timeout_s - 1 <= rank_0_exit < timeout_s + 10
+    assert status != 0 and launcher_exit < timeout_s + 30 + 15
+    assert f"Timed out waiting {timeout_s * 1000}ms" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_second_real_process_on_the_same_run_directory_refuses_and_the_first_goes_on(tiny_toy, tmp_path):
+    run_dir = tmp_path / "shared"
+    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=500")]
+    first = start(cmd, tmp_path / "first.log")
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 1, 120, first)
+        second = run(cmd, timeout=120)
+        assert second.returncode != 0
+        assert f"is in use by pid {first.pid}" in second.stderr
+        steps = logged_steps(run_dir)
+        wait_for(lambda: logged_steps(run_dir) > steps, 60, first)  # the first run was not disturbed
+    finally:
+        kill_tree(first)
+
+
+@pytest.mark.slow
+def test_secrets_in_the_environment_never_reach_logs_configs_or_checkpoints(tiny_toy, tmp_path):
+    secret, other = "some-secret-value", "another-secret-in-the-env"
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=2", "log.wandb=offline")],
+        cwd=REPO, capture_output=True, timeout=300,
+        env=process_env(WANDB_API_KEY=secret, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), MLGCN_TOKEN=other),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = [p for d in (run_dir, wandb_dir) for p in d.rglob("*") if p.is_file()]
+    assert {".pt", ".safetensors", ".bin", ".wandb", ".json", ".jsonl", ".yaml"} <= {p.suffix for p in files}
+    for path in files:
+        data = path.read_bytes()
+        assert secret.encode() not in data and other.encode() not in data, f"a secret is in {path}"
+    assert secret.encode() not in proc.stdout + proc.stderr and other.encode() not in proc.stdout + proc.stderr
