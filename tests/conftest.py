@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ from PIL import Image
 
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.voc import VOC_CLASSES
+
+
+def reference_dir() -> Path:
+    """The original ML-GCN data files (third-party, never copied into the repo): ``shared/`` beside the checkout,
+    or MLGCN_REFERENCE_DIR."""
+    if "MLGCN_REFERENCE_DIR" in os.environ:
+        return Path(os.environ["MLGCN_REFERENCE_DIR"])
+    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "mlgcn"
+
 
 # split -> {image stem: (present class names, difficult-only class names)}; sizes vary to test header reading
 VOC_FIXTURE = {

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reference_dir
 from PIL import Image
 
 from mlgcn_dist.data.coco import coco_label_space, read_coco
 from mlgcn_dist.data.voc import VOC_CLASSES, read_voc
 
-REFERENCE_README = Path("/work/shared/reference/mlgcn/README.txt")
+REFERENCE_README = reference_dir() / "README.txt"
 # The 80 COCO 2014 categories in category_id order (ids 1..90 with gaps), as instances_*2014.json lists them.
 COCO_NAMES_BY_ID = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant - stop_sign parking_meter "

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import reference_dir
 
 from mlgcn_dist.config import GraphConfig
 from mlgcn_dist.graph import (
@@ -23,7 +23,7 @@ from mlgcn_dist.graph import (
     write_stats_json,
 )
 
-REFERENCE = Path(os.environ.get("MLGCN_REFERENCE_DIR", "/work/shared/reference/mlgcn"))
+REFERENCE = reference_dir()
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"ML-GCN reference data absent ({REFERENCE})")
 
 # ML-GCN's COCO label order: the 80 category names sorted as strings (reference README.txt).
