@@ -93,3 +93,11 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest toy set (64 train / 40 val images at 32 px), for tests that start real training processes."""
+    root = tmp_path_factory.mktemp("tiny_toy")
+    make_toy(root, train=64, val=40, size=32, seed=3)
+    return root

@@ -11,7 +11,6 @@ import json
 import re
 import signal
 import subprocess
-from pathlib import Path
 
 import psutil
 import pytest
@@ -32,16 +31,7 @@ from launching import (
     weights,
 )
 
-from mlgcn_dist.data.toy import make_toy
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_toy")
-    make_toy(root, train=64, val=40, size=32, seed=3)
-    return root
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_toy, tmp_path):

@@ -49,18 +49,10 @@ from mlgcn_dist.cli import main as mlgcn
 from mlgcn_dist.config import Config, ConfigError, load_config
 from mlgcn_dist.data.loader import ShardError
 from mlgcn_dist.data.pack import pack_dataset
-from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.engine import NonFiniteLossError, train
 from mlgcn_dist.tracking import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process runs each start from a clean state
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_toy")
-    make_toy(root, train=64, val=40, size=32, seed=3)
-    return root
 
 
 @pytest.fixture(scope="module")
