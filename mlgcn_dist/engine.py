@@ -275,6 +275,7 @@ class Trainer:
         if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
             self.results = _evaluate_all(cfg, self.accelerator, self.model, self.ema, self.decode, self.eval_augment)
             self.tracker.log_eval(state.epoch - 1, state.global_step, self.results)
+            self.accelerator.print(format_metrics_table(self.results))
         return self._finish()
 
     def _train_epoch(self) -> bool:
@@ -409,7 +410,6 @@ class Trainer:
 
     def _finish(self) -> dict:
         acc, state, results = self.accelerator, self.state, self.results
-        acc.print(format_metrics_table(results))
         summary = {
             "best_mAP": state.best_metric,
             "best_epoch": state.best_epoch,

@@ -2,8 +2,8 @@
 
 Batch contract (shared with the WebDataset loaders): "image" float32 [B,3,S,S] normalised (CPU decode) or "jpeg"
 list of B uint8 1-D tensors (raw bytes, decoded on the device); "target" int8 [B,C] (1/0/-1); "image_id" int64
-[B]; "n_bad" int, samples of this batch dropped because their file could not be read or decoded. A batch whose
-samples all failed has B = 0 and an empty "image".
+[B]; "n_bad" int, samples of this batch dropped because their file could not be read or decoded, and "bad_ids"
+the image ids of those whose id is known. A batch whose samples all failed has B = 0 and an empty "image".
 
 Augmentation is reproducible whatever the worker count: each sample's random stream is derived from
 (seed, epoch, index). Call :meth:`FolderDataset.set_epoch` before iterating the loader each epoch (workers receive
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mlgcn_dist.data.coco import read_coco
-from mlgcn_dist.data.records import SplitIndex, encode_target
+from mlgcn_dist.data.records import Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform, device_decodable_jpeg
 from mlgcn_dist.data.voc import read_voc
 
@@ -57,14 +57,15 @@ class FolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index.records)
 
-    def __getitem__(self, i: int) -> dict | None:
-        """The sample dict, or None when the file cannot be read or decoded (collate counts it in n_bad)."""
+    def __getitem__(self, i: int) -> dict | Skipped:
+        """The sample dict, or Skipped(image id) when the file cannot be read or decoded (collate counts and names
+        it in n_bad and bad_ids)."""
         record = self.index.records[i]
         try:
             payload = _read_jpeg(record.path) if self.raw else _load_rgb(record.path)
         except (OSError, SyntaxError, ValueError) as err:
             logger.warning("skipping unreadable image %s: %s", record.path, err)
-            return None
+            return Skipped(record.image_id)
         if self.raw:
             sample = {"jpeg": payload}
         else:
@@ -89,10 +90,14 @@ def _read_jpeg(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def collate(samples: list[dict | None]) -> dict:
-    """Stack the readable samples into the batch dict above; None samples are dropped and counted in n_bad."""
-    good = [s for s in samples if s is not None]
-    batch: dict = {"n_bad": len(samples) - len(good)}
+def collate(samples: list[dict | Skipped | None]) -> dict:
+    """Stack the readable samples into the batch dict above; the others (Skipped, None) are dropped, counted in
+    n_bad, and named in bad_ids where their image id is known."""
+    good = [s for s in samples if isinstance(s, dict)]
+    batch: dict = {
+        "n_bad": len(samples) - len(good),
+        "bad_ids": [s.image_id for s in samples if isinstance(s, Skipped) and s.image_id is not None],
+    }
     if not good:
         batch["image"] = torch.empty(0, 3, 0, 0)
         batch["target"] = torch.empty(0, 0, dtype=torch.int8)

@@ -45,7 +45,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from mlgcn_dist.config import DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
-from mlgcn_dist.data.records import SplitIndex, encode_target
+from mlgcn_dist.data.records import Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.graph import label_stats, read_stats
 
@@ -61,12 +61,6 @@ class ShardError(RuntimeError):
 class Shard(NamedTuple):
     path: str
     count: int  # samples, as listed in meta.json
-
-
-class Skipped(NamedTuple):
-    """A sample that could not be read or decoded: dropped from its batch, counted in n_bad, named in bad_ids."""
-
-    image_id: int | None  # None when the sample lost its .json (the image id is not known)
 
 
 @dataclass
@@ -370,13 +364,6 @@ class SampleDecoder:
         return torch.from_numpy(encode_target(labels, difficult, self.num_classes))
 
 
-def collate_reporting(samples: list[dict | Skipped | None]) -> dict:
-    """:func:`collate`, plus "bad_ids": the image ids of the skipped samples (those whose id is known)."""
-    batch = collate([s if isinstance(s, dict) else None for s in samples])
-    batch["bad_ids"] = [s.image_id for s in samples if isinstance(s, Skipped) and s.image_id is not None]
-    return batch
-
-
 def batch_samples(
     samples: Iterable[dict | Skipped | None], batch_size: int, max_bad_run: int | None = None
 ) -> Iterator[dict]:
@@ -399,18 +386,10 @@ def batch_samples(
         good.append(sample)
         run = 0
         if len(good) == batch_size:
-            yield collate_reporting(good + bad)
+            yield collate(good + bad)
             good, bad = [], []
     if good or bad:
-        yield collate_reporting(good + bad)
-
-
-class ReportingFolderDataset(FolderDataset):
-    """FolderDataset whose unreadable images come back as Skipped(image id), so their batch can name them."""
-
-    def __getitem__(self, i: int) -> dict | Skipped:
-        sample = super().__getitem__(i)
-        return Skipped(self.index.records[i].image_id) if sample is None else sample
+        yield collate(good + bad)
 
 
 # ----------------------------------------------------------------------------------------------- wds datasets
@@ -522,12 +501,11 @@ def build_train_loader(
     if len(index) == 0:
         raise ValueError(f"{data_cfg.root}: split '{data_cfg.train_split}' holds no images")
     steps = steps_per_epoch(data_cfg, len(index), world_size)
-    dataset = ReportingFolderDataset(index, transform, raw=decode == "gpu", seed=seed)
+    dataset = FolderDataset(index, transform, raw=decode == "gpu", seed=seed)
     dataset.set_epoch(epoch)
     indices = epoch_indices(len(index), rank, world_size, seed, epoch, steps * data_cfg.batch_size)
     loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate_reporting,
-        **kwargs,
+        dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate, **kwargs
     )
     return TrainLoader(loader, steps)
 
@@ -550,10 +528,10 @@ def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decod
         )
         return DataLoader(stream, batch_size=None, **kwargs)
     index = _folder_split(data_cfg, data_cfg.val_split)
-    dataset = ReportingFolderDataset(index, transform, raw=decode == "gpu")
+    dataset = FolderDataset(index, transform, raw=decode == "gpu")
     indices = list(_part(len(index), rank, world_size))
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate_reporting, **kwargs
+        dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate, **kwargs
     )
 
 

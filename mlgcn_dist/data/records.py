@@ -7,6 +7,7 @@ Target encoding used throughout (loaders, loss, AP meter): 1 = positive, 0 = neg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,6 +21,12 @@ class ImageRecord:
     height: int
     labels: tuple[int, ...]  # label indices (model order) present in the image
     difficult: tuple[int, ...] = ()  # label indices present only as difficult objects (VOC)
+
+
+class Skipped(NamedTuple):
+    """A sample that could not be read or decoded: dropped from its batch, counted in n_bad, named in bad_ids."""
+
+    image_id: int | None  # None when the sample lost its .json (the image id is not known)
 
 
 @dataclass
