@@ -5,12 +5,15 @@ groups) on one device, in one process, in four phases:
 
 * ceiling: synthetic tensors already on the device, with the run's settings (precision, channels_last,
   compile, batch size): the fastest this model can train here;
-* end to end, twice: the same settings fed by the real training loader from shards, decoding JPEGs in the CPU
-  workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder in the main process);
+* end to end: the same settings fed by the real training loader from shards, decoding JPEGs in the CPU
+  workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder), both with the device
+  conversion running ``data.device_prefetch`` batches ahead as in the engine; and once more decoding on the
+  device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains;
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data.
 
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
-the original code. The data-wait fraction is the share of the timed window spent blocked on ``next(loader)``.
+the original code. The data-wait fraction is the share of the timed window the training loop spent blocked
+waiting for its next batch on the device (loader and device-side decode together).
 MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
 phase's numerics.
 """
@@ -36,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mlgcn_dist.config import Config, load_config, set_key
 from mlgcn_dist.data.loader import DatasetInfo, bench_loader, build_train_loader, dataset_info, read_meta
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
+from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.transforms import GpuAugment, to_device
 from mlgcn_dist.engine import build_model_for
@@ -232,21 +236,30 @@ def synthetic_phase(
     return time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup)
 
 
-def loader_phase(step: TrainStep, cfg: Config, decode: str, steps: int, warmup: int) -> dict:
-    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device``."""
+def loader_phase(
+    step: TrainStep, cfg: Config, decode: str, steps: int, warmup: int, depth: int | None = None
+) -> dict:
+    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
+    engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream."""
+    depth = cfg.data.device_prefetch if depth is None else depth
     loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
     augment = GpuAugment(cfg.data.image_size, train=True) if decode == "gpu" else None
     rng = random.Random(cfg.train.seed)
 
-    def to_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets, _ = to_device(batch, step.device, augment, rng, step.setting.channels_last)
+    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
+        return to_device(batch, step.device, augment, rng, step.setting.channels_last)
+
+    def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets, _ = pair[1]
         return images, targets
 
-    result = time_training(step, loader, to_inputs, steps, warmup)
+    with device_batches(loader, convert, step.device, depth) as pairs:
+        result = time_training(step, pairs, to_inputs, steps, warmup)
+    result["device_prefetch"] = depth
     if decode == "cpu":
         result["decode_on"] = "cpu workers (PIL)"
     else:
-        result["decode_on"] = "cuda (nvJPEG)" if step.device.type == "cuda" else "cpu main process (no CUDA)"
+        result["decode_on"] = "cuda (nvJPEG)" if step.device.type == "cuda" else "torchvision on cpu (no CUDA)"
     return result
 
 
@@ -302,6 +315,9 @@ def _configured_phases(
         for decode in ("cpu", "gpu"):
             name = f"e2e_decode_{decode}"
             phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup))
+        if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
+            name = "e2e_decode_gpu_inline"
+            phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0))
     return phases, forward_flops
 
 
@@ -309,7 +325,8 @@ def _reference_phase(cfg: Config, info: DatasetInfo, device: torch.device, steps
     with cuda_numerics(ORIGINAL_MLGCN):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
-        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup))
+        # The original moved each batch inline (``input.cuda()``): no conversion ahead.
+        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0))
 
 
 def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
@@ -426,16 +443,16 @@ def format_report(report: dict) -> str:
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
         f"{layout}, {mode}; "
         f"{report['steps']} timed steps after {report['warmup']} warmup",
-        f"{'phase':16s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'peak mem':>12s}{'MFU':>7s}"
         f"{'/ceiling':>10s}{'/reference':>11s}  decode",
     ]
     for name, p in report["phases"].items():
         vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
         lines.append(
-            f"{name:16s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{name:22s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
             f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
-            + f"  {p.get('decode_on', 'synthetic on device')}"
+            + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"
         )
     flops = report["flops"]
     loader = report["loader_cpu"]
@@ -451,6 +468,11 @@ def format_report(report: dict) -> str:
     )
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
+
+
+def _ahead(phase: dict) -> str:
+    depth = phase.get("device_prefetch")
+    return "" if not depth else f", {depth} batches ahead"
 
 
 def _write_json(path: Path, obj: dict) -> None:

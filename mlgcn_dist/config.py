@@ -38,6 +38,7 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     decode: str = "auto"  # auto | cpu | gpu: where JPEGs are decoded and augmented
+    device_prefetch: int = 2  # batches moved/decoded onto the device ahead, on a helper thread (0: inline)
     shuffle_buffer: int = 1000
     keep_empty: bool = False  # keep images without any annotation as all-negative samples
     max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
@@ -163,6 +164,7 @@ AT_LEAST: dict[str, int] = {
     "data.eval_batch_size": 0,
     "data.workers": 0,
     "data.prefetch_factor": 1,
+    "data.device_prefetch": 0,
     "data.shuffle_buffer": 0,
     "data.steps_per_epoch": 0,
     "train.epochs": 1,

@@ -32,6 +32,7 @@ from mlgcn_dist.checkpoint import (
 )
 from mlgcn_dist.config import Config, ConfigError
 from mlgcn_dist.data.loader import DatasetInfo, build_eval_loader, build_train_loader, dataset_info
+from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.data.transforms import GpuAugment, to_device
 from mlgcn_dist.ema import ModelEMA
@@ -100,13 +101,14 @@ def evaluate(
     )
     rng = random.Random(0)
     num_bad, bad_ids = 0, []
-    for batch in loader:
-        images, targets, image_ids = to_device(batch, accelerator.device, augment, rng, cfg.train.channels_last)
-        num_bad += batch["n_bad"]  # after to_device: it adds the JPEGs the device could not decode
-        bad_ids += batch.get("bad_ids", []) + _dropped_ids(batch, image_ids)
-        with accelerator.autocast():
-            logits = model(images)
-        meter.add(logits.float().cpu(), targets.cpu(), image_ids.cpu())
+    convert = _converter(cfg, accelerator.device, augment, rng)
+    with device_batches(loader, convert, accelerator.device, cfg.data.device_prefetch) as pairs:
+        for batch, (images, targets, image_ids) in pairs:
+            num_bad += batch["n_bad"]  # after to_device: it adds the JPEGs the device could not decode
+            bad_ids += batch.get("bad_ids", []) + _dropped_ids(batch, image_ids)
+            with accelerator.autocast():
+                logits = model(images)
+            meter.add(logits.float().cpu(), targets.cpu(), image_ids.cpu())
     merged, duplicates = gather_meter(meter)
     results = merged.compute()
     results["top3"] = merged.compute(top_k=3)
@@ -118,6 +120,11 @@ def evaluate(
         accelerator.print(f"evaluation skipped {results['num_bad']} image(s) that could not be read or decoded; "
                           f"image ids: {results['bad_ids']}")
     return results, merged
+
+
+def _converter(cfg: Config, device: torch.device, augment: GpuAugment | None, rng: random.Random):
+    """The batch -> device tensors step (``to_device``) with this run's settings, for ``device_batches``."""
+    return lambda batch: to_device(batch, device, augment, rng, cfg.train.channels_last)
 
 
 def _dropped_ids(batch: dict, kept_ids: torch.Tensor) -> list[int]:
@@ -286,22 +293,28 @@ class Trainer:
         aug_rng = random.Random(hash((cfg.train.seed, state.epoch, self.topo.rank)))
         bar = tqdm(total=self.micro_batches, initial=state.step_in_epoch, disable=not acc.is_main_process,
                    desc=f"epoch {state.epoch}", dynamic_ncols=True)
-        window = ThroughputMeter()
-        loss_sum = torch.zeros((), device=acc.device)
-        nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         batches = iter(loader)
-        image_ids = None
         for _ in range(state.step_in_epoch):  # the order is fixed by (seed, epoch): skip what was already trained
             next(batches)
+        convert = _converter(cfg, acc.device, self.train_augment, aug_rng)
+        with device_batches(batches, convert, acc.device, cfg.data.device_prefetch) as pairs:
+            return self._train_batches(pairs, bar)
+
+    def _train_batches(self, pairs, bar: tqdm) -> bool:
+        """The training steps of one epoch over ``(batch, device tensors)`` pairs; True on a preemption stop."""
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        window = ThroughputMeter()
+        image_ids = None
+        loss_sum = torch.zeros((), device=acc.device)
+        nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         try:
             while state.step_in_epoch < self.micro_batches:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
+                t0 = time.perf_counter()  # waiting for the loader and the device conversion: the data wait
+                pair = next(pairs, None)
+                if pair is None:
                     break
                 window.data_wait += time.perf_counter() - t0
-                images, targets, image_ids = to_device(batch, acc.device, self.train_augment, aug_rng,
-                                                       cfg.train.channels_last)
+                batch, (images, targets, image_ids) = pair
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
                 self.seen_samples += len(image_ids)
                 loss = self._train_step(images, targets)

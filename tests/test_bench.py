@@ -29,7 +29,7 @@ from mlgcn_dist.engine import build_model_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "reference")
+PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "reference")
 PHASE_FIELDS = (
     "steps",
     "images",
@@ -102,7 +102,7 @@ def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
         )
     expected = {
         f"{e2e}/{base}": phases[e2e]["img_s"] / phases[base]["img_s"]
-        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu")
+        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline")
         for base in ("ceiling", "reference")
     }
     assert report["ratios"] == pytest.approx(expected)
@@ -116,8 +116,16 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     assert all(
         p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" for p in report["phases"].values()
     )
-    assert report["phases"]["e2e_decode_gpu"]["decode_on"] == "cpu main process (no CUDA)"
-    assert report["phases"]["e2e_decode_cpu"]["decode_on"] == "cpu workers (PIL)"
+    phases = report["phases"]
+    assert phases["e2e_decode_gpu"]["decode_on"] == phases["e2e_decode_gpu_inline"]["decode_on"]
+    assert phases["e2e_decode_gpu"]["decode_on"] == "torchvision on cpu (no CUDA)"
+    assert phases["e2e_decode_cpu"]["decode_on"] == "cpu workers (PIL)"
+
+
+def test_bench_runs_the_device_conversion_ahead_except_in_the_inline_and_reference_phases(report):
+    phases = report["phases"]
+    assert phases["e2e_decode_cpu"]["device_prefetch"] == phases["e2e_decode_gpu"]["device_prefetch"] == 2
+    assert phases["e2e_decode_gpu_inline"]["device_prefetch"] == phases["reference"]["device_prefetch"] == 0
 
 
 def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):

@@ -14,6 +14,7 @@ from mlgcn_dist.bench import TrainStep, make_toy_shards, run_setting
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
+from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, GpuAugment, to_device
 from mlgcn_dist.engine import build_model_for
 
@@ -126,3 +127,28 @@ def test_bench_train_on_cuda_reports_nvjpeg_decode_and_cuda_memory(tmp_path, sha
     )
     if phases["ceiling"]["peak_tflops"] is not None:  # a GPU in the peak table
         assert 0 < phases["ceiling"]["mfu"] < 1
+
+
+def test_batches_decoded_ahead_on_a_side_stream_equal_inline_decoding(shards):
+    """The helper thread's stream decodes and augments; the consumer's stream reads complete, unrecycled tensors."""
+    cfg = load_config(
+        "configs/toy.yaml",
+        ["data.format=wds", f"data.shards={shards}", "data.val_split=train", "data.image_size=96", "data.workers=0"],
+    )
+    augment = GpuAugment(96, train=True)
+    results = []
+    for depth in (0, 2):
+        rng = random.Random(3)
+        loader = build_eval_loader(cfg.data, rank=0, world_size=1, decode="gpu")
+        pairs = prefetch_to_device(
+            loader, lambda b, rng=rng: to_device(b, "cuda", augment, rng, True), torch.device("cuda"), depth
+        )
+        seen = []
+        for _, (images, _, _) in pairs:
+            # A slow consumer on the default stream: the side stream runs ahead and must not reuse this memory
+            # before the consumer's kernels have read it.
+            torch.cuda._sleep(2_000_000)
+            seen.append((images * 1).cpu())
+        results.append(seen)
+    assert len(results[0]) == len(results[1]) > 1
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -99,3 +99,17 @@ def test_a_second_run_on_the_same_directory_refuses(toy_root, tmp_path):
             train(toy_config(toy_root, run_dir, "train.epochs=1"))
     finally:
         lock.release()
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, tmp_path):
+    """data.device_prefetch only moves the decode/augment onto a helper thread: same batches, same weights."""
+    weights = []
+    for depth in (0, 2):
+        run_dir = tmp_path / f"ahead{depth}"
+        train(toy_config(toy_root, run_dir, "data.decode=gpu", f"data.device_prefetch={depth}", "train.epochs=1",
+                         "data.steps_per_epoch=4", "train.deterministic=true"))
+        payload = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+        weights.append(payload["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
