@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, run once on a lent H100/H200 (from any directory), results in $OUT; under 8 minutes wall:
-#   1. the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
-#   2. the toy set packed to shards;
-#   3. `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64): eager, then torch.compile
-#      (each: ceiling, end to end with CPU / GPU decode / GPU decode inline, ML-GCN reference).
+# The GPU check, run on a lent H100/H200 (from any directory), results in $OUT. CHECKS names its steps, in order
+# (default: pytest eager compile compile_cudagraphs):
+#   pytest              the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
+#   eager, compile,     `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64) eagerly, with
+#   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
+#                       CPU / GPU decode / GPU decode inline, the ceiling again, the ML-GCN reference); the first
+#                       of them waits for the toy set and packs it to shards.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
+# At most 8 files come back from a device run: everything else stays in $WORK.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:?set OUT to the folder whose files come back}"
@@ -36,16 +39,20 @@ fi
 { nvidia-smi; "$PY" -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"; } \
     > "$OUT/env.txt" 2>&1
 
-# Drawing the toy set takes ~30 s on one core: it overlaps the tests.
+# Drawing the toy set takes ~30 s on one core: it overlaps the tests (or the first step).
 timeout 150 "$PY" -m mlgcn_dist.cli make-toy --out "$WORK/toy" --train 256 --val 16 --size 640 \
-    > "$OUT/make_toy.log" 2>&1 &
+    > "$WORK/make_toy.log" 2>&1 &
 toy_pid=$!
-step pytest_gpu 100 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider \
-    --junitxml="$OUT/pytest_gpu.xml" tests/test_gpu.py tests/test_transforms.py
-wait "$toy_pid"
-echo "make_toy: exit $?" | tee -a "$OUT/summary.txt"
-step pack 90 "$PY" -m mlgcn_dist.cli pack coco --root "$WORK/toy" --out "$WORK/shards" --shard-count 32 \
-    --workers 16 --overwrite
+toy_ready() {
+    [[ -n "${toy_pid:-}" ]] || return 0
+    local rc=0
+    wait "$toy_pid" || rc=$?
+    echo "make_toy: exit $rc" | tee -a "$OUT/summary.txt"
+    ((rc == 0)) || tail -n 5 "$WORK/make_toy.log" >> "$OUT/summary.txt"
+    toy_pid=
+    step pack 90 "$PY" -m mlgcn_dist.cli pack coco --root "$WORK/toy" --out "$WORK/shards" --shard-count 32 \
+        --workers 16 --overwrite
+}
 
 bench=("$PY" -m mlgcn_dist.cli bench train --config configs/coco_gcn.yaml --shards "$WORK/shards"
        --steps 60 --warmup 10)
@@ -53,10 +60,24 @@ bench=("$PY" -m mlgcn_dist.cli bench train --config configs/coco_gcn.yaml --shar
 # reported loss should be a number).
 overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data.batch_size=64 data.workers=15
            train.precision=bf16 train.channels_last=true optim.lr=0.01)
-step bench_eager 180 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" train.compile=false
-step bench_compile 330 "${bench[@]}" --json "$OUT/bench_compile.json" "${overrides[@]}" train.compile=true
 
-for name in bench_eager bench_compile; do
-    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 12; }
+# CHECKS picks the steps and their order (default: all); a later step gets what the earlier ones left.
+for check in ${CHECKS:-pytest eager compile compile_cudagraphs}; do
+    case $check in
+        pytest) step pytest_gpu 150 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
+            tests/test_gpu.py tests/test_transforms.py ;;
+        eager) toy_ready; step bench_eager 180 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
+            train.compile=false ;;
+        compile) toy_ready; step bench_compile 200 "${bench[@]}" --json "$OUT/bench_compile.json" \
+            "${overrides[@]}" train.compile=true ;;
+        compile_cudagraphs) toy_ready; step bench_cudagraphs 240 "${bench[@]}" \
+            --json "$OUT/bench_cudagraphs.json" "${overrides[@]}" train.compile=true \
+            train.compile_mode=reduce-overhead ;;
+        *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;
+    esac
+done
+
+for name in bench_eager bench_compile bench_cudagraphs; do
+    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 16; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

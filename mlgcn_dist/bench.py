@@ -1,7 +1,7 @@
 """Throughput benchmarks (``mlgcn bench train`` and ``mlgcn bench loader``): where training time goes.
 
 ``bench train`` times training steps (forward, loss, backward, clipping, SGD with the backbone/head parameter
-groups) on one device, in one process, in four phases:
+groups) on one device, in one process, in these phases:
 
 * ceiling: synthetic tensors already on the device, with the run's settings (precision, channels_last,
   compile, batch size): the fastest this model can train here;
@@ -9,6 +9,8 @@ groups) on one device, in one process, in four phases:
   workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder), both with the device
   conversion running ``data.device_prefetch`` batches ahead as in the engine; and once more decoding on the
   device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains;
+* the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device over the
+  run, the spread to read the ratios against;
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data.
 
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
@@ -68,6 +70,7 @@ class Setting:
     compile: bool
     tf32: bool  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA)
     cudnn_benchmark: bool
+    compile_mode: str = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
 
     @property
     def numerics(self) -> str:
@@ -83,7 +86,12 @@ def run_setting(cfg: Config) -> Setting:
     """The configured setting; TF32 and cuDNN autotuning as the engine enables them (unless deterministic)."""
     fast = not cfg.train.deterministic
     return Setting(
-        cfg.train.precision, cfg.train.channels_last, cfg.train.compile, tf32=fast, cudnn_benchmark=fast
+        cfg.train.precision,
+        cfg.train.channels_last,
+        cfg.train.compile,
+        tf32=fast,
+        cudnn_benchmark=fast,
+        compile_mode=cfg.train.compile_mode,
     )
 
 
@@ -121,7 +129,8 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, cfg: Config, setting: Setting, device: torch.device) -> None:
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).train()
-        self.forward = torch.compile(self.model) if setting.compile else self.model
+        self.forward = torch.compile(self.model, mode=setting.compile_mode) if setting.compile else self.model
+        self.cuda_graphs = setting.compile and setting.compile_mode == "reduce-overhead"
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr)
         self.criterion = build_loss(cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
@@ -131,6 +140,8 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
+        if self.cuda_graphs:  # as the engine: the previous replay's outputs are no longer needed
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.forward(images)
         loss = self.criterion(logits.float(), targets)
@@ -187,6 +198,7 @@ def time_training(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     source = iter(batches)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no per-step sync
 
     def run_one() -> tuple[float, int, torch.Tensor]:
         t0 = time.perf_counter()
@@ -207,6 +219,7 @@ def time_training(
         waited, count, loss = run_one()
         data_wait += waited
         images += count
+        nonfinite += (~torch.isfinite(loss)).long()
     seconds = _synced_clock(device) - start
     return {
         "steps": steps,
@@ -218,6 +231,8 @@ def time_training(
         "data_wait_frac": data_wait / seconds,
         "first_step_s": first_step_s,
         "final_loss": float(loss),
+        # A diverged model trains at the same speed (dense kernels do not slow down on NaN), but says so.
+        "nonfinite_steps": int(nonfinite),
         **peak_memory(device),
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
@@ -318,6 +333,9 @@ def _configured_phases(
         if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
             name = "e2e_decode_gpu_inline"
             phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0))
+        # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
+        repeat = synthetic_phase(step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup)
+        phases["ceiling_repeat"] = _progress("ceiling_repeat", repeat)
     return phases, forward_flops
 
 
@@ -363,6 +381,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "compile_s": phases["ceiling"]["first_step_s"] if cfg.train.compile else None,
         "phases": phases,
         "ratios": ratios(phases),
+        "ceiling_drift": phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"],
         "loader_cpu": loader,
         "notes": _notes(cfg, steps),
     }
@@ -437,7 +456,9 @@ def format_report(report: dict) -> str:
     """The phases as a table, then compile time, FLOPs and the loader's own rate."""
     setting = report["phases"]["ceiling"]["setting"]
     layout = "channels_last" if setting["channels_last"] else "NCHW"
-    mode = "compile" if setting["compile"] else "eager"
+    mode = "eager"
+    if setting["compile"]:
+        mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
@@ -456,6 +477,13 @@ def format_report(report: dict) -> str:
         )
     flops = report["flops"]
     loader = report["loader_cpu"]
+    lines.append(
+        f"ceiling re-measured after the end-to-end phases: {report['ceiling_drift']:.3f}x the first "
+        "(the spread between two measurements of one setting)"
+    )
+    diverged = [name for name, p in report["phases"].items() if p["nonfinite_steps"]]
+    if diverged:
+        lines.append(f"non-finite loss in timed steps of: {', '.join(diverged)} (same kernels, same speed)")
     if report["compile_s"] is not None:
         lines.append(f"compile: first step took {report['compile_s']:.1f} s (excluded from the timings)")
     lines.append(

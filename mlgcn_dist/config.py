@@ -95,6 +95,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
+    # host (the compiled step's limit when the input pipeline shares the host, see README Performance).
+    compile_mode: str = "default"
     grad_accum: int = 1
     sync_bn: bool = False
     deterministic: bool = False
@@ -152,6 +155,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.loss": ("mlsm", "asl"),
     "train.device": ("auto", "cpu"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "log.wandb": ("online", "offline", "disabled"),
 }
 

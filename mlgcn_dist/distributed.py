@@ -19,6 +19,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     InitProcessGroupKwargs,
+    TorchDynamoPlugin,
 )
 
 from mlgcn_dist.config import Config, ConfigError
@@ -131,9 +132,20 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # We step the LR scheduler ourselves, once per optimiser step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
-        dynamo_backend="inductor" if cfg.train.compile else "no",
+        **_compile_kwargs(cfg),
         **kwargs,
     )
+
+
+def _compile_kwargs(cfg: Config) -> dict:
+    if not cfg.train.compile:
+        return {"dynamo_backend": "no"}
+    return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode)}
+
+
+def uses_cuda_graphs(cfg: Config) -> bool:
+    """Whether the compiled model replays CUDA graphs (reduce-overhead): each step must then mark its start."""
+    return cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
 
 
 def topology(accelerator: Accelerator, cfg: Config) -> Topology:

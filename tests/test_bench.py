@@ -29,7 +29,7 @@ from mlgcn_dist.engine import build_model_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "reference")
+PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "ceiling_repeat", "reference")
 PHASE_FIELDS = (
     "steps",
     "images",
@@ -40,6 +40,7 @@ PHASE_FIELDS = (
     "data_wait_frac",
     "first_step_s",
     "final_loss",
+    "nonfinite_steps",
     "peak_mem_bytes",
     "peak_mem_kind",
     "setting",
@@ -106,6 +107,7 @@ def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
         for base in ("ceiling", "reference")
     }
     assert report["ratios"] == pytest.approx(expected)
+    assert report["ceiling_drift"] == pytest.approx(phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"])
     flops = report["flops"]
     assert flops["forward_per_image"] > 0
     assert flops["train_per_image"] == TRAIN_FLOPS_PER_FORWARD * flops["forward_per_image"]
@@ -136,6 +138,7 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
         "compile": False,
         "tf32": False,
         "cudnn_benchmark": True,
+        "compile_mode": "default",
     }
     assert reference["decode_on"] == "cpu workers (PIL)"
     assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's own setting

@@ -16,7 +16,7 @@ from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, GpuAugment, to_device
-from mlgcn_dist.engine import build_model_for
+from mlgcn_dist.engine import build_model_for, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -152,3 +152,27 @@ def test_batches_decoded_ahead_on_a_side_stream_equal_inline_decoding(shards):
         results.append(seen)
     assert len(results[0]) == len(results[1]) > 1
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_path):
+    """compile_mode=reduce-overhead (CUDA graph replays) with batches decoded ahead on a side stream."""
+    cfg = load_config(
+        "configs/toy.yaml",
+        [
+            f"data.root={toy_root}",
+            "data.decode=gpu",
+            "data.device_prefetch=2",
+            "data.steps_per_epoch=12",
+            "train.epochs=2",
+            "train.precision=bf16",
+            "train.channels_last=true",
+            "train.compile=true",
+            "train.compile_mode=reduce-overhead",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.resume=none",
+        ],
+    )
+    summary = train(cfg)
+    assert summary["global_step"] == 24
+    assert summary["best_mAP"] > summary["frequency_baseline_mAP"]

@@ -10,6 +10,7 @@ import torch
 
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
+from mlgcn_dist.distributed import build_accelerator, uses_cuda_graphs
 from mlgcn_dist.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,3 +114,12 @@ def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, t
         weights.append(payload["model"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path):
+    cfg = toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}")
+    accelerator = build_accelerator(cfg)
+    assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
+    assert accelerator.state.dynamo_plugin.mode == mode
+    assert uses_cuda_graphs(cfg) == (mode == "reduce-overhead")
