@@ -9,11 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from mlgcn_dist.data.transforms import (
+    IMAGENET_MEAN,
     IMAGENET_STD,
     SCALES,
     CpuTransform,
@@ -158,6 +160,24 @@ def test_flip_mirrors_the_resized_crop_on_both_paths():
     assert torch.equal(transform.apply(decoded_pil(data), flipped), transform.apply(decoded_pil(data), plain).flip(2))
     assert torch.equal(tensor_path(data, 50, True, flipped), tensor_path(data, 50, True, plain).flip(2))
     assert not torch.equal(transform.apply(decoded_pil(data), flipped), transform.apply(decoded_pil(data), plain))
+
+
+def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
+    """Same-size crops are resized together and mirrored by one slice; the batch comes back in input order."""
+    rng = random.Random(5)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (90, 90), (120, 160)] * 4]
+    params = [sample_crop(im.shape[2], im.shape[1], 40, rng) for im in images]
+    params[0] = CropParams(0, 0, 60, 60, True)  # a group holding both a mirrored and a plain crop
+    params[1] = CropParams(5, 5, 60, 60, False)
+    batch = GpuAugment(40, train=True).apply(images, params, "cpu")
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    for im, p, got in zip(images, params, batch):
+        crop = im[None, :, p.y : p.y + p.h, p.x : p.x + p.w].float()
+        one = F.interpolate(crop, size=(40, 40), mode="bilinear", align_corners=False, antialias=True)[0]
+        one = one.flip(2) if p.flip else one
+        assert torch.allclose(got, (one - mean) / std, atol=1e-5)
+    assert len({(p.w, p.h) for p in params}) < len(params)  # the case that groups
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
