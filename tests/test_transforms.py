@@ -180,6 +180,19 @@ def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
     assert len({(p.w, p.h) for p in params}) < len(params)  # the case that groups
 
 
+def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
+    """Kernel count is what a busy GPU charges the helper stream for: it must not grow with the images per size."""
+    rng = random.Random(1)
+    images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8) for _ in range(32)]
+    params = [sample_crop(160, 120, 48, rng) for _ in images]
+    augment = GpuAugment(48, train=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        augment.apply(images, params, "cpu")
+    calls = Counter(e.name for e in prof.events() if e.cpu_parent is None)
+    assert calls["aten::_upsample_bilinear2d_aa"] == len({(p.h, p.w) for p in params}) < len(images)
+    assert calls["aten::flip"] == 1 and any(p.flip for p in params)
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
 def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
     data = jpeg(photo(mode=mode))

@@ -152,10 +152,11 @@ class GpuAugment:
         """Crop, resize, flip each decoded uint8 [3, H, W] image; normalise the stacked batch.
 
         Crops of the same size are stacked and resized by one call (COCO photos share a few sizes, and the crop
-        sides come from five scales), with the mirrored ones at the end of their group so that one slice flips
-        them; one ``index_select`` puts the batch back in input order. On a busy GPU every kernel of this
-        helper-stream work waits for free SMs: a handful per group instead of five per image is what keeps the
-        decode ahead of training. Nothing here waits for the device (the index goes up from pinned memory).
+        sides come from five scales); the mirrored crops of all groups are gathered at the end of the batch and
+        flipped by one call, and one ``index_select`` puts the batch back in input order. On a busy GPU every
+        kernel of this helper-stream work waits for free SMs: for 64 COCO-shaped images that is ~90 kernels
+        instead of ~170 one per step per image. Nothing here waits for the device (the index goes up from pinned
+        memory, the normalisation constants are made once).
         """
         device = torch.device(device)
         if not images:
@@ -163,19 +164,22 @@ class GpuAugment:
         groups: dict[tuple[int, int], list[int]] = {}
         for i in sorted(range(len(params)), key=lambda i: params[i].flip):  # mirrored last within each group
             groups.setdefault((params[i].h, params[i].w), []).append(i)
-        resized, order = [], []
+        plain, mirrored, plain_ids, mirrored_ids = [], [], [], []
         for members in groups.values():
             crops = torch.stack([images[i][:, params[i].y : params[i].y + params[i].h,
                                            params[i].x : params[i].x + params[i].w] for i in members])
             out = F.interpolate(crops.float(), size=(self.size, self.size), mode="bilinear", align_corners=False,
                                 antialias=True)
-            mirrored = sum(params[i].flip for i in members)
-            if mirrored:
-                tail = out[len(members) - mirrored :]
-                tail.copy_(tail.flip(3))
-            resized.append(out)
-            order += members
-        batch = torch.cat(resized)
+            cut = sum(not params[i].flip for i in members)
+            plain.append(out[:cut])
+            mirrored.append(out[cut:])
+            plain_ids += members[:cut]
+            mirrored_ids += members[cut:]
+        batch = torch.cat(plain + mirrored)  # every mirrored crop at the end: one flip for all of them
+        if mirrored_ids:
+            tail = batch[len(plain_ids) :]
+            tail.copy_(tail.flip(3))
+        order = plain_ids + mirrored_ids
         if order != sorted(order):
             position = [0] * len(order)
             for row, i in enumerate(order):
