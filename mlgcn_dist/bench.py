@@ -44,6 +44,7 @@ from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.transforms import GpuAugment, to_device
+from mlgcn_dist.distributed import uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
@@ -130,7 +131,7 @@ class TrainStep:
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).train()
         self.forward = torch.compile(self.model, mode=setting.compile_mode) if setting.compile else self.model
-        self.cuda_graphs = setting.compile and setting.compile_mode == "reduce-overhead"
+        self.cuda_graphs = uses_cuda_graphs(setting.compile, setting.compile_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr)
         self.criterion = build_loss(cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
@@ -323,10 +324,11 @@ def _configured_phases(
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
         forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device)
-        ceiling = synthetic_phase(
-            step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup
-        )
-        phases = {"ceiling": _progress("ceiling", ceiling)}
+
+        def ceiling() -> dict:
+            return synthetic_phase(step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup)
+
+        phases = {"ceiling": _progress("ceiling", ceiling())}
         for decode in ("cpu", "gpu"):
             name = f"e2e_decode_{decode}"
             phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup))
@@ -334,8 +336,7 @@ def _configured_phases(
             name = "e2e_decode_gpu_inline"
             phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0))
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
-        repeat = synthetic_phase(step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup)
-        phases["ceiling_repeat"] = _progress("ceiling_repeat", repeat)
+        phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling())
     return phases, forward_flops
 
 

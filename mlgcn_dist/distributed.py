@@ -143,9 +143,9 @@ def _compile_kwargs(cfg: Config) -> dict:
     return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode)}
 
 
-def uses_cuda_graphs(cfg: Config) -> bool:
+def uses_cuda_graphs(compiled: bool, compile_mode: str) -> bool:
     """Whether the compiled model replays CUDA graphs (reduce-overhead): each step must then mark its start."""
-    return cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    return compiled and compile_mode == "reduce-overhead"
 
 
 def topology(accelerator: Accelerator, cfg: Config) -> Topology:

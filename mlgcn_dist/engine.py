@@ -349,7 +349,7 @@ class Trainer:
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg
-        if distributed.uses_cuda_graphs(cfg):
+        if distributed.uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode):
             # The previous step's graph outputs are dead: their static buffers may be overwritten by this replay.
             torch.compiler.cudagraph_mark_step_begin()
         with acc.accumulate(self.model):

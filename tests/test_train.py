@@ -122,4 +122,4 @@ def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path
     accelerator = build_accelerator(cfg)
     assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
     assert accelerator.state.dynamo_plugin.mode == mode
-    assert uses_cuda_graphs(cfg) == (mode == "reduce-overhead")
+    assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")

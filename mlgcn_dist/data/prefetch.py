@@ -1,7 +1,7 @@
 """Prepare the next batches on the device while the current one trains.
 
 Moving a batch to the device is not free on the GPU-decode path: nvJPEG decodes the JPEGs (torchvision's decoder
-blocks the calling thread until its own stream has finished) and the crop/resize/flip kernels run per image. Done
+blocks the calling thread until its own stream has finished) and the crop/resize/flip kernels follow. Done
 inline, that time sits between two training steps. :func:`prefetch_to_device` runs the conversion of the next
 ``depth`` batches on one helper thread, on its own CUDA stream, so it overlaps the compute of the current step:
 the helper's kernels share the GPU with the training stream and the host thread that launches training kernels is
@@ -35,7 +35,6 @@ Converted = tuple[torch.Tensor, ...]
 # Devices whose work may be queued from a second host thread. MPS is left out: its command queue is not
 # documented to be safe to drive from two threads, so it converts inline.
 THREADED_DEVICES = ("cuda", "cpu")
-_EXHAUSTED = StopIteration()  # marks a loader that ended normally
 
 
 def prefetch_to_device(
@@ -48,8 +47,9 @@ def prefetch_to_device(
 
     ``convert`` may mutate ``batch`` (``to_device`` adds device-side decode failures to ``batch["n_bad"]``); the
     mutation is visible when the pair is yielded. An exception raised by ``convert`` or by the loader is raised
-    here, after the batches before it, as inline iteration would raise it. Closing the generator (``contextlib.closing``, or breaking out and dropping it) stops the
-    helper after the conversion it is running.
+    here, after the batches before it, as inline iteration would raise it. Closing the generator (``contextlib.
+    closing``, :func:`device_batches`, or breaking out and dropping it) stops the helper after the conversion it
+    is running.
     """
     device = torch.device(device)
     if depth <= 0 or device.type not in THREADED_DEVICES:
@@ -57,26 +57,28 @@ def prefetch_to_device(
             yield batch, convert(batch)
         return
     # High priority: while training kernels fill the SMs, the scheduler starts this stream's small kernels first,
-    # so a decode/augment does not queue behind a whole step (measured: at normal priority under CUDA graph
-    # replays the helper fell to ~820 img/s on an H100, below the 950 img/s the model trains at).
+    # so a decode/augment need not queue behind a whole step. Measured at normal priority under CUDA graph replays:
+    # the helper fell to ~820 img/s on an H100, below the 950 img/s the model trains at; with high priority: not
+    # yet measured.
     stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
     pending: deque[Future] = deque()
     source = iter(batches)
+    source_done = False
     loader_error: Exception | None = None
 
     def pull(helper: ThreadPoolExecutor) -> None:
         """Queue the conversion of the loader's next batch; a loader error waits until the batches before it
         have been handed out (it is raised where inline iteration would have raised it)."""
-        nonlocal loader_error
-        if loader_error is not None:
+        nonlocal source_done, loader_error
+        if source_done:
             return
         try:
             batch = next(source)
         except StopIteration:
-            loader_error = _EXHAUSTED
+            source_done = True
             return
         except Exception as err:  # noqa: BLE001 - re-raised below, in order
-            loader_error = err
+            source_done, loader_error = True, err
             return
         pending.append(helper.submit(_convert_on, stream, convert, batch))
 
@@ -93,7 +95,7 @@ def prefetch_to_device(
                     for tensor in converted:
                         tensor.record_stream(consumer)
                 yield batch, converted
-            if loader_error is not None and loader_error is not _EXHAUSTED:
+            if loader_error is not None:
                 raise loader_error
         finally:
             for future in pending:

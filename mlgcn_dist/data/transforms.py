@@ -155,7 +155,7 @@ class GpuAugment:
         sides come from five scales); the mirrored crops of all groups are gathered at the end of the batch and
         flipped by one call, and one ``index_select`` puts the batch back in input order. On a busy GPU every
         kernel of this helper-stream work waits for free SMs: for 64 COCO-shaped images that is ~90 kernels
-        instead of ~170 one per step per image. Nothing here waits for the device (the index goes up from pinned
+        instead of the ~170 of resizing and flipping each image alone. Nothing here waits for the device (the index goes up from pinned
         memory, the normalisation constants are made once).
         """
         device = torch.device(device)
@@ -181,10 +181,7 @@ class GpuAugment:
             tail.copy_(tail.flip(3))
         order = plain_ids + mirrored_ids
         if order != sorted(order):
-            position = [0] * len(order)
-            for row, i in enumerate(order):
-                position[i] = row
-            index = torch.tensor(position)
+            index = torch.tensor(order).argsort()  # the row of each input image in ``batch``
             if device.type == "cuda":
                 index = index.pin_memory()
             batch = batch.index_select(0, index.to(device, non_blocking=True))
