@@ -4,8 +4,9 @@
 #   pytest              the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
 #   eager, compile,     `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64) eagerly, with
 #   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
-#                       CPU / GPU decode / GPU decode inline, the ceiling again, the ML-GCN reference); the first
-#                       of them waits for the toy set and packs it to shards.
+#                       CPU / GPU decode / GPU decode inline, the ceiling again, the GPU data path alone, the
+#                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
+#                       non-finite); the first of them waits for the toy set and packs it to shards.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.
@@ -78,6 +79,6 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs}; do
 done
 
 for name in bench_eager bench_compile bench_cudagraphs; do
-    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 16; }
+    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 24; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

@@ -11,13 +11,19 @@ groups) on one device, in one process, in these phases:
   device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains;
 * the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device over the
   run, the spread to read the ratios against;
-* reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data.
+* reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data;
+
+and, without training, the GPU data path alone (``data_gpu``: loader, decode, augment, run ahead as in training).
+Every phase of one model starts from the same initial weights (``TrainStep.restart``).
 
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
 the original code. The data-wait fraction is the share of the timed window the training loop spent blocked
 waiting for its next batch on the device (loader and device-side decode together).
 MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
-phase's numerics.
+phase's numerics. Each end-to-end phase also reports the host time of the device conversion per batch
+(``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``) and its share of the step
+(``convert_busy``): near 1.0 the prefetch helper, not the model, sets the pace. A diverging model is reported
+(``first_nonfinite_step``, ``max_grad_norm``) without a per-step sync.
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ from mlgcn_dist.data.loader import DatasetInfo, bench_loader, build_train_loader
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
-from mlgcn_dist.data.transforms import GpuAugment, to_device
+from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
+from mlgcn_dist.streams import running_on, side_stream
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
 # torch.cuda.get_device_name ("H100 PCIe" before "H100", whose numbers are the SXM part's). fp32: CUDA cores.
@@ -138,6 +145,24 @@ class TrainStep:
         self.clip_grad = cfg.optim.clip_grad
         self.setting = setting
         self.device = device
+        # The pre-clip gradient norm of the last step (a device tensor: reading it would wait for the device).
+        self.grad_norm: torch.Tensor | None = None
+        # On the host: a copy on the device would count in every phase's peak memory.
+        self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def restart(self) -> None:
+        """Back to the initial weights, buffers and empty optimiser state, in place.
+
+        Every phase starts from the same model: the phases are then comparable steps of one training run's
+        start, and a divergence in one phase does not carry into the next. In place, so a compiled model (and
+        its CUDA graphs, which read the parameters where they are) stays valid.
+        """
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                value.copy_(self._initial[key])
+        self.optimizer.state.clear()  # SGD makes its momentum buffers again at the next step
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.setting.precision == "fp16")
+        self.grad_norm = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
@@ -149,7 +174,7 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         if self.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -192,36 +217,53 @@ def time_training(
     to_inputs: Callable[[object], tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     warmup: int,
+    stream: torch.cuda.Stream | None = None,
 ) -> dict:
-    """``warmup`` untimed steps (the first one timed alone: compilation, cuDNN autotuning, worker start-up),
-    then ``steps`` timed ones; the time blocked on ``next(batches)`` is the data wait."""
+    """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one timed alone: compilation, cuDNN
+    autotuning, worker start-up), then ``steps`` timed ones; the time blocked on ``next(batches)`` is the data
+    wait. Divergence is tracked on the device (no per-step sync): the steps before the first non-finite loss and
+    the largest pre-clip gradient norm, over warm-up and timed steps."""
     device = step.device
+    step.restart()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     source = iter(batches)
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no per-step sync
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # timed steps with a non-finite loss
+    finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
+    max_grad_norm = torch.zeros((), device=device)
 
     def run_one() -> tuple[float, int, torch.Tensor]:
+        nonlocal finite_run, max_grad_norm
         t0 = time.perf_counter()
         batch = next(source)
         waited = time.perf_counter() - t0
         images, targets = to_inputs(batch)
-        return waited, len(images), step(images, targets)
+        loss = step(images, targets)
+        finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()
+        if step.grad_norm is not None:
+            max_grad_norm = torch.fmax(max_grad_norm, step.grad_norm.float())  # fmax: a NaN norm is skipped
+        return waited, len(images), loss
 
-    t0 = _synced_clock(device)
-    run_one()
-    first_step_s = _synced_clock(device) - t0
-    for _ in range(warmup - 1):
+    taken = 0  # steps so far, compared with finite_run on the device
+    with running_on(stream):
+        t0 = _synced_clock(device)
         run_one()
-    data_wait = 0.0
-    images = 0
-    start = _synced_clock(device)
-    for _ in range(steps):
-        waited, count, loss = run_one()
-        data_wait += waited
-        images += count
-        nonfinite += (~torch.isfinite(loss)).long()
-    seconds = _synced_clock(device) - start
+        taken += 1
+        first_step_s = _synced_clock(device) - t0
+        for _ in range(warmup - 1):
+            run_one()
+            taken += 1
+        data_wait = 0.0
+        images = 0
+        start = _synced_clock(device)
+        for _ in range(steps):
+            waited, count, loss = run_one()
+            taken += 1
+            data_wait += waited
+            images += count
+            nonfinite += (~torch.isfinite(loss)).long()
+        seconds = _synced_clock(device) - start
+    diverged_at = int(finite_run)
     return {
         "steps": steps,
         "images": images,
@@ -234,14 +276,24 @@ def time_training(
         "final_loss": float(loss),
         # A diverged model trains at the same speed (dense kernels do not slow down on NaN), but says so.
         "nonfinite_steps": int(nonfinite),
+        # 1-based step (warm-up included) of the first non-finite loss; None when every loss was finite.
+        "first_nonfinite_step": None if diverged_at == taken else diverged_at + 1,
+        "max_grad_norm": float(max_grad_norm) if step.grad_norm is not None else None,
         **peak_memory(device),
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
+        "train_stream": "default" if stream is None else "side",
     }
 
 
 def synthetic_phase(
-    step: TrainStep, batch_size: int, image_size: int, num_classes: int, steps: int, warmup: int
+    step: TrainStep,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    steps: int,
+    warmup: int,
+    stream: torch.cuda.Stream | None = None,
 ) -> dict:
     """The ceiling: one batch of random images and sparse multi-hot targets, already on the device, reused."""
     device = step.device
@@ -249,34 +301,127 @@ def synthetic_phase(
     if step.setting.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(batch_size, num_classes, device=device) < 0.05).to(torch.int8)
-    return time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup)
+    return time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream)
 
 
-def loader_phase(
-    step: TrainStep, cfg: Config, decode: str, steps: int, warmup: int, depth: int | None = None
-) -> dict:
-    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
-    engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream."""
-    depth = cfg.data.device_prefetch if depth is None else depth
-    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
-    augment = GpuAugment(cfg.data.image_size, train=True) if decode == "gpu" else None
+class ConversionClock:
+    """Host time of the device conversion, per batch, on whichever thread runs it (the prefetch helper or the
+    training loop); on the GPU path split into the decode call and the crop/resize/flip/normalise launches.
+
+    torchvision's nvJPEG call returns when its own stream has finished decoding, so ``decode`` is the decode's
+    latency on a device busy with training; ``augment`` only launches kernels. Their sum against the step time
+    says whether the helper can keep up: at 1.0 of the step the helper is the limit.
+    """
+
+    PARTS = ("convert", "decode", "augment")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, part: str, fn: Callable, *args: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
+
+    def per_batch_ms(self) -> dict[str, float | None]:
+        """Mean host ms per converted batch of each part (None for a part this path does not have)."""
+        n = max(self.batches, 1)
+        return {f"{part}_ms": 1000 * self.seconds[part] / n if part in self.seconds else None for part in self.PARTS}
+
+
+class TimedGpuAugment(GpuAugment):
+    """GpuAugment whose decode and apply calls are timed by ``clock``; what they compute is unchanged."""
+
+    def __init__(self, size: int, train: bool, clock: ConversionClock) -> None:
+        super().__init__(size, train)
+        self.clock = clock
+
+    def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
+        return self.clock.timed("decode", super().decode, jpegs, device)
+
+    def apply(self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str) -> torch.Tensor:
+        return self.clock.timed("augment", super().apply, images, params, device)
+
+
+def timed_conversion(
+    cfg: Config, decode: str, device: torch.device, channels_last: bool
+) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock]:
+    """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch."""
+    clock = ConversionClock()
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock) if decode == "gpu" else None
     rng = random.Random(cfg.train.seed)
 
     def convert(batch: dict) -> tuple[torch.Tensor, ...]:
-        return to_device(batch, step.device, augment, rng, step.setting.channels_last)
+        clock.batches += 1
+        return clock.timed("convert", to_device, batch, device, augment, rng, channels_last)
+
+    return convert, clock
+
+
+def _decode_on(decode: str, device: torch.device) -> str:
+    if decode == "cpu":
+        return "cpu workers (PIL)"
+    return "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
+
+
+def loader_phase(
+    step: TrainStep,
+    cfg: Config,
+    decode: str,
+    steps: int,
+    warmup: int,
+    depth: int | None = None,
+    stream: torch.cuda.Stream | None = None,
+) -> dict:
+    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
+    engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
+    the steps on ``stream`` (None: the default stream)."""
+    depth = cfg.data.device_prefetch if depth is None else depth
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
 
     def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets, _ = pair[1]
         return images, targets
 
     with device_batches(loader, convert, step.device, depth) as pairs:
-        result = time_training(step, pairs, to_inputs, steps, warmup)
+        result = time_training(step, pairs, to_inputs, steps, warmup, stream)
+    # Every conversion of the phase, the ones run ahead past the last step included.
+    result.update(clock.per_batch_ms())
+    result["convert_busy"] = result["convert_ms"] / result["step_ms"]
     result["device_prefetch"] = depth
-    if decode == "cpu":
-        result["decode_on"] = "cpu workers (PIL)"
-    else:
-        result["decode_on"] = "cuda (nvJPEG)" if step.device.type == "cuda" else "torchvision on cpu (no CUDA)"
+    result["decode_on"] = _decode_on(decode, step.device)
     return result
+
+
+def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int, warmup: int) -> dict:
+    """The input pipeline alone: loader + device conversion ``data.device_prefetch`` ahead, as in training, with
+    no training step. Its img/s against the ceiling says whether the data path could keep up on an idle device;
+    its per-batch times against the end-to-end phase's show what sharing the device with training costs."""
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    convert, clock = timed_conversion(cfg, decode, device, cfg.train.channels_last)
+    images = 0
+    with device_batches(loader, convert, device, cfg.data.device_prefetch) as pairs:
+        for i, (_, (batch_images, _, _)) in enumerate(pairs):
+            if i == warmup:
+                start = _synced_clock(device)
+                images = 0
+            images += len(batch_images)
+            if i + 1 == warmup + batches:
+                break
+        seconds = _synced_clock(device) - start
+    return {
+        "decode_on": _decode_on(decode, device),
+        "device_prefetch": cfg.data.device_prefetch,
+        "batches": batches,
+        "images": images,
+        "seconds": seconds,
+        "img_s": images / seconds,
+        **clock.per_batch_ms(),
+    }
 
 
 def _progress(name: str, result: dict) -> dict:
@@ -325,16 +470,26 @@ def _configured_phases(
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
         forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device)
 
+        stream = side_stream(device, cfg.train.side_stream)
+
         def ceiling() -> dict:
-            return synthetic_phase(step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup)
+            return synthetic_phase(
+                step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup, stream
+            )
 
         phases = {"ceiling": _progress("ceiling", ceiling())}
         for decode in ("cpu", "gpu"):
             name = f"e2e_decode_{decode}"
-            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup))
+            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup, stream=stream))
         if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
             name = "e2e_decode_gpu_inline"
-            phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0))
+            phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0, stream=stream))
+        if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
+            other = not cfg.train.side_stream
+            name = f"e2e_decode_gpu_{'side' if other else 'default'}_stream"
+            phases[name] = _progress(
+                name, loader_phase(step, cfg, "gpu", steps, warmup, stream=side_stream(device, other))
+            )
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling())
     return phases, forward_flops
@@ -354,6 +509,8 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data)
     phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup)
+    data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
+    print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
         torch.cuda.empty_cache()
     phases["reference"] = _reference_phase(cfg, info, device, steps, warmup)
@@ -384,6 +541,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "ratios": ratios(phases),
         "ceiling_drift": phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"],
         "loader_cpu": loader,
+        "data_gpu": data_gpu,
         "notes": _notes(cfg, steps),
     }
 
@@ -482,9 +640,25 @@ def format_report(report: dict) -> str:
         f"ceiling re-measured after the end-to-end phases: {report['ceiling_drift']:.3f}x the first "
         "(the spread between two measurements of one setting)"
     )
-    diverged = [name for name, p in report["phases"].items() if p["nonfinite_steps"]]
+    diverged = [
+        f"{name} (from step {p['first_nonfinite_step']})"
+        for name, p in report["phases"].items()
+        if p["first_nonfinite_step"] is not None
+    ]
     if diverged:
-        lines.append(f"non-finite loss in timed steps of: {', '.join(diverged)} (same kernels, same speed)")
+        lines.append(
+            f"non-finite loss, each phase starting from the same weights: {', '.join(diverged)} "
+            "(same kernels, same speed)"
+        )
+    norms = [f"{name} {p['max_grad_norm']:.3g}" for name, p in report["phases"].items() if p["max_grad_norm"]]
+    if norms:
+        lines.append(f"largest gradient norm before clipping: {', '.join(norms)}")
+    lines += [
+        f"{name}: conversion {_ms(p['convert_ms'])} a batch on the host ({p['convert_busy']:.0%} of the step)"
+        + ("" if p["decode_ms"] is None else f"; decode {_ms(p['decode_ms'])}, augment {_ms(p['augment_ms'])}")
+        for name, p in report["phases"].items()
+        if "convert_ms" in p
+    ]
     if report["compile_s"] is not None:
         lines.append(f"compile: first step took {report['compile_s']:.1f} s (excluded from the timings)")
     lines.append(
@@ -495,13 +669,23 @@ def format_report(report: dict) -> str:
         f"loader alone (cpu decode, {loader['workers']} workers): {loader['images_per_s']:.1f} img/s, "
         f"{loader['images_per_s_per_worker']:.1f} img/s per worker"
     )
+    data = report["data_gpu"]
+    lines.append(
+        f"data path alone ({data['decode_on']}, {data['device_prefetch']} batches ahead, no training): "
+        f"{data['img_s']:.1f} img/s; a batch: decode {_ms(data['decode_ms'])}, augment {_ms(data['augment_ms'])}"
+    )
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
 
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} ms"
+
+
 def _ahead(phase: dict) -> str:
     depth = phase.get("device_prefetch")
-    return "" if not depth else f", {depth} batches ahead"
+    ahead = "" if not depth else f", {depth} batches ahead"
+    return ahead + (", steps on a side stream" if phase["train_stream"] == "side" else "")
 
 
 def _write_json(path: Path, obj: dict) -> None:

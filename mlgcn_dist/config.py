@@ -98,6 +98,9 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
     # host (the compiled step's limit when the input pipeline shares the host, see README Performance).
     compile_mode: str = "default"
+    # Training steps on a non-default CUDA stream, which a library call on the legacy default stream (suspected:
+    # the nvJPEG decode in the prefetch helper) does not wait for (mlgcn_dist/streams.py; bench train measures it).
+    side_stream: bool = False
     grad_accum: int = 1
     sync_bn: bool = False
     deterministic: bool = False

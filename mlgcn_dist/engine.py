@@ -41,6 +41,7 @@ from mlgcn_dist.losses import build_loss
 from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
 from mlgcn_dist.models import build_model
 from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, scaled_lr
+from mlgcn_dist.streams import running_on, side_stream
 from mlgcn_dist.tracking import Tracker
 
 METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1")
@@ -257,6 +258,7 @@ class Trainer:
         self.decode = resolve_decode(cfg, acc.device)
         self.train_augment = GpuAugment(cfg.data.image_size, train=True) if self.decode == "gpu" else None
         self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None
+        self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0
         self.throughput: list[float] = []
@@ -297,7 +299,9 @@ class Trainer:
         for _ in range(state.step_in_epoch):  # the order is fixed by (seed, epoch): skip what was already trained
             next(batches)
         convert = _converter(cfg, acc.device, self.train_augment, aug_rng)
-        with device_batches(batches, convert, acc.device, cfg.data.device_prefetch) as pairs:
+        # The stream first: the prefetch's consumer is the stream current where the batches are taken.
+        with running_on(self.train_stream), device_batches(batches, convert, acc.device,
+                                                           cfg.data.device_prefetch) as pairs:
             return self._train_batches(pairs, bar)
 
     def _train_batches(self, pairs, bar: tqdm) -> bool:

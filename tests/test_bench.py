@@ -5,6 +5,7 @@ Nothing here asserts a speed (CI machines are shared and noisy). The smoke run u
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlgcn_dist.bench import (
     make_toy_shards,
     peak_tflops,
     run_setting,
+    time_training,
 )
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
@@ -41,10 +43,13 @@ PHASE_FIELDS = (
     "first_step_s",
     "final_loss",
     "nonfinite_steps",
+    "first_nonfinite_step",
+    "max_grad_norm",
     "peak_mem_bytes",
     "peak_mem_kind",
     "setting",
     "numerics",
+    "train_stream",
     "peak_tflops",
     "achieved_tflops",
     "mfu",
@@ -85,7 +90,7 @@ def test_bench_train_report_has_every_phase_and_field(report):
         assert not missing, f"phase {name} lacks {missing}"
         assert phase["steps"] == STEPS and phase["images"] == STEPS * report["batch_size"]
         assert math.isfinite(phase["final_loss"]) and phase["peak_mem_bytes"] > 0
-    for key in ("device", "torch", "model", "flops", "compile_s", "ratios", "loader_cpu", "data", "notes"):
+    for key in ("device", "torch", "model", "flops", "compile_s", "ratios", "loader_cpu", "data_gpu", "data", "notes"):
         assert key in report
     assert report["data"]["toy"] == {"images": 32, "size": 64} and report["data"]["mean_sample_bytes"] > 0
     assert report["loader_cpu"]["images_per_s_per_worker"] > 0
@@ -115,6 +120,8 @@ def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
 
 def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     assert report["device"] == "cpu" and report["compile_s"] is None
+    # No CUDA stream to choose: every phase on the default one, and no side-stream phase (PHASES).
+    assert all(p["train_stream"] == "default" for p in report["phases"].values())
     assert all(
         p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" for p in report["phases"].values()
     )
@@ -128,6 +135,87 @@ def test_bench_runs_the_device_conversion_ahead_except_in_the_inline_and_referen
     phases = report["phases"]
     assert phases["e2e_decode_cpu"]["device_prefetch"] == phases["e2e_decode_gpu"]["device_prefetch"] == 2
     assert phases["e2e_decode_gpu_inline"]["device_prefetch"] == phases["reference"]["device_prefetch"] == 0
+
+
+def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(report):
+    phases = report["phases"]
+    for name in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "reference"):
+        phase = phases[name]
+        assert phase["convert_ms"] > 0
+        assert phase["convert_busy"] == pytest.approx(phase["convert_ms"] / phase["step_ms"])
+    for name in ("e2e_decode_gpu", "e2e_decode_gpu_inline"):
+        phase = phases[name]
+        assert phase["decode_ms"] > 0 and phase["augment_ms"] > 0
+        assert phase["decode_ms"] + phase["augment_ms"] <= phase["convert_ms"]
+    assert phases["e2e_decode_cpu"]["decode_ms"] is None and phases["e2e_decode_cpu"]["augment_ms"] is None
+
+
+def test_bench_measures_the_gpu_data_path_alone(report):
+    data = report["data_gpu"]
+    assert data["batches"] == STEPS and data["images"] == STEPS * report["batch_size"]
+    assert data["img_s"] == pytest.approx(data["images"] / data["seconds"])
+    assert data["decode_on"] == "torchvision on cpu (no CUDA)" and data["device_prefetch"] == 2
+    assert data["decode_ms"] > 0 and data["augment_ms"] > 0
+
+
+def test_every_phase_of_one_model_starts_from_the_same_weights(report):
+    """Decoding ahead and inline feed the same batches (one seed); from the same weights, the same gradients."""
+    phases = report["phases"]
+    assert phases["e2e_decode_gpu"]["max_grad_norm"] == pytest.approx(phases["e2e_decode_gpu_inline"]["max_grad_norm"])
+    assert all(p["first_nonfinite_step"] is None for p in phases.values())
+
+
+class _DivergingStep:
+    """A stand-in TrainStep whose loss turns NaN at its fourth call, and whose gradient norm grows until then."""
+
+    device = torch.device("cpu")
+    setting = ORIGINAL_MLGCN
+
+    def __init__(self) -> None:
+        self.calls, self.restarts, self.grad_norm = 0, 0, None
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        diverged = self.calls >= 4
+        self.grad_norm = torch.tensor(float("nan") if diverged else float(self.calls))
+        return torch.tensor(float("nan") if diverged else 1.0)
+
+
+def test_time_training_reports_the_first_non_finite_step_and_the_largest_finite_gradient_norm():
+    step = _DivergingStep()
+    batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
+    result = time_training(step, itertools.repeat(batch), lambda b: b, steps=4, warmup=2)
+    assert step.restarts == 1 and step.calls == 6
+    assert result["first_nonfinite_step"] == 4  # 1-based, warm-up steps counted
+    assert result["nonfinite_steps"] == 3  # timed steps 3..6
+    assert result["max_grad_norm"] == 3.0  # the NaN norms are skipped
+
+
+def test_time_training_reports_no_divergence_for_finite_losses():
+    step = _DivergingStep()
+    step.calls = -100  # stays finite for the whole phase
+    result = time_training(step, itertools.repeat((torch.zeros(1), None)), lambda b: b, steps=3, warmup=1)
+    assert result["first_nonfinite_step"] is None and result["nonfinite_steps"] == 0
+
+
+def test_train_step_restart_restores_the_initial_weights_and_optimiser_state(toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}"])
+    info = dataset_info(cfg.data)
+    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg), torch.device("cpu"))
+    initial = {k: v.clone() for k, v in step.model.state_dict().items()}
+    images = torch.randn(4, 3, 64, 64)
+    targets = (torch.rand(4, info.num_classes) < 0.3).to(torch.int8)
+    first = step(images, targets)
+    step(images, targets)
+    assert step.optimizer.state  # momentum buffers exist
+    step.restart()
+    assert not step.optimizer.state and step.grad_norm is None
+    for key, value in step.model.state_dict().items():
+        assert torch.equal(value, initial[key]), key
+    assert torch.equal(step(images, targets), first)
 
 
 def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):

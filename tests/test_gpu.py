@@ -3,12 +3,17 @@ gives the images of the CPU path, mixed-precision channels_last steps train, and
 
 from __future__ import annotations
 
+import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mlgcn_dist.bench import TrainStep, make_toy_shards, run_setting
 from mlgcn_dist.cli import main
@@ -122,6 +127,11 @@ def test_bench_train_on_cuda_reports_nvjpeg_decode_and_cuda_memory(tmp_path, sha
     assert report["device"] == torch.cuda.get_device_name()
     phases = report["phases"]
     assert phases["e2e_decode_gpu"]["decode_on"] == "cuda (nvJPEG)"
+    # The configured steps run on the default stream; one more GPU-decode phase runs them on a side stream.
+    assert phases["e2e_decode_gpu"]["train_stream"] == "default"
+    assert phases["e2e_decode_gpu_side_stream"]["train_stream"] == "side"
+    assert "e2e_decode_gpu_side_stream/ceiling" in report["ratios"]
+    assert report["data_gpu"]["decode_on"] == "cuda (nvJPEG)" and report["data_gpu"]["decode_ms"] > 0
     assert all(
         p["peak_mem_kind"] == "cuda_max_allocated" and p["peak_mem_bytes"] > 0 for p in phases.values()
     )
@@ -155,8 +165,10 @@ def test_batches_decoded_ahead_on_a_side_stream_equal_inline_decoding(shards):
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_path):
-    """compile_mode=reduce-overhead (CUDA graph replays) with batches decoded ahead on a side stream."""
+@pytest.mark.parametrize("train_stream", ["default", "side"])
+def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_path, train_stream):
+    """compile_mode=reduce-overhead (CUDA graphs) with batches decoded ahead on a side stream; the steps on the
+    default stream or on a side stream of their own (train.side_stream)."""
     cfg = load_config(
         "configs/toy.yaml",
         [
@@ -169,6 +181,7 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
             "train.channels_last=true",
             "train.compile=true",
             "train.compile_mode=reduce-overhead",
+            f"train.side_stream={train_stream == 'side'}",
             f"train.output_dir={tmp_path / 'run'}",
             "train.resume=none",
         ],
@@ -176,3 +189,38 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
     summary = train(cfg)
     assert summary["global_step"] == 24
     assert summary["best_mAP"] > summary["frequency_baseline_mAP"]
+
+
+def _reads_corrupted_by(decode: Callable[[list[torch.Tensor]], object], jpegs: list[torch.Tensor]) -> int:
+    """How many queued reads of freed memory see other bytes once ``decode`` has run, over 20 rounds.
+
+    Each round fills tensors of the decoded images' size, queues a ~25 ms spin and then one sum per tensor on
+    the current stream, frees the tensors (their blocks go back to the current stream's pool while the sums
+    are still queued), decodes, and compares each sum with the value it was queued to read.
+    """
+    numel = 3 * 256 * 256  # the images are 256 x 256 RGB
+    corrupted = 0
+    for _ in range(20):
+        tensors = [torch.full((numel,), 7, dtype=torch.uint8, device="cuda") for _ in jpegs]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)
+        sums = [t.sum(dtype=torch.int64) for t in tensors]
+        del tensors
+        decode(jpegs)
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != 7 * numel for s in sums)
+    return corrupted
+
+
+def test_gpu_decode_never_writes_into_memory_that_queued_kernels_still_read():
+    """torchvision's nvJPEG call takes its output blocks on the caller's stream without waiting for it (the
+    hardware engine writes at once); GpuAugment.decode allocates them on a stream of its own instead."""
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+        encoded, "JPEG", quality=90
+    )
+    jpegs = [torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)] * 8
+    raw = _reads_corrupted_by(lambda j: decode_jpeg(j, mode=ImageReadMode.RGB, device="cuda"), jpegs)
+    ours = _reads_corrupted_by(lambda j: GpuAugment(64, train=True).decode(j, "cuda"), jpegs)
+    print(f"queued reads overwritten by the decoder: torchvision's call {raw}, GpuAugment.decode {ours}")
+    assert ours == 0

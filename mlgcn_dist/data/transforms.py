@@ -110,6 +110,7 @@ class GpuAugment:
         self.size = size
         self.train = train
         self._constants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decode_streams: dict[str, torch.cuda.Stream] = {}
 
     def __call__(
         self, jpegs: list[torch.Tensor], device: torch.device | str, rng: random.Random
@@ -123,29 +124,30 @@ class GpuAugment:
         params = [crop_params(im.shape[2], im.shape[1], self.size, self.train, rng) for im in images]
         return self.apply(images, params, device), kept
 
-    @staticmethod
-    def decode(jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
-        """uint8 [3, H, W] per decodable image and their positions; RGB mode makes grayscale/CMYK 3-channel.
+    def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
+        """uint8 [3, H, W] per decodable image and their positions (see :func:`decode_jpegs`), usable on the
+        caller's current stream.
 
-        One file the batched call cannot take (corrupt, or CMYK, which nvJPEG refuses) fails the whole call: then
-        each image is decoded alone, on the device or else on the CPU with libjpeg-turbo, and only a file that
-        fails both is dropped. nvJPEG does not notice truncation (it fills the missing part in), the CPU path does.
+        On CUDA the decoded images are allocated on a stream of their own, never on the caller's. torchvision's
+        decoder takes its output memory from the caching allocator on the current stream and nvJPEG's hardware
+        engine writes it without waiting for that stream's queued work (torchcodec #1634 describes and fixes
+        the same in its copy of the decoder). A block freed on the caller's stream while queued kernels still
+        read it (the last step's activations on the training stream, the last batch's crops on the prefetch
+        stream) could then be overwritten: wrong pixels, NaN activations. On a stream that only ever holds
+        decoded images, whose readers are recorded (``record_stream``), a block is reused only after they ran.
         """
-        if not jpegs:  # a batch whose samples all failed in the workers
-            return [], []
-        try:
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), list(range(len(jpegs)))
-        except RuntimeError as err:
-            reason = str(err).splitlines()[0]
-            logger.warning("batched JPEG decode on %s failed (%s); decoding one at a time", device, reason)
-        images, kept = [], []
-        for i, data in enumerate(jpegs):
-            image = _decode_one(data, torch.device(device))
-            if image is None:
-                logger.warning("undecodable JPEG at batch position %d (%d bytes) dropped", i, data.numel())
-            else:
-                images.append(image)
-                kept.append(i)
+        device = torch.device(device)
+        if device.type != "cuda":
+            return decode_jpegs(jpegs, device)
+        caller = torch.cuda.current_stream(device)
+        if str(device) not in self._decode_streams:
+            self._decode_streams[str(device)] = torch.cuda.Stream(device)
+        own = self._decode_streams[str(device)]
+        with torch.cuda.stream(own):
+            images, kept = decode_jpegs(jpegs, device)
+        caller.wait_stream(own)  # the decoder made ``own`` wait for its work; the caller waits for ``own``
+        for image in images:
+            image.record_stream(caller)
         return images, kept
 
     def apply(self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str) -> torch.Tensor:
@@ -196,6 +198,31 @@ class GpuAugment:
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
             self._constants[key] = (mean.to(device), std.to(device))
         return self._constants[key]
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+    """uint8 [3, H, W] per decodable image and their positions; RGB mode makes grayscale/CMYK 3-channel.
+
+    One file the batched call cannot take (corrupt, or CMYK, which nvJPEG refuses) fails the whole call: then
+    each image is decoded alone, on the device or else on the CPU with libjpeg-turbo, and only a file that
+    fails both is dropped. nvJPEG does not notice truncation (it fills the missing part in), the CPU path does.
+    """
+    if not jpegs:  # a batch whose samples all failed in the workers
+        return [], []
+    try:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), list(range(len(jpegs)))
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0]
+        logger.warning("batched JPEG decode on %s failed (%s); decoding one at a time", device, reason)
+    images, kept = [], []
+    for i, data in enumerate(jpegs):
+        image = _decode_one(data, device)
+        if image is None:
+            logger.warning("undecodable JPEG at batch position %d (%d bytes) dropped", i, data.numel())
+        else:
+            images.append(image)
+            kept.append(i)
+    return images, kept
 
 
 def device_decodable_jpeg(data: bytes) -> bytes:

@@ -1,0 +1,48 @@
+"""The CUDA stream the training steps run on.
+
+PyTorch queues a thread's kernels on the legacy default stream unless told otherwise. That stream is implicitly
+ordered with every blocking stream and with any library call that uses it: a copy or memset on it, issued from
+another thread, waits until every training kernel queued before it has run. The nvJPEG decode on the prefetch
+helper (torchvision's decoder) behaves as if it made such a call: under CUDA graph replays, with the host far
+ahead of the device, the GPU-decode path reached 0.87 of the ceiling while CPU decode reached 0.97, and an inline
+decode took as long as the step queued before it (README Performance). A stream PyTorch creates is non-blocking:
+it is ordered only with what is queued on it and the events it waits for. ``train.side_stream`` runs the
+training steps on one; ``mlgcn bench train`` measures both, to confirm or refute the explanation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def side_stream(device: torch.device, enabled: bool) -> torch.cuda.Stream | None:
+    """A non-default stream of ``device`` for the training steps, or None (not enabled, or not CUDA).
+
+    Made once per run: everything the steps allocate (gradients, optimiser state) then comes from one stream's
+    pool, which the caching allocator keeps apart from the default stream's.
+    """
+    device = torch.device(device)
+    return torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def running_on(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run the block with ``stream`` current (None: as is).
+
+    Entering, ``stream`` waits for the caller's stream (the model and optimiser were made there); leaving, the
+    caller's stream waits for ``stream``, so code after the block (evaluation, checkpoints, ``.cpu()``) reads
+    finished tensors.
+    """
+    if stream is None:
+        yield
+        return
+    caller = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        caller.wait_stream(stream)
