@@ -219,10 +219,10 @@ def time_training(
     warmup: int,
     stream: torch.cuda.Stream | None = None,
 ) -> dict:
-    """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one timed alone: compilation, cuDNN
-    autotuning, worker start-up), then ``steps`` timed ones; the time blocked on ``next(batches)`` is the data
-    wait. Divergence is tracked on the device (no per-step sync): the steps before the first non-finite loss and
-    the largest pre-clip gradient norm, over warm-up and timed steps."""
+    """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
+    timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones; the time blocked on
+    ``next(batches)`` is the data wait. Divergence is tracked on the device (no per-step sync): the steps
+    before the first non-finite loss and the largest pre-clip gradient norm, over warm-up and timed steps."""
     device = step.device
     step.restart()
     if device.type == "cuda":
@@ -406,10 +406,10 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
     images = 0
     with device_batches(loader, convert, device, cfg.data.device_prefetch) as pairs:
         for i, (_, (batch_images, _, _)) in enumerate(pairs):
-            if i == warmup:
+            if i == warmup - 1:  # the clock starts once the last untimed batch is on the device
                 start = _synced_clock(device)
-                images = 0
-            images += len(batch_images)
+            elif i >= warmup:
+                images += len(batch_images)
             if i + 1 == warmup + batches:
                 break
         seconds = _synced_clock(device) - start

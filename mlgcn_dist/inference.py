@@ -164,7 +164,7 @@ def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.
 
     from PIL import Image
 
-    from mlgcn_dist.data.transforms import CpuTransform
+    from mlgcn_dist.data.transforms import CpuTransform, normalise
 
     transform = CpuTransform(image_size, train=False)
     rng = random.Random(0)
@@ -172,7 +172,7 @@ def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.
     for path in paths:
         with Image.open(path) as img:
             batch.append(transform(img.convert("RGB"), rng))
-    return torch.sigmoid(model(torch.stack(batch)).float())
+    return torch.sigmoid(model(normalise(torch.stack(batch))).float())
 
 
 def run_predict(args: argparse.Namespace) -> int:

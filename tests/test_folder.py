@@ -41,7 +41,7 @@ def test_folder_dataset_targets_and_ids_match_the_index(toy_root):
     assert torch.equal(torch.cat([b["target"] for b in batches]), torch.from_numpy(index.targets()))
     assert torch.cat([b["image_id"] for b in batches]).tolist() == [r.image_id for r in index.records]
     first = batches[0]
-    assert first["image"].shape == (16, 3, 32, 32) and first["image"].dtype == torch.float32
+    assert first["image"].shape == (16, 3, 32, 32) and first["image"].dtype == torch.uint8
     assert first["target"].dtype == torch.int8 and first["image_id"].dtype == torch.int64 and first["n_bad"] == 0
 
 

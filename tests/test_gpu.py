@@ -57,7 +57,8 @@ def test_nvjpeg_loader_path_gives_the_images_of_the_cpu_loader_path(shards):
     rng = random.Random(0)
     cpu, gpu = {}, {}
     for batch in build_eval_loader(cfg.data, rank=0, world_size=1, decode="cpu"):
-        cpu.update(zip(batch["image_id"].tolist(), zip(batch["image"], batch["target"])))
+        images, targets, ids = to_device(batch, "cpu", None, rng, channels_last=False)
+        cpu.update(zip(ids.tolist(), zip(images, targets)))
     augment = GpuAugment(96, train=False)
     for batch in build_eval_loader(cfg.data, rank=0, world_size=1, decode="gpu"):
         images, targets, ids = to_device(batch, "cuda", augment, rng, channels_last=True)

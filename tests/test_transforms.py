@@ -23,6 +23,7 @@ from mlgcn_dist.data.transforms import (
     GpuAugment,
     device_decodable_jpeg,
     fixed_offsets,
+    normalise,
     sample_crop,
     to_device,
 )
@@ -55,6 +56,11 @@ def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
 
 def decoded_pil(data: torch.Tensor) -> Image.Image:
     return Image.open(io.BytesIO(data.numpy().tobytes()))
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """The CPU workers' uint8 output ([3, H, W] or a batch) as the model receives it, normalised."""
+    return normalise(images[None])[0] if images.ndim == 3 else normalise(images)
 
 
 def tensor_path(data: torch.Tensor, size: int, train: bool, params: CropParams) -> torch.Tensor:
@@ -123,7 +129,7 @@ def test_sample_crop_always_lies_inside_the_image(width, height, size, seed):
 @pytest.mark.parametrize("size", [48, 96, 200])  # downscale, near 1:1, upscale
 def test_cpu_and_tensor_paths_agree_within_one_grey_level_for_the_same_crop(params, size):
     data = jpeg(photo())
-    cpu = CpuTransform(size, train=True).apply(decoded_pil(data), params)
+    cpu = as_float(CpuTransform(size, train=True).apply(decoded_pil(data), params))
     tensor = tensor_path(data, size, True, params)
     assert cpu.shape == tensor.shape == (3, size, size)
     diff = (cpu - tensor).abs()
@@ -134,7 +140,7 @@ def test_cpu_and_tensor_paths_agree_within_one_grey_level_for_the_same_crop(para
 
 def test_eval_paths_warp_the_whole_image_and_agree():
     data = jpeg(photo(200, 130))
-    cpu = CpuTransform(64, train=False)(decoded_pil(data), random.Random(0))
+    cpu = as_float(CpuTransform(64, train=False)(decoded_pil(data), random.Random(0)))
     tensor = GpuAugment(64, train=False)([data], "cpu", random.Random(0))[0][0]
     plain = torch.from_numpy(np.asarray(decoded_pil(data).resize((64, 64), Image.BILINEAR)).copy())
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -146,8 +152,8 @@ def test_eval_paths_warp_the_whole_image_and_agree():
 def test_same_seed_draws_the_same_crop_on_both_paths():
     data = jpeg(photo())
     for seed in range(5):
-        cpu = CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed))
-        again = CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed))
+        cpu = as_float(CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed)))
+        again = as_float(CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed)))
         tensor, _ = GpuAugment(64, train=True)([data], "cpu", random.Random(seed))
         assert torch.equal(cpu, again)
         assert (cpu - tensor[0]).abs().max() <= TOLERANCE
@@ -197,7 +203,7 @@ def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
 def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
     data = jpeg(photo(mode=mode))
     assert decoded_pil(data).mode == mode
-    cpu = CpuTransform(32, train=False)(decoded_pil(data), random.Random(0))
+    cpu = as_float(CpuTransform(32, train=False)(decoded_pil(data), random.Random(0)))
     tensor, kept = GpuAugment(32, train=False)([data], "cpu", random.Random(0))
     assert cpu.shape == (3, 32, 32) and tensor.shape == (1, 3, 32, 32) and kept == [0]
     assert (cpu - tensor[0]).abs().max() <= TOLERANCE
@@ -250,15 +256,28 @@ def test_to_device_drops_an_undecodable_jpeg_with_its_target_and_counts_it():
     assert torch.equal(images, reference)
 
 
-def test_to_device_copies_a_cpu_transformed_batch_as_is():
+def test_to_device_normalises_a_cpu_transformed_uint8_batch_on_the_device():
     batch = {
-        "image": torch.randn(2, 3, 8, 8),
+        "image": torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8),
         "target": torch.zeros(2, 4, dtype=torch.int8),
         "image_id": torch.tensor([5, 6]),
         "n_bad": 0,
     }
-    images, targets, ids = to_device(batch, "cpu", None, random.Random(0), channels_last=False)
-    assert torch.equal(images, batch["image"]) and ids.tolist() == [5, 6]
+    images, targets, ids = to_device(batch, "cpu", None, random.Random(0), channels_last=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(images, (batch["image"].float() / 255 - mean) / std, atol=1e-6)
+    assert images.is_contiguous(memory_format=torch.channels_last) and ids.tolist() == [5, 6]
+
+
+def test_normalise_refuses_anything_but_uint8_rgb_batches():
+    for bad in (torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2, 1, 4, 4).byte()):
+        with pytest.raises(ValueError, match=r"expected uint8 images \[B, 3, H, W\]"):
+            normalise(bad)
+
+
+def test_cpu_transform_hands_uint8_to_the_loader():
+    out = CpuTransform(32, train=True)(decoded_pil(jpeg(photo())), random.Random(0))
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
 
 
 def test_to_device_refuses_a_jpeg_batch_without_an_augment():
@@ -281,7 +300,7 @@ def test_nvjpeg_path_matches_the_cpu_path_within_one_grey_level_without_chroma_s
     images, kept = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(3))
     assert images.device.type == "cuda" and kept == list(range(len(jpegs)))
     rng = random.Random(3)
-    cpu = torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs])
+    cpu = as_float(torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs]))
     assert (images.cpu() - cpu).abs().max() <= TOLERANCE
 
 
@@ -295,7 +314,7 @@ def test_nvjpeg_chroma_upsampling_of_420_jpegs_differs_modestly_from_libjpeg_tur
         jpegs = [jpeg(photo(seed=s, mode=mode)) for s in range(4)]
         images, _ = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(0))
         rng = random.Random(0)
-        cpu = torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs])
+        cpu = as_float(torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs]))
         diff = (images.cpu() - cpu).abs() / ONE_GREY_LEVEL
         print(f"{mode} 4:2:0 nvJPEG vs PIL: mean {diff.mean():.2f}, max {diff.max():.1f} grey levels")
         assert diff.mean() <= mean_limit
@@ -313,7 +332,7 @@ def test_cuda_batch_with_grayscale_cmyk_and_corrupt_files_keeps_every_decodable_
     assert kept[:3] == [0, 1, 2] and kept[-1] == 4 and 5 not in kept  # nvJPEG may fill a truncated file in
     for position, image in zip(kept, images.cpu()):
         if position != 3:
-            cpu = CpuTransform(64, train=False)(decoded_pil(jpegs[position]), random.Random(0))
+            cpu = as_float(CpuTransform(64, train=False)(decoded_pil(jpegs[position]), random.Random(0)))
             assert (image - cpu).abs().max() <= TOLERANCE
 
 
@@ -323,5 +342,5 @@ def test_grayscale_jpeg_with_2x2_sampling_decodes_right_on_cuda_after_device_dec
     odd = jpeg(photo(mode="L"), subsampling=2)
     fixed = torch.frombuffer(bytearray(device_decodable_jpeg(odd.numpy().tobytes())), dtype=torch.uint8)
     images, _ = GpuAugment(64, train=False)([fixed], "cuda", random.Random(0))
-    cpu = CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0))
+    cpu = as_float(CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0)))
     assert (images[0].cpu() - cpu).abs().mean() <= 1.5 * ONE_GREY_LEVEL

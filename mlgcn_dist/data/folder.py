@@ -1,7 +1,7 @@
 """Map-style dataset over a COCO/VOC folder layout, and the collate function that builds the batch dict.
 
-Batch contract (shared with the WebDataset loaders): "image" float32 [B,3,S,S] normalised (CPU decode) or "jpeg"
-list of B uint8 1-D tensors (raw bytes, decoded on the device); "target" int8 [B,C] (1/0/-1); "image_id" int64
+Batch contract (shared with the WebDataset loaders): "image" uint8 [B,3,S,S] cropped and resized (CPU decode;
+``to_device`` normalises it on the device) or "jpeg" list of B uint8 1-D tensors (raw bytes, decoded on the device); "target" int8 [B,C] (1/0/-1); "image_id" int64
 [B]; "n_bad" int, samples of this batch dropped because their file could not be read or decoded, and "bad_ids"
 the image ids of those whose id is known. A batch whose samples all failed has B = 0 and an empty "image".
 
@@ -99,7 +99,7 @@ def collate(samples: list[dict | Skipped | None]) -> dict:
         "bad_ids": [s.image_id for s in samples if isinstance(s, Skipped) and s.image_id is not None],
     }
     if not good:
-        batch["image"] = torch.empty(0, 3, 0, 0)
+        batch["image"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
         batch["target"] = torch.empty(0, 0, dtype=torch.int8)
         batch["image_id"] = torch.empty(0, dtype=torch.int64)
         return batch
