@@ -67,11 +67,11 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs}; do
     case $check in
         pytest) step pytest_gpu 200 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
-        eager) toy_ready; step bench_eager 180 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
+        eager) toy_ready; step bench_eager 200 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
             train.compile=false ;;
-        compile) toy_ready; step bench_compile 200 "${bench[@]}" --json "$OUT/bench_compile.json" \
+        compile) toy_ready; step bench_compile 230 "${bench[@]}" --json "$OUT/bench_compile.json" \
             "${overrides[@]}" train.compile=true ;;
-        compile_cudagraphs) toy_ready; step bench_cudagraphs 240 "${bench[@]}" \
+        compile_cudagraphs) toy_ready; step bench_cudagraphs 270 "${bench[@]}" \
             --json "$OUT/bench_cudagraphs.json" "${overrides[@]}" train.compile=true \
             train.compile_mode=reduce-overhead ;;
         *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;

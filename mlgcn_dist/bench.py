@@ -150,6 +150,14 @@ class TrainStep:
         # On the host: a copy on the device would count in every phase's peak memory.
         self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def eager_loss(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """The loss of the uncompiled model on one batch, without a step (BatchNorm statistics do move: restart
+        after it)."""
+        dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.model(images)
+        return float(self.criterion(logits.float(), targets))
+
     def restart(self) -> None:
         """Back to the initial weights, buffers and empty optimiser state, in place.
 
@@ -247,7 +255,7 @@ def time_training(
     taken = 0  # steps so far, compared with finite_run on the device
     with running_on(stream):
         t0 = _synced_clock(device)
-        run_one()
+        _, _, first_loss = run_one()
         taken += 1
         first_step_s = _synced_clock(device) - t0
         for _ in range(warmup - 1):
@@ -273,6 +281,7 @@ def time_training(
         "data_wait_s": data_wait,
         "data_wait_frac": data_wait / seconds,
         "first_step_s": first_step_s,
+        "first_loss": float(first_loss),
         "final_loss": float(loss),
         # A diverged model trains at the same speed (dense kernels do not slow down on NaN), but says so.
         "nonfinite_steps": int(nonfinite),
@@ -301,7 +310,13 @@ def synthetic_phase(
     if step.setting.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(batch_size, num_classes, device=device) < 0.05).to(torch.int8)
-    return time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream)
+    step.restart()
+    eager_loss = step.eager_loss(images, targets)
+    result = time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream)
+    # The same first loss from the uncompiled model: a compiled model whose first loss differs (or is not finite)
+    # computes something else, which no number of steps explains.
+    result["eager_first_loss"] = eager_loss
+    return result
 
 
 class ConversionClock:
@@ -649,6 +664,12 @@ def format_report(report: dict) -> str:
         lines.append(
             f"non-finite loss, each phase starting from the same weights: {', '.join(diverged)} "
             "(same kernels, same speed)"
+        )
+    ceiling = report["phases"]["ceiling"]
+    if setting["compile"]:
+        lines.append(
+            f"first loss of the ceiling, compiled {ceiling['first_loss']:.4g} vs uncompiled "
+            f"{ceiling['eager_first_loss']:.4g} (same weights and batch)"
         )
     norms = [f"{name} {p['max_grad_norm']:.3g}" for name, p in report["phases"].items() if p["max_grad_norm"]]
     if norms:

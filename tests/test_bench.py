@@ -41,6 +41,7 @@ PHASE_FIELDS = (
     "data_wait_s",
     "data_wait_frac",
     "first_step_s",
+    "first_loss",
     "final_loss",
     "nonfinite_steps",
     "first_nonfinite_step",
@@ -148,6 +149,13 @@ def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(rep
         assert phase["decode_ms"] > 0 and phase["augment_ms"] > 0
         assert phase["decode_ms"] + phase["augment_ms"] <= phase["convert_ms"]
     assert phases["e2e_decode_cpu"]["decode_ms"] is None and phases["e2e_decode_cpu"]["augment_ms"] is None
+
+
+def test_the_ceiling_compares_its_first_loss_with_the_uncompiled_models(report):
+    """Uncompiled on both sides here (toy.yaml): the probe and the first step see the same weights and batch."""
+    for name in ("ceiling", "ceiling_repeat"):
+        phase = report["phases"][name]
+        assert phase["eager_first_loss"] == pytest.approx(phase["first_loss"], rel=1e-5)
 
 
 def test_bench_measures_the_gpu_data_path_alone(report):
