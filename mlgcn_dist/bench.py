@@ -34,6 +34,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -238,10 +239,11 @@ def time_training(
     source = iter(batches)
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # timed steps with a non-finite loss
     finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
-    max_grad_norm = torch.zeros((), device=device)
+    max_grad_norm = torch.zeros((), device=device)  # over finite norms (fp16's overflow steps have inf ones)
+    nonfinite_norms = torch.zeros((), dtype=torch.long, device=device)
 
     def run_one() -> tuple[float, int, torch.Tensor]:
-        nonlocal finite_run, max_grad_norm
+        nonlocal finite_run, max_grad_norm, nonfinite_norms
         t0 = time.perf_counter()
         batch = next(source)
         waited = time.perf_counter() - t0
@@ -249,7 +251,10 @@ def time_training(
         loss = step(images, targets)
         finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()
         if step.grad_norm is not None:
-            max_grad_norm = torch.fmax(max_grad_norm, step.grad_norm.float())  # fmax: a NaN norm is skipped
+            norm = step.grad_norm.float()
+            finite = torch.isfinite(norm)
+            max_grad_norm = torch.maximum(max_grad_norm, torch.where(finite, norm, 0.0))
+            nonfinite_norms = nonfinite_norms + (~finite).long()
         return waited, len(images), loss
 
     taken = 0  # steps so far, compared with finite_run on the device
@@ -288,6 +293,7 @@ def time_training(
         # 1-based step (warm-up included) of the first non-finite loss; None when every loss was finite.
         "first_nonfinite_step": None if diverged_at == taken else diverged_at + 1,
         "max_grad_norm": float(max_grad_norm) if step.grad_norm is not None else None,
+        "nonfinite_grad_norms": int(nonfinite_norms),
         **peak_memory(device),
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
@@ -325,26 +331,29 @@ class ConversionClock:
 
     torchvision's nvJPEG call returns when its own stream has finished decoding, so ``decode`` is the decode's
     latency on a device busy with training; ``augment`` only launches kernels. Their sum against the step time
-    says whether the helper can keep up: at 1.0 of the step the helper is the limit.
+    says whether the helper can keep up: at 1.0 of the step the helper is the limit. Medians over the phase's
+    conversions: the first (nvJPEG's set-up, worker start-up) and those competing with compilation would move a
+    mean.
     """
 
     PARTS = ("convert", "decode", "augment")
 
     def __init__(self) -> None:
-        self.batches = 0
-        self.seconds: dict[str, float] = {}
+        self.samples: dict[str, list[float]] = {}
 
     def timed(self, part: str, fn: Callable, *args: object) -> object:
         t0 = time.perf_counter()
         try:
             return fn(*args)
         finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
+            self.samples.setdefault(part, []).append(time.perf_counter() - t0)
 
     def per_batch_ms(self) -> dict[str, float | None]:
-        """Mean host ms per converted batch of each part (None for a part this path does not have)."""
-        n = max(self.batches, 1)
-        return {f"{part}_ms": 1000 * self.seconds[part] / n if part in self.seconds else None for part in self.PARTS}
+        """Median host ms per converted batch of each part (None for a part this path does not have)."""
+        return {
+            f"{part}_ms": 1000 * statistics.median(self.samples[part]) if part in self.samples else None
+            for part in self.PARTS
+        }
 
 
 class TimedGpuAugment(GpuAugment):
@@ -370,7 +379,6 @@ def timed_conversion(
     rng = random.Random(cfg.train.seed)
 
     def convert(batch: dict) -> tuple[torch.Tensor, ...]:
-        clock.batches += 1
         return clock.timed("convert", to_device, batch, device, augment, rng, channels_last)
 
     return convert, clock
@@ -420,8 +428,9 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
     convert, clock = timed_conversion(cfg, decode, device, cfg.train.channels_last)
     images = 0
     with device_batches(loader, convert, device, cfg.data.device_prefetch) as pairs:
+        start = _synced_clock(device)  # restarted once the last untimed batch is on the device
         for i, (_, (batch_images, _, _)) in enumerate(pairs):
-            if i == warmup - 1:  # the clock starts once the last untimed batch is on the device
+            if i == warmup - 1:
                 start = _synced_clock(device)
             elif i >= warmup:
                 images += len(batch_images)
@@ -671,9 +680,14 @@ def format_report(report: dict) -> str:
             f"first loss of the ceiling, compiled {ceiling['first_loss']:.4g} vs uncompiled "
             f"{ceiling['eager_first_loss']:.4g} (same weights and batch)"
         )
-    norms = [f"{name} {p['max_grad_norm']:.3g}" for name, p in report["phases"].items() if p["max_grad_norm"]]
+    norms = [
+        f"{name} {p['max_grad_norm']:.3g}"
+        + (f" ({p['nonfinite_grad_norms']} non-finite)" if p["nonfinite_grad_norms"] else "")
+        for name, p in report["phases"].items()
+        if p["max_grad_norm"] is not None
+    ]
     if norms:
-        lines.append(f"largest gradient norm before clipping: {', '.join(norms)}")
+        lines.append(f"largest finite gradient norm before clipping: {', '.join(norms)}")
     lines += [
         f"{name}: conversion {_ms(p['convert_ms'])} a batch on the host ({p['convert_busy']:.0%} of the step)"
         + ("" if p["decode_ms"] is None else f"; decode {_ms(p['decode_ms'])}, augment {_ms(p['augment_ms'])}")

@@ -101,3 +101,20 @@ def tiny_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_toy")
     make_toy(root, train=64, val=40, size=32, seed=3)
     return root
+
+
+# Figures a test measured, printed after the run (CI logs show them; nothing asserts a speed).
+_MEASURED = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def print_after_run(pytestconfig: pytest.Config):
+    """``print_after_run(title, text)``: ``text`` appears in the terminal summary, after pytest's own output."""
+    measured = pytestconfig.stash.setdefault(_MEASURED, [])
+    return lambda title, text: measured.append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    for title, text in config.stash.get(_MEASURED, []):
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)

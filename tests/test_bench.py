@@ -18,6 +18,7 @@ from mlgcn_dist.bench import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
     TrainStep,
+    format_report,
     forward_flops_per_image,
     make_toy_shards,
     peak_tflops,
@@ -46,6 +47,7 @@ PHASE_FIELDS = (
     "nonfinite_steps",
     "first_nonfinite_step",
     "max_grad_norm",
+    "nonfinite_grad_norms",
     "peak_mem_bytes",
     "peak_mem_kind",
     "setting",
@@ -59,8 +61,10 @@ STEPS, WARMUP = 2, 1
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`mlgcn bench train` on the toy config: a 32-image toy set at 64 px, batch 4, 2 timed steps a phase."""
+def report(tmp_path_factory: pytest.TempPathFactory, print_after_run) -> dict:
+    """`mlgcn bench train` on the toy config: a 32-image toy set at 64 px, batch 4, 2 timed steps a phase. Its
+    table is printed after the test run, so the CPU figures (loader img/s per worker, toy step time) show in CI
+    logs, where a regression can be seen."""
     out = tmp_path_factory.mktemp("bench") / "train.json"
     argv = [
         "bench",
@@ -81,7 +85,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "data.batch_size=4",
     ]
     assert main(argv) == 0
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    print_after_run("mlgcn bench train on the toy config (CPU figures, not asserted)", format_report(result))
+    return result
 
 
 def test_bench_train_report_has_every_phase_and_field(report):
@@ -146,8 +152,7 @@ def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(rep
         assert phase["convert_busy"] == pytest.approx(phase["convert_ms"] / phase["step_ms"])
     for name in ("e2e_decode_gpu", "e2e_decode_gpu_inline"):
         phase = phases[name]
-        assert phase["decode_ms"] > 0 and phase["augment_ms"] > 0
-        assert phase["decode_ms"] + phase["augment_ms"] <= phase["convert_ms"]
+        assert 0 < phase["decode_ms"] < phase["convert_ms"] and 0 < phase["augment_ms"] < phase["convert_ms"]
     assert phases["e2e_decode_cpu"]["decode_ms"] is None and phases["e2e_decode_cpu"]["augment_ms"] is None
 
 
@@ -199,7 +204,7 @@ def test_time_training_reports_the_first_non_finite_step_and_the_largest_finite_
     assert step.restarts == 1 and step.calls == 6
     assert result["first_nonfinite_step"] == 4  # 1-based, warm-up steps counted
     assert result["nonfinite_steps"] == 3  # timed steps 3..6
-    assert result["max_grad_norm"] == 3.0  # the NaN norms are skipped
+    assert result["max_grad_norm"] == 3.0 and result["nonfinite_grad_norms"] == 3  # NaN norms counted apart
 
 
 def test_time_training_reports_no_divergence_for_finite_losses():

@@ -24,14 +24,17 @@ def test_side_stream_is_off_by_default_and_set_by_an_override():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_work_on_the_side_stream_is_finished_for_the_callers_stream_after_the_block():
+def test_the_side_stream_waits_for_the_caller_on_entry_and_the_caller_for_it_on_exit():
     device = torch.device("cuda")
     stream = side_stream(device, True)
     assert stream is not None and stream != torch.cuda.current_stream(device)
-    x = torch.zeros(1 << 20, device=device)  # made on the caller's stream: the side stream waits for it
+    x = torch.zeros(1 << 20, device=device)
+    torch.cuda._sleep(20_000_000)  # the caller's write is late...
+    x.fill_(1)
     with running_on(stream):
         assert torch.cuda.current_stream(device) == stream
+        y = x * 2  # ...and the side stream still reads it finished
         torch.cuda._sleep(20_000_000)  # the side stream's result is late...
-        x += 1
+        y += 1
     assert torch.cuda.current_stream(device) != stream
-    assert float(x.sum()) == x.numel()  # ...and the caller's stream still reads it finished
+    assert float(y.sum()) == 3 * y.numel()  # ...and the caller's stream still reads it finished

@@ -293,6 +293,15 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.mark.gpu
 @cuda_only
+def test_normalise_on_cuda_matches_the_cpu_arithmetic():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    on_cuda = normalise(images.cuda()).cpu()
+    assert on_cuda.dtype == torch.float32
+    assert torch.allclose(on_cuda, normalise(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@cuda_only
 def test_nvjpeg_path_matches_the_cpu_path_within_one_grey_level_without_chroma_subsampling():
     """With 4:4:4 chroma nvJPEG decodes bit-identically to libjpeg-turbo (measured on an H200): only resampling
     rounding remains, as on the CPU."""

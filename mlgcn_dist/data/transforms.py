@@ -111,7 +111,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, H, W] -> float32 scaled to [0, 1] and ImageNet-normalised, on their device.
 
     Per-channel scalars rather than a constants tensor: making one on a CUDA device copies from pageable memory,
-    which waits for the device.
+    which waits for the current stream. On CPU this is the arithmetic the workers did before, bit for bit; CUDA
+    divides by a scalar as a multiplication by its reciprocal, up to one ulp away.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
@@ -160,9 +161,9 @@ class GpuAugment:
         if device.type != "cuda":
             return decode_jpegs(jpegs, device)
         caller = torch.cuda.current_stream(device)
-        if str(device) not in self._decode_streams:
-            self._decode_streams[str(device)] = torch.cuda.Stream(device)
-        own = self._decode_streams[str(device)]
+        own = self._decode_streams.get(str(device))
+        while own is None or own == caller:  # PyTorch hands streams out round-robin: never decode on the caller's
+            own = self._decode_streams[str(device)] = torch.cuda.Stream(device)
         with torch.cuda.stream(own):
             images, kept = decode_jpegs(jpegs, device)
         caller.wait_stream(own)  # the decoder made ``own`` wait for its work; the caller waits for ``own``
