@@ -142,10 +142,10 @@ class TrainStep:
         self.cuda_graphs = uses_cuda_graphs(setting.compile, setting.compile_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr)
         self.criterion = build_loss(cfg.optim)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
         self.clip_grad = cfg.optim.clip_grad
         self.setting = setting
         self.device = device
+        self.scaler = self._new_scaler()
         # The pre-clip gradient norm of the last step (a device tensor: reading it would wait for the device).
         self.grad_norm: torch.Tensor | None = None
         # On the host: a copy on the device would count in every phase's peak memory.
@@ -154,10 +154,17 @@ class TrainStep:
     def eager_loss(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """The loss of the uncompiled model on one batch, without a step (BatchNorm statistics do move: restart
         after it)."""
-        dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.no_grad(), self._autocast():
             logits = self.model(images)
         return float(self.criterion(logits.float(), targets))
+
+    def _autocast(self) -> torch.autocast:
+        dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        """fp16 loss scaling from its initial scale; a no-op for the other precisions."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.setting.precision == "fp16")
 
     def restart(self) -> None:
         """Back to the initial weights, buffers and empty optimiser state, in place.
@@ -170,14 +177,13 @@ class TrainStep:
             for key, value in self.model.state_dict().items():
                 value.copy_(self._initial[key])
         self.optimizer.state.clear()  # SGD makes its momentum buffers again at the next step
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.setting.precision == "fp16")
+        self.scaler = self._new_scaler()
         self.grad_norm = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        dtype = _AUTOCAST_DTYPES.get(self.setting.precision)
         if self.cuda_graphs:  # as the engine: the previous replay's outputs are no longer needed
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with self._autocast():
             logits = self.forward(images)
         loss = self.criterion(logits.float(), targets)
         self.scaler.scale(loss).backward()

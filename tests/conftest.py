@@ -1,11 +1,15 @@
-"""Shared fixtures: a small synthetic COCO-layout dataset and a tiny VOC2007 layout, each written once per session."""
+"""Shared fixtures: a small synthetic COCO-layout dataset and a tiny VOC2007 layout, each written once per session;
+test pictures and their JPEG bytes."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mlgcn_dist.data.toy import make_toy
@@ -118,3 +122,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for title, text in config.stash.get(_MEASURED, []):
         terminalreporter.write_sep("-", title)
         terminalreporter.write_line(text)
+
+
+def photo(width: int = 160, height: int = 120, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A textured test picture: smooth gradients plus noise, so crops and resampling show in every pixel."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 64 * 4], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
+    """Encoded bytes; colour defaults to 4:2:0 chroma (PIL's default, as most photos), subsampling=0 is 4:4:4."""
+    buffer = io.BytesIO()
+    options = {} if subsampling is None else {"subsampling": subsampling}
+    img.save(buffer, "JPEG", quality=90, **options)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)

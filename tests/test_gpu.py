@@ -3,16 +3,14 @@ gives the images of the CPU path, mixed-precision channels_last steps train, and
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import jpeg, photo
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mlgcn_dist.bench import TrainStep, make_toy_shards, run_setting
@@ -193,14 +191,8 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
 
 
 def _photo_jpegs(seed: int, count: int = 8) -> list[torch.Tensor]:
-    """``count`` different 256 x 256 RGB JPEGs (noise, quality 90)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        encoded = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "JPEG", quality=90)
-        out.append(torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8))
-    return out
+    """``count`` different 256 x 256 RGB test pictures as JPEGs."""
+    return [jpeg(photo(256, 256, seed=seed * count + i)) for i in range(count)]
 
 
 def _reads_corrupted_by(decode: Callable[[list[torch.Tensor]], object], jpegs: list[torch.Tensor]) -> int:

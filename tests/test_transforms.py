@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import jpeg, photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,23 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 # up to one grey level (measured: max 1.0, mean 0.3 of 255), i.e. 1/255/std after normalisation.
 ONE_GREY_LEVEL = 1.0 / 255 / min(IMAGENET_STD)
 TOLERANCE = 1.05 * ONE_GREY_LEVEL
-
-
-def photo(width: int = 160, height: int = 120, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """A textured test picture: smooth gradients plus noise, so crops and resampling show in every pixel."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 64 * 4], axis=-1)
-    pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels).convert(mode)
-
-
-def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
-    """Encoded bytes; colour defaults to 4:2:0 chroma (PIL's default, as most photos), subsampling=0 is 4:4:4."""
-    buffer = io.BytesIO()
-    options = {} if subsampling is None else {"subsampling": subsampling}
-    img.save(buffer, "JPEG", quality=90, **options)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
 def decoded_pil(data: torch.Tensor) -> Image.Image:
