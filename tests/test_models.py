@@ -137,6 +137,36 @@ def test_global_max_pool_takes_the_spatial_maximum_at_any_size(size):
     assert torch.equal(GlobalMaxPool()(x), x.flatten(2).max(dim=2).values)
 
 
+def test_global_max_pool_sends_the_gradient_to_the_element_maxpool2d_picks():
+    x = torch.randn(2, 5, 14, 14, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    weights = torch.randn(2, 5)
+    (GlobalMaxPool()(x) * weights).sum().backward()
+    (nn.MaxPool2d(14, 14)(reference).flatten(1) * weights).sum().backward()
+    assert torch.equal(x.grad, reference.grad)
+
+
+def _two_path_pooling(x, w1, w2, w3):
+    """A feature map that reaches the output directly and through its pooled maximum: the pattern under which
+    torch.compile's backward of ``amax`` in bf16 loses the maximum (pytorch/pytorch #186799)."""
+    feat = torch.einsum("bchw,cd->bdhw", x, w1)
+    feat = feat + torch.einsum("bchw,cd->bdhw", feat, w2)
+    return feat + (GlobalMaxPool()(feat) @ w3)[:, :, None, None]
+
+
+def test_global_max_pool_gradients_compiled_in_bf16_are_finite_and_match_eager():
+    # With torch.amax this gives NaN gradients for x, w1 and w2 (checked on torch 2.14 CPU inductor).
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 4, 5, 3, dtype=torch.bfloat16, requires_grad=True)]
+    inputs += [torch.randn(4, 4, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    eager = torch.autograd.grad(_two_path_pooling(*inputs).float().sum(), inputs)
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(_two_path_pooling)(*inputs).float().sum(), inputs)
+    for e, c in zip(eager, compiled):
+        assert torch.isfinite(c).all()
+        assert torch.equal(e, c)
+
+
 @pytest.mark.parametrize("size", [(17, 17), (32, 32), (60, 100)])
 def test_model_accepts_any_input_size(size):
     model = build("gcn").eval()

@@ -32,10 +32,18 @@ __all__ = [
 
 
 class GlobalMaxPool(nn.Module):
-    """[B, F, h, w] -> [B, F] for any h, w (the original's MaxPool2d(14, 14) assumed 448 px ResNet input)."""
+    """[B, F, h, w] -> [B, F] for any h, w (the original's MaxPool2d(14, 14) assumed 448 px ResNet input).
+
+    ``max`` with indices, not ``amax``: the gradient goes to the element the forward picked (as MaxPool2d's),
+    whereas ``amax``'s backward finds the maximum again by exact equality with the saved result. Under
+    torch.compile in bf16 that equality can miss every element (the compiled backward compares against values
+    it computes at another precision): the mask is empty, its count zero, the gradient NaN (pytorch/pytorch
+    #186799; tests/test_models.py reproduces it on CPU). The H100 bench's compiled runs were NaN from the
+    ceiling on, where eager runs of the same model were finite.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.amax(x, dim=(2, 3))
+        return x.flatten(2).max(dim=2).values
 
 
 class MultiLabelModel(nn.Module):
