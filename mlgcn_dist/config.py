@@ -98,8 +98,8 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
     # host (the compiled step's limit when the input pipeline shares the host, see README Performance).
     compile_mode: str = "default"
-    # Training steps on a non-default CUDA stream, which a library call on the legacy default stream (suspected:
-    # the nvJPEG decode in the prefetch helper) does not wait for (mlgcn_dist/streams.py; bench train measures it).
+    # Training steps on a non-default CUDA stream, which no library call on the legacy default stream waits for
+    # (mlgcn_dist/streams.py; off until bench train measures a gain).
     side_stream: bool = False
     grad_accum: int = 1
     sync_bn: bool = False

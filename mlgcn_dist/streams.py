@@ -2,12 +2,15 @@
 
 PyTorch queues a thread's kernels on the legacy default stream unless told otherwise. That stream is implicitly
 ordered with every blocking stream and with any library call that uses it: a copy or memset on it, issued from
-another thread, waits until every training kernel queued before it has run. The nvJPEG decode on the prefetch
-helper (torchvision's decoder) behaves as if it made such a call: under CUDA graph replays, with the host far
-ahead of the device, the GPU-decode path reached 0.87 of the ceiling while CPU decode reached 0.97, and an inline
-decode took as long as the step queued before it (README Performance). A stream PyTorch creates is non-blocking:
-it is ordered only with what is queued on it and the events it waits for. ``train.side_stream`` runs the
-training steps on one; ``mlgcn bench train`` measures both, to confirm or refute the explanation.
+another thread, waits until every training kernel queued before it has run. A stream PyTorch creates is
+non-blocking: it is ordered only with what is queued on it and the events it waits for. ``train.side_stream``
+runs the training steps on one, so that no such call in the input pipeline can wait for a step.
+
+Off by default: it was added when an H100 run (README Performance, run B) showed the GPU decode waiting for
+the training queued before it. That wait has since been traced to our own augment (it copied constants from
+pageable memory, which waits for the current stream) and removed; torchvision's decoder itself waits only on a
+stream of its own. ``mlgcn bench train`` still measures both kinds of stream on CUDA; without a gain there,
+this stays off.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
-from mlgcn_dist.data.transforms import IMAGENET_STD, GpuAugment, to_device
+from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.engine import build_model_for, train
 
 pytestmark = [
@@ -247,3 +247,33 @@ def test_decoded_images_are_not_reused_before_the_callers_queued_kernels_have_re
             caller.synchronize()
             wrong += sum(int(s) != e for s, e in zip(sums, expected))
     assert wrong == 0
+
+
+def test_gpu_augment_never_waits_for_the_device():
+    """Decode and augment only queue work: with a long spin queued on the caller's stream before each call, the
+    spin is still running when the call returns. (Run B's augment copied its constants from pageable memory,
+    which waits for the current stream: inline, for the whole training step queued before it.) The decode is
+    checked apart: a wait inside nvJPEG would show there, not in our code."""
+    jpegs = _photo_jpegs(3)
+    augment = GpuAugment(64, train=True)
+    augment(jpegs, "cuda", random.Random(0))  # nvJPEG and the constants made once, before the measured calls
+
+    def returns_while_the_caller_is_busy(call: Callable[[], object]) -> bool:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second on an H100's clock
+        call()
+        busy = not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+        return busy
+
+    images, _ = augment.decode(jpegs, "cuda")
+    params = [CropParams(8, 8, 200, 160, flip=i % 2 == 0) for i in range(len(images))]
+    waited = {
+        name: not returns_while_the_caller_is_busy(call)
+        for name, call in {
+            "decode": lambda: augment.decode(jpegs, "cuda"),
+            "apply": lambda: augment.apply(images, params, "cuda"),
+            "decode + augment": lambda: augment(jpegs, "cuda", random.Random(1)),
+        }.items()
+    }
+    assert not any(waited.values()), f"waited for the caller's queued work: {waited}"
