@@ -51,7 +51,7 @@ from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
-from mlgcn_dist.distributed import uses_cuda_graphs
+from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
@@ -91,11 +91,12 @@ class Setting:
 ORIGINAL_MLGCN = Setting("fp32", channels_last=False, compile=False, tf32=False, cudnn_benchmark=True)
 
 
-def run_setting(cfg: Config) -> Setting:
-    """The configured setting; TF32 and cuDNN autotuning as the engine enables them (unless deterministic)."""
+def run_setting(cfg: Config, device: torch.device) -> Setting:
+    """The configured setting on ``device`` (``train.precision=auto`` resolved as the engine resolves it); TF32
+    and cuDNN autotuning as the engine enables them (unless deterministic)."""
     fast = not cfg.train.deterministic
     return Setting(
-        cfg.train.precision,
+        concrete_precision(cfg.train.precision, torch.device(device).type),
         cfg.train.channels_last,
         cfg.train.compile,
         tf32=fast,
@@ -494,7 +495,7 @@ def _configured_phases(
     cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int
 ) -> tuple[dict[str, dict], int]:
     """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
-    setting = run_setting(cfg)
+    setting = run_setting(cfg, device)
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)

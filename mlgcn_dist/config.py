@@ -92,7 +92,8 @@ class TrainConfig:
     run_name: str = "run"
     seed: int = 0
     device: str = "auto"  # auto | cpu
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # auto: bf16 on GPUs with native bf16, fp16 (loss-scaled) on older GPUs, fp32 on CPU and MPS
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
@@ -102,6 +103,9 @@ class TrainConfig:
     # (mlgcn_dist/streams.py; off until bench train measures a gain).
     side_stream: bool = False
     grad_accum: int = 1
+    # DDP's all-reduce bucket size (PyTorch's default, 25 MB: GCN-ResNet-101's 180 MB of gradients in ~8 buckets,
+    # the first sent while the backward is still running). Larger buckets: fewer, longer all-reduces.
+    ddp_bucket_mb: int = 25
     sync_bn: bool = False
     deterministic: bool = False
     ema_decay: float = 0.0  # 0 disables the EMA model
@@ -157,7 +161,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("step", "cosine"),
     "optim.loss": ("mlsm", "asl"),
     "train.device": ("auto", "cpu"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "log.wandb": ("online", "offline", "disabled"),
 }
@@ -176,6 +180,7 @@ AT_LEAST: dict[str, int] = {
     "data.steps_per_epoch": 0,
     "train.epochs": 1,
     "train.grad_accum": 1,
+    "train.ddp_bucket_mb": 1,
     "train.keep_checkpoints": 1,
     "train.eval_every": 1,
     "train.log_every": 1,

@@ -6,6 +6,7 @@ Accelerator. Launch with ``accelerate launch`` or ``torchrun``; a plain ``python
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -60,6 +61,40 @@ def accelerator_available() -> str:
     return "cpu"
 
 
+def training_device(cfg: Config) -> str:
+    """cuda, mps or cpu: where this process trains (``train.device=cpu`` forces the CPU)."""
+    return "cpu" if cfg.train.device == "cpu" else accelerator_available()
+
+
+def concrete_precision(precision: str, device: str) -> str:
+    """``train.precision`` as it runs on ``device`` (cuda, mps, cpu); only ``auto`` depends on the device.
+
+    auto: bf16 on a GPU that computes it natively (Ampere and later); fp16 with loss scaling on older GPUs, where
+    bf16 is emulated (no bf16 tensor cores) and several times slower; fp32 on CPU and MPS, where autocast gains
+    little or is not supported across the ops of these models.
+    """
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
+
+
+def resolve_precision(cfg: Config, device: str) -> Config:
+    """``cfg`` with ``train.precision=auto`` replaced by what runs on ``device`` (a deep copy: the caller's config
+    is left as it was), else ``cfg`` itself.
+
+    Resolved once, before anything reads the precision: the Accelerator, the DeepSpeed JSON, the non-finite loss
+    policy, the run's saved config and W&B all see the same concrete value.
+    """
+    precision = concrete_precision(cfg.train.precision, device)
+    if precision == cfg.train.precision:
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.train.precision = precision
+    return resolved
+
+
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -106,7 +141,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    device = "cpu" if cfg.train.device == "cpu" else accelerator_available()
+    device = training_device(cfg)
+    if cfg.train.precision == "auto":
+        raise ValueError("build_accelerator: resolve train.precision=auto first (resolve_precision)")
     world_size = launched_world_size()
     if cfg.train.precision == "fp16" and device == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (loss scaling on CPU is unsupported): use bf16 or fp32")
@@ -114,7 +151,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     handlers = [
         # gradient_as_bucket_view saves a gradient copy per step; every parameter is used (the adjacency is a
         # buffer), so unused-parameter detection stays off.
-        DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=False),
+        DistributedDataParallelKwargs(
+            gradient_as_bucket_view=True, find_unused_parameters=False, bucket_cap_mb=cfg.train.ddp_bucket_mb
+        ),
     ]
     kwargs: dict = {}
     if cfg.train.deepspeed or _launcher_wants_deepspeed():

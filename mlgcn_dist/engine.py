@@ -201,6 +201,7 @@ class Trainer:
     """The components of one run, composed: data, model, optimiser, checkpoints, tracking (set up in that order)."""
 
     def __init__(self, cfg: Config, preemption: PreemptionHandler, lock: RunLock):
+        cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg))
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
         self.topo = distributed.topology(acc, cfg)

@@ -119,6 +119,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         payload = load_portable(resolve_checkpoint(args.checkpoint))
     cfg = _config_for(payload, args)
+    cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg))
     cfg.train.resume = "none"
     cfg.train.deepspeed = ""
     check_label_space(payload, dataset_info(cfg.data).label_names, str(args.checkpoint))

@@ -217,7 +217,7 @@ def test_time_training_reports_no_divergence_for_finite_losses():
 def test_train_step_restart_restores_the_initial_weights_and_optimiser_state(toy_root):
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}"])
     info = dataset_info(cfg.data)
-    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg), torch.device("cpu"))
+    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg, "cpu"), torch.device("cpu"))
     initial = {k: v.clone() for k, v in step.model.state_dict().items()}
     images = torch.randn(4, 3, 64, 64)
     targets = (torch.rand(4, info.num_classes) < 0.3).to(torch.int8)
@@ -242,7 +242,7 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
         "compile_mode": "default",
     }
     assert reference["decode_on"] == "cpu workers (PIL)"
-    assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's own setting
+    assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's auto, on the CPU
 
 
 def test_peak_tflops_are_looked_up_by_device_name():
@@ -266,7 +266,7 @@ def test_train_step_updates_the_backbone_and_head_groups(toy_root, precision, ch
         [f"data.root={toy_root}", f"train.precision={precision}", f"train.channels_last={channels_last}"],
     )
     info = dataset_info(cfg.data)
-    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg), torch.device("cpu"))
+    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg, "cpu"), torch.device("cpu"))
     assert [g["name"] for g in step.optimizer.param_groups] == ["backbone", "head"]
     before = {name: p.detach().clone() for name, p in step.model.named_parameters()}
     images = torch.randn(4, 3, 64, 64)

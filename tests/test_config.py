@@ -69,7 +69,7 @@ def test_wrong_type_names_key_and_expected_type(override):
 
 
 def test_value_outside_choices_lists_them():
-    with pytest.raises(ConfigError, match="train.precision' must be one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match="train.precision' must be one of auto, fp32, bf16, fp16"):
         load_config(None, ["train.precision=fp8"])
 
 

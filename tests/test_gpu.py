@@ -19,6 +19,7 @@ from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
+from mlgcn_dist.distributed import concrete_precision
 from mlgcn_dist.engine import build_model_for, train
 
 pytestmark = [
@@ -71,6 +72,11 @@ def test_nvjpeg_loader_path_gives_the_images_of_the_cpu_loader_path(shards):
     assert all(torch.equal(gpu[i][1], cpu[i][1]) for i in cpu)
 
 
+def test_auto_precision_is_bf16_on_gpus_of_compute_capability_8_and_later_else_fp16():
+    native = torch.cuda.get_device_capability() >= (8, 0)  # Ampere: the first with bf16 tensor cores
+    assert concrete_precision("auto", "cuda") == ("bf16" if native else "fp16")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_channels_last_step_trains_gcn_resnet101_on_cuda(toy_root, precision):
     cfg = load_config(
@@ -87,7 +93,7 @@ def test_mixed_precision_channels_last_step_trains_gcn_resnet101_on_cuda(toy_roo
         ],
     )
     info = dataset_info(cfg.data)
-    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg), torch.device("cuda"))
+    step = TrainStep(build_model_for(cfg, info), cfg, run_setting(cfg, "cuda"), torch.device("cuda"))
     conv = step.model.backbone[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(8, 3, 448, 448, device="cuda").contiguous(memory_format=torch.channels_last)

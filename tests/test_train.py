@@ -10,7 +10,7 @@ import torch
 
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
-from mlgcn_dist.distributed import build_accelerator, uses_cuda_graphs
+from mlgcn_dist.distributed import build_accelerator, concrete_precision, resolve_precision, uses_cuda_graphs
 from mlgcn_dist.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,9 @@ def test_training_lowers_the_loss_and_beats_the_label_frequency_baseline(trained
 
 def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     run_dir, summary = trained
-    assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.output_dir == str(run_dir)
+    assert saved.train.precision == "fp32"  # toy.yaml's auto, as resolved on the CPU
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 1, 2]
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -118,8 +120,48 @@ def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, t
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path):
-    cfg = toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}")
+    cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}"), "cpu")
     accelerator = build_accelerator(cfg)
     assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
     assert accelerator.state.dynamo_plugin.mode == mode
     assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
+
+
+@pytest.mark.parametrize("native_bf16,expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_cuda_is_bf16_where_the_gpu_computes_it_natively_else_fp16(monkeypatch, native_bf16,
+                                                                                       expected):
+    # A pre-Ampere GPU "supports" bf16 only through emulation.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    assert concrete_precision("auto", "cuda") == expected
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_auto_precision_is_fp32_on_cpu_and_mps(device):
+    assert concrete_precision("auto", device) == "fp32"
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "cpu"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_an_explicit_precision_is_kept_on_every_device(precision, device):
+    assert concrete_precision(precision, device) == precision
+
+
+def test_resolving_auto_precision_copies_the_config_and_leaves_the_callers_as_it_was(monkeypatch, toy_root, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cfg = toy_config(toy_root, tmp_path, "train.precision=auto")
+    resolved = resolve_precision(cfg, "cuda")
+    assert resolved.train.precision == "bf16" and cfg.train.precision == "auto"
+    assert resolved.data is not cfg.data and resolved.data == cfg.data
+    assert resolve_precision(resolved, "cuda") is resolved  # nothing left to resolve
+
+
+def test_building_the_accelerator_refuses_an_unresolved_auto_precision(toy_root, tmp_path):
+    with pytest.raises(ValueError, match="resolve train.precision=auto first"):
+        build_accelerator(toy_config(toy_root, tmp_path, "train.precision=auto"))
+
+
+def test_ddp_gets_gradient_bucket_views_the_configured_bucket_size_and_no_unused_parameter_search(toy_root, tmp_path):
+    cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.ddp_bucket_mb=50"), "cpu")
+    ddp = build_accelerator(cfg).ddp_handler.to_kwargs()
+    assert ddp["gradient_as_bucket_view"] is True and ddp["bucket_cap_mb"] == 50
+    assert ddp.get("find_unused_parameters", False) is False
