@@ -10,7 +10,13 @@ import torch
 
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
-from mlgcn_dist.distributed import build_accelerator, concrete_precision, resolve_precision, uses_cuda_graphs
+from mlgcn_dist.distributed import (
+    build_accelerator,
+    concrete_precision,
+    resolve_precision,
+    training_device,
+    uses_cuda_graphs,
+)
 from mlgcn_dist.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +52,8 @@ def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     run_dir, summary = trained
     saved = load_config(run_dir / "config.yaml")
     assert saved.train.output_dir == str(run_dir)
-    assert saved.train.precision == "fp32"  # toy.yaml's auto, as resolved on the CPU
+    # toy.yaml's auto, as resolved where it ran (fp32 on the CPU)
+    assert saved.train.precision == concrete_precision("auto", training_device(saved)) != "auto"
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 1, 2]
     saved = json.loads((run_dir / "summary.json").read_text())
