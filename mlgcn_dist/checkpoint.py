@@ -121,6 +121,26 @@ def check_resume_labels(path: Path, label_names: list[str]) -> None:
         )
 
 
+def saved_precision(path: Path | None) -> str | None:
+    """The precision a checkpoint was trained in (its saved config); None without a checkpoint or that record."""
+    if path is None:
+        return None
+    config = json.loads((path / "train_state.json").read_text()).get("config") or {}
+    precision = config.get("train", {}).get("precision")
+    return precision if precision in ("fp32", "bf16", "fp16") else None
+
+
+def check_resume_precision(path: Path, precision: str) -> None:
+    """fp16 resumes only from fp16: the checkpoint of another precision holds no loss-scaler state, which
+    ``load_state`` would fail to find (the other switches load, and change the run's numerics as asked)."""
+    saved = saved_precision(path)
+    if precision == "fp16" and saved not in (None, "fp16"):
+        raise ConfigError(
+            f"train.precision=fp16: checkpoint {path} was trained in {saved} and holds no loss-scaler state; "
+            f"resume with train.precision={saved} (or auto, which keeps it), or start afresh with train.resume=none"
+        )
+
+
 class CheckpointManager:
     def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
         self.accelerator = accelerator

@@ -104,7 +104,8 @@ class TrainConfig:
     side_stream: bool = False
     grad_accum: int = 1
     # DDP's all-reduce bucket size (PyTorch's default, 25 MB: GCN-ResNet-101's 180 MB of gradients in ~8 buckets,
-    # the first sent while the backward is still running). Larger buckets: fewer, longer all-reduces.
+    # the first sent while the backward is still running). Larger buckets: fewer, longer all-reduces. DDP only:
+    # DeepSpeed takes its bucket sizes from its JSON (configs/deepspeed/).
     ddp_bucket_mb: int = 25
     sync_bn: bool = False
     deterministic: bool = False

@@ -80,18 +80,21 @@ def concrete_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
-def resolve_precision(cfg: Config, device: str) -> Config:
-    """``cfg`` with ``train.precision=auto`` replaced by what runs on ``device`` (a deep copy: the caller's config
-    is left as it was), else ``cfg`` itself.
+def resolve_precision(cfg: Config, device: str, resumed: str | None = None) -> Config:
+    """A copy of ``cfg`` whose ``train.precision`` is concrete (the caller's config is left as it was).
 
+    ``auto`` resumed from a checkpoint (``resumed``: the precision it was trained in) keeps that precision: a
+    requeued job may land on another GPU generation, and the run must go on in the numerics it started with
+    (whose loss-scaler state the checkpoint holds, or does not). Otherwise ``auto`` is what runs on ``device``.
     Resolved once, before anything reads the precision: the Accelerator, the DeepSpeed JSON, the non-finite loss
-    policy, the run's saved config and W&B all see the same concrete value.
+    policy, the run's saved config and W&B all see the same value. Each process resolves it alone: processes on
+    GPUs of different generations would disagree (mixed clusters are not supported).
     """
-    precision = concrete_precision(cfg.train.precision, device)
-    if precision == cfg.train.precision:
-        return cfg
     resolved = copy.deepcopy(cfg)
-    resolved.train.precision = precision
+    if cfg.train.precision == "auto" and resumed is not None:
+        resolved.train.precision = resumed
+    else:
+        resolved.train.precision = concrete_precision(cfg.train.precision, device)
     return resolved
 
 

@@ -27,8 +27,10 @@ from mlgcn_dist.checkpoint import (
     TrainState,
     atomic_write_text,
     check_resume_labels,
+    check_resume_precision,
     mark_requeue,
     resolve_resume,
+    saved_precision,
 )
 from mlgcn_dist.config import Config, ConfigError
 from mlgcn_dist.data.loader import DatasetInfo, build_eval_loader, build_train_loader, dataset_info
@@ -201,7 +203,9 @@ class Trainer:
     """The components of one run, composed: data, model, optimiser, checkpoints, tracking (set up in that order)."""
 
     def __init__(self, cfg: Config, preemption: PreemptionHandler, lock: RunLock):
-        cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg))
+        # The checkpoint to resume first: a run resumed with precision auto goes on in the precision it started with.
+        last_ckpt = resolve_resume(cfg.train.resume, cfg.run_dir)
+        cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg), saved_precision(last_ckpt))
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
         self.topo = distributed.topology(acc, cfg)
@@ -215,10 +219,12 @@ class Trainer:
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
-        # Checked before the model is built: a resume on another label space, an epoch too short for one step.
-        self.last_ckpt = resolve_resume(cfg.train.resume, self.run_dir)
+        # Checked before the model is built: a resume on another label space or into fp16 from another precision,
+        # an epoch too short for one step.
+        self.last_ckpt = last_ckpt
         if self.last_ckpt is not None:
             check_resume_labels(self.last_ckpt, self.info.label_names)
+            check_resume_precision(self.last_ckpt, cfg.train.precision)
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(

@@ -60,7 +60,13 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
 
 
 def _config_for(payload: dict, args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, []) if args.config else config_from_dict(payload["config"])
+    if args.config:
+        cfg = load_config(args.config, [])
+    else:
+        cfg = config_from_dict(payload["config"])
+        # The saved precision is what the training machine ran (a V100's fp16 cannot run on a CPU); evaluation has
+        # no loss scaling to carry on, so it runs at this machine's precision unless an override sets one.
+        cfg.train.precision = "auto"
     for item in args.overrides:
         key, _, value = item.partition("=")
         set_key(cfg, key, value, f"override {item}")

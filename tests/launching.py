@@ -68,13 +68,15 @@ def train_log(run_dir: Path) -> list[dict]:
 
 
 def overrides(toy: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A deterministic, BatchNorm-free tiny model: per-sample computation independent of the batch split."""
+    """A deterministic, BatchNorm-free tiny model: per-sample computation independent of the batch split; on
+    the CPU in fp32 (gloo), also on a machine with GPUs."""
     return [
         "--config", str(REPO / "configs/toy.yaml"),
         f"data.root={toy}", "data.image_size=32", "data.workers=0", "data.batch_size=8",
         "model.backbone=cifar_plainnet", "model.gcn_hidden=32",
         "train.epochs=1", "train.log_every=1", "train.resume=none", f"train.output_dir={run_dir}",
         "train.deterministic=true", "train.ema_decay=0", "optim.warmup_epochs=0", "log.wandb=disabled",
+        "train.device=cpu", "train.precision=fp32",
         *extra,
     ]
 

@@ -262,24 +262,25 @@ def test_gpu_augment_never_waits_for_the_device():
     checked apart: a wait inside nvJPEG would show there, not in our code."""
     jpegs = _photo_jpegs(3)
     augment = GpuAugment(64, train=True)
-    augment(jpegs, "cuda", random.Random(0))  # nvJPEG and the constants made once, before the measured calls
-
-    def returns_while_the_caller_is_busy(call: Callable[[], object]) -> bool:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # about a second on an H100's clock
-        call()
-        busy = not torch.cuda.current_stream().query()
-        torch.cuda.synchronize()
-        return busy
-
     images, _ = augment.decode(jpegs, "cuda")
-    params = [CropParams(8, 8, 200, 160, flip=i % 2 == 0) for i in range(len(images))]
-    waited = {
-        name: not returns_while_the_caller_is_busy(call)
-        for name, call in {
-            "decode": lambda: augment.decode(jpegs, "cuda"),
-            "apply": lambda: augment.apply(images, params, "cuda"),
-            "decode + augment": lambda: augment(jpegs, "cuda", random.Random(1)),
-        }.items()
+    params = [CropParams(8, 8, 200, 160, flip=i % 2 == 0) for i in range(len(images))]  # one size: reordered
+    calls = {
+        "decode": lambda: augment.decode(jpegs, "cuda"),
+        "apply": lambda: augment.apply(images, params, "cuda"),
+        "decode + augment": lambda: augment(jpegs, "cuda", random.Random(1)),
     }
+    for call in calls.values():  # nvJPEG, the constants, pinned buffers and lazily loaded kernels made once
+        call()
+    torch.cuda.synchronize()
+
+    def returns_before_the_spin_ends(call: Callable[[], object]) -> bool:
+        torch.cuda._sleep(2_000_000_000)  # about a second on an H100's clock
+        spun = torch.cuda.Event()
+        spun.record()  # marks the spin's end alone, not the work the call queues after it
+        call()
+        early = not spun.query()
+        torch.cuda.synchronize()
+        return early
+
+    waited = {name: not returns_before_the_spin_ends(call) for name, call in calls.items()}
     assert not any(waited.values()), f"waited for the caller's queued work: {waited}"

@@ -42,6 +42,7 @@ from mlgcn_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
     atomic_torch_save,
+    check_resume_precision,
     complete_checkpoints,
     resolve_resume,
 )
@@ -186,12 +187,13 @@ def test_more_skipped_samples_than_max_bad_fraction_stop_training(tiny_toy, shar
 # ----------------------------------------------------------------------------------------------- config
 
 
-IMPOSSIBLE = {  # case: (override, what the error says); {optimizer}/{scheduler}: a DeepSpeed JSON with that block
-    "fp16_without_a_gpu": ("train.precision=fp16", "train.precision=fp16 needs a GPU"),
-    "grad_accum_beyond_the_epoch": ("train.grad_accum=16",
+IMPOSSIBLE = {  # case: (overrides, what the error says); {optimizer}/{scheduler}: a DeepSpeed JSON with that block
+    # train.device=auto: the machine has no GPU (train.device=cpu would be refused at load time already).
+    "fp16_without_a_gpu": (("train.device=auto", "train.precision=fp16"), "train.precision=fp16 needs a GPU"),
+    "grad_accum_beyond_the_epoch": (("train.grad_accum=16",),
                                     r"7 micro-batch\(es\) per process, fewer than train.grad_accum=16"),
-    "deepspeed_json_with_an_optimizer": ("train.deepspeed={optimizer}", "remove the 'optimizer' block"),
-    "deepspeed_json_with_a_scheduler": ("train.deepspeed={scheduler}", "remove the 'scheduler' block"),
+    "deepspeed_json_with_an_optimizer": (("train.deepspeed={optimizer}",), "remove the 'optimizer' block"),
+    "deepspeed_json_with_a_scheduler": (("train.deepspeed={scheduler}",), "remove the 'scheduler' block"),
 }
 
 
@@ -199,14 +201,14 @@ IMPOSSIBLE = {  # case: (override, what the error says); {optimizer}/{scheduler}
 def test_an_impossible_combination_is_one_config_error_before_any_heavy_work(case, tiny_toy, tmp_path, monkeypatch):
     if case == "fp16_without_a_gpu" and torch.cuda.is_available():
         pytest.skip("fp16 is possible on this machine")
-    override, message = IMPOSSIBLE[case]
+    overrides, message = IMPOSSIBLE[case]
     deepspeed_json = {}
     for block in ("optimizer", "scheduler"):
         deepspeed_json[block] = tmp_path / f"ds_{block}.json"
         deepspeed_json[block].write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW"}}))
     monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
     with pytest.raises(ConfigError, match=message):
-        train(tiny_config(tiny_toy, tmp_path / "run", override.format(**deepspeed_json)))
+        train(tiny_config(tiny_toy, tmp_path / "run", *(o.format(**deepspeed_json) for o in overrides)))
 
 
 LOAD_TIME_ERRORS = {  # override (with train.grad_accum=4): what the error says
@@ -250,6 +252,41 @@ def test_evaluating_a_checkpoint_on_a_dataset_with_another_label_count_is_a_conf
 ):
     assert mlgcn(["evaluate", "--checkpoint", str(trained_run), *voc_data(voc_root)]) == 2
     assert "the checkpoint has 12 labels but the dataset has 20" in capsys.readouterr().err
+
+
+def test_a_run_resumed_with_auto_precision_goes_on_in_the_precision_it_started_with(
+    trained_run, tiny_toy, tmp_path, monkeypatch
+):
+    # As if requeued onto a GPU where auto means bf16: the run, started in fp32, stays in fp32.
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    monkeypatch.setattr("mlgcn_dist.distributed.concrete_precision",
+                        lambda precision, device: "bf16" if precision == "auto" else precision)
+    train(tiny_config(tiny_toy, run_dir, "train.precision=auto", "train.resume=auto", "train.epochs=2"))
+    assert load_config(run_dir / "config.yaml").train.precision == "fp32"
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0
+
+
+@pytest.mark.parametrize(
+    "saved,asked,refused",
+    [("bf16", "fp16", True), ("fp32", "fp16", True), ("fp16", "fp16", False), ("bf16", "fp32", False),
+     ("fp16", "bf16", False), (None, "fp16", False)],
+)
+def test_resuming_into_fp16_needs_a_checkpoint_trained_in_fp16(saved, asked, refused, tmp_path):
+    """Only an fp16 checkpoint holds the loss-scaler state an fp16 run loads; the other switches load."""
+    config = {"train": {"precision": saved}} if saved else {}
+    (tmp_path / "train_state.json").write_text(json.dumps({"state": {}, "config": config, "label_names": []}))
+    if refused:
+        with pytest.raises(ConfigError, match=f"was trained in {saved} and holds no loss-scaler state"):
+            check_resume_precision(tmp_path, asked)
+    else:
+        check_resume_precision(tmp_path, asked)
+
+
+def test_evaluating_a_checkpoint_trained_in_fp16_on_a_gpu_runs_at_this_machines_precision(trained_run, tmp_path):
+    payload = torch.load(trained_run / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    payload["config"]["train"]["precision"] = "fp16"  # as saved by a run on a V100 (auto resolved to fp16 there)
+    torch.save(payload, tmp_path / "fp16.pt")
+    assert mlgcn(["evaluate", "--checkpoint", str(tmp_path / "fp16.pt")]) == 0
 
 
 # ----------------------------------------------------------------------------------------------- numerics

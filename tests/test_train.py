@@ -29,6 +29,7 @@ def toy_config(toy_root: Path, run_dir: Path, *extra: str):
     return load_config(REPO / "configs/toy.yaml", [
         f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "train.epochs=3", "train.log_every=2",
         "train.resume=none", f"train.output_dir={run_dir}", "log.wandb=disabled", "optim.epoch_step=[100]",
+        "train.precision=fp32",  # the same numbers on a machine with a GPU (toy.yaml's auto would be bf16 there)
         *extra,
     ])
 
@@ -50,10 +51,7 @@ def test_training_lowers_the_loss_and_beats_the_label_frequency_baseline(trained
 
 def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     run_dir, summary = trained
-    saved = load_config(run_dir / "config.yaml")
-    assert saved.train.output_dir == str(run_dir)
-    # toy.yaml's auto, as resolved where it ran (fp32 on the CPU)
-    assert saved.train.precision == concrete_precision("auto", training_device(saved)) != "auto"
+    assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 1, 2]
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -153,13 +151,23 @@ def test_an_explicit_precision_is_kept_on_every_device(precision, device):
     assert concrete_precision(precision, device) == precision
 
 
-def test_resolving_auto_precision_copies_the_config_and_leaves_the_callers_as_it_was(monkeypatch, toy_root, tmp_path):
+def test_resolving_precision_copies_the_config_and_leaves_the_callers_as_it_was(monkeypatch, toy_root, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     cfg = toy_config(toy_root, tmp_path, "train.precision=auto")
     resolved = resolve_precision(cfg, "cuda")
     assert resolved.train.precision == "bf16" and cfg.train.precision == "auto"
     assert resolved.data is not cfg.data and resolved.data == cfg.data
-    assert resolve_precision(resolved, "cuda") is resolved  # nothing left to resolve
+    again = resolve_precision(resolved, "cuda")
+    assert again is not resolved and again.train.precision == "bf16"  # always a copy
+
+
+def test_auto_precision_resumed_keeps_the_checkpoints_and_an_explicit_one_wins(monkeypatch, toy_root, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    auto = toy_config(toy_root, tmp_path, "train.precision=auto")
+    assert resolve_precision(auto, "cuda", resumed="fp16").train.precision == "fp16"
+    assert resolve_precision(auto, "cuda", resumed=None).train.precision == "bf16"
+    explicit = toy_config(toy_root, tmp_path, "train.precision=fp32")
+    assert resolve_precision(explicit, "cuda", resumed="bf16").train.precision == "fp32"
 
 
 def test_building_the_accelerator_refuses_an_unresolved_auto_precision(toy_root, tmp_path):
@@ -172,3 +180,10 @@ def test_ddp_gets_gradient_bucket_views_the_configured_bucket_size_and_no_unused
     ddp = build_accelerator(cfg).ddp_handler.to_kwargs()
     assert ddp["gradient_as_bucket_view"] is True and ddp["bucket_cap_mb"] == 50
     assert ddp.get("find_unused_parameters", False) is False
+
+
+def test_a_run_with_auto_precision_records_the_precision_it_ran_in(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.precision=auto", "train.epochs=1", "data.steps_per_epoch=2"))
+    saved = load_config(run_dir / "config.yaml").train.precision
+    assert saved == concrete_precision("auto", training_device(load_config(run_dir / "config.yaml"))) != "auto"
