@@ -130,10 +130,10 @@ def saved_precision(path: Path | None) -> str | None:
     return precision if precision in ("fp32", "bf16", "fp16") else None
 
 
-def check_resume_precision(path: Path, precision: str) -> None:
-    """fp16 resumes only from fp16: the checkpoint of another precision holds no loss-scaler state, which
-    ``load_state`` would fail to find (the other switches load, and change the run's numerics as asked)."""
-    saved = saved_precision(path)
+def check_resume_precision(path: Path, saved: str | None, precision: str) -> None:
+    """fp16 resumes only from fp16: the checkpoint at ``path``, trained in ``saved`` (:func:`saved_precision`), of
+    another precision holds no loss-scaler state, which ``load_state`` would fail to find (the other switches
+    load, and change the run's numerics as asked)."""
     if precision == "fp16" and saved not in (None, "fp16"):
         raise ConfigError(
             f"train.precision=fp16: checkpoint {path} was trained in {saved} and holds no loss-scaler state; "

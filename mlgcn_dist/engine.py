@@ -205,7 +205,8 @@ class Trainer:
     def __init__(self, cfg: Config, preemption: PreemptionHandler, lock: RunLock):
         # The checkpoint to resume first: a run resumed with precision auto goes on in the precision it started with.
         last_ckpt = resolve_resume(cfg.train.resume, cfg.run_dir)
-        cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg), saved_precision(last_ckpt))
+        resumed_precision = saved_precision(last_ckpt)
+        cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg), resumed_precision)
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
         self.topo = distributed.topology(acc, cfg)
@@ -224,7 +225,7 @@ class Trainer:
         self.last_ckpt = last_ckpt
         if self.last_ckpt is not None:
             check_resume_labels(self.last_ckpt, self.info.label_names)
-            check_resume_precision(self.last_ckpt, cfg.train.precision)
+            check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(

@@ -45,6 +45,7 @@ from mlgcn_dist.checkpoint import (
     check_resume_precision,
     complete_checkpoints,
     resolve_resume,
+    saved_precision,
 )
 from mlgcn_dist.cli import main as mlgcn
 from mlgcn_dist.config import Config, ConfigError, load_config
@@ -277,9 +278,9 @@ def test_resuming_into_fp16_needs_a_checkpoint_trained_in_fp16(saved, asked, ref
     (tmp_path / "train_state.json").write_text(json.dumps({"state": {}, "config": config, "label_names": []}))
     if refused:
         with pytest.raises(ConfigError, match=f"was trained in {saved} and holds no loss-scaler state"):
-            check_resume_precision(tmp_path, asked)
+            check_resume_precision(tmp_path, saved_precision(tmp_path), asked)
     else:
-        check_resume_precision(tmp_path, asked)
+        check_resume_precision(tmp_path, saved_precision(tmp_path), asked)
 
 
 def test_evaluating_a_checkpoint_trained_in_fp16_on_a_gpu_runs_at_this_machines_precision(trained_run, tmp_path):

@@ -136,7 +136,8 @@ def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path
 def test_auto_precision_on_cuda_is_bf16_where_the_gpu_computes_it_natively_else_fp16(monkeypatch, native_bf16,
                                                                                        expected):
     # A pre-Ampere GPU "supports" bf16 only through emulation.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
     assert concrete_precision("auto", "cuda") == expected
 
 
@@ -185,5 +186,5 @@ def test_ddp_gets_gradient_bucket_views_the_configured_bucket_size_and_no_unused
 def test_a_run_with_auto_precision_records_the_precision_it_ran_in(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.precision=auto", "train.epochs=1", "data.steps_per_epoch=2"))
-    saved = load_config(run_dir / "config.yaml").train.precision
-    assert saved == concrete_precision("auto", training_device(load_config(run_dir / "config.yaml"))) != "auto"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.precision == concrete_precision("auto", training_device(saved)) != "auto"

@@ -1,9 +1,10 @@
 """Map-style dataset over a COCO/VOC folder layout, and the collate function that builds the batch dict.
 
 Batch contract (shared with the WebDataset loaders): "image" uint8 [B,3,S,S] cropped and resized (CPU decode;
-``to_device`` normalises it on the device) or "jpeg" list of B uint8 1-D tensors (raw bytes, decoded on the device); "target" int8 [B,C] (1/0/-1); "image_id" int64
-[B]; "n_bad" int, samples of this batch dropped because their file could not be read or decoded, and "bad_ids"
-the image ids of those whose id is known. A batch whose samples all failed has B = 0 and an empty "image".
+``to_device`` normalises it on the device) or "jpeg" list of B uint8 1-D tensors (raw bytes, decoded on the
+device); "target" int8 [B,C] (1/0/-1); "image_id" int64 [B]; "n_bad" int, samples of this batch dropped
+because their file could not be read or decoded, and "bad_ids" the image ids of those whose id is known. A batch
+whose samples all failed has B = 0 and an empty "image".
 
 Augmentation is reproducible whatever the worker count: each sample's random stream is derived from
 (seed, epoch, index). Call :meth:`FolderDataset.set_epoch` before iterating the loader each epoch (workers receive
