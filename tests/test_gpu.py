@@ -20,7 +20,7 @@ from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
-from mlgcn_dist.engine import build_model_for, train
+from mlgcn_dist.engine import Trainer, build_model_for, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -194,6 +194,36 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
     summary = train(cfg)
     assert summary["global_step"] == 24
     assert summary["best_mAP"] > summary["frequency_baseline_mAP"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_steps_between_logging_intervals_never_make_the_host_wait_for_the_gpu(toy_root, tmp_path,
+                                                                                       monkeypatch):
+    """With torch's sync debug mode at "error", any call that makes the host wait for the device (``.item()``, a
+    copy to the host, a stream or device synchronise) raises. It is on from the start of the 3rd step (after
+    cuDNN's autotuning) to the start of the last (before the end-of-epoch finiteness check): the steps, the loop
+    around them, the EMA, and the batches moved onto the device ahead on the helper thread (CPU decode: nvJPEG
+    waits for its own stream inside torchvision by design, on the helper thread)."""
+    steps = 0
+    train_step = Trainer._train_step
+
+    def checked(self, images, targets):
+        nonlocal steps
+        steps += 1
+        torch.cuda.set_sync_debug_mode("error" if 3 <= steps < 12 else "default")
+        return train_step(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "_train_step", checked)
+    cfg = load_config("configs/toy.yaml", [
+        f"data.root={toy_root}", "data.decode=cpu", "data.device_prefetch=2", "data.steps_per_epoch=12",
+        "train.epochs=1", "train.log_every=100", "train.precision=bf16", "train.channels_last=true",
+        "train.ema_decay=0.9", f"train.output_dir={tmp_path / 'run'}", "train.resume=none",
+    ])
+    try:
+        summary = train(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps == 12 and summary["global_step"] == 12
 
 
 def _photo_jpegs(seed: int, count: int = 8) -> list[torch.Tensor]:

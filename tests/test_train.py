@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
@@ -17,7 +18,7 @@ from mlgcn_dist.distributed import (
     training_device,
     uses_cuda_graphs,
 )
-from mlgcn_dist.engine import train
+from mlgcn_dist.engine import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +122,46 @@ def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, t
         weights.append(payload["model"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class HostReads(TorchFunctionMode):
+    """Counts, in this thread, the reads of a tensor's value on the host: on a GPU each one waits for the device to
+    finish everything queued before it, which stalls the step pipeline."""
+
+    READS = frozenset({torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+                       torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_the_training_loop_reads_no_tensor_on_the_host_between_logging_intervals(decode, monkeypatch, toy_root,
+                                                                                  tmp_path):
+    """An epoch of 6 steps reads as many values on the host as one of 2 (the end-of-epoch finiteness check): no
+    per-step read in the loop, the step, the EMA or the device conversion (inline here, so in the counted thread)."""
+    reads: list[int] = []
+    train_batches = Trainer._train_batches
+
+    def counted(self, pairs, bar):
+        with HostReads() as mode:
+            try:
+                return train_batches(self, pairs, bar)
+            finally:
+                reads.append(mode.reads)
+
+    monkeypatch.setattr(Trainer, "_train_batches", counted)
+    for steps in (2, 6):
+        train(toy_config(toy_root, tmp_path / f"steps{steps}", f"data.decode={decode}", "data.device_prefetch=0",
+                         "train.epochs=1", f"data.steps_per_epoch={steps}", "train.log_every=100",
+                         "train.ema_decay=0.9"))
+    assert reads[0] == reads[1]
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
