@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent H100/H200 (from any directory), results in $OUT. CHECKS names its steps, in order
-# (default: pytest eager compile compile_cudagraphs):
+# (default: pytest eager compile compile_cudagraphs loader):
 #   pytest              the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
 #   eager, compile,     `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64) eagerly, with
 #   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
 #                       CPU / GPU decode / GPU decode inline, the ceiling again, the GPU data path alone, the
 #                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
-#                       non-finite); the first of them waits for the toy set and packs it to shards.
+#                       non-finite); the first of them waits for the toy set and packs it to shards;
+#   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.
@@ -63,7 +64,7 @@ overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data
            train.precision=bf16 train.channels_last=true optim.lr=0.01)
 
 # CHECKS picks the steps and their order (default: all); a later step gets what the earlier ones left.
-for check in ${CHECKS:-pytest eager compile compile_cudagraphs}; do
+for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     case $check in
         pytest) step pytest_gpu 200 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
@@ -74,11 +75,13 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs}; do
         compile_cudagraphs) toy_ready; step bench_cudagraphs 270 "${bench[@]}" \
             --json "$OUT/bench_cudagraphs.json" "${overrides[@]}" train.compile=true \
             train.compile_mode=reduce-overhead ;;
+        loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
+            --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;
     esac
 done
 
-for name in bench_eager bench_compile bench_cudagraphs; do
+for name in bench_eager bench_compile bench_cudagraphs bench_loader; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 24; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

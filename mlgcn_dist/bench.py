@@ -8,7 +8,9 @@ groups) on one device, in one process, in these phases:
 * end to end: the same settings fed by the real training loader from shards, decoding JPEGs in the CPU
   workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder), both with the device
   conversion running ``data.device_prefetch`` batches ahead as in the engine; and once more decoding on the
-  device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains;
+  device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains; the batches the loader's
+  workers queued during the warm-up are dropped and the timed steps are whole rounds of the workers
+  (:class:`LoaderQueue`), so a loader slower than the model is timed at its steady rate;
 * the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device over the
   run, the spread to read the ratios against;
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data;
@@ -36,6 +38,7 @@ import random
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -46,7 +49,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlgcn_dist.config import Config, load_config, set_key
-from mlgcn_dist.data.loader import DatasetInfo, bench_loader, build_train_loader, dataset_info, read_meta
+from mlgcn_dist.data.loader import (
+    DatasetInfo,
+    bench_loader,
+    build_train_loader,
+    dataset_info,
+    read_meta,
+    whole_rounds,
+)
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
@@ -227,6 +237,46 @@ def peak_memory(device: torch.device) -> dict:
     }
 
 
+class LoaderQueue:
+    """The training loader's batches, able to drop the ones its workers made ahead.
+
+    A DataLoader keeps ``workers x prefetch_factor`` batches requested. While the device is busy elsewhere (the
+    first step compiles for a minute) all of them get made and wait; a timed window that starts on that full
+    queue gets them for free, and overstates a loader slower than the model by up to the queue over the window
+    (15 workers: 30 of 60 batches). :meth:`drop_queued` makes the next pull, on whichever thread pulls (the
+    prefetch helper or the loop), first take and discard that many batches: after it, every worker is at work on
+    a batch begun since, as in a long run whose loader cannot keep up. A loader that can keep up fills its
+    queue again in the untimed steps that follow (:func:`time_training`).
+    """
+
+    def __init__(self, batches: Iterable, workers: int, prefetch_factor: int) -> None:
+        self.workers = workers
+        self.capacity = workers * prefetch_factor
+        self.dropped = 0
+        self._batches = iter(batches)
+        self._drop = threading.Event()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> object:
+        if self._drop.is_set():
+            self._drop.clear()
+            for _ in range(self.capacity):
+                next(self._batches)
+                self.dropped += 1
+        return next(self._batches)
+
+    def drop_queued(self) -> None:
+        self._drop.set()
+
+    def untimed_after_drop(self, depth: int) -> int:
+        """Steps between the drop and the timed window: the ``depth`` (+1 in hand) batches converted before the
+        drop, then a round of the workers (a batch from each), so the window starts and ends alike: at the
+        return of a round (every worker makes as many batches in it: :func:`whole_rounds`)."""
+        return depth + 1 + self.workers
+
+
 def time_training(
     step: TrainStep,
     batches: Iterable,
@@ -234,11 +284,15 @@ def time_training(
     steps: int,
     warmup: int,
     stream: torch.cuda.Stream | None = None,
+    queue: LoaderQueue | None = None,
+    depth: int = 0,
 ) -> dict:
     """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
     timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones; the time blocked on
-    ``next(batches)`` is the data wait. Divergence is tracked on the device (no per-step sync): the steps
-    before the first non-finite loss and the largest pre-clip gradient norm, over warm-up and timed steps."""
+    ``next(batches)`` is the data wait. With the loader's ``queue`` (converted ``depth`` batches ahead), the
+    batches its workers made during the warm-up are dropped and the timed steps wait for a round made since
+    (:class:`LoaderQueue`). Divergence is tracked on the device (no per-step sync): the steps before the first
+    non-finite loss and the largest pre-clip gradient norm, over warm-up and timed steps."""
     device = step.device
     step.restart()
     if device.type == "cuda":
@@ -270,7 +324,11 @@ def time_training(
         _, _, first_loss = run_one()
         taken += 1
         first_step_s = _synced_clock(device) - t0
-        for _ in range(warmup - 1):
+        untimed = warmup - 1
+        if queue is not None and queue.capacity:
+            queue.drop_queued()
+            untimed += queue.untimed_after_drop(depth)
+        for _ in range(untimed):
             run_one()
             taken += 1
         data_wait = 0.0
@@ -288,6 +346,7 @@ def time_training(
         "steps": steps,
         "images": images,
         "seconds": seconds,
+        "queued_batches_dropped": 0 if queue is None else queue.dropped,
         "img_s": images / seconds,
         "step_ms": 1000 * seconds / steps,
         "data_wait_s": data_wait,
@@ -408,17 +467,20 @@ def loader_phase(
 ) -> dict:
     """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
     engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
-    the steps on ``stream`` (None: the default stream)."""
+    the steps on ``stream`` (None: the default stream). The batches the workers made during the warm-up are
+    dropped, and ``steps`` rounded up to whole rounds of the workers (:class:`LoaderQueue`)."""
     depth = cfg.data.device_prefetch if depth is None else depth
     loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
     convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
 
     def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets, _ = pair[1]
         return images, targets
 
-    with device_batches(loader, convert, step.device, depth) as pairs:
-        result = time_training(step, pairs, to_inputs, steps, warmup, stream)
+    with device_batches(queue, convert, step.device, depth) as pairs:
+        timed = whole_rounds(steps, cfg.data.workers)
+        result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth)
     # Every conversion of the phase, the ones run ahead past the last step included.
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
@@ -573,18 +635,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "ceiling_drift": phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"],
         "loader_cpu": loader,
         "data_gpu": data_gpu,
-        "notes": _notes(cfg, steps),
     }
-
-
-def _notes(cfg: Config, steps: int) -> list[str]:
-    depth = max(cfg.data.workers, 1) * cfg.data.prefetch_factor
-    if steps >= 2 * depth:
-        return []
-    return [
-        f"{steps} timed steps are fewer than twice the loader's prefetch depth ({depth} batches): batches "
-        f"prefetched during warmup hide part of the data wait; use --steps {2 * depth} or more"
-    ]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -616,6 +667,15 @@ def describe_shards(shards: Path, split: str) -> dict:
         "images": body["count"],
         "mean_sample_bytes": total / max(body["count"], 1),
     }
+
+
+def batches_per_phase(cfg: Config, steps: int, warmup: int) -> int:
+    """The most batches a phase takes from the loader: warm-up, the dropped queue and the untimed steps after it
+    (:class:`LoaderQueue`), and the timed steps in whole rounds of the workers."""
+    workers = cfg.data.workers
+    after_drop = LoaderQueue((), workers, cfg.data.prefetch_factor)
+    return (warmup + after_drop.capacity + after_drop.untimed_after_drop(cfg.data.device_prefetch)
+            + whole_rounds(steps, workers))
 
 
 def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
@@ -716,7 +776,6 @@ def format_report(report: dict) -> str:
         f"data path alone ({data['decode_on']}, {data['device_prefetch']} batches ahead, no training): "
         f"{data['img_s']:.1f} img/s; a batch: decode {_ms(data['decode_ms'])}, augment {_ms(data['augment_ms'])}"
     )
-    lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
 
@@ -789,7 +848,7 @@ def _run_train(args: argparse.Namespace) -> int:
         shards = args.shards or make_toy_shards(
             Path(tmp), args.toy_images, args.toy_size, cfg.data.workers, cfg.train.seed
         )
-        point_config_at_shards(cfg, shards, args.warmup + args.steps)
+        point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup))
         report = bench_train(cfg, args.steps, args.warmup)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}

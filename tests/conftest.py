@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
 
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.voc import VOC_CLASSES
@@ -139,3 +141,25 @@ def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
     options = {} if subsampling is None else {"subsampling": subsampling}
     img.save(buffer, "JPEG", quality=90, **options)
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+class TimedWorkerBatches(IterableDataset):
+    """A stand-in for the training loader's dataset whose DataLoader workers each make a batch in ``seconds``
+    (sleeping, so a busy CI host does not change the rate): ``workers`` of them make ``workers x batch_size /
+    seconds`` images/s, exactly. Batches are the loader's dict; every worker makes ``per_worker`` of them."""
+
+    def __init__(self, per_worker: int, batch_size: int, seconds: float) -> None:
+        self.per_worker, self.batch_size, self.seconds = per_worker, batch_size, seconds
+
+    def __iter__(self):
+        for _ in range(self.per_worker):
+            time.sleep(self.seconds)
+            yield {"image": torch.zeros(self.batch_size, 3, 2, 2), "target": torch.zeros(self.batch_size, 2),
+                   "image_id": torch.arange(self.batch_size), "n_bad": 0}
+
+
+def timed_worker_loader(workers: int, batches: int, batch_size: int, seconds: float,
+                        prefetch_factor: int = 2) -> DataLoader:
+    """A real DataLoader (worker processes, its prefetch queue) over :class:`TimedWorkerBatches`."""
+    return DataLoader(TimedWorkerBatches(batches // workers, batch_size, seconds), batch_size=None,
+                      num_workers=workers, prefetch_factor=prefetch_factor)

@@ -8,15 +8,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import timed_worker_loader
 from torch import nn
 
 from mlgcn_dist.bench import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
+    LoaderQueue,
     TrainStep,
     format_report,
     forward_flops_per_image,
@@ -28,6 +31,7 @@ from mlgcn_dist.bench import (
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import dataset_info
+from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -37,6 +41,7 @@ PHASE_FIELDS = (
     "steps",
     "images",
     "seconds",
+    "queued_batches_dropped",
     "img_s",
     "step_ms",
     "data_wait_s",
@@ -97,7 +102,7 @@ def test_bench_train_report_has_every_phase_and_field(report):
         assert not missing, f"phase {name} lacks {missing}"
         assert phase["steps"] == STEPS and phase["images"] == STEPS * report["batch_size"]
         assert math.isfinite(phase["final_loss"]) and phase["peak_mem_bytes"] > 0
-    for key in ("device", "torch", "model", "flops", "compile_s", "ratios", "loader_cpu", "data_gpu", "data", "notes"):
+    for key in ("device", "torch", "model", "flops", "compile_s", "ratios", "loader_cpu", "data_gpu", "data"):
         assert key in report
     assert report["data"]["toy"] == {"images": 32, "size": 64} and report["data"]["mean_sample_bytes"] > 0
     assert report["loader_cpu"]["images_per_s_per_worker"] > 0
@@ -212,6 +217,39 @@ def test_time_training_reports_no_divergence_for_finite_losses():
     step.calls = -100  # stays finite for the whole phase
     result = time_training(step, itertools.repeat((torch.zeros(1), None)), lambda b: b, steps=3, warmup=1)
     assert result["first_nonfinite_step"] is None and result["nonfinite_steps"] == 0
+
+
+class _StepThatCompilesFirst:
+    """A stand-in TrainStep that takes ``compile_s`` at its first call and no time after it."""
+
+    device = torch.device("cpu")
+    setting = ORIGINAL_MLGCN
+    grad_norm = None
+
+    def __init__(self, compile_s: float) -> None:
+        self.compile_s, self.calls = compile_s, 0
+
+    def restart(self) -> None:
+        pass
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.compile_s)
+        return torch.tensor(1.0)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_queue_it_filled_during_warmup(depth):
+    # 2 workers making a batch of 4 in 0.2 s: 40 images/s. While the first step compiles (1 s) the loader's queue
+    # fills (2 workers x prefetch 2); timed from there, 4 steps would take 3 of their batches from it.
+    loader = timed_worker_loader(workers=2, batches=40, batch_size=4, seconds=0.2)
+    queue = LoaderQueue(loader, workers=2, prefetch_factor=2)
+    with device_batches(queue, lambda batch: (batch["image"], batch["target"]), torch.device("cpu"), depth) as pairs:
+        result = time_training(_StepThatCompilesFirst(compile_s=1.0), pairs, lambda pair: pair[1], steps=4,
+                               warmup=2, queue=queue, depth=depth)
+    assert result["queued_batches_dropped"] == 4
+    assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
 
 
 def test_train_step_restart_restores_the_initial_weights_and_optimiser_state(toy_root):

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import timed_worker_loader
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mlgcn_dist.config import DataConfig
+from mlgcn_dist.data import loader as loader_module
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import (
     Shard,
@@ -282,3 +284,13 @@ def test_batches_carry_skipped_samples_in_n_bad_and_a_trailing_skip_in_an_empty_
 def test_bench_loader_reports_images_per_second(shards):
     result = bench_loader(shards, decode="cpu", workers=0, batches=3, batch_size=4, image_size=32)
     assert result["images"] == 12 and result["images_per_s"] > 0 and result["n_bad"] == 0
+
+
+def test_bench_loader_reports_the_workers_steady_rate_not_the_burst_of_their_first_batches(shards, monkeypatch):
+    # 4 workers making a batch of 8 in 0.2 s: 160 images/s. Timed from the first batch, the other workers' first
+    # batches (made alongside it) would count as made in no time: 8 batches would read 7 x 8 images in 0.2 s.
+    monkeypatch.setattr(loader_module, "build_train_loader", lambda cfg, **_: timed_worker_loader(
+        cfg.workers, cfg.steps_per_epoch, cfg.batch_size, seconds=0.2))
+    result = bench_loader(shards, decode="cpu", workers=4, batches=7, batch_size=8)
+    assert result["batches"] == 8 and result["images"] == 64  # whole rounds: two batches from every worker
+    assert 0.85 * 160 <= result["images_per_s"] <= 1.05 * 160

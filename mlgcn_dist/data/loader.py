@@ -535,6 +535,11 @@ def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decod
     )
 
 
+def whole_rounds(batches: int, workers: int) -> int:
+    """``batches`` rounded up to a multiple of ``workers`` (one round: a batch from every worker)."""
+    return -(-batches // workers) * workers if workers > 1 else batches
+
+
 def bench_loader(
     shards_dir: str | Path,
     decode: str = "cpu",
@@ -543,15 +548,19 @@ def bench_loader(
     batch_size: int = 32,
     image_size: int = 448,
 ) -> dict:
-    """Images/s of the training loader over a pack (``mlgcn bench loader``), total and per worker process.
+    """Images/s of the training loader over a pack (``mlgcn bench loader``), total and per worker process, in its
+    steady state.
 
-    The first batch (worker start-up, shuffle-buffer fill) is not timed. With ``workers=0`` the loading runs in
-    this process on one torch thread, as in a DataLoader worker: the per-image tensor ops gain nothing from
-    intra-op threads and lose much on a busy host.
+    Untimed: the first round, a batch from every worker (start-up, shuffle-buffer fill). The workers make their
+    first batches side by side, so a clock started at the first one would count the others as made in no time
+    (15 workers, 70 batches: ~15% too fast). Timed: ``batches`` rounded up to whole rounds, so every worker makes
+    as many. With ``workers=0`` the loading runs in this process on one torch thread, as in a DataLoader worker:
+    the per-image tensor ops gain nothing from intra-op threads and lose much on a busy host.
     """
     meta = read_meta(shards_dir)
     split = TRAINING_SPLIT[meta["dataset"]]
     split = split if split in meta["splits"] else next(iter(meta["splits"]))
+    untimed, timed = max(workers, 1), whole_rounds(batches, workers)
     cfg = DataConfig(
         dataset=meta["dataset"],
         format="wds",
@@ -560,13 +569,14 @@ def bench_loader(
         image_size=image_size,
         batch_size=batch_size,
         workers=workers,
-        steps_per_epoch=batches + 1,
+        steps_per_epoch=untimed + timed,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if workers == 0 else threads)
     try:
         iterator = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode=decode))
-        next(iterator)
+        for _ in range(untimed):
+            next(iterator)
         images = n_bad = 0
         start = time.perf_counter()
         for batch in iterator:
@@ -581,7 +591,7 @@ def bench_loader(
         "split": split,
         "decode": decode,
         "workers": workers,
-        "batches": batches,
+        "batches": timed,
         "batch_size": batch_size,
         "image_size": image_size,
         "images": images,
