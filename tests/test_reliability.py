@@ -379,7 +379,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_uses_
 
     monkeypatch.setattr(CheckpointManager, "save", second_save_meets_a_full_disk)
     first = run_dir / "checkpoints" / "step-00000007"
-    with pytest.raises(CheckpointError, match=rf"step-00000014 .*No space left .* {re.escape(str(first))} is intact"):
+    expected = rf"step-00000014 .*No space left .*; \d+ MiB free there\); .*{re.escape(str(first))} is intact"
+    with pytest.raises(CheckpointError, match=expected):
         train(tiny_config(tiny_toy, run_dir, "train.epochs=2"))
     assert complete_checkpoints(run_dir / "checkpoints") == [first]
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the partial checkpoint still takes space"
@@ -498,8 +499,9 @@ def test_kill_9_at_a_random_point_then_resume_auto_ends_equal_to_an_uninterrupte
     complete = complete_checkpoints(run_dir / "checkpoints")
     if victim == "all_ranks_while_saving":
         assert partial.exists() and partial not in complete
-    if victim == "launcher":
+    if victim == "launcher":  # the orphaned workers saw it, saved a checkpoint and marked the run for requeueing
         assert "the launcher (pid" in log.read_text()
+        assert complete and complete[-1].name in (run_dir / "REQUEUE").read_text()
 
     resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, *KILL_RUN, "train.resume=auto"))))
     output = resumed.stdout + resumed.stderr
