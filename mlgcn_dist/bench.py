@@ -19,8 +19,10 @@ and, without training, the GPU data path alone (``data_gpu``: loader, decode, au
 Every phase of one model starts from the same initial weights (``TrainStep.restart``).
 
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
-the original code. The data-wait fraction is the share of the timed window the training loop spent blocked
-waiting for its next batch on the device (loader and device-side decode together).
+the original code. The data-wait fraction ("wait") is the share of the timed window the host spent blocked
+waiting for the next batch (loader and device-side decode together); on a GPU the device may meanwhile still run
+the steps already queued, so what throughput loses is the device-idle fraction ("idle", CUDA only): the share of
+the window the training stream had no step to run.
 MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
 phase's numerics. Each end-to-end phase also reports the host time of the device conversion per batch
 (``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``) and its share of the step
@@ -66,6 +68,7 @@ from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
 from mlgcn_dist.streams import running_on, side_stream
+from mlgcn_dist.timing import DeviceIdle
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
 # torch.cuda.get_device_name ("H100 PCIe" before "H100", whose numbers are the SXM part's). fp32: CUDA cores.
@@ -75,7 +78,8 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
-# FlopCounterMode counts a forward; the backward costs about twice as much (input and weight gradients).
+# FlopCounterMode counts a forward; the backward costs about twice as much (input and weight gradients; the first
+# convolution's input gradient, ~0.5% of ResNet-101's training FLOPs, is never computed, so MFU reads that much high).
 TRAIN_FLOPS_PER_FORWARD = 3
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -207,14 +211,24 @@ class TrainStep:
         return loss.detach()
 
 
-def forward_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
-    """FLOPs of one image's forward: convolutions and matmuls, 2 per multiply-add (as FlopCounterMode)."""
+def forward_flops_per_image(
+    model: torch.nn.Module, image_size: int, device: torch.device, batch_size: int = 1
+) -> float:
+    """FLOPs of one image's forward in a batch of ``batch_size``: convolutions and matmuls, 2 per multiply-add (as
+    FlopCounterMode). The GCN head computes its label classifiers once per batch: counted at batches of 1 and 2,
+    that per-batch part is shared by the batch's images instead of charged to each."""
     was_training = model.training
     model.eval()  # no BatchNorm statistics update from this probe
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, image_size, image_size, device=device))
+
+    def flops(batch: int) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(batch, 3, image_size, image_size, device=device))
+        return counter.get_total_flops()
+
+    one, two = flops(1), flops(2)
     model.train(was_training)
-    return counter.get_total_flops()
+    per_image = two - one
+    return per_image + (one - per_image) / batch_size
 
 
 def _synced_clock(device: torch.device) -> float:
@@ -225,14 +239,18 @@ def _synced_clock(device: torch.device) -> float:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak CUDA memory allocated since the last reset; on CPU the process's peak RSS (never reset)."""
+    """Peak CUDA memory allocated since the last reset, and reserved by the caching allocator (allocated plus its
+    cached blocks: what the process holds, less the CUDA context and library workspaces); on CPU the process's
+    peak RSS (never reset)."""
     if device.type == "cuda":
         return {
             "peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device),
             "peak_mem_kind": "cuda_max_allocated",
         }
     return {
         "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_mem_reserved_bytes": None,
         "peak_mem_kind": "process_max_rss",
     }
 
@@ -245,8 +263,9 @@ class LoaderQueue:
     queue gets them for free, and overstates a loader slower than the model by up to the queue over the window
     (15 workers: 30 of 60 batches). :meth:`drop_queued` makes the next pull, on whichever thread pulls (the
     prefetch helper or the loop), first take and discard that many batches: after it, every worker is at work on
-    a batch begun since, as in a long run whose loader cannot keep up. A loader that can keep up fills its
-    queue again in the untimed steps that follow (:func:`time_training`).
+    a batch begun since, as in a long run whose loader cannot keep up. A loader that can keep up refills part of
+    its queue in the untimed steps that follow (:func:`time_training`); its batches come as the steps need them
+    whatever the queue's level.
     """
 
     def __init__(self, batches: Iterable, workers: int, prefetch_factor: int) -> None:
@@ -271,8 +290,8 @@ class LoaderQueue:
         self._drop.set()
 
     def untimed_after_drop(self, depth: int) -> int:
-        """Steps between the drop and the timed window: the ``depth`` (+1 in hand) batches converted before the
-        drop, then a round of the workers (a batch from each), so the window starts and ends alike: at the
+        """Steps between the drop and the timed window: the ``depth`` batches converted before the drop (and one
+        spare), then a round of the workers (a batch from each), so the window starts and ends alike: at the
         return of a round (every worker makes as many batches in it: :func:`whole_rounds`)."""
         return depth + 1 + self.workers
 
@@ -288,8 +307,10 @@ def time_training(
     depth: int = 0,
 ) -> dict:
     """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
-    timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones; the time blocked on
-    ``next(batches)`` is the data wait. With the loader's ``queue`` (converted ``depth`` batches ahead), the
+    timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones. The data wait is
+    the host's time blocked on ``next(batches)``; the device idle time, what throughput loses, is the time the
+    training stream had no step to run (:class:`~mlgcn_dist.timing.DeviceIdle`; on CUDA, else None). With the
+    loader's ``queue`` (converted ``depth`` batches ahead), the
     batches its workers made during the warm-up are dropped and the timed steps wait for a round made since
     (:class:`LoaderQueue`). Divergence is tracked on the device (no per-step sync): the steps before the first
     non-finite loss and the largest pre-clip gradient norm, over warm-up and timed steps."""
@@ -302,6 +323,7 @@ def time_training(
     finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
     max_grad_norm = torch.zeros((), device=device)  # over finite norms (fp16's overflow steps have inf ones)
     nonfinite_norms = torch.zeros((), dtype=torch.long, device=device)
+    idle = DeviceIdle(device)
 
     def run_one() -> tuple[float, int, torch.Tensor]:
         nonlocal finite_run, max_grad_norm, nonfinite_norms
@@ -309,7 +331,9 @@ def time_training(
         batch = next(source)
         waited = time.perf_counter() - t0
         images, targets = to_inputs(batch)
+        idle.step_starts()
         loss = step(images, targets)
+        idle.step_ended()
         finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()
         if step.grad_norm is not None:
             norm = step.grad_norm.float()
@@ -331,9 +355,11 @@ def time_training(
         for _ in range(untimed):
             run_one()
             taken += 1
+        warmup_s = _synced_clock(device) - t0
         data_wait = 0.0
         images = 0
         start = _synced_clock(device)
+        idle.mark()
         for _ in range(steps):
             waited, count, loss = run_one()
             taken += 1
@@ -341,6 +367,7 @@ def time_training(
             images += count
             nonfinite += (~torch.isfinite(loss)).long()
         seconds = _synced_clock(device) - start
+    idle_s = idle.read()
     diverged_at = int(finite_run)
     return {
         "steps": steps,
@@ -351,7 +378,10 @@ def time_training(
         "step_ms": 1000 * seconds / steps,
         "data_wait_s": data_wait,
         "data_wait_frac": data_wait / seconds,
+        "device_idle_s": idle_s,
+        "device_idle_frac": None if idle_s is None else idle_s / seconds,
         "first_step_s": first_step_s,
+        "warmup_s": warmup_s,  # every untimed step, the first included (CUDA graphs are recorded after it)
         "first_loss": float(first_loss),
         "final_loss": float(loss),
         # A diverged model trains at the same speed (dense kernels do not slow down on NaN), but says so.
@@ -527,7 +557,7 @@ def _progress(name: str, result: dict) -> dict:
     return result
 
 
-def with_mfu(result: dict, train_flops: int, device_name: str) -> dict:
+def with_mfu(result: dict, train_flops: float, device_name: str) -> dict:
     """``result`` plus the achieved training TFLOP/s and their fraction of the device's peak (MFU)."""
     peak = peak_tflops(device_name, result["numerics"])
     achieved = train_flops * result["img_s"]
@@ -561,7 +591,7 @@ def _configured_phases(
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
-        forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device)
+        forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device, cfg.data.batch_size)
 
         stream = side_stream(device, cfg.train.side_stream)
 
@@ -670,12 +700,14 @@ def describe_shards(shards: Path, split: str) -> dict:
 
 
 def batches_per_phase(cfg: Config, steps: int, warmup: int) -> int:
-    """The most batches a phase takes from the loader: warm-up, the dropped queue and the untimed steps after it
-    (:class:`LoaderQueue`), and the timed steps in whole rounds of the workers."""
-    workers = cfg.data.workers
+    """Batches in a phase's loader epoch: warm-up, the dropped queue and the untimed steps after it
+    (:class:`LoaderQueue`), the timed steps in whole rounds of the workers, then the ``data.device_prefetch``
+    batches the helper converts past the last step and one more round, so the timed window never sees the end of
+    the epoch (workers that finished their share, uneven shares)."""
+    workers, depth = cfg.data.workers, cfg.data.device_prefetch
     after_drop = LoaderQueue((), workers, cfg.data.prefetch_factor)
-    return (warmup + after_drop.capacity + after_drop.untimed_after_drop(cfg.data.device_prefetch)
-            + whole_rounds(steps, workers))
+    timed = whole_rounds(steps, workers)
+    return warmup + after_drop.capacity + after_drop.untimed_after_drop(depth) + timed + depth + max(workers, 1)
 
 
 def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
@@ -714,13 +746,14 @@ def format_report(report: dict) -> str:
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
         f"{layout}, {mode}; "
         f"{report['steps']} timed steps after {report['warmup']} warmup",
-        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'idle':>7s}{'peak mem':>12s}{'MFU':>7s}"
         f"{'/ceiling':>10s}{'/reference':>11s}  decode",
     ]
     for name, p in report["phases"].items():
         vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
         lines.append(
             f"{name:22s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{_percent(p['device_idle_frac']):>7s}"
             f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
             + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"
@@ -762,7 +795,10 @@ def format_report(report: dict) -> str:
         if "convert_ms" in p
     ]
     if report["compile_s"] is not None:
-        lines.append(f"compile: first step took {report['compile_s']:.1f} s (excluded from the timings)")
+        lines.append(
+            f"compile: first step took {report['compile_s']:.1f} s, the ceiling's whole warm-up "
+            f"{report['phases']['ceiling']['warmup_s']:.1f} s (excluded from the timings)"
+        )
     lines.append(
         f"FLOPs per image: forward {flops['forward_per_image'] / 1e9:.2f} G, "
         f"training ~{flops['train_per_image'] / 1e9:.2f} G"

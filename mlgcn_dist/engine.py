@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
 from mlgcn_dist.models import build_model
 from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, scaled_lr
 from mlgcn_dist.streams import running_on, side_stream
+from mlgcn_dist.timing import ThroughputMeter
 from mlgcn_dist.tracking import Tracker
 
 METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1")
@@ -51,21 +51,6 @@ METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step, the batch's image ids and the last good checkpoint."""
-
-
-@dataclass
-class ThroughputMeter:
-    """Images/s and the fraction of wall time spent waiting for data, over a logging window."""
-
-    images: int = 0
-    data_wait: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
-
-    def window(self) -> tuple[float, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rates = self.images / elapsed, self.data_wait / elapsed
-        self.images, self.data_wait, self.start = 0, 0.0, time.perf_counter()
-        return rates
 
 
 def resolve_decode(cfg: Config, device: torch.device) -> str:
@@ -269,6 +254,7 @@ class Trainer:
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0
+        self.train_seconds = 0.0  # the epochs' loops, loader start-up included; not evaluation or checkpoints
         self.throughput: list[float] = []
 
     def _train_loader(self, epoch: int, decode: str):
@@ -299,6 +285,7 @@ class Trainer:
         """One epoch (or its remainder after a resume); True when a preemption signal asks to stop."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
         self.model.train()
+        started = time.perf_counter()  # the loader's start-up included: a long run pays it every epoch
         loader = self._train_loader(state.epoch, self.decode)
         aug_rng = random.Random(hash((cfg.train.seed, state.epoch, self.topo.rank)))
         bar = tqdm(total=self.micro_batches, initial=state.step_in_epoch, disable=not acc.is_main_process,
@@ -310,12 +297,14 @@ class Trainer:
         # The stream first: the prefetch's consumer is the stream current where the batches are taken.
         with running_on(self.train_stream), device_batches(batches, convert, acc.device,
                                                            cfg.data.device_prefetch) as pairs:
-            return self._train_batches(pairs, bar)
+            stopped = self._train_batches(pairs, bar)
+        self.train_seconds += time.perf_counter() - started
+        return stopped
 
     def _train_batches(self, pairs, bar: tqdm) -> bool:
         """The training steps of one epoch over ``(batch, device tensors)`` pairs; True on a preemption stop."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
-        window = ThroughputMeter()
+        window = ThroughputMeter(acc.device)
         image_ids = None
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
@@ -329,7 +318,9 @@ class Trainer:
                 batch, (images, targets, image_ids) = pair
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
                 self.seen_samples += len(image_ids)
+                window.idle.step_starts()
                 loss = self._train_step(images, targets)
+                window.idle.step_ended()
                 # Summed on the device: no host sync in the hot loop, only at logging intervals.
                 finite = torch.isfinite(loss)
                 loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
@@ -382,7 +373,7 @@ class Trainer:
         counted = max(cfg.train.log_every * cfg.train.grad_accum - bad_steps, 1)
         self._check_finite(bad_steps, image_ids)
         mean_loss = float(loss_sum) / counted
-        img_s, wait_frac = window.window()
+        img_s, wait_frac, idle_frac = window.window()
         world = self.topo.world_size
         self.throughput.append(img_s * world)
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s * world:.1f}", wait=f"{wait_frac:.0%}")
@@ -391,6 +382,7 @@ class Trainer:
             "train/img_per_s": img_s * world,
             "train/img_per_s_per_process": img_s,
             "train/data_wait_frac": wait_frac,
+            **({} if idle_frac is None else {"train/device_idle_frac": idle_frac}),
             "train/epoch": state.epoch + state.step_in_epoch / self.micro_batches,
             **{f"train/lr_{name}": value for name, value in group_lrs(self.optimizer).items()},
         })
@@ -444,7 +436,9 @@ class Trainer:
             "best_epoch": state.best_epoch,
             "best_source": state.best_source,
             "final": {name: {k: res[k] for k in METRIC_KEYS} for name, res in results.items()},
-            "img_per_s": float(np.median(self.throughput)) if self.throughput else None,
+            # All images over the epochs' wall time (worker start-ups included), and the steady rate of the windows.
+            "img_per_s": self.seen_samples * self.topo.world_size / self.train_seconds if self.train_seconds else None,
+            "img_per_s_window_median": float(np.median(self.throughput)) if self.throughput else None,
             "world_size": self.topo.world_size,
             "global_batch": self.topo.global_batch,
             "global_step": state.global_step,

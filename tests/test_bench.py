@@ -16,20 +16,23 @@ import torch
 from conftest import timed_worker_loader
 from torch import nn
 
+from mlgcn_dist import bench
 from mlgcn_dist.bench import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
     LoaderQueue,
     TrainStep,
+    batches_per_phase,
     format_report,
     forward_flops_per_image,
+    loader_phase,
     make_toy_shards,
     peak_tflops,
     run_setting,
     time_training,
 )
 from mlgcn_dist.cli import main
-from mlgcn_dist.config import load_config
+from mlgcn_dist.config import load_config, set_key
 from mlgcn_dist.data.loader import dataset_info
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
@@ -46,7 +49,10 @@ PHASE_FIELDS = (
     "step_ms",
     "data_wait_s",
     "data_wait_frac",
+    "device_idle_s",
+    "device_idle_frac",
     "first_step_s",
+    "warmup_s",
     "first_loss",
     "final_loss",
     "nonfinite_steps",
@@ -54,6 +60,7 @@ PHASE_FIELDS = (
     "max_grad_norm",
     "nonfinite_grad_norms",
     "peak_mem_bytes",
+    "peak_mem_reserved_bytes",
     "peak_mem_kind",
     "setting",
     "numerics",
@@ -135,7 +142,8 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     # No CUDA stream to choose: every phase on the default one, and no side-stream phase (PHASES).
     assert all(p["train_stream"] == "default" for p in report["phases"].values())
     assert all(
-        p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" for p in report["phases"].values()
+        p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" and p["device_idle_frac"] is None
+        for p in report["phases"].values()
     )
     phases = report["phases"]
     assert phases["e2e_decode_gpu"]["decode_on"] == phases["e2e_decode_gpu_inline"]["decode_on"]
@@ -252,6 +260,25 @@ def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_q
     assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
 
 
+def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monkeypatch, toy_root):
+    """The timed steps never see the end of the loader's epoch, where workers that finished their share stop."""
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.batch_size=2"])
+    steps, warmup = 5, 2
+    set_key(cfg, "data.steps_per_epoch", batches_per_phase(cfg, steps, warmup), "test")
+    pulled = []
+
+    def counting_loader(data_cfg, **_):
+        for index in range(data_cfg.steps_per_epoch):
+            pulled.append(index)
+            yield {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "target": torch.zeros(2, 12),
+                   "image_id": torch.arange(2), "n_bad": 0}
+
+    monkeypatch.setattr(bench, "build_train_loader", counting_loader)
+    result = loader_phase(_StepThatCompilesFirst(compile_s=0.0), cfg, "cpu", steps, warmup)
+    assert result["steps"] == 6 and result["queued_batches_dropped"] == 6  # whole rounds; 3 workers x prefetch 2
+    assert len(pulled) <= cfg.data.steps_per_epoch - 3
+
+
 def test_train_step_restart_restores_the_initial_weights_and_optimiser_state(toy_root):
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}"])
     info = dataset_info(cfg.data)
@@ -295,6 +322,18 @@ def test_peak_tflops_are_looked_up_by_device_name():
 def test_forward_flops_count_two_per_multiply_add():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
     assert forward_flops_per_image(model, 4, torch.device("cpu")) == 2 * 48 * 10
+
+
+def test_forward_flops_per_image_share_the_gcn_classifiers_computed_once_per_batch(toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}"])
+    model, cpu = build_model_for(cfg, dataset_info(cfg.data)), torch.device("cpu")
+    head = model.head
+    embeddings, hidden, features = head.embeddings.shape[1], head.gc1.weight.shape[1], head.gc2.weight.shape[1]
+    labels = head.adj.shape[0]
+    # Two graph convolutions (x @ W, then adj @ that) per batch, whatever its size.
+    gcn = 2 * labels * (embeddings * hidden + labels * hidden + hidden * features + labels * features)
+    per_image_at_1 = forward_flops_per_image(model, 32, cpu, batch_size=1)
+    assert per_image_at_1 - forward_flops_per_image(model, 32, cpu, batch_size=8) == pytest.approx(gcn * 7 / 8)
 
 
 @pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", True)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
 from mlgcn_dist.engine import Trainer, build_model_for, train
+from mlgcn_dist.timing import DeviceIdle
 
 pytestmark = [
     pytest.mark.gpu,
@@ -138,7 +140,8 @@ def test_bench_train_on_cuda_reports_nvjpeg_decode_and_cuda_memory(tmp_path, sha
     assert "e2e_decode_gpu_side_stream/ceiling" in report["ratios"]
     assert report["data_gpu"]["decode_on"] == "cuda (nvJPEG)" and report["data_gpu"]["decode_ms"] > 0
     assert all(
-        p["peak_mem_kind"] == "cuda_max_allocated" and p["peak_mem_bytes"] > 0 for p in phases.values()
+        p["peak_mem_kind"] == "cuda_max_allocated" and 0 < p["peak_mem_bytes"] <= p["peak_mem_reserved_bytes"]
+        and 0 <= p["device_idle_frac"] <= 1 for p in phases.values()
     )
     if phases["ceiling"]["peak_tflops"] is not None:  # a GPU in the peak table
         assert 0 < phases["ceiling"]["mfu"] < 1
@@ -314,3 +317,26 @@ def test_gpu_augment_never_waits_for_the_device():
 
     waited = {name: not returns_before_the_spin_ends(call) for name, call in calls.items()}
     assert not any(waited.values()), f"waited for the caller's queued work: {waited}"
+
+
+def test_device_idle_counts_the_time_the_stream_had_no_step_queued_not_the_hosts_wait():
+    """Two steps, each a spin of 500 M cycles (0.25-0.5 s at 1-2 GHz). A host that waits 0.1 s while the first
+    still runs costs the device nothing; one that waits 0.1 s after the device has finished leaves the stream idle
+    for those 0.1 s."""
+    idle = DeviceIdle(torch.device("cuda"))
+    gaps = {}
+    for name, wait_after_the_device_finished in (("while_busy", False), ("after_finish", True)):
+        torch.cuda.synchronize()
+        idle.mark()
+        idle.step_starts()
+        torch.cuda._sleep(500_000_000)
+        idle.step_ended()
+        if wait_after_the_device_finished:
+            torch.cuda.synchronize()
+        time.sleep(0.1)
+        idle.step_starts()
+        torch.cuda._sleep(500_000_000)
+        idle.step_ended()
+        gaps[name] = idle.read()
+    assert gaps["while_busy"] < 0.01
+    assert 0.09 < gaps["after_finish"] < 0.2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mlgcn_dist import engine as engine_module
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
 from mlgcn_dist.config import load_config
 from mlgcn_dist.distributed import (
@@ -162,6 +164,24 @@ def test_the_training_loop_reads_no_tensor_on_the_host_between_logging_intervals
                          "train.epochs=1", f"data.steps_per_epoch={steps}", "train.log_every=100",
                          "train.ema_decay=0.9"))
     assert reads[0] == reads[1]
+
+
+def test_the_runs_img_per_s_pays_every_epochs_loader_start_up_and_the_window_median_does_not(monkeypatch, toy_root,
+                                                                                          tmp_path):
+    build = engine_module.build_train_loader
+
+    def slow_to_start(*args, **kwargs):  # workers forking, shuffle buffers filling: once an epoch
+        time.sleep(0.5)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "build_train_loader", slow_to_start)
+    summary = train(toy_config(toy_root, tmp_path / "run", "train.epochs=2", "data.steps_per_epoch=2",
+                               "train.log_every=1"))
+    images = summary["global_step"] * 8  # batch 8, one process
+    assert summary["img_per_s"] < images / (2 * 0.5)
+    assert summary["img_per_s_window_median"] > 2 * summary["img_per_s"]
+    logged = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+    assert "train/data_wait_frac" in logged and "train/device_idle_frac" not in logged  # CUDA only
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
