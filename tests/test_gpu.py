@@ -197,6 +197,8 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
     summary = train(cfg)
     assert summary["global_step"] == 24
     assert summary["best_mAP"] > summary["frequency_baseline_mAP"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert logged and all(0 <= step["train/device_idle_frac"] <= 1 for step in logged)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
