@@ -21,8 +21,8 @@ Every phase of one model starts from the same initial weights (``TrainStep.resta
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
 the original code. The data-wait fraction ("wait") is the share of the timed window the host spent blocked
 waiting for the next batch (loader and device-side decode together); on a GPU the device may meanwhile still run
-the steps already queued, so what throughput loses is the device-idle fraction ("idle", CUDA only): the share of
-the window the training stream had no step to run.
+the steps already queued, so what throughput loses is the data-stall fraction ("stall", CUDA only): the share of
+the window the training stream sat idle while the loop waited for its batch.
 MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
 phase's numerics. Each end-to-end phase also reports the host time of the device conversion per batch
 (``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``) and its share of the step
@@ -40,7 +40,6 @@ import random
 import resource
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -68,7 +67,7 @@ from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
 from mlgcn_dist.streams import running_on, side_stream
-from mlgcn_dist.timing import DeviceIdle
+from mlgcn_dist.timing import DataStall
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
 # torch.cuda.get_device_name ("H100 PCIe" before "H100", whose numbers are the SXM part's). fp32: CUDA cores.
@@ -261,8 +260,8 @@ class LoaderQueue:
     A DataLoader keeps ``workers x prefetch_factor`` batches requested. While the device is busy elsewhere (the
     first step compiles for a minute) all of them get made and wait; a timed window that starts on that full
     queue gets them for free, and overstates a loader slower than the model by up to the queue over the window
-    (15 workers: 30 of 60 batches). :meth:`drop_queued` makes the next pull, on whichever thread pulls (the
-    prefetch helper or the loop), first take and discard that many batches: after it, every worker is at work on
+    (15 workers: 30 of 60 batches). :meth:`drop_queued` makes the next pull (always on the loop's thread: the
+    prefetch helper only converts) first take and discard that many batches: after it, every worker is at work on
     a batch begun since, as in a long run whose loader cannot keep up. A loader that can keep up refills part of
     its queue in the untimed steps that follow (:func:`time_training`); its batches come as the steps need them
     whatever the queue's level.
@@ -273,26 +272,26 @@ class LoaderQueue:
         self.capacity = workers * prefetch_factor
         self.dropped = 0
         self._batches = iter(batches)
-        self._drop = threading.Event()
+        self._drop = False
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self) -> object:
-        if self._drop.is_set():
-            self._drop.clear()
+        if self._drop:
+            self._drop = False
             for _ in range(self.capacity):
                 next(self._batches)
                 self.dropped += 1
         return next(self._batches)
 
     def drop_queued(self) -> None:
-        self._drop.set()
+        self._drop = True
 
     def untimed_after_drop(self, depth: int) -> int:
         """Steps between the drop and the timed window: the ``depth`` batches converted before the drop (and one
-        spare), then a round of the workers (a batch from each), so the window starts and ends alike: at the
-        return of a round (every worker makes as many batches in it: :func:`whole_rounds`)."""
+        spare), then a round of the workers (a batch from each) to be past their first batches begun since. The
+        window then takes whole rounds (:func:`whole_rounds`): every worker makes as many of its batches."""
         return depth + 1 + self.workers
 
 
@@ -308,8 +307,8 @@ def time_training(
 ) -> dict:
     """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
     timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones. The data wait is
-    the host's time blocked on ``next(batches)``; the device idle time, what throughput loses, is the time the
-    training stream had no step to run (:class:`~mlgcn_dist.timing.DeviceIdle`; on CUDA, else None). With the
+    the host's time blocked on ``next(batches)``; the data stall, what throughput loses, is the time the training
+    stream sat idle meanwhile (:class:`~mlgcn_dist.timing.DataStall`; on CUDA, else None). With the
     loader's ``queue`` (converted ``depth`` batches ahead), the
     batches its workers made during the warm-up are dropped and the timed steps wait for a round made since
     (:class:`LoaderQueue`). Divergence is tracked on the device (no per-step sync): the steps before the first
@@ -323,17 +322,17 @@ def time_training(
     finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
     max_grad_norm = torch.zeros((), device=device)  # over finite norms (fp16's overflow steps have inf ones)
     nonfinite_norms = torch.zeros((), dtype=torch.long, device=device)
-    idle = DeviceIdle(device)
+    stall = DataStall(device)
 
     def run_one() -> tuple[float, int, torch.Tensor]:
         nonlocal finite_run, max_grad_norm, nonfinite_norms
         t0 = time.perf_counter()
+        stall.waiting()
         batch = next(source)
+        stall.got_batch()
         waited = time.perf_counter() - t0
         images, targets = to_inputs(batch)
-        idle.step_starts()
         loss = step(images, targets)
-        idle.step_ended()
         finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()
         if step.grad_norm is not None:
             norm = step.grad_norm.float()
@@ -358,8 +357,8 @@ def time_training(
         warmup_s = _synced_clock(device) - t0
         data_wait = 0.0
         images = 0
+        stall.read()  # the warm-up's stalls are not the window's
         start = _synced_clock(device)
-        idle.mark()
         for _ in range(steps):
             waited, count, loss = run_one()
             taken += 1
@@ -367,7 +366,7 @@ def time_training(
             images += count
             nonfinite += (~torch.isfinite(loss)).long()
         seconds = _synced_clock(device) - start
-    idle_s = idle.read()
+    stall_s = stall.read()
     diverged_at = int(finite_run)
     return {
         "steps": steps,
@@ -378,8 +377,8 @@ def time_training(
         "step_ms": 1000 * seconds / steps,
         "data_wait_s": data_wait,
         "data_wait_frac": data_wait / seconds,
-        "device_idle_s": idle_s,
-        "device_idle_frac": None if idle_s is None else idle_s / seconds,
+        "data_stall_s": stall_s,
+        "data_stall_frac": None if stall_s is None else stall_s / seconds,
         "first_step_s": first_step_s,
         "warmup_s": warmup_s,  # every untimed step, the first included (CUDA graphs are recorded after it)
         "first_loss": float(first_loss),
@@ -745,15 +744,16 @@ def format_report(report: dict) -> str:
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
         f"{layout}, {mode}; "
-        f"{report['steps']} timed steps after {report['warmup']} warmup",
-        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'idle':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{report['steps']} timed steps after {report['warmup']} warmup (end to end: whole rounds of "
+        f"{report['workers']} loader workers)",
+        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
         f"{'/ceiling':>10s}{'/reference':>11s}  decode",
     ]
     for name, p in report["phases"].items():
         vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
         lines.append(
             f"{name:22s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
-            f"{_percent(p['device_idle_frac']):>7s}"
+            f"{_percent(p['data_stall_frac']):>7s}"
             f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
             + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"

@@ -41,6 +41,9 @@ class TrainState:
     best_metric: float = float("-inf")
     best_epoch: int = -1
     best_source: str = ""
+    # Throughput over the whole run, resumes included (per process: every process trains as many images).
+    trained_images: int = 0
+    train_seconds: float = 0.0
 
     def state_dict(self) -> dict:
         return asdict(self)

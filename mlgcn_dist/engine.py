@@ -254,7 +254,6 @@ class Trainer:
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0
-        self.train_seconds = 0.0  # the epochs' loops, loader start-up included; not evaluation or checkpoints
         self.throughput: list[float] = []
 
     def _train_loader(self, epoch: int, decode: str):
@@ -291,14 +290,16 @@ class Trainer:
         bar = tqdm(total=self.micro_batches, initial=state.step_in_epoch, disable=not acc.is_main_process,
                    desc=f"epoch {state.epoch}", dynamic_ncols=True)
         batches = iter(loader)
-        for _ in range(state.step_in_epoch):  # the order is fixed by (seed, epoch): skip what was already trained
-            next(batches)
+        if state.step_in_epoch:  # the order is fixed by (seed, epoch): skip what was already trained
+            for _ in range(state.step_in_epoch):
+                next(batches)
+            started = time.perf_counter()  # making the skipped batches is the resume's cost, not training's
         convert = _converter(cfg, acc.device, self.train_augment, aug_rng)
         # The stream first: the prefetch's consumer is the stream current where the batches are taken.
         with running_on(self.train_stream), device_batches(batches, convert, acc.device,
                                                            cfg.data.device_prefetch) as pairs:
             stopped = self._train_batches(pairs, bar)
-        self.train_seconds += time.perf_counter() - started
+        state.train_seconds += time.perf_counter() - started
         return stopped
 
     def _train_batches(self, pairs, bar: tqdm) -> bool:
@@ -311,16 +312,17 @@ class Trainer:
         try:
             while state.step_in_epoch < self.micro_batches:
                 t0 = time.perf_counter()  # waiting for the loader and the device conversion: the data wait
+                window.stall.waiting()
                 pair = next(pairs, None)
                 if pair is None:
                     break
+                window.stall.got_batch()
                 window.data_wait += time.perf_counter() - t0
                 batch, (images, targets, image_ids) = pair
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
                 self.seen_samples += len(image_ids)
-                window.idle.step_starts()
+                state.trained_images += len(image_ids)
                 loss = self._train_step(images, targets)
-                window.idle.step_ended()
                 # Summed on the device: no host sync in the hot loop, only at logging intervals.
                 finite = torch.isfinite(loss)
                 loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
@@ -373,7 +375,7 @@ class Trainer:
         counted = max(cfg.train.log_every * cfg.train.grad_accum - bad_steps, 1)
         self._check_finite(bad_steps, image_ids)
         mean_loss = float(loss_sum) / counted
-        img_s, wait_frac, idle_frac = window.window()
+        img_s, wait_frac, stall_frac = window.window()
         world = self.topo.world_size
         self.throughput.append(img_s * world)
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s * world:.1f}", wait=f"{wait_frac:.0%}")
@@ -382,7 +384,7 @@ class Trainer:
             "train/img_per_s": img_s * world,
             "train/img_per_s_per_process": img_s,
             "train/data_wait_frac": wait_frac,
-            **({} if idle_frac is None else {"train/device_idle_frac": idle_frac}),
+            **({} if stall_frac is None else {"train/data_stall_frac": stall_frac}),
             "train/epoch": state.epoch + state.step_in_epoch / self.micro_batches,
             **{f"train/lr_{name}": value for name, value in group_lrs(self.optimizer).items()},
         })
@@ -425,9 +427,20 @@ class Trainer:
         acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
         reason = self.preemption.stop_reason() or "stop requested by another process"
         acc.print(f"{reason}: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
-        self.tracker.finish({"preempted": True, "global_step": state.global_step})
+        self.tracker.finish({"preempted": True, "global_step": state.global_step, **self._throughput()})
         self._release()
         raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def _throughput(self) -> dict:
+        """img_per_s: every image trained (since the run began, resumes included) over the epochs' wall time,
+        each epoch's loader start-up included; img_per_s_window_median: the steady rate of this session's logging
+        windows."""
+        state = self.state
+        return {
+            "img_per_s": state.trained_images * self.topo.world_size / state.train_seconds
+            if state.train_seconds else None,
+            "img_per_s_window_median": float(np.median(self.throughput)) if self.throughput else None,
+        }
 
     def _finish(self) -> dict:
         acc, state, results = self.accelerator, self.state, self.results
@@ -436,9 +449,7 @@ class Trainer:
             "best_epoch": state.best_epoch,
             "best_source": state.best_source,
             "final": {name: {k: res[k] for k in METRIC_KEYS} for name, res in results.items()},
-            # All images over the epochs' wall time (worker start-ups included), and the steady rate of the windows.
-            "img_per_s": self.seen_samples * self.topo.world_size / self.train_seconds if self.train_seconds else None,
-            "img_per_s_window_median": float(np.median(self.throughput)) if self.throughput else None,
+            **self._throughput(),
             "world_size": self.topo.world_size,
             "global_batch": self.topo.global_batch,
             "global_step": state.global_step,

@@ -1,9 +1,9 @@
-"""Where a training loop's time goes: images/s, the host's wait for data, and the device's idle time.
+"""Where a training loop's time goes: images/s, the host's wait for data, and the device's stall on it.
 
 The two waits differ on a GPU. Kernels run asynchronously: while the host blocks on ``next(batches)``, the
 device may still be running the steps already queued, and loses nothing. What costs throughput is the time the
-training stream has no work, measured here with CUDA events recorded around each step, read only when the caller
-syncs anyway (at logging intervals, at the end of a timed window).
+training stream has no step to run because the batch is late, measured here with CUDA events around each wait
+and read only when the caller syncs anyway (at logging intervals, at the end of a timed window).
 """
 
 from __future__ import annotations
@@ -13,67 +13,60 @@ import time
 import torch
 
 
-class ThroughputMeter:
-    """Over a logging window: images/s, the fraction of wall time the host waited for data, and the fraction the
-    device's training stream sat idle (CUDA; None elsewhere, where the host's wait is the device's)."""
+class DataStall:
+    """Seconds the current CUDA stream sat idle while the loop waited for its next batch.
 
-    def __init__(self, device: torch.device) -> None:
-        self.images, self.data_wait, self.start = 0, 0.0, time.perf_counter()
-        self.idle = DeviceIdle(device)
-        self.idle.mark()
-
-    def window(self) -> tuple[float, float, float | None]:
-        idle = self.idle.read()  # first: it waits for the window's last step, which the elapsed time must cover
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rates = self.images / elapsed, self.data_wait / elapsed, None if idle is None else idle / elapsed
-        self.images, self.data_wait, self.start = 0, 0.0, time.perf_counter()
-        return rates
-
-
-class DeviceIdle:
-    """Seconds the current CUDA stream sat idle between training steps.
-
-    Call :meth:`step_starts` after the batch is taken and before the step's first kernel is queued, and
-    :meth:`step_ended` after its last. The gap between a step's end event and the next step's start event is
-    time the stream had nothing to run: the host was late to queue the step (it waited for data, or for
-    anything else), or the stream waited inside for the batch's conversion (``wait_event``). :meth:`mark` opens a
-    window at the current point of the stream (the caller has just synced); :meth:`read` waits for the events
-    recorded so far and returns the idle seconds since the last read. Off CUDA execution is synchronous, the
-    host's wait is the device's, and every method is a no-op returning None.
+    Call :meth:`waiting` before taking the batch and :meth:`got_batch` after. An event recorded at
+    ``waiting`` completes when the stream has run everything queued before (the previous step, its EMA update,
+    its bookkeeping); one recorded at ``got_batch`` completes when the stream reaches it, at once if the stream
+    was idle by then. The time between the two is what the data wait cost the device: zero while queued steps
+    still ran, and including any conversion queued on the training stream itself (inline decode). Device time
+    lost elsewhere (a host busy logging) is not in it. Off CUDA execution is synchronous, the host's wait is the
+    device's, and every method is a no-op (``read`` returns None).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.enabled = device.type == "cuda"
-        self._gaps: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._last_end: torch.cuda.Event | None = None
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._since: torch.cuda.Event | None = None
 
-    def _event(self) -> torch.cuda.Event:
+    @staticmethod
+    def _event() -> torch.cuda.Event:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
-    def mark(self) -> None:
-        """From here on: the gaps before this point are dropped, the next step's gap counts from here."""
+    def waiting(self) -> None:
         if self.enabled:
-            self._gaps.clear()
-            self._last_end = self._event()
+            self._since = self._event()
 
-    def step_starts(self) -> None:
-        if self.enabled:
-            start = self._event()
-            if self._last_end is not None:
-                self._gaps.append((self._last_end, start))
-
-    def step_ended(self) -> None:
-        if self.enabled:
-            self._last_end = self._event()
+    def got_batch(self) -> None:
+        if self.enabled and self._since is not None:
+            self._waits.append((self._since, self._event()))
+            self._since = None
 
     def read(self) -> float | None:
-        """Idle seconds since the last read or mark (a host sync on the last recorded event)."""
+        """Stalled seconds since the last read (a host sync on the last recorded event)."""
         if not self.enabled:
             return None
-        if self._last_end is not None:
-            self._last_end.synchronize()
-        idle = sum(end.elapsed_time(start) for end, start in self._gaps) / 1000
-        self._gaps.clear()
-        return idle
+        if self._waits:
+            self._waits[-1][1].synchronize()
+        stalled = sum(since.elapsed_time(got) for since, got in self._waits) / 1000
+        self._waits.clear()
+        return stalled
+
+
+class ThroughputMeter:
+    """Over a logging window: images/s, the fraction of wall time the host waited for data, and the fraction the
+    device stalled on data (CUDA; None elsewhere, where the host's wait is the device's)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.images, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+        self.stall = DataStall(device)
+
+    def window(self) -> tuple[float, float, float | None]:
+        stalled = self.stall.read()  # first: it waits for the window's last batch, which the elapsed time covers
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rates = self.images / elapsed, self.data_wait / elapsed, None if stalled is None else stalled / elapsed
+        self.images, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+        return rates

@@ -49,8 +49,8 @@ PHASE_FIELDS = (
     "step_ms",
     "data_wait_s",
     "data_wait_frac",
-    "device_idle_s",
-    "device_idle_frac",
+    "data_stall_s",
+    "data_stall_frac",
     "first_step_s",
     "warmup_s",
     "first_loss",
@@ -142,7 +142,7 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     # No CUDA stream to choose: every phase on the default one, and no side-stream phase (PHASES).
     assert all(p["train_stream"] == "default" for p in report["phases"].values())
     assert all(
-        p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" and p["device_idle_frac"] is None
+        p["mfu"] is None and p["peak_mem_kind"] == "process_max_rss" and p["data_stall_frac"] is None
         for p in report["phases"].values()
     )
     phases = report["phases"]
@@ -250,13 +250,14 @@ class _StepThatCompilesFirst:
 @pytest.mark.parametrize("depth", [0, 2])
 def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_queue_it_filled_during_warmup(depth):
     # 2 workers making a batch of 4 in 0.2 s: 40 images/s. While the first step compiles (1 s) the loader's queue
-    # fills (2 workers x prefetch 2); timed from there, 4 steps would take 3 of their batches from it.
-    loader = timed_worker_loader(workers=2, batches=40, batch_size=4, seconds=0.2)
-    queue = LoaderQueue(loader, workers=2, prefetch_factor=2)
+    # fills (2 workers x prefetch 4: more than the untimed steps after the warm-up take); timed from there, the 4
+    # steps would take their batches from it.
+    loader = timed_worker_loader(workers=2, batches=40, batch_size=4, seconds=0.2, prefetch_factor=4)
+    queue = LoaderQueue(loader, workers=2, prefetch_factor=4)
     with device_batches(queue, lambda batch: (batch["image"], batch["target"]), torch.device("cpu"), depth) as pairs:
         result = time_training(_StepThatCompilesFirst(compile_s=1.0), pairs, lambda pair: pair[1], steps=4,
                                warmup=2, queue=queue, depth=depth)
-    assert result["queued_batches_dropped"] == 4
+    assert result["queued_batches_dropped"] == 8
     assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
 
 

@@ -22,7 +22,7 @@ from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
 from mlgcn_dist.engine import Trainer, build_model_for, train
-from mlgcn_dist.timing import DeviceIdle
+from mlgcn_dist.timing import DataStall
 
 pytestmark = [
     pytest.mark.gpu,
@@ -141,7 +141,7 @@ def test_bench_train_on_cuda_reports_nvjpeg_decode_and_cuda_memory(tmp_path, sha
     assert report["data_gpu"]["decode_on"] == "cuda (nvJPEG)" and report["data_gpu"]["decode_ms"] > 0
     assert all(
         p["peak_mem_kind"] == "cuda_max_allocated" and 0 < p["peak_mem_bytes"] <= p["peak_mem_reserved_bytes"]
-        and 0 <= p["device_idle_frac"] <= 1 for p in phases.values()
+        and 0 <= p["data_stall_frac"] <= 1 for p in phases.values()
     )
     if phases["ceiling"]["peak_tflops"] is not None:  # a GPU in the peak table
         assert 0 < phases["ceiling"]["mfu"] < 1
@@ -198,7 +198,7 @@ def test_engine_trains_with_cuda_graphs_gpu_decode_ahead_and_bf16(toy_root, tmp_
     assert summary["global_step"] == 24
     assert summary["best_mAP"] > summary["frequency_baseline_mAP"]
     logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert logged and all(0 <= step["train/device_idle_frac"] <= 1 for step in logged)
+    assert logged and all(0 <= step["train/data_stall_frac"] <= 1 for step in logged)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
@@ -321,24 +321,19 @@ def test_gpu_augment_never_waits_for_the_device():
     assert not any(waited.values()), f"waited for the caller's queued work: {waited}"
 
 
-def test_device_idle_counts_the_time_the_stream_had_no_step_queued_not_the_hosts_wait():
-    """Two steps, each a spin of 500 M cycles (0.25-0.5 s at 1-2 GHz). A host that waits 0.1 s while the first
-    still runs costs the device nothing; one that waits 0.1 s after the device has finished leaves the stream idle
-    for those 0.1 s."""
-    idle = DeviceIdle(torch.device("cuda"))
-    gaps = {}
-    for name, wait_after_the_device_finished in (("while_busy", False), ("after_finish", True)):
-        torch.cuda.synchronize()
-        idle.mark()
-        idle.step_starts()
+def test_a_data_wait_stalls_the_device_only_once_the_queued_steps_are_done():
+    """A step is a spin of 500 M cycles (0.25-0.5 s at 1-2 GHz). A host that waits 0.1 s for a batch while that
+    step still runs costs the device nothing; one that waits 0.1 s after the device has finished stalls it 0.1 s."""
+    stall = DataStall(torch.device("cuda"))
+    stalled = {}
+    for name, device_done_first in (("while_busy", False), ("after_finish", True)):
         torch.cuda._sleep(500_000_000)
-        idle.step_ended()
-        if wait_after_the_device_finished:
+        if device_done_first:
             torch.cuda.synchronize()
+        stall.waiting()
         time.sleep(0.1)
-        idle.step_starts()
+        stall.got_batch()
         torch.cuda._sleep(500_000_000)
-        idle.step_ended()
-        gaps[name] = idle.read()
-    assert gaps["while_busy"] < 0.01
-    assert 0.09 < gaps["after_finish"] < 0.2
+        stalled[name] = stall.read()
+    assert stalled["while_busy"] < 0.01
+    assert 0.09 < stalled["after_finish"] < 0.2
