@@ -308,11 +308,11 @@ def time_training(
     """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
     timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones. The data wait is
     the host's time blocked on ``next(batches)``; the data stall, what throughput loses, is the time the training
-    stream sat idle meanwhile (:class:`~mlgcn_dist.timing.DataStall`; on CUDA, else None). With the
-    loader's ``queue`` (converted ``depth`` batches ahead), the
-    batches its workers made during the warm-up are dropped and the timed steps wait for a round made since
-    (:class:`LoaderQueue`). Divergence is tracked on the device (no per-step sync): the steps before the first
-    non-finite loss and the largest pre-clip gradient norm, over warm-up and timed steps."""
+    stream sat idle meanwhile (:class:`~mlgcn_dist.timing.DataStall`; on CUDA, else None). With the loader's
+    ``queue`` (converted ``depth`` batches ahead), the batches its workers made during the warm-up are dropped and
+    the timed steps wait for a round made since (:class:`LoaderQueue`). Divergence is tracked on the device (no
+    per-step sync): the steps before the first non-finite loss and the largest pre-clip gradient norm, over
+    warm-up and timed steps."""
     device = step.device
     step.restart()
     if device.type == "cuda":
