@@ -66,7 +66,7 @@ overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data
 # CHECKS picks the steps and their order (default: all); a later step gets what the earlier ones left.
 for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     case $check in
-        pytest) step pytest_gpu 200 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
+        pytest) step pytest_gpu 240 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
         eager) toy_ready; step bench_eager 200 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
             train.compile=false ;;
