@@ -288,11 +288,12 @@ class LoaderQueue:
     def drop_queued(self) -> None:
         self._drop = True
 
-    def untimed_after_drop(self, depth: int) -> int:
-        """Steps between the drop and the timed window: the ``depth`` batches converted before the drop (and one
-        spare), then a round of the workers (a batch from each) to be past their first batches begun since. The
-        window then takes whole rounds (:func:`whole_rounds`): every worker makes as many of its batches."""
-        return depth + 1 + self.workers
+
+def untimed_after_drop(workers: int, depth: int) -> int:
+    """Steps between a :class:`LoaderQueue` drop and the timed window: the ``depth`` batches converted before the
+    drop (and one spare), then a round of the ``workers`` (a batch from each) to be past their first batches begun
+    since. The window then takes whole rounds (:func:`whole_rounds`): every worker makes as many of its batches."""
+    return depth + 1 + workers
 
 
 def time_training(
@@ -350,7 +351,7 @@ def time_training(
         untimed = warmup - 1
         if queue is not None and queue.capacity:
             queue.drop_queued()
-            untimed += queue.untimed_after_drop(depth)
+            untimed += untimed_after_drop(queue.workers, depth)
         for _ in range(untimed):
             run_one()
             taken += 1
@@ -704,9 +705,9 @@ def batches_per_phase(cfg: Config, steps: int, warmup: int) -> int:
     batches the helper converts past the last step and one more round, so the timed window never sees the end of
     the epoch (workers that finished their share, uneven shares)."""
     workers, depth = cfg.data.workers, cfg.data.device_prefetch
-    after_drop = LoaderQueue((), workers, cfg.data.prefetch_factor)
+    dropped = workers * cfg.data.prefetch_factor  # LoaderQueue.capacity
     timed = whole_rounds(steps, workers)
-    return warmup + after_drop.capacity + after_drop.untimed_after_drop(depth) + timed + depth + max(workers, 1)
+    return warmup + dropped + untimed_after_drop(workers, depth) + timed + depth + max(workers, 1)
 
 
 def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
