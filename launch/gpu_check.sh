@@ -7,7 +7,8 @@
 #                       CPU / GPU decode / GPU decode inline, the ceiling again, the GPU data path alone, the
 #                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
 #                       non-finite); the first of them waits for the toy set and packs it to shards;
-#   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker.
+#   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
+#   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work (not in the default).
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.
@@ -77,11 +78,12 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
             train.compile_mode=reduce-overhead ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
+        decode) step bench_decode 90 "$PY" -m mlgcn_dist.cli bench decode --json "$OUT/bench_decode.json" ;;
         *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;
     esac
 done
 
-for name in bench_eager bench_compile bench_cudagraphs bench_loader; do
+for name in bench_eager bench_compile bench_cudagraphs bench_loader bench_decode; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 24; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

@@ -62,6 +62,7 @@ from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
+from mlgcn_dist.decode_bench import add_decode_arguments, run_decode_bench
 from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
@@ -843,7 +844,7 @@ def _positive(text: str) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """``mlgcn bench train ...`` and ``mlgcn bench loader ...``."""
+    """``mlgcn bench train ...``, ``mlgcn bench loader ...`` and ``mlgcn bench decode ...``."""
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = sub.add_parser(
         "train", help="training img/s: ceiling, end to end (cpu and gpu decode), ML-GCN reference"
@@ -877,6 +878,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="gpu: the workers only read the JPEG bytes (decoding happens on the device)",
     )
     p.add_argument("--json", type=Path, help="also write the result here")
+    p = sub.add_parser("decode", help="GPU JPEG decode time idle and behind queued device work (CUDA)")
+    add_decode_arguments(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -910,4 +913,4 @@ def _run_loader(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    return _run_train(args) if args.bench == "train" else _run_loader(args)
+    return {"train": _run_train, "loader": _run_loader, "decode": run_decode_bench}[args.bench](args)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(p)
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("bench", help="benchmarks: `bench train` (ceiling vs end to end) and `bench loader`")
+    p = sub.add_parser("bench", help="benchmarks: `bench train` (ceiling vs end to end), `bench loader`, `bench decode`")
     from mlgcn_dist.bench import add_bench_arguments
 
     add_bench_arguments(p)

@@ -6,11 +6,10 @@ another thread, waits until every training kernel queued before it has run. A st
 non-blocking: it is ordered only with what is queued on it and the events it waits for. ``train.side_stream``
 runs the training steps on one, so that no such call in the input pipeline can wait for a step.
 
-Off by default: it was added when an H100 run (README Performance, run B) showed the GPU decode waiting for
-the training queued before it. That wait has since been traced to our own augment (it copied constants from
-pageable memory, which waits for the current stream) and removed; torchvision's decoder itself waits only on a
-stream of its own. ``mlgcn bench train`` still measures both kinds of stream on CUDA; without a gain there,
-this stays off.
+Off by default: it was added when an H100 run showed the GPU decode waiting for the training queued before
+it. Measured since (README Performance, runs C and D): +1% with GPU decode, eager and under CUDA graphs, within
+what one run tells; the decode's wait is for SMs, not for a stream (``mlgcn bench decode``: the same behind work
+queued on any stream). ``mlgcn bench train`` still measures both kinds of stream on CUDA.
 """
 
 from __future__ import annotations

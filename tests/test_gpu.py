@@ -337,3 +337,13 @@ def test_a_data_wait_stalls_the_device_only_once_the_queued_steps_are_done():
         stalled[name] = stall.read()
     assert stalled["while_busy"] < 0.01
     assert 0.09 < stalled["after_finish"] < 0.2
+
+
+def test_bench_decode_times_torchvisions_decoder_idle_and_behind_every_kind_of_queued_work(tmp_path):
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--batch", "4", "--size", "128", "--busy-ms", "20", "--repeats", "2",
+                 "--json", str(out)]) == 0
+    cases = json.loads(out.read_text())["decoders"]["torchvision"]
+    assert set(cases) == {"idle", "idle_4x", "busy_default", "busy_side", "busy_side_high_priority", "busy_side_4x",
+                          "busy_side_graph", "busy_side_one_sm_spin"}
+    assert all(case["ready_ms"] >= case["return_ms"] > 0 for case in cases.values())
