@@ -224,8 +224,8 @@ def run_decode_bench(args: argparse.Namespace) -> int:
     }
     try:
         decoders["nvimgcodec"] = nvimgcodec_decoder(device)
-    except ImportError:  # optional: the torchvision rows are what the training path uses
-        print("nvImageCodec not installed (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'): not measured")
+    except (ImportError, RuntimeError) as err:  # optional: the torchvision rows are what training uses
+        print(f"nvImageCodec not measured ({type(err).__name__}: {err}); pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
     report = bench_decode(device, decoders, args.batch, args.size, args.busy_ms, args.repeats)
     if "nvimgcodec" in decoders:
         report["nvimgcodec_vs_torchvision"] = _max_abs_diff_to_torchvision(device, toy_jpegs(8, args.size, seed=1))
