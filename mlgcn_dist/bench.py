@@ -270,10 +270,15 @@ class LoaderQueue:
 
     def __init__(self, batches: Iterable, workers: int, prefetch_factor: int) -> None:
         self.workers = workers
-        self.capacity = workers * prefetch_factor
+        self.capacity = self.queued(workers, prefetch_factor)
         self.dropped = 0
         self._batches = iter(batches)
         self._drop = False
+
+    @staticmethod
+    def queued(workers: int, prefetch_factor: int) -> int:
+        """Batches a DataLoader keeps requested from its workers (none in process: ``workers=0``)."""
+        return workers * prefetch_factor
 
     def __iter__(self) -> Iterator:
         return self
@@ -706,7 +711,7 @@ def batches_per_phase(cfg: Config, steps: int, warmup: int) -> int:
     batches the helper converts past the last step and one more round, so the timed window never sees the end of
     the epoch (workers that finished their share, uneven shares)."""
     workers, depth = cfg.data.workers, cfg.data.device_prefetch
-    dropped = workers * cfg.data.prefetch_factor  # LoaderQueue.capacity
+    dropped = LoaderQueue.queued(workers, cfg.data.prefetch_factor)
     timed = whole_rounds(steps, workers)
     return warmup + dropped + untimed_after_drop(workers, depth) + timed + depth + max(workers, 1)
 
