@@ -71,7 +71,7 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
         eager) toy_ready; step bench_eager 200 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
             train.compile=false ;;
-        compile) toy_ready; step bench_compile 230 "${bench[@]}" --json "$OUT/bench_compile.json" \
+        compile) toy_ready; step bench_compile 300 "${bench[@]}" --json "$OUT/bench_compile.json" \
             "${overrides[@]}" train.compile=true ;;
         compile_cudagraphs) toy_ready; step bench_cudagraphs 270 "${bench[@]}" \
             --json "$OUT/bench_cudagraphs.json" "${overrides[@]}" train.compile=true \

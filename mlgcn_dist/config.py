@@ -97,7 +97,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
-    # host (the compiled step's limit when the input pipeline shares the host, see README Performance).
+    # host: +2% at the ceiling on one H100, but GPU decode then waits a step per batch (README Performance).
     compile_mode: str = "default"
     # Training steps on a non-default CUDA stream, which no library call on the legacy default stream waits for
     # (mlgcn_dist/streams.py; off until bench train measures a gain).
