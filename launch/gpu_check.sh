@@ -6,7 +6,9 @@
 #   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
 #                       CPU / GPU decode / GPU decode inline, the ceiling again, the GPU data path alone, the
 #                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
-#                       non-finite); the first of them waits for the toy set and packs it to shards;
+#                       non-finite; 5 more steps of each phase under torch.profiler: the device's busy and idle
+#                       ms a step, traces in $OUT/profiles.tar); the first of them waits for the toy set and packs
+#                       it to shards;
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work (not in the default).
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
@@ -20,6 +22,7 @@ WORK="${WORK:-/tmp/mlgcn-gpu-check}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
 mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK/profiles"  # a warm machine keeps $WORK: no traces of an earlier call
 
 # step NAME LIMIT_S CMD...: CMD under `timeout` (LIMIT_S, or less if the budget is nearly spent).
 step() {
@@ -69,13 +72,13 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     case $check in
         pytest) step pytest_gpu 240 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
-        eager) toy_ready; step bench_eager 200 "${bench[@]}" --json "$OUT/bench_eager.json" "${overrides[@]}" \
-            train.compile=false ;;
+        eager) toy_ready; step bench_eager 210 "${bench[@]}" --json "$OUT/bench_eager.json" \
+            --profile-dir "$WORK/profiles/eager" "${overrides[@]}" train.compile=false ;;
         compile) toy_ready; step bench_compile 300 "${bench[@]}" --json "$OUT/bench_compile.json" \
-            "${overrides[@]}" train.compile=true ;;
-        compile_cudagraphs) toy_ready; step bench_cudagraphs 270 "${bench[@]}" \
-            --json "$OUT/bench_cudagraphs.json" "${overrides[@]}" train.compile=true \
-            train.compile_mode=reduce-overhead ;;
+            --profile-dir "$WORK/profiles/compile" "${overrides[@]}" train.compile=true ;;
+        compile_cudagraphs) toy_ready; step bench_cudagraphs 280 "${bench[@]}" \
+            --json "$OUT/bench_cudagraphs.json" --profile-dir "$WORK/profiles/cudagraphs" "${overrides[@]}" \
+            train.compile=true train.compile_mode=reduce-overhead ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         decode) step bench_decode 90 "$PY" -m mlgcn_dist.cli bench decode --json "$OUT/bench_decode.json" ;;
@@ -83,7 +86,8 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     esac
 done
 
+[[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
 for name in bench_eager bench_compile bench_cudagraphs bench_loader bench_decode; do
-    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 24; }
+    [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

@@ -27,7 +27,10 @@ MFU is the achieved training FLOP rate (3x the forward's, per image) over the de
 phase's numerics. Each end-to-end phase also reports the host time of the device conversion per batch
 (``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``) and its share of the step
 (``convert_busy``): near 1.0 the prefetch helper, not the model, sets the pace. A diverging model is reported
-(``first_nonfinite_step``, ``max_grad_norm``) without a per-step sync.
+(``first_nonfinite_step``, ``max_grad_norm``) without a per-step sync. With a ``StepProfiler``
+(``--profile-dir``) every training phase ends with a few steps under torch.profiler, untimed: the device's busy
+and idle time per step (``profile``) says whether a slower phase lost time to slower kernels or to a device left
+idle within its steps (:mod:`mlgcn_dist.profiling`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import os
 import random
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +71,7 @@ from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
+from mlgcn_dist.profiling import ProfileRequest, StepProfiler, profile_steps
 from mlgcn_dist.streams import running_on, side_stream
 from mlgcn_dist.timing import DataStall
 
@@ -311,6 +316,7 @@ def time_training(
     stream: torch.cuda.Stream | None = None,
     queue: LoaderQueue | None = None,
     depth: int = 0,
+    profile: ProfileRequest | None = None,
 ) -> dict:
     """From the initial weights, on ``stream`` (None: the caller's), ``warmup`` untimed steps (the first one
     timed alone: compilation, cuDNN autotuning, worker start-up), then ``steps`` timed ones. The data wait is
@@ -319,7 +325,8 @@ def time_training(
     ``queue`` (converted ``depth`` batches ahead), the batches its workers made during the warm-up are dropped and
     the timed steps wait for a round made since (:class:`LoaderQueue`). Divergence is tracked on the device (no
     per-step sync): the steps before the first non-finite loss and the largest pre-clip gradient norm, over
-    warm-up and timed steps."""
+    warm-up, timed and profiled steps. With ``profile``, that many more steps run under torch.profiler after the
+    timed ones (:func:`~mlgcn_dist.profiling.profile_steps`), outside every timing."""
     device = step.device
     step.restart()
     if device.type == "cuda":
@@ -373,7 +380,17 @@ def time_training(
             images += count
             nonfinite += (~torch.isfinite(loss)).long()
         seconds = _synced_clock(device) - start
-    stall_s = stall.read()
+        stall_s = stall.read()
+        profiled = None
+        if profile is not None:
+
+            def profiled_steps() -> None:
+                nonlocal taken
+                for _ in range(profile.steps):
+                    run_one()
+                    taken += 1
+
+            profiled = profile_steps(profiled_steps, profile, device)
     diverged_at = int(finite_run)
     return {
         "steps": steps,
@@ -400,6 +417,7 @@ def time_training(
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
         "train_stream": "default" if stream is None else "side",
+        "profile": profiled,
     }
 
 
@@ -411,6 +429,7 @@ def synthetic_phase(
     steps: int,
     warmup: int,
     stream: torch.cuda.Stream | None = None,
+    profile: ProfileRequest | None = None,
 ) -> dict:
     """The ceiling: one batch of random images and sparse multi-hot targets, already on the device, reused."""
     device = step.device
@@ -420,7 +439,9 @@ def synthetic_phase(
     targets = (torch.rand(batch_size, num_classes, device=device) < 0.05).to(torch.int8)
     step.restart()
     eager_loss = step.eager_loss(images, targets)
-    result = time_training(step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream)
+    result = time_training(
+        step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream, profile=profile
+    )
     # The same first loss from the uncompiled model: a compiled model whose first loss differs (or is not finite)
     # computes something else, which no number of steps explains.
     result["eager_first_loss"] = eager_loss
@@ -500,6 +521,7 @@ def loader_phase(
     warmup: int,
     depth: int | None = None,
     stream: torch.cuda.Stream | None = None,
+    profile: ProfileRequest | None = None,
 ) -> dict:
     """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
     engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
@@ -516,7 +538,7 @@ def loader_phase(
 
     with device_batches(queue, convert, step.device, depth) as pairs:
         timed = whole_rounds(steps, cfg.data.workers)
-        result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth)
+        result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth, profile)
     # Every conversion of the phase, the ones run ahead past the last step included.
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
@@ -590,10 +612,14 @@ def bench_device(cfg: Config) -> torch.device:
 
 
 def _configured_phases(
-    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int
+    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int, profiler: StepProfiler | None
 ) -> tuple[dict[str, dict], int]:
     """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
     setting = run_setting(cfg, device)
+
+    def profiled(phase: str) -> ProfileRequest | None:
+        return None if profiler is None else profiler.request(phase)
+
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
@@ -601,48 +627,60 @@ def _configured_phases(
 
         stream = side_stream(device, cfg.train.side_stream)
 
-        def ceiling() -> dict:
+        def ceiling(name: str) -> dict:
             return synthetic_phase(
-                step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup, stream
+                step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup, stream,
+                profiled(name),
             )
 
-        phases = {"ceiling": _progress("ceiling", ceiling())}
+        phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
         for decode in ("cpu", "gpu"):
             name = f"e2e_decode_{decode}"
-            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup, stream=stream))
+            phases[name] = _progress(
+                name, loader_phase(step, cfg, decode, steps, warmup, stream=stream, profile=profiled(name))
+            )
         if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
             name = "e2e_decode_gpu_inline"
-            phases[name] = _progress(name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0, stream=stream))
+            phases[name] = _progress(
+                name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0, stream=stream, profile=profiled(name))
+            )
         if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
             other = not cfg.train.side_stream
             name = f"e2e_decode_gpu_{'side' if other else 'default'}_stream"
             phases[name] = _progress(
-                name, loader_phase(step, cfg, "gpu", steps, warmup, stream=side_stream(device, other))
+                name,
+                loader_phase(
+                    step, cfg, "gpu", steps, warmup, stream=side_stream(device, other), profile=profiled(name)
+                ),
             )
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
-        phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling())
+        phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
     return phases, forward_flops
 
 
-def _reference_phase(cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int) -> dict:
+def _reference_phase(
+    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int, profiler: StepProfiler | None
+) -> dict:
     with cuda_numerics(ORIGINAL_MLGCN):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
         # The original moved each batch inline (``input.cuda()``): no conversion ahead.
-        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0))
+        profile = None if profiler is None else profiler.request("reference")
+        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0, profile=profile))
 
 
-def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
-    """All phases on ``cfg.data.shards``; returns the report (see the module docstring)."""
+def bench_train(cfg: Config, steps: int, warmup: int, profiler: StepProfiler | None = None) -> dict:
+    """All phases on ``cfg.data.shards``; returns the report (see the module docstring). With ``profiler``, each
+    training phase ends with that many steps under torch.profiler (their device timeline in ``profile``)."""
     device = bench_device(cfg)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data)
-    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup)
+    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
         torch.cuda.empty_cache()
-    phases["reference"] = _reference_phase(cfg, info, device, steps, warmup)
+    phases["reference"] = _reference_phase(cfg, info, device, steps, warmup, profiler)
     train_flops = TRAIN_FLOPS_PER_FORWARD * forward_flops
     phases = {name: with_mfu(result, train_flops, device_name) for name, result in phases.items()}
     loader = bench_loader(
@@ -705,15 +743,15 @@ def describe_shards(shards: Path, split: str) -> dict:
     }
 
 
-def batches_per_phase(cfg: Config, steps: int, warmup: int) -> int:
+def batches_per_phase(cfg: Config, steps: int, warmup: int, profiled: int = 0) -> int:
     """Batches in a phase's loader epoch: warm-up, the dropped queue and the untimed steps after it
-    (:class:`LoaderQueue`), the timed steps in whole rounds of the workers, then the ``data.device_prefetch``
-    batches the helper converts past the last step and one more round, so the timed window never sees the end of
-    the epoch (workers that finished their share, uneven shares)."""
+    (:class:`LoaderQueue`), the timed steps in whole rounds of the workers, the ``profiled`` ones, then the
+    ``data.device_prefetch`` batches the helper converts past the last step and one more round, so the timed window
+    never sees the end of the epoch (workers that finished their share, uneven shares)."""
     workers, depth = cfg.data.workers, cfg.data.device_prefetch
     dropped = LoaderQueue.queued(workers, cfg.data.prefetch_factor)
     timed = whole_rounds(steps, workers)
-    return warmup + dropped + untimed_after_drop(workers, depth) + timed + depth + max(workers, 1)
+    return warmup + dropped + untimed_after_drop(workers, depth) + timed + profiled + depth + max(workers, 1)
 
 
 def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
@@ -801,6 +839,7 @@ def format_report(report: dict) -> str:
         for name, p in report["phases"].items()
         if "convert_ms" in p
     ]
+    lines += _profile_lines(report["phases"])
     if report["compile_s"] is not None:
         lines.append(
             f"compile: first step took {report['compile_s']:.1f} s, the ceiling's whole warm-up "
@@ -820,6 +859,30 @@ def format_report(report: dict) -> str:
         f"{data['img_s']:.1f} img/s; a batch: decode {_ms(data['decode_ms'])}, augment {_ms(data['augment_ms'])}"
     )
     return "\n".join(lines)
+
+
+def _profile_lines(phases: dict[str, dict]) -> list[str]:
+    """The profiled steps' device timeline per phase (none without --profile-dir)."""
+    profiled = {name: p["profile"] for name, p in phases.items() if p.get("profile")}
+    if not profiled:
+        return []
+    first = next(iter(profiled.values()))
+    lines = [
+        f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
+        f"{Path(first['trace']).parent}; device ms a step (any stream: window = busy + idle):",
+        f"  {'phase':28s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
+    ]
+    for name, profile in profiled.items():
+        timeline = profile["device"]
+        if timeline is None:
+            lines.append(f"  {name:28s} no device activity recorded (no CUDA)")
+            continue
+        lines.append(
+            f"  {name:28s}"
+            + "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8), ("idle_ms", 8)))
+            + f"{timeline['training_stream_ms']:17.1f}{timeline['other_streams_ms']:15.1f}"
+        )
+    return lines
 
 
 def _ms(x: float | None) -> str:
@@ -869,6 +932,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", type=Path, default=Path("runs/bench/train.json"), help="where to write the report"
     )
+    p.add_argument(
+        "--profile-dir",
+        type=Path,
+        help="after each phase's timed steps, profile --profile-steps more (torch.profiler): a Chrome trace per "
+        "phase here, each step's device busy/idle time in the report",
+    )
+    p.add_argument("--profile-steps", type=_positive, default=5, help="steps per profiled phase")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser("loader", help="img/s of the training loader alone, total and per worker")
     p.add_argument("--shards", type=Path, required=True)
@@ -889,12 +959,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.profile_dir is not None and args.profile_dir.exists() and not args.profile_dir.is_dir():
+        print(f"mlgcn bench train: --profile-dir {args.profile_dir} exists and is not a directory", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
         shards = args.shards or make_toy_shards(
             Path(tmp), args.toy_images, args.toy_size, cfg.data.workers, cfg.train.seed
         )
-        point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup))
-        report = bench_train(cfg, args.steps, args.warmup)
+        profiler = None if args.profile_dir is None else StepProfiler(args.profile_dir, args.profile_steps)
+        profiled = 0 if profiler is None else profiler.steps
+        point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup, profiled))
+        report = bench_train(cfg, args.steps, args.warmup, profiler)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
     print(format_report(report))

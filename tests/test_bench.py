@@ -36,6 +36,7 @@ from mlgcn_dist.config import load_config, set_key
 from mlgcn_dist.data.loader import dataset_info
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
+from mlgcn_dist.profiling import ProfileRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -68,15 +69,16 @@ PHASE_FIELDS = (
     "peak_tflops",
     "achieved_tflops",
     "mfu",
+    "profile",
 )
-STEPS, WARMUP = 2, 1
+STEPS, WARMUP, PROFILED = 2, 1, 1
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, print_after_run) -> dict:
-    """`mlgcn bench train` on the toy config: a 32-image toy set at 64 px, batch 4, 2 timed steps a phase. Its
-    table is printed after the test run, so the CPU figures (loader img/s per worker, toy step time) show in CI
-    logs, where a regression can be seen."""
+    """`mlgcn bench train` on the toy config: a 32-image toy set at 64 px, batch 4, 2 timed steps a phase and 1
+    profiled. Its table is printed after the test run, so the CPU figures (loader img/s per worker, toy step time)
+    show in CI logs, where a regression can be seen."""
     out = tmp_path_factory.mktemp("bench") / "train.json"
     argv = [
         "bench",
@@ -93,6 +95,10 @@ def report(tmp_path_factory: pytest.TempPathFactory, print_after_run) -> dict:
         "64",
         "--json",
         str(out),
+        "--profile-dir",
+        str(out.parent / "profiles"),
+        "--profile-steps",
+        str(PROFILED),
         "train.device=cpu",
         "data.batch_size=4",
     ]
@@ -113,6 +119,22 @@ def test_bench_train_report_has_every_phase_and_field(report):
         assert key in report
     assert report["data"]["toy"] == {"images": 32, "size": 64} and report["data"]["mean_sample_bytes"] > 0
     assert report["loader_cpu"]["images_per_s_per_worker"] > 0
+
+
+def test_bench_profiles_steps_after_each_training_phases_timed_ones_and_keeps_a_trace_each(report):
+    for name, phase in report["phases"].items():
+        profile = phase["profile"]
+        assert profile["steps"] == PROFILED and Path(profile["trace"]).name == f"{name}.json.gz"
+        assert Path(profile["trace"]).stat().st_size > 0
+        assert profile["device"] is None  # on CPU; on CUDA the device timeline (tests/test_profiling.py)
+    assert "profiled: 1 steps after each phase's timed ones" in format_report(report)
+
+
+def test_bench_train_refuses_a_profile_dir_that_is_a_file_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "profiles"
+    taken.write_text("not a directory")
+    assert main(["bench", "train", "--config", "configs/toy.yaml", "--profile-dir", str(taken)]) == 2
+    assert f"--profile-dir {taken} exists and is not a directory" in capsys.readouterr().err
 
 
 def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
@@ -220,6 +242,17 @@ def test_time_training_reports_the_first_non_finite_step_and_the_largest_finite_
     assert result["max_grad_norm"] == 3.0 and result["nonfinite_grad_norms"] == 3  # NaN norms counted apart
 
 
+def test_profiled_steps_come_after_the_timed_ones_and_count_for_divergence_but_not_for_the_timing(tmp_path):
+    step = _DivergingStep()  # losses turn NaN from the 4th call: here the first profiled step
+    batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
+    request = ProfileRequest(tmp_path / "steps.json.gz", steps=2)
+    result = time_training(step, itertools.repeat(batch), lambda b: b, steps=2, warmup=1, profile=request)
+    assert step.calls == 1 + 2 + 2
+    assert result["steps"] == 2 and result["images"] == 4 and result["nonfinite_steps"] == 0  # the timed window
+    assert result["first_nonfinite_step"] == 4 and result["max_grad_norm"] == 3.0
+    assert result["profile"]["steps"] == 2 and request.trace.exists()
+
+
 def test_time_training_reports_no_divergence_for_finite_losses():
     step = _DivergingStep()
     step.calls = -100  # stays finite for the whole phase
@@ -261,11 +294,13 @@ def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_q
     assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
 
 
-def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monkeypatch, toy_root):
-    """The timed steps never see the end of the loader's epoch, where workers that finished their share stop."""
+@pytest.mark.parametrize("profiled", [0, 4])
+def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monkeypatch, toy_root, tmp_path, profiled):
+    """The timed and profiled steps never see the end of the loader's epoch, where workers that finished their
+    share stop."""
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.batch_size=2"])
     steps, warmup = 5, 2
-    set_key(cfg, "data.steps_per_epoch", batches_per_phase(cfg, steps, warmup), "test")
+    set_key(cfg, "data.steps_per_epoch", batches_per_phase(cfg, steps, warmup, profiled), "test")
     pulled = []
 
     def counting_loader(data_cfg, **_):
@@ -275,7 +310,8 @@ def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monk
                    "image_id": torch.arange(2), "n_bad": 0}
 
     monkeypatch.setattr(bench, "build_train_loader", counting_loader)
-    result = loader_phase(_StepThatCompilesFirst(compile_s=0.0), cfg, "cpu", steps, warmup)
+    profile = ProfileRequest(tmp_path / "phase.json.gz", profiled) if profiled else None
+    result = loader_phase(_StepThatCompilesFirst(compile_s=0.0), cfg, "cpu", steps, warmup, profile=profile)
     assert result["steps"] == 6 and result["queued_batches_dropped"] == 6  # whole rounds; 3 workers x prefetch 2
     assert len(pulled) <= cfg.data.steps_per_epoch - 3
 

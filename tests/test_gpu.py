@@ -22,6 +22,7 @@ from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
 from mlgcn_dist.engine import Trainer, build_model_for, train
+from mlgcn_dist.profiling import ProfileRequest, profile_steps
 from mlgcn_dist.timing import DataStall
 
 pytestmark = [
@@ -347,3 +348,23 @@ def test_bench_decode_times_torchvisions_decoder_idle_and_behind_every_kind_of_q
     assert set(cases) == {"idle", "idle_4x", "busy_default", "busy_side", "busy_side_high_priority", "busy_side_4x",
                           "busy_side_graph", "busy_side_one_sm_spin"}
     assert all(case["ready_ms"] >= case["return_ms"] > 0 for case in cases.values())
+
+
+def test_a_profiled_host_pause_between_two_kernels_shows_as_device_idle_and_a_second_stream_as_other_work(tmp_path):
+    x = torch.randn(4096, 4096, device="cuda")
+    other = torch.cuda.Stream()
+
+    def steps() -> None:
+        for _ in range(2):
+            x @ x
+            torch.cuda.synchronize()
+            time.sleep(0.02)  # the host launches nothing for 20 ms: what a launch thread held up looks like
+            with torch.cuda.stream(other):
+                x @ x
+            torch.cuda.synchronize()
+
+    result = profile_steps(steps, ProfileRequest(tmp_path / "steps.json.gz", 2), torch.device("cuda"))
+    timeline = result["device"]
+    assert timeline["streams"] == 2 and timeline["other_streams_ms"] > 0
+    assert timeline["idle_ms"] >= 20.0
+    assert timeline["window_ms"] == pytest.approx(timeline["busy_ms"] + timeline["idle_ms"])

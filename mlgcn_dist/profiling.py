@@ -1,0 +1,113 @@
+"""The device's timeline over a few training steps, from a torch.profiler trace.
+
+:class:`~mlgcn_dist.timing.DataStall` sees one way a step loses device time: the training stream idles while
+the loop waits for its batch. Two others leave it at zero and still slow the step down, and only a timeline tells
+them apart:
+
+* the step's kernels run slower, sharing the SMs with the input pipeline's (decode, augment): the device stays
+  busy, the training stream's busy time per step grows;
+* the host thread that launches the step's kernels (eagerly, or Inductor's Python wrapper under torch.compile)
+  falls behind the device, held up by another thread (the prefetch helper: the GIL): the device idles between two
+  kernels of one step.
+
+:func:`profile_steps` runs a few steps under torch.profiler, keeps the Chrome trace (gzip, for Perfetto or
+chrome://tracing) and :func:`device_timeline` sums the device activity per step: busy on any stream (overlaps
+counted once), idle, the training stream's share (the stream with the most activity) and the other streams'.
+CUPTI's tracing adds host time to every launch, so compare phases profiled alike, not a profiled step with an
+unprofiled one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# Chrome-trace categories of work that occupies the device (kineto's names).
+DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """Profile ``steps`` training steps after a phase's timed ones; write the trace to ``trace``."""
+
+    trace: Path
+    steps: int
+
+
+@dataclass(frozen=True)
+class StepProfiler:
+    """Where a run's traces go, one per phase, and how many steps each covers."""
+
+    out_dir: Path
+    steps: int
+
+    def request(self, phase: str) -> ProfileRequest:
+        return ProfileRequest(self.out_dir / f"{phase}.json.gz", self.steps)
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals in microseconds (trace units), in milliseconds."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total / 1000
+
+
+def device_timeline(trace: dict, steps: int) -> dict | None:
+    """Per step, in ms: the window from the first device activity to the last, the time the device was busy on
+    any stream, idle, busy on the training stream (the stream with the most activity: the steps'), and busy on
+    the others together (input pipeline, collectives). None when the trace holds no device activity (a run
+    without CUDA)."""
+    by_stream: dict[object, list[tuple[float, float]]] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
+            start = float(event["ts"])
+            stream = event.get("args", {}).get("stream")
+            by_stream.setdefault(stream, []).append((start, start + float(event.get("dur", 0.0))))
+    if not by_stream:
+        return None
+    everything = [interval for intervals in by_stream.values() for interval in intervals]
+    window = (max(end for _, end in everything) - min(start for start, _ in everything)) / 1000
+    busy = union_ms(everything)
+    per_stream = {stream: union_ms(intervals) for stream, intervals in by_stream.items()}
+    training = max(per_stream, key=per_stream.__getitem__)
+    others = [interval for stream, intervals in by_stream.items() if stream != training for interval in intervals]
+    return {
+        "window_ms": window / steps,
+        "busy_ms": busy / steps,
+        "idle_ms": (window - busy) / steps,
+        "training_stream_ms": per_stream[training] / steps,
+        "other_streams_ms": union_ms(others) / steps,
+        "streams": len(by_stream),
+    }
+
+
+def profile_steps(run: Callable[[], object], request: ProfileRequest, device: torch.device) -> dict:
+    """``run()`` (``request.steps`` training steps) under torch.profiler, up to the device's last kernel; the
+    gzipped Chrome trace at ``request.trace``; the trace's path, the step count and :func:`device_timeline`."""
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    request.trace.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mlgcn-trace-") as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        trace = json.loads(raw.read_text())
+        with raw.open("rb") as src, gzip.open(request.trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return {"trace": str(request.trace), "steps": request.steps, "device": device_timeline(trace, request.steps)}
