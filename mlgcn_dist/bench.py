@@ -390,7 +390,10 @@ def time_training(
                     run_one()
                     taken += 1
 
-            profiled = profile_steps(profiled_steps, profile, device)
+            try:
+                profiled = profile_steps(profiled_steps, profile, device)
+            except RuntimeError as err:  # a diagnostic that fails (CUPTI, OOM) must not cost the measured phase
+                profiled = {"trace": None, "steps": profile.steps, "device": None, "error": f"{err}".splitlines()[0]}
     diverged_at = int(finite_run)
     return {
         "steps": steps,
@@ -867,13 +870,17 @@ def _profile_lines(phases: dict[str, dict]) -> list[str]:
     if not profiled:
         return []
     first = next(iter(profiled.values()))
+    traces = {str(Path(p["trace"]).parent) for p in profiled.values() if p["trace"]}
     lines = [
         f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
-        f"{Path(first['trace']).parent}; device ms a step (any stream: window = busy + idle):",
+        f"{', '.join(sorted(traces)) or 'none'}; device ms a step (any stream: window = busy + idle):",
         f"  {'phase':28s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
     ]
     for name, profile in profiled.items():
         timeline = profile["device"]
+        if profile.get("error"):
+            lines.append(f"  {name:28s} profiling failed: {profile['error']}")
+            continue
         if timeline is None:
             lines.append(f"  {name:28s} no device activity recorded (no CUDA)")
             continue

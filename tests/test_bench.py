@@ -253,6 +253,22 @@ def test_profiled_steps_come_after_the_timed_ones_and_count_for_divergence_but_n
     assert result["profile"]["steps"] == 2 and request.trace.exists()
 
 
+def test_a_failing_profile_is_reported_with_its_error_and_keeps_the_phases_timings(tmp_path, monkeypatch):
+    def broken_profiler(run, request, device):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+
+    monkeypatch.setattr(bench, "profile_steps", broken_profiler)
+    step = _DivergingStep()
+    step.calls = -100
+    batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
+    request = ProfileRequest(tmp_path / "steps.json.gz", steps=2)
+    result = time_training(step, itertools.repeat(batch), lambda b: b, steps=2, warmup=1, profile=request)
+    assert result["profile"] == {"trace": None, "steps": 2, "device": None, "error": "CUPTI_ERROR_NOT_INITIALIZED"}
+    assert result["steps"] == 2 and result["img_s"] > 0
+    report_lines = bench._profile_lines({"ceiling": result})
+    assert report_lines[-1].split() == ["ceiling", "profiling", "failed:", "CUPTI_ERROR_NOT_INITIALIZED"]
+
+
 def test_time_training_reports_no_divergence_for_finite_losses():
     step = _DivergingStep()
     step.calls = -100  # stays finite for the whole phase
