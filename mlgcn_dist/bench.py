@@ -73,7 +73,7 @@ from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
 from mlgcn_dist.profiling import ProfileRequest, StepProfiler, profile_steps
 from mlgcn_dist.streams import running_on, side_stream
-from mlgcn_dist.timing import DataStall
+from mlgcn_dist.timing import DataStall, timed_next
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
 # torch.cuda.get_device_name ("H100 PCIe" before "H100", whose numbers are the SXM part's). fp32: CUDA cores.
@@ -340,11 +340,7 @@ def time_training(
 
     def run_one() -> tuple[float, int, torch.Tensor]:
         nonlocal finite_run, max_grad_norm, nonfinite_norms
-        t0 = time.perf_counter()
-        stall.waiting()
-        batch = next(source)
-        stall.got_batch()
-        waited = time.perf_counter() - t0
+        batch, waited = timed_next(source, stall)
         images, targets = to_inputs(batch)
         loss = step(images, targets)
         finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()

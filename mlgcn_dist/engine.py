@@ -43,7 +43,7 @@ from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
 from mlgcn_dist.models import build_model
 from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, scaled_lr
 from mlgcn_dist.streams import running_on, side_stream
-from mlgcn_dist.timing import ThroughputMeter
+from mlgcn_dist.timing import ThroughputMeter, timed_next
 from mlgcn_dist.tracking import Tracker
 
 METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1")
@@ -311,14 +311,11 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         try:
             while state.step_in_epoch < self.micro_batches:
-                t0 = time.perf_counter()  # waiting for the loader and the device conversion: the data wait
-                window.stall.waiting()
-                pair = next(pairs, None)
-                if pair is None:
+                try:
+                    (batch, (images, targets, image_ids)), waited = timed_next(pairs, window.stall)
+                except StopIteration:
                     break
-                window.stall.got_batch()
-                window.data_wait += time.perf_counter() - t0
-                batch, (images, targets, image_ids) = pair
+                window.data_wait += waited
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
                 self.seen_samples += len(image_ids)
                 state.trained_images += len(image_ids)

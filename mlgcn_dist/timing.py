@@ -9,8 +9,12 @@ and read only when the caller syncs anyway (at logging intervals, at the end of 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class DataStall:
@@ -54,6 +58,16 @@ class DataStall:
         stalled = sum(since.elapsed_time(got) for since, got in self._waits) / 1000
         self._waits.clear()
         return stalled
+
+
+def timed_next(batches: Iterator[T], stall: DataStall) -> tuple[T, float]:
+    """``next(batches)`` and the host seconds it blocked (the loader and the device conversion: the data wait),
+    with the device's stall meanwhile recorded in ``stall``. StopIteration passes through, recording no wait."""
+    t0 = time.perf_counter()
+    stall.waiting()
+    batch = next(batches)
+    stall.got_batch()
+    return batch, time.perf_counter() - t0
 
 
 class ThroughputMeter:
