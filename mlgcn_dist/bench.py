@@ -8,7 +8,9 @@ groups) on one device, in one process, in these phases:
 * end to end: the same settings fed by the real training loader from shards, decoding JPEGs in the CPU
   workers (PIL), then on the device (nvJPEG; without CUDA, torchvision's CPU decoder), both with the device
   conversion running ``data.device_prefetch`` batches ahead as in the engine; and once more decoding on the
-  device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains; the batches the loader's
+  device inline (``e2e_decode_gpu_inline``), which shows what running ahead gains, and with only the decode
+  ahead on the helper, the augment launched by the training loop (``e2e_decode_gpu_augment_in_loop``, which
+  the engine does not do: an experiment, see :func:`augment_in_loop_conversion`); the batches the loader's
   workers queued during the warm-up are dropped and the timed steps are whole rounds of the workers
   (:class:`LoaderQueue`), so a loader slower than the model is timed at its steady rate;
 * the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device over the
@@ -65,7 +67,7 @@ from mlgcn_dist.data.loader import (
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
-from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
+from mlgcn_dist.data.transforms import CropParams, GpuAugment, crop_params, to_device
 from mlgcn_dist.decode_bench import add_decode_arguments, run_decode_bench
 from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
@@ -506,6 +508,38 @@ def timed_conversion(
     return convert, clock
 
 
+def augment_in_loop_conversion(
+    cfg: Config, device: torch.device, channels_last: bool
+) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], Callable[[tuple], tuple[torch.Tensor, torch.Tensor]],
+           ConversionClock]:
+    """The GPU path split between two threads: ``decode`` (for the prefetch helper) makes the nvJPEG call, which
+    waits for the device without holding the GIL, and draws the crops; ``to_inputs`` (for the training loop)
+    launches the crop/resize/flip/normalise kernels on the training stream. Same images as ``to_device``: the
+    crops are drawn from the same ``rng`` in the same order. What it tests: whether the helper's many short
+    torch calls, each taking the GIL back from the thread launching the step, cost more than launching the
+    augment from that thread."""
+    clock = ConversionClock()
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock)
+    rng = random.Random(cfg.train.seed)
+
+    def decode(batch: dict) -> tuple[torch.Tensor, ...]:
+        def run() -> tuple[torch.Tensor, ...]:
+            images, kept = augment.decode(batch["jpeg"], device)
+            batch["crops"] = [crop_params(im.shape[2], im.shape[1], augment.size, True, rng) for im in images]
+            return (batch["target"][kept].to(device, non_blocking=True), *images)
+
+        return clock.timed("convert", run)
+
+    def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, (targets, *images) = pair
+        inputs = augment.apply(images, batch["crops"], device)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets
+
+    return decode, to_inputs, clock
+
+
 def _decode_on(decode: str, device: torch.device) -> str:
     if decode == "cpu":
         return "cpu workers (PIL)"
@@ -521,19 +555,24 @@ def loader_phase(
     depth: int | None = None,
     stream: torch.cuda.Stream | None = None,
     profile: ProfileRequest | None = None,
+    augment_in_loop: bool = False,
 ) -> dict:
     """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
     engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
     the steps on ``stream`` (None: the default stream). The batches the workers made during the warm-up are
-    dropped, and ``steps`` rounded up to whole rounds of the workers (:class:`LoaderQueue`)."""
+    dropped, and ``steps`` rounded up to whole rounds of the workers (:class:`LoaderQueue`). ``augment_in_loop``
+    (GPU decode): the helper only decodes, the loop launches the augment (:func:`augment_in_loop_conversion`)."""
     depth = cfg.data.device_prefetch if depth is None else depth
     loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
     queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
-    convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
+    if augment_in_loop:
+        convert, to_inputs, clock = augment_in_loop_conversion(cfg, step.device, step.setting.channels_last)
+    else:
+        convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
 
-    def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets, _ = pair[1]
-        return images, targets
+        def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+            images, targets, _ = pair[1]
+            return images, targets
 
     with device_batches(queue, convert, step.device, depth) as pairs:
         timed = whole_rounds(steps, cfg.data.workers)
@@ -542,7 +581,7 @@ def loader_phase(
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
     result["device_prefetch"] = depth
-    result["decode_on"] = _decode_on(decode, step.device)
+    result["decode_on"] = _decode_on(decode, step.device) + (", augment launched by the loop" if augment_in_loop else "")
     return result
 
 
@@ -642,6 +681,11 @@ def _configured_phases(
             name = "e2e_decode_gpu_inline"
             phases[name] = _progress(
                 name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0, stream=stream, profile=profiled(name))
+            )
+            name = "e2e_decode_gpu_augment_in_loop"  # only the decode ahead, on the helper
+            phases[name] = _progress(
+                name, loader_phase(step, cfg, "gpu", steps, warmup, stream=stream, profile=profiled(name),
+                                   augment_in_loop=True)
             )
         if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
             other = not cfg.train.side_stream
@@ -790,13 +834,13 @@ def format_report(report: dict) -> str:
         f"{layout}, {mode}; "
         f"{report['steps']} timed steps after {report['warmup']} warmup (end to end: whole rounds of "
         f"{report['workers']} loader workers)",
-        f"{'phase':22s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'phase':30s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
         f"{'/ceiling':>10s}{'/reference':>11s}  decode",
     ]
     for name, p in report["phases"].items():
         vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
         lines.append(
-            f"{name:22s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{name:30s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
             f"{_percent(p['data_stall_frac']):>7s}"
             f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
@@ -870,18 +914,18 @@ def _profile_lines(phases: dict[str, dict]) -> list[str]:
     lines = [
         f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
         f"{', '.join(sorted(traces)) or 'none'}; device ms a step (any stream: window = busy + idle):",
-        f"  {'phase':28s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
+        f"  {'phase':30s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
     ]
     for name, profile in profiled.items():
         timeline = profile["device"]
         if profile.get("error"):
-            lines.append(f"  {name:28s} profiling failed: {profile['error']}")
+            lines.append(f"  {name:30s} profiling failed: {profile['error']}")
             continue
         if timeline is None:
-            lines.append(f"  {name:28s} no device activity recorded (no CUDA)")
+            lines.append(f"  {name:30s} no device activity recorded (no CUDA)")
             continue
         lines.append(
-            f"  {name:28s}"
+            f"  {name:30s}"
             + "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8), ("idle_ms", 8)))
             + f"{timeline['training_stream_ms']:17.1f}{timeline['other_streams_ms']:15.1f}"
         )

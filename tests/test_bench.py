@@ -22,6 +22,7 @@ from mlgcn_dist.bench import (
     TRAIN_FLOPS_PER_FORWARD,
     LoaderQueue,
     TrainStep,
+    augment_in_loop_conversion,
     batches_per_phase,
     format_report,
     forward_flops_per_image,
@@ -30,17 +31,19 @@ from mlgcn_dist.bench import (
     peak_tflops,
     run_setting,
     time_training,
+    timed_conversion,
 )
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
-from mlgcn_dist.data.loader import dataset_info
+from mlgcn_dist.data.loader import build_train_loader, dataset_info
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.profiling import ProfileRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "ceiling_repeat", "reference")
+PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "e2e_decode_gpu_augment_in_loop",
+          "ceiling_repeat", "reference")
 PHASE_FIELDS = (
     "steps",
     "images",
@@ -149,7 +152,7 @@ def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
         )
     expected = {
         f"{e2e}/{base}": phases[e2e]["img_s"] / phases[base]["img_s"]
-        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline")
+        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "e2e_decode_gpu_augment_in_loop")
         for base in ("ceiling", "reference")
     }
     assert report["ratios"] == pytest.approx(expected)
@@ -171,11 +174,15 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     assert phases["e2e_decode_gpu"]["decode_on"] == phases["e2e_decode_gpu_inline"]["decode_on"]
     assert phases["e2e_decode_gpu"]["decode_on"] == "torchvision on cpu (no CUDA)"
     assert phases["e2e_decode_cpu"]["decode_on"] == "cpu workers (PIL)"
+    assert phases["e2e_decode_gpu_augment_in_loop"]["decode_on"] == (
+        "torchvision on cpu (no CUDA), augment launched by the loop"
+    )
 
 
 def test_bench_runs_the_device_conversion_ahead_except_in_the_inline_and_reference_phases(report):
     phases = report["phases"]
     assert phases["e2e_decode_cpu"]["device_prefetch"] == phases["e2e_decode_gpu"]["device_prefetch"] == 2
+    assert phases["e2e_decode_gpu_augment_in_loop"]["device_prefetch"] == 2
     assert phases["e2e_decode_gpu_inline"]["device_prefetch"] == phases["reference"]["device_prefetch"] == 0
 
 
@@ -189,6 +196,23 @@ def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(rep
         phase = phases[name]
         assert 0 < phase["decode_ms"] < phase["convert_ms"] and 0 < phase["augment_ms"] < phase["convert_ms"]
     assert phases["e2e_decode_cpu"]["decode_ms"] is None and phases["e2e_decode_cpu"]["augment_ms"] is None
+    # Augment launched by the loop: the helper's conversion is the decode alone.
+    in_loop = phases["e2e_decode_gpu_augment_in_loop"]
+    assert 0 < in_loop["decode_ms"] <= in_loop["convert_ms"] and in_loop["augment_ms"] > 0
+
+
+def test_augmenting_in_the_loop_gives_the_images_and_targets_of_the_engines_conversion(toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0", "data.batch_size=4"])
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=0, decode="gpu")
+    batches = list(itertools.islice(loader, 3))
+    cpu = torch.device("cpu")
+    convert, _ = timed_conversion(cfg, "gpu", cpu, channels_last=True)
+    decode, to_inputs, _ = augment_in_loop_conversion(cfg, cpu, channels_last=True)
+    for batch in batches:
+        images, targets, _ = convert(dict(batch))
+        split_images, split_targets = to_inputs((batch, decode(batch)))
+        assert torch.equal(split_images, images) and torch.equal(split_targets, targets)
+        assert split_images.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_the_ceiling_compares_its_first_loss_with_the_uncompiled_models(report):
