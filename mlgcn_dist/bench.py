@@ -67,7 +67,7 @@ from mlgcn_dist.data.loader import (
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.toy import make_toy
-from mlgcn_dist.data.transforms import CropParams, GpuAugment, crop_params, to_device
+from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
 from mlgcn_dist.decode_bench import add_decode_arguments, run_decode_bench
 from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
@@ -525,7 +525,7 @@ def augment_in_loop_conversion(
     def decode(batch: dict) -> tuple[torch.Tensor, ...]:
         def run() -> tuple[torch.Tensor, ...]:
             images, kept = augment.decode(batch["jpeg"], device)
-            batch["crops"] = [crop_params(im.shape[2], im.shape[1], augment.size, True, rng) for im in images]
+            batch["crops"] = augment.crops(images, rng)
             return (batch["target"][kept].to(device, non_blocking=True), *images)
 
         return clock.timed("convert", run)

@@ -142,8 +142,11 @@ class GpuAugment:
         failing the whole batch; the caller drops its target too.
         """
         images, kept = self.decode(jpegs, device)
-        params = [crop_params(im.shape[2], im.shape[1], self.size, self.train, rng) for im in images]
-        return self.apply(images, params, device), kept
+        return self.apply(images, self.crops(images, rng), device), kept
+
+    def crops(self, images: list[torch.Tensor], rng: random.Random) -> list[CropParams]:
+        """The crop of each decoded [3, H, W] image, drawn from ``rng`` in order (a seeded rng: the same crops)."""
+        return [crop_params(im.shape[2], im.shape[1], self.size, self.train, rng) for im in images]
 
     def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
         """uint8 [3, H, W] per decodable image and their positions (see :func:`decode_jpegs`), usable on the
