@@ -73,7 +73,7 @@ from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
-from mlgcn_dist.profiling import ProfileRequest, StepProfiler, profile_steps
+from mlgcn_dist.profiling import ProfileRequest, StepProfiler, profile_steps, request_for
 from mlgcn_dist.streams import running_on, side_stream
 from mlgcn_dist.timing import DataStall, timed_next
 
@@ -581,7 +581,9 @@ def loader_phase(
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
     result["device_prefetch"] = depth
-    result["decode_on"] = _decode_on(decode, step.device) + (", augment launched by the loop" if augment_in_loop else "")
+    result["decode_on"] = _decode_on(decode, step.device)
+    if augment_in_loop:
+        result["decode_on"] += ", augment launched by the loop"
     return result
 
 
@@ -654,10 +656,6 @@ def _configured_phases(
 ) -> tuple[dict[str, dict], int]:
     """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
     setting = run_setting(cfg, device)
-
-    def profiled(phase: str) -> ProfileRequest | None:
-        return None if profiler is None else profiler.request(phase)
-
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
@@ -668,34 +666,24 @@ def _configured_phases(
         def ceiling(name: str) -> dict:
             return synthetic_phase(
                 step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup, stream,
-                profiled(name),
+                request_for(profiler, name),
             )
 
         phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
+
+        def e2e(name: str, decode: str, **options: object) -> None:
+            profile = request_for(profiler, name)
+            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup, profile=profile, **options))
+
         for decode in ("cpu", "gpu"):
-            name = f"e2e_decode_{decode}"
-            phases[name] = _progress(
-                name, loader_phase(step, cfg, decode, steps, warmup, stream=stream, profile=profiled(name))
-            )
+            e2e(f"e2e_decode_{decode}", decode, stream=stream)
         if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
-            name = "e2e_decode_gpu_inline"
-            phases[name] = _progress(
-                name, loader_phase(step, cfg, "gpu", steps, warmup, depth=0, stream=stream, profile=profiled(name))
-            )
-            name = "e2e_decode_gpu_augment_in_loop"  # only the decode ahead, on the helper
-            phases[name] = _progress(
-                name, loader_phase(step, cfg, "gpu", steps, warmup, stream=stream, profile=profiled(name),
-                                   augment_in_loop=True)
-            )
+            e2e("e2e_decode_gpu_inline", "gpu", depth=0, stream=stream)
+            # Only the decode ahead, on the helper; the loop launches the augment.
+            e2e("e2e_decode_gpu_augment_in_loop", "gpu", stream=stream, augment_in_loop=True)
         if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
             other = not cfg.train.side_stream
-            name = f"e2e_decode_gpu_{'side' if other else 'default'}_stream"
-            phases[name] = _progress(
-                name,
-                loader_phase(
-                    step, cfg, "gpu", steps, warmup, stream=side_stream(device, other), profile=profiled(name)
-                ),
-            )
+            e2e(f"e2e_decode_gpu_{'side' if other else 'default'}_stream", "gpu", stream=side_stream(device, other))
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
     return phases, forward_flops
@@ -708,7 +696,7 @@ def _reference_phase(
         torch.manual_seed(cfg.train.seed)
         step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
         # The original moved each batch inline (``input.cuda()``): no conversion ahead.
-        profile = None if profiler is None else profiler.request("reference")
+        profile = request_for(profiler, "reference")
         return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0, profile=profile))
 
 

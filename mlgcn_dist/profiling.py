@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +50,11 @@ class StepProfiler:
 
     def request(self, phase: str) -> ProfileRequest:
         return ProfileRequest(self.out_dir / f"{phase}.json.gz", self.steps)
+
+
+def request_for(profiler: StepProfiler | None, phase: str) -> ProfileRequest | None:
+    """``phase``'s request from ``profiler``; None when the run profiles nothing."""
+    return None if profiler is None else profiler.request(phase)
 
 
 def union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -107,7 +111,7 @@ def profile_steps(run: Callable[[], object], request: ProfileRequest, device: to
     with tempfile.TemporaryDirectory(prefix="mlgcn-trace-") as tmp:
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
-        trace = json.loads(raw.read_text())
-        with raw.open("rb") as src, gzip.open(request.trace, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        text = raw.read_bytes()  # read once: parsed here, kept gzipped
+    request.trace.write_bytes(gzip.compress(text))
+    trace = json.loads(text)
     return {"trace": str(request.trace), "steps": request.steps, "device": device_timeline(trace, request.steps)}
