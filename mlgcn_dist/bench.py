@@ -1027,5 +1027,14 @@ def _run_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_decode(args: argparse.Namespace) -> int:
+    report = run_decode_bench(args)
+    if report is None:
+        return 2
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    return {"train": _run_train, "loader": _run_loader, "decode": run_decode_bench}[args.bench](args)
+    return {"train": _run_train, "loader": _run_loader, "decode": _run_decode}[args.bench](args)

@@ -22,7 +22,6 @@ queued whole, as a CUDA graph, is such work, and the device idles while the deco
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -213,10 +212,11 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
 
 
-def run_decode_bench(args: argparse.Namespace) -> int:
+def run_decode_bench(args: argparse.Namespace) -> dict | None:
+    """Measure and print; the report, or None (with a message) without a CUDA device."""
     if not torch.cuda.is_available():
         print("mlgcn bench decode: measures GPU JPEG decoders and needs a CUDA device", file=sys.stderr)
-        return 2
+        return None
     device = torch.device("cuda", torch.cuda.current_device())
     decoders = {
         "torchvision": torchvision_decoder(device, pinned=False),
@@ -230,7 +230,4 @@ def run_decode_bench(args: argparse.Namespace) -> int:
     if "nvimgcodec" in decoders:
         report["nvimgcodec_vs_torchvision"] = _max_abs_diff_to_torchvision(device, toy_jpegs(8, args.size, seed=1))
     print(format_decode_report(report), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    return 0
+    return report
