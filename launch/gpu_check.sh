@@ -11,7 +11,8 @@
 #                       ms a step, traces in $OUT/profiles.tar); the first of them waits for the toy set and packs
 #                       it to shards;
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
-#   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work (not in the default).
+#   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
+#                       augment after it: GpuAugment.apply device ms (not in the default).
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.

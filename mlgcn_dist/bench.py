@@ -490,8 +490,11 @@ class TimedGpuAugment(GpuAugment):
     def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
         return self.clock.timed("decode", super().decode, jpegs, device)
 
-    def apply(self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str) -> torch.Tensor:
-        return self.clock.timed("augment", super().apply, images, params, device)
+    def apply(
+        self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str,
+        channels_last: bool = False,
+    ) -> torch.Tensor:
+        return self.clock.timed("augment", super().apply, images, params, device, channels_last)
 
 
 def timed_conversion(
@@ -532,10 +535,7 @@ def augment_in_loop_conversion(
 
     def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, (targets, *images) = pair
-        inputs = augment.apply(images, batch["crops"], device)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, targets
+        return augment.apply(images, batch["crops"], device, channels_last), targets
 
     return decode, to_inputs, clock
 

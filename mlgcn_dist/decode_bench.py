@@ -13,6 +13,10 @@ Performance). The cases, each the median of ``repeats`` calls:
 Decoders: torchvision's ``decode_jpeg`` on CUDA (what GpuAugment uses) with the bitstreams in pageable or pinned
 memory, and NVIDIA nvImageCodec (``nvidia-nvimgcodec-cu13[nvjpeg]``) if installed.
 
+Then what follows the decode in training, ``GpuAugment.apply`` on the decoded batch (crop, normalise, resize,
+flip, channels_last): its device time and the host time of its launches, against the same with every crop
+antialiased (what it did before it antialiased only shrinking crops), measured in the same run.
+
 What it found on an H100 (2026-11-26): every decoder was ready only once all the queued products had run,
 whatever their stream, priority or graph, and in its idle time behind the one-block spin. Their kernels, on
 streams of their own at default priority, wait for SMs behind the work queued before them; a training step
@@ -22,6 +26,7 @@ queued whole, as a CUDA graph, is such work, and the device idles while the deco
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -34,6 +39,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.data.transforms import GpuAugment
+
+CYCLES_PER_MS = 1.98e6  # torch.cuda._sleep spins for cycles: an H100's 1.98 GHz boost clock
 
 # A decoder under test: JPEG byte tensors -> (host ms until the call returned, host ms until its images were
 # ready on the device).
@@ -136,7 +144,7 @@ def bench_decode(
         for _ in range(products):
             torch.mm(a, a, out=out)
 
-    spin_cycles = int(busy_ms * 1.98e6)  # ~busy_ms at an H100's 1.98 GHz boost clock
+    spin_cycles = int(busy_ms * CYCLES_PER_MS)
 
     def queue(stream: torch.cuda.Stream, kind: str) -> torch.cuda.Event:
         with torch.cuda.stream(stream):
@@ -187,6 +195,46 @@ def bench_decode(
     }
 
 
+class AlwaysAntialiased(GpuAugment):
+    """GpuAugment resizing every crop with antialiasing, as it did before it kept that for shrinking crops: the
+    baseline that says, in the same run, what antialiasing enlarged crops cost."""
+
+    def antialiases(self, h: int, w: int) -> bool:
+        return True
+
+
+def time_augment(device: torch.device, jpegs: list[torch.Tensor], size: int, repeats: int) -> dict:
+    """``GpuAugment.apply`` (training crops, channels_last) on ``jpegs`` decoded, on the otherwise idle device,
+    and the same with every crop antialiased: median device ms and host ms a call, and the batch's crop sizes.
+
+    Device time is read between two events recorded around the call behind a 50 ms spin, so every kernel is
+    queued before the first runs: the events then bracket the kernels alone, not the host's launch gaps.
+    """
+    shipped, before = GpuAugment(size, train=True), AlwaysAntialiased(size, train=True)
+    images, _ = shipped.decode(jpegs, device)
+    params = shipped.crops(images, random.Random(0))
+    sizes = {(p.h, p.w) for p in params}
+    result: dict = {"size": size, "crop_sizes": len(sizes),
+                    "antialiased_crop_sizes": sum(shipped.antialiases(h, w) for h, w in sizes)}
+    for name, augment in (("apply", shipped), ("always_antialiased", before)):
+        for _ in range(3):  # constants, pinned buffers, lazily loaded kernels
+            augment.apply(images, params, device, channels_last=True)
+        device_ms, host_ms = [], []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(int(50 * CYCLES_PER_MS))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            t0 = time.perf_counter()
+            augment.apply(images, params, device, channels_last=True)
+            host_ms.append(1000 * (time.perf_counter() - t0))
+            end.record()
+            end.synchronize()
+            device_ms.append(start.elapsed_time(end))
+        result[name] = {"device_ms": statistics.median(device_ms), "host_ms": statistics.median(host_ms)}
+    return result
+
+
 def format_decode_report(report: dict) -> str:
     lines = [
         f"GPU JPEG decode on {report['device']}: {report['batch']} JPEGs (x4 where marked) of "
@@ -197,6 +245,15 @@ def format_decode_report(report: dict) -> str:
         for name, case in cases.items():
             lines.append(f"{decoder:24s} {name:24s} {case['return_ms']:12.1f} {case['ready_ms']:9.1f}  "
                          f"{case.get('busy_done_when_ready', '')}")
+    if "augment" in report:
+        aug = report["augment"]
+        lines.append(
+            f"GpuAugment.apply at {aug['size']} px ({aug['crop_sizes']} crop sizes, {aug['antialiased_crop_sizes']} "
+            f"antialiased): device {aug['apply']['device_ms']:.2f} ms, host {aug['apply']['host_ms']:.2f} ms; every "
+            f"crop antialiased: device {aug['always_antialiased']['device_ms']:.2f} ms, host "
+            f"{aug['always_antialiased']['host_ms']:.2f} ms; device time ratio "
+            f"{aug['apply']['device_ms'] / aug['always_antialiased']['device_ms']:.2f}"
+        )
     if "nvimgcodec_vs_torchvision" in report:
         lines.append(f"nvImageCodec vs torchvision pixels: largest mean |difference| per image "
                      f"{report['nvimgcodec_vs_torchvision']:.2f} grey levels")
@@ -207,6 +264,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """``mlgcn bench decode``'s options."""
     parser.add_argument("--batch", type=int, default=64, help="JPEGs per decode call")
     parser.add_argument("--size", type=int, default=640, help="long side of the toy JPEGs (640: ~180 KB)")
+    parser.add_argument("--image-size", type=int, default=448, help="GpuAugment's output size")
     parser.add_argument("--busy-ms", type=float, default=100.0, help="device work queued before each busy decode")
     parser.add_argument("--repeats", type=int, default=7, help="calls per case (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the report here")
@@ -227,6 +285,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict | None:
     except (ImportError, RuntimeError) as err:  # optional: the torchvision rows are what training uses
         print(f"nvImageCodec not measured ({type(err).__name__}: {err}); pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
     report = bench_decode(device, decoders, args.batch, args.size, args.busy_ms, args.repeats)
+    report["augment"] = time_augment(device, toy_jpegs(args.batch, args.size), args.image_size, args.repeats)
     if "nvimgcodec" in decoders:
         report["nvimgcodec_vs_torchvision"] = _max_abs_diff_to_torchvision(device, toy_jpegs(8, args.size, seed=1))
     print(format_decode_report(report), flush=True)

@@ -24,7 +24,7 @@ def test_the_decode_bench_draws_real_jpegs_of_at_most_the_requested_size():
         assert image.shape[0] == 3 and max(image.shape[1:]) <= 160
 
 
-def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queued_work_had_run():
+def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queued_work_had_run_and_the_augment():
     report = {
         "device": "H100",
         "batch": 64,
@@ -38,11 +38,15 @@ def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queue
             "nvimgcodec": {"idle": {"return_ms": 4.3, "ready_ms": 4.9}},
         },
         "nvimgcodec_vs_torchvision": 3.8,
+        "augment": {"size": 448, "crop_sizes": 19, "antialiased_crop_sizes": 5,
+                    "apply": {"device_ms": 1.5, "host_ms": 3.1}, "always_antialiased": {"device_ms": 2.0, "host_ms": 3.0}},
     }
     text = format_decode_report(report)
     assert "64 JPEGs" in text and "99 ms" in text
-    rows = [line.split() for line in text.splitlines()[2:]]
+    rows = [line.split() for line in text.splitlines()[2:5]]
     assert rows[0] == ["torchvision", "idle", "6.0", "6.0"]
     assert rows[1] == ["torchvision", "busy_side_graph", "113.9", "113.9", "5/5"]
     assert rows[2] == ["nvimgcodec", "idle", "4.3", "4.9"]
     assert "3.80 grey levels" in text
+    augment = next(line for line in text.splitlines() if line.startswith("GpuAugment.apply"))
+    assert "448 px (19 crop sizes, 5 antialiased): device 1.50 ms" in augment and "device time ratio 0.75" in augment

@@ -344,10 +344,15 @@ def test_bench_decode_times_torchvisions_decoder_idle_and_behind_every_kind_of_q
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--batch", "4", "--size", "128", "--busy-ms", "20", "--repeats", "2",
                  "--json", str(out)]) == 0
-    cases = json.loads(out.read_text())["decoders"]["torchvision"]
+    report = json.loads(out.read_text())
+    cases = report["decoders"]["torchvision"]
     assert set(cases) == {"idle", "idle_4x", "busy_default", "busy_side", "busy_side_high_priority", "busy_side_4x",
                           "busy_side_graph", "busy_side_one_sm_spin"}
     assert all(case["ready_ms"] >= case["return_ms"] > 0 for case in cases.values())
+    augment = report["augment"]
+    assert augment["crop_sizes"] >= augment["antialiased_crop_sizes"] >= 0
+    assert all(augment[name]["device_ms"] > 0 and augment[name]["host_ms"] > 0
+               for name in ("apply", "always_antialiased"))
 
 
 def test_a_profiled_host_pause_between_two_kernels_shows_as_device_idle_and_a_second_stream_as_other_work(tmp_path):

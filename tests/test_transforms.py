@@ -152,35 +152,72 @@ def test_flip_mirrors_the_resized_crop_on_both_paths():
     assert not torch.equal(transform.apply(decoded_pil(data), flipped), transform.apply(decoded_pil(data), plain))
 
 
-def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
-    """Same-size crops are resized together and mirrored by one slice; the batch comes back in input order."""
-    rng = random.Random(5)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (90, 90), (120, 160)] * 4]
-    params = [sample_crop(im.shape[2], im.shape[1], 40, rng) for im in images]
-    params[0] = CropParams(0, 0, 60, 60, True)  # a group holding both a mirrored and a plain crop
-    params[1] = CropParams(5, 5, 60, 60, False)
-    batch = GpuAugment(40, train=True).apply(images, params, "cpu")
+def one_at_a_time(images: list[torch.Tensor], params: list[CropParams], size: int) -> torch.Tensor:
+    """The tensor path's definition, image by image: crop, resize (antialiased), flip, normalise."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    for im, p, got in zip(images, params, batch):
+    out = []
+    for im, p in zip(images, params):
         crop = im[None, :, p.y : p.y + p.h, p.x : p.x + p.w].float()
-        one = F.interpolate(crop, size=(40, 40), mode="bilinear", align_corners=False, antialias=True)[0]
-        one = one.flip(2) if p.flip else one
-        assert torch.allclose(got, (one - mean) / std, atol=1e-5)
+        one = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        out.append(((one.flip(2) if p.flip else one) - mean) / std)
+    return torch.stack(out)
+
+
+def mixed_batch(size: int, seed: int = 5) -> tuple[list[torch.Tensor], list[CropParams]]:
+    """Images whose ML-GCN crops enlarge (sides < size), shrink, or do one on each side; mirrored and plain."""
+    rng = random.Random(seed)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (90, 90), (120, 160)] * 4]
+    params = [sample_crop(im.shape[2], im.shape[1], size, rng) for im in images]
+    params[0] = CropParams(0, 0, 60, 60, True)  # a group holding both a mirrored and a plain crop
+    params[1] = CropParams(5, 5, 60, 60, False)
+    params[2] = CropParams(3, 7, 120, 40, True)  # wider than the output, shorter
+    return images, params
+
+
+# Antialiasing on an enlarged side is the bilinear filter; the two kernels accumulate in a different order.
+FLOAT_ROUNDING = 0.01 * ONE_GREY_LEVEL
+
+
+def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
+    """Same-size crops are resized together (antialiased only where a side shrinks) and mirrored by one slice;
+    the batch comes back in input order."""
+    images, params = mixed_batch(64)
+    sides = {(p.w > 64, p.h > 64) for p in params}
+    assert {(False, False), (True, True), (True, False)} <= sides  # enlarged, shrunk and mixed crops
     assert len({(p.w, p.h) for p in params}) < len(params)  # the case that groups
+    batch = GpuAugment(64, train=True).apply(images, params, "cpu")
+    assert (batch - one_at_a_time(images, params, 64)).abs().max() <= FLOAT_ROUNDING
+
+
+def test_batched_apply_writes_channels_last_when_asked_with_the_same_values():
+    images, params = mixed_batch(48)
+    augment = GpuAugment(48, train=True)
+    plain = augment.apply(images, params, "cpu")
+    packed = augment.apply(images, params, "cpu", channels_last=True)
+    assert plain.is_contiguous() and packed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, packed)
+    empty = augment.apply([], [], "cpu", channels_last=True)
+    assert empty.shape == (0, 3, 48, 48)
 
 
 def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
-    """Kernel count is what a busy GPU charges the helper stream for: it must not grow with the images per size."""
+    """Kernel count is what a busy GPU charges the helper stream for: it must not grow with the images per size.
+    Only crops with a side longer than the output take the (twice as costly) antialiasing resize."""
     rng = random.Random(1)
     images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8) for _ in range(32)]
-    params = [sample_crop(160, 120, 48, rng) for _ in images]
-    augment = GpuAugment(48, train=True)
+    params = [sample_crop(160, 120, 80, rng) for _ in images]
+    augment = GpuAugment(80, train=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         augment.apply(images, params, "cpu")
     calls = Counter(e.name for e in prof.events() if e.cpu_parent is None)
-    assert calls["aten::_upsample_bilinear2d_aa"] == len({(p.h, p.w) for p in params}) < len(images)
+    shrunk = {(p.h, p.w) for p in params if max(p.h, p.w) > 80}
+    enlarged = {(p.h, p.w) for p in params} - shrunk
+    assert shrunk and enlarged and len(shrunk) + len(enlarged) < len(images)
+    assert calls["aten::_upsample_bilinear2d_aa"] == len(shrunk)
+    assert calls["aten::upsample_bilinear2d"] == len(enlarged)
     assert calls["aten::flip"] == 1 and any(p.flip for p in params)
+    assert calls["aten::index_select"] == 1
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
@@ -282,6 +319,20 @@ def test_normalise_on_cuda_matches_the_cpu_arithmetic():
     on_cuda = normalise(images.cuda()).cpu()
     assert on_cuda.dtype == torch.float32
     assert torch.allclose(on_cuda, normalise(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_apply_on_cuda_gives_the_cpu_batch_in_the_requested_memory_format(channels_last):
+    """The same decoded pixels and crops: CUDA's resize kernels, the strided ``index_select`` output and the
+    mixed-dtype ``addcmul`` must give the CPU's batch to float rounding."""
+    images, params = mixed_batch(64)
+    augment = GpuAugment(64, train=True)
+    on_cuda = augment.apply([im.cuda() for im in images], params, "cuda", channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert on_cuda.is_contiguous(memory_format=fmt)
+    assert (on_cuda.cpu() - augment.apply(images, params, "cpu")).abs().max() <= FLOAT_ROUNDING
 
 
 @pytest.mark.gpu
