@@ -23,14 +23,16 @@ from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import (
     Shard,
     ShardError,
-    _shard_order,
+    _read_shard,
     batch_samples,
     bench_loader,
     build_eval_loader,
     build_train_loader,
     dataset_info,
     epoch_indices,
+    pass_order,
     read_meta,
+    train_span,
 )
 from mlgcn_dist.data.pack import pack_dataset
 from mlgcn_dist.data.records import encode_target
@@ -61,10 +63,13 @@ def config(fmt: str, toy_root: Path, shards: Path, workers: int = 0, **overrides
         image_size=32,
         batch_size=BATCH,
         workers=workers,
-        shuffle_buffer=16,
         pin_memory=False,
-        **overrides,
+        **{"shuffle_buffer": 16, **overrides},
     )
+
+
+def read_train_shards(shards: Path) -> list[Shard]:
+    return [Shard(str(shards / s["file"]), s["count"]) for s in read_meta(shards)["splits"]["train"]["shards"]]
 
 
 def rewrite_shard(path: Path, edit) -> None:
@@ -156,13 +161,62 @@ def test_training_ranks_read_disjoint_images_when_an_epoch_fits_in_one_pass(fmt,
     assert not per_rank[0] & per_rank[1]
 
 
-def test_shards_are_dealt_round_robin_per_pass_and_every_consumer_gets_work():
-    shards = [Shard(f"s{i}", 10) for i in range(6)]
-    first_pass = [list(zip(range(2), _shard_order(shards, c, 3, seed=0, epoch=0))) for c in range(3)]
-    assert sorted(s for taken in first_pass for _, s in taken) == list(range(6))
-    few = [Shard("a", 10), Shard("empty", 0)]
-    for consumer in range(4):  # more consumers than shards: each still reads, and never the empty shard
-        assert set(zip(range(3), _shard_order(few, consumer, 4, seed=0, epoch=0))) == {(0, 0), (1, 0), (2, 0)}
+@pytest.fixture(scope="module")
+def packs(toy_root, tmp_path_factory):
+    """The toy training split packed into 1, 2, 3 and 5 shards (none divides 3 ranks x 2 workers evenly)."""
+    root = tmp_path_factory.mktemp("packs")
+    made: dict[int, Path] = {}
+
+    def pack(count: int) -> Path:
+        if count not in made:
+            made[count] = root / f"shards{count}"
+            pack_dataset("coco", toy_root, made[count], ["train"], shard_count=count, workers=1)
+        return made[count]
+
+    return pack
+
+
+@pytest.mark.parametrize("shard_count", [1, 2, 3, 5])
+@pytest.mark.parametrize(("world", "workers"), [(1, 4), (2, 1), (3, 2)])
+def test_an_epoch_trains_on_each_image_once_whatever_the_shards_per_rank_and_worker(
+    shard_count, world, workers, toy_root, packs
+):
+    """One shard read by four workers, or three shards dealt to two ranks: nobody reads another's images, and
+    the epoch's batches are distinct images (all but the remainder that does not fill a global batch)."""
+    cfg = config("wds", toy_root, packs(shard_count), workers, shuffle_buffer=1000)
+    num_train = dataset_info(cfg).num_train
+    ids = [i for rank in range(world) for b in train_batches(cfg, rank, world) for i in b["image_id"].tolist()]
+    assert len(ids) == (num_train // (BATCH * world)) * BATCH * world
+    assert len(set(ids)) == len(ids)
+
+
+def test_train_spans_partition_a_pass_in_proportion_to_each_workers_batches_and_are_never_empty():
+    for total, world, workers, steps in [(62, 3, 2, 5), (10, 1, 4, 2), (1000, 8, 4, 31), (7, 2, 3, 1)]:
+        spans = [train_span(total, r, world, w, workers, steps) for r in range(world) for w in range(workers)]
+        assert [i for span in spans for i in span] == list(range(total))
+        for w in range(workers):
+            batches = steps * (w + 1) // workers - steps * w // workers
+            assert len(train_span(total, 0, world, w, workers, steps)) >= batches * (total // world // steps)
+    # More steps than samples: a worker with batches to make reads one sample a pass rather than nothing.
+    assert [len(train_span(3, 0, 1, w, 4, 8)) for w in range(4)] == [1, 1, 1, 1]
+    assert [len(train_span(5, 0, 1, w, 4, 1)) for w in range(4)] == [0, 0, 0, 5]
+
+
+def test_each_pass_orders_the_non_empty_shards_by_seed_epoch_and_pass():
+    shards = [Shard(f"s{i}", 10) for i in range(6)] + [Shard("empty", 0)]
+    first = pass_order(shards, seed=0, epoch=0, pass_index=0)
+    assert sorted(s.path for s in first) == [f"s{i}" for i in range(6)]
+    assert first == pass_order(shards, seed=0, epoch=0, pass_index=0)
+    others = [pass_order(shards, 0, 0, 1), pass_order(shards, 0, 1, 0), pass_order(shards, 1, 0, 0)]
+    assert all(order != first for order in others)
+
+
+def test_a_span_inside_a_shard_is_read_from_its_first_sample_as_a_full_read_would_give_it(shards):
+    shard = next(s for s in read_train_shards(shards) if s.count >= 10)
+    everything = [sample["__key__"] for sample in _read_shard(shard)]
+    assert len(everything) == shard.count
+    assert [sample["__key__"] for sample in _read_shard(shard, 5, 9)] == everything[5:9]
+    assert [sample["__key__"] for sample in _read_shard(shard, shard.count - 1, shard.count)] == everything[-1:]
 
 
 def test_epoch_indices_are_disjoint_across_ranks_and_serve_any_count():

@@ -4,10 +4,14 @@ Both formats yield the batch dict of :mod:`mlgcn_dist.data.folder` ("image" or "
 "n_bad") and keep the same two promises, which distributed training depends on:
 
 * Training: every rank yields exactly :func:`steps_per_epoch` batches per epoch (``len(loader)``), so no rank waits
-  forever in a collective for a peer that ran out of data. Shards are read as an endless stream of shuffled passes
-  over the shard list, dealt round robin to all (rank, worker) consumers; a consumer stops after its share of the
-  batches. The shard order comes from (seed, epoch, pass), the sample shuffle buffer and augmentation from
-  (seed, epoch, rank, worker): runs are reproducible, and nothing depends on pid or time.
+  forever in a collective for a peer that ran out of data, and an epoch trains on each image once. A pass is the
+  samples of all shards, the shards in a (seed, epoch, pass)-shuffled order; every (rank, worker) consumer reads its
+  own span of that sequence (:func:`train_span`: the spans of one pass are disjoint and cover it, whatever the
+  number of shards), shuffled in a buffer that empties before the next pass. A consumer that needs more samples
+  than its span holds (skipped images, more steps than one pass) goes on with its span of the next pass, so it
+  never runs dry. A span may start inside a shard: the reader seeks to it over the tar headers. The sample
+  shuffle buffer and augmentation come from (seed, epoch, rank, worker): runs are reproducible, and nothing
+  depends on pid or time.
 * Evaluation: every sample exactly once across all ranks and workers, no padding, no drop. The samples (in
   meta.json order) are cut into one contiguous range per rank, then per worker; a worker reads only the shards its
   range touches. A rank whose range is empty (more ranks than samples) yields no batch: evaluation gathers with
@@ -40,7 +44,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from mlgcn_dist.config import DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
@@ -229,44 +233,56 @@ def _tar_samples(stream: BinaryIO, path: str, handler: Callable[[Exception], boo
     return group_by_keys(files, handler=handler)
 
 
-def _read_shard(shard: Shard) -> Iterator[dict]:
-    """Training: the samples of one shard. A truncated or corrupt tar ends the shard early, with one warning."""
+def _read_shard(shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Training: samples ``start``..``stop`` of one shard (default: all). A truncated or corrupt tar ends the span
+    early, with one warning, and a stand-in for each sample it lost: they count as skipped (n_bad,
+    data.max_bad_fraction)."""
+    stop = shard.count if stop is None else stop
     errors: list[str] = []
 
-    def stop_reading(
-        exn: Exception,
-    ) -> bool:  # webdataset handler: False = stop this shard, go on with the next
+    def stop_reading(exn: Exception) -> bool:  # webdataset handler: False = stop this shard, go on with the next
         errors.append(str(exn.args[0]) if exn.args else repr(exn))
         return False
 
     read = 0
-    with open(shard.path, "rb") as stream:
-        for sample in _tar_samples(stream, shard.path, stop_reading):
-            read += 1
-            yield sample
-    if errors or read < shard.count:
-        reason = errors[0] if errors else "the tar ends early"
-        warnings.warn(
-            f"{shard.path}: read {read} of {shard.count} samples ({reason}); skipping the rest of this shard",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        # Stand-ins for the samples the tar lost, so they count as skipped (n_bad, data.max_bad_fraction).
-        yield from ({"__url__": shard.path} for _ in range(shard.count - read))
+    try:
+        offset = _sample_offset(shard.path, start)
+    except (tarfile.TarError, OSError) as err:
+        offset = None
+        errors.append(str(err.args[0]) if err.args else repr(err))
+    if offset is not None:
+        with open(shard.path, "rb") as stream:
+            stream.seek(offset)
+            for sample in _tar_samples(stream, shard.path, stop_reading):
+                read += 1
+                yield sample
+                if read == stop - start:
+                    return
+    reason = errors[0] if errors else "the tar ends early"
+    warnings.warn(
+        f"{shard.path}: read {read} of samples {start}..{stop} ({reason}); skipping the rest of this shard",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    yield from ({"__url__": shard.path} for _ in range(stop - start - read))
 
 
-def _endless_samples(shards: list[Shard], order: Iterator[int]) -> Iterator[dict]:
-    """Training: the samples of the shards in ``order``. Many shards in a row without a single sample means the
-    pack is unreadable: an error, rather than an endless loop of warnings."""
-    empty_run, limit = 0, max(100, 10 * len(shards))
-    for shard_index in order:
-        empty_run += 1
-        for sample in _read_shard(shards[shard_index]):
-            if "__key__" in sample:  # a real sample, not a stand-in for a lost one
-                empty_run = 0
-            yield sample
-        if empty_run > limit:
-            raise ShardError(f"{empty_run} shards in a row gave no sample (last: {shards[shard_index].path})")
+def _sample_offset(path: str, index: int) -> int | None:
+    """Where sample ``index`` of a tar starts (the header of its first member, webdataset grouping members by
+    key), found from the member headers alone: tarfile seeks over the data. None if the tar holds fewer."""
+    if index == 0:
+        return 0
+    key, seen = None, -1
+    with tarfile.open(path, "r:") as tar:
+        while (member := tar.next()) is not None:
+            prefix, _ = base_plus_ext(member.name)
+            if not member.isreg() or prefix is None:
+                continue  # what webdataset's reader skips too
+            if prefix != key:
+                key, seen = prefix, seen + 1
+                if seen == index:
+                    return member.offset
+    return None
 
 
 def _read_shard_exactly(shard: Shard, start: int, stop: int) -> Iterator[dict]:
@@ -294,28 +310,42 @@ def _read_shard_exactly(shard: Shard, start: int, stop: int) -> Iterator[dict]:
     )
 
 
-def _samples_in_range(shards: list[Shard], start: int, stop: int) -> Iterator[dict]:
-    """Global samples ``start``..``stop`` (meta.json order), reading only the shards that hold them."""
+def _samples_in_range(
+    shards: list[Shard], start: int, stop: int, read: Callable[[Shard, int, int], Iterator[dict]]
+) -> Iterator[dict]:
+    """Samples ``start``..``stop`` of the shards' samples in the given shard order, reading only the shards that
+    hold them, each with ``read(shard, first, last)``."""
     offset = 0
     for shard in shards:
         first, last = max(start, offset), min(stop, offset + shard.count)
         if first < last:
-            yield from _read_shard_exactly(shard, first - offset, last - offset)
+            yield from read(shard, first - offset, last - offset)
         offset += shard.count
 
 
-def _shard_order(shards: list[Shard], consumer: int, consumers: int, seed: int, epoch: int) -> Iterator[int]:
-    """Endless shard indices for one consumer: passes over a (seed, epoch, pass)-shuffled list of the non-empty
-    shards, dealt round robin to all consumers, so within a pass no two consumers read the same shard, and with
-    fewer shards than consumers every consumer still gets work (from later passes)."""
-    position = 0
-    for pass_index in itertools.count():
-        order = [i for i, shard in enumerate(shards) if shard.count > 0]
-        random.Random(_seed(_SEED_SHARD_ORDER, seed, epoch, pass_index)).shuffle(order)
-        for shard_index in order:
-            if position % consumers == consumer:
-                yield shard_index
-            position += 1
+def pass_order(shards: list[Shard], seed: int, epoch: int, pass_index: int) -> list[Shard]:
+    """The non-empty shards in the (seed, epoch, pass)-shuffled order of one training pass."""
+    order = [shard for shard in shards if shard.count > 0]
+    random.Random(_seed(_SEED_SHARD_ORDER, seed, epoch, pass_index)).shuffle(order)
+    return order
+
+
+def train_span(total: int, rank: int, world_size: int, worker: int, workers: int, steps: int) -> range:
+    """The positions one (rank, worker) consumer reads in every training pass of ``total`` samples.
+
+    The rank's equal share of the pass, cut between its workers in proportion to the batches each yields (worker
+    ``w`` yields ``len(_part(steps, w, workers))``): the spans of all consumers are disjoint and cover the pass,
+    and each holds at least the samples its batches need when one pass is enough for the epoch. A consumer with
+    batches to make never gets an empty span (more steps asked than samples): it then reads one sample a pass.
+    """
+    mine = _part(total, rank, world_size)
+    before, through = steps * worker // workers, steps * (worker + 1) // workers
+    start = mine.start + len(mine) * before // steps
+    stop = mine.start + len(mine) * through // steps
+    if stop == start and through > before:
+        start = start % total
+        stop = start + 1
+    return range(start, stop)
 
 
 # ----------------------------------------------------------------------------------------------- samples
@@ -419,14 +449,18 @@ class TrainShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         rng = random.Random(_seed(_SEED_WORKER, self.seed, self.epoch, self.rank, worker))
-        order = _shard_order(
-            self.shards, self.rank * workers + worker, self.world_size * workers, self.seed, self.epoch
-        )
-        samples = _endless_samples(self.shards, order)
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        decoded = (self.decoder(s, rng) for s in samples)
         total = sum(s.count for s in self.shards)
+        span = train_span(total, self.rank, self.world_size, worker, workers, self.steps)
+
+        def one_pass(pass_index: int) -> Iterator[dict]:
+            order = pass_order(self.shards, self.seed, self.epoch, pass_index)
+            samples = _samples_in_range(order, span.start, span.stop, _read_shard)
+            # Shuffled within the pass: a buffer reading on into the next pass would leave some of this pass's
+            # samples unread at the end of the epoch and take others' in their place.
+            return wds.shuffle(self.shuffle_buffer, rng=rng)(samples) if self.shuffle_buffer > 1 else samples
+
+        samples = itertools.chain.from_iterable(one_pass(p) for p in itertools.count())
+        decoded = (self.decoder(s, rng) for s in samples)
         yield from itertools.islice(
             batch_samples(decoded, self.batch_size, max_bad_run=total),
             len(_part(self.steps, worker, workers)),
@@ -447,7 +481,8 @@ class EvalShardStream(IterableDataset):
         worker, workers = _worker()
         mine = _part(sum(s.count for s in self.shards), self.rank, self.world_size)
         part = _part(len(mine), worker, workers)
-        samples = _samples_in_range(self.shards, mine.start + part.start, mine.start + part.stop)
+        samples = _samples_in_range(self.shards, mine.start + part.start, mine.start + part.stop,
+                                    _read_shard_exactly)
         rng = random.Random(0)  # the evaluation transform draws nothing; the argument is only the interface
         yield from batch_samples((self.decoder(s, rng) for s in samples), self.batch_size)
 
