@@ -94,6 +94,8 @@ def evaluate(
         for batch, (images, targets, image_ids) in pairs:
             num_bad += batch["n_bad"]  # after to_device: it adds the JPEGs the device could not decode
             bad_ids += batch.get("bad_ids", []) + _dropped_ids(batch, image_ids)
+            if len(image_ids) == 0:  # every image of the batch unreadable: counted above, nothing to score
+                continue
             with accelerator.autocast():
                 logits = model(images)
             meter.add(logits.float().cpu(), targets.cpu(), image_ids.cpu())

@@ -49,7 +49,8 @@ from mlgcn_dist.checkpoint import (
 )
 from mlgcn_dist.cli import main as mlgcn
 from mlgcn_dist.config import Config, ConfigError, load_config
-from mlgcn_dist.data.loader import ShardError
+from mlgcn_dist.data.folder import read_split
+from mlgcn_dist.data.loader import ShardError, read_meta
 from mlgcn_dist.data.pack import pack_dataset
 from mlgcn_dist.engine import NonFiniteLossError, train
 from mlgcn_dist.tracking import read_jsonl
@@ -148,6 +149,24 @@ def test_evaluation_reports_an_undecodable_image_by_id_in_results_summary_and_lo
     # ... and `mlgcn evaluate` says it too
     assert mlgcn(["evaluate", "--checkpoint", str(run_dir)]) == 0
     assert f"skipped as unreadable: 1, ids [{bad_id}]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("fmt", "decode"), [("wds", "cpu"), ("wds", "gpu"), ("folder", "cpu")])
+def test_an_evaluation_batch_of_only_unreadable_images_is_counted_not_scored(fmt, decode, tiny_toy, shards, tmp_path):
+    """Validation batches of all images but one: the last batch holds one image, made unreadable."""
+    images = len(read_split("coco", tiny_toy, "val").records)
+    if fmt == "wds":
+        last_shard = read_meta(shards)["splits"]["val"]["shards"][-1]
+        bad_id = damage_sample(shards / last_shard["file"], last_shard["count"] - 1, "truncated_jpeg")
+        data = from_shards(shards)
+    else:
+        toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+        last = read_split("coco", toy, "val").records[-1]
+        truncate_image_file(Path(last.path))
+        bad_id, data = last.image_id, (f"data.root={toy}",)
+    result = train(tiny_config(tiny_toy, tmp_path / "run", *data, f"data.decode={decode}",
+                               f"data.eval_batch_size={images - 1}"))
+    assert result["eval_bad_ids"] == [bad_id] and result["num_val_images"] == images - 1
 
 
 def test_a_label_out_of_range_stops_training_with_an_error_naming_shard_and_sample(tiny_toy, shards, tmp_path):
