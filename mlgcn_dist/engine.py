@@ -311,6 +311,7 @@ class Trainer:
         image_ids = None
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
+        summed = 0  # micro-batches in loss_sum: a window that began in this epoch may be shorter than log_every
         try:
             while state.step_in_epoch < self.micro_batches:
                 try:
@@ -326,6 +327,7 @@ class Trainer:
                 finite = torch.isfinite(loss)
                 loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
                 nonfinite += (~finite).long()
+                summed += 1
                 state.step_in_epoch += 1
                 window.images += len(image_ids)
                 bar.update(1)
@@ -337,9 +339,10 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(acc.unwrap_model(self.model))
                 if state.global_step % cfg.train.log_every == 0:
-                    self._log_window(bar, window, loss_sum, nonfinite, image_ids)
+                    self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids)
                     loss_sum.zero_()
                     nonfinite.zero_()
+                    summed = 0
                     if distributed.any_rank(self.preemption.stop_reason() is not None, acc.device):
                         return True
                 if 0 < cfg.train.max_steps <= state.global_step:
@@ -368,10 +371,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _log_window(self, bar, window: ThroughputMeter, loss_sum, nonfinite, image_ids) -> None:
-        cfg, state = self.cfg, self.state
+    def _log_window(self, bar, window: ThroughputMeter, loss_sum, summed: int, nonfinite, image_ids) -> None:
+        """Log the mean loss of the ``summed`` micro-batches since the last log (the non-finite ones left out)."""
+        state = self.state
         bad_steps = int(nonfinite)
-        counted = max(cfg.train.log_every * cfg.train.grad_accum - bad_steps, 1)
+        counted = max(summed - bad_steps, 1)
         self._check_finite(bad_steps, image_ids)
         mean_loss = float(loss_sum) / counted
         img_s, wait_frac, stall_frac = window.window()

@@ -208,6 +208,17 @@ def test_the_runs_img_per_s_pays_every_epochs_loader_start_up_and_the_window_med
     assert "train/data_wait_frac" in logged and "train/data_stall_frac" not in logged  # CUDA only
 
 
+def test_every_logged_loss_is_the_mean_over_the_micro_batches_of_its_window_across_epochs(monkeypatch, toy_root,
+                                                                                           tmp_path):
+    """Epochs of 3 steps, a log every 2: the window that ends at step 4 began in the second epoch and holds one
+    step; a constant loss of 1 must read 1 there too."""
+    monkeypatch.setattr(engine_module, "build_loss", lambda cfg: lambda logits, targets: (logits * 0).sum() + 1.0)
+    train(toy_config(toy_root, tmp_path / "run", "train.epochs=2", "data.steps_per_epoch=3"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["train/loss"] for r in logged] == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path):
     cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}"), "cpu")
