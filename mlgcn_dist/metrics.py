@@ -7,8 +7,10 @@ encoding (1 = positive, 0 = negative, -1 = difficult), with these choices made e
   taken in descending score order. Ties are broken by ascending image id (a stable sort of rows ordered by id), so
   the result depends neither on the order images were added in nor on how many ranks evaluated them; the original
   used an unstable torch.sort.
-- With ``difficult_examples`` (the default, as ML-GCN), a difficult target is neither positive nor negative: it is
-  skipped in AP and left out of every count below. Without it, difficult targets count as negatives.
+- With ``difficult_examples`` (the default, as ML-GCN), a difficult target is neither positive nor negative in AP:
+  it is skipped there. Without it, difficult targets count as negatives in AP too. In the counts below a difficult
+  target is a negative either way, as in ML-GCN's ``evaluation``: a positive prediction on it is a false positive
+  (so OP and CP compare with published ML-GCN VOC figures).
 - A prediction is positive when its score (logit) is >= 0, i.e. probability >= 0.5. With ``top_k`` only each image's
   k highest scores can be positive (ties: lower class index first).
 - OP/OR/OF1 come from the counts summed over classes; CP/CR are per-class ratios averaged, CF1 = 2 CP CR / (CP + CR).
@@ -106,7 +108,7 @@ class AveragePrecisionMeter:
         present = positive.sum(0) > 0
         return {
             "mAP": _mean_percent(ap[present]),
-            **_overall_and_per_class(_predictions(scores, top_k), positive, counted, present),
+            **_overall_and_per_class(_predictions(scores, top_k), positive, present),
             "ap": [100.0 * v if p else math.nan for v, p in zip(ap.tolist(), present.tolist())],
             "absent_classes": torch.nonzero(~present).flatten().tolist(),
             "num_images": int(scores.shape[0]),
@@ -154,11 +156,9 @@ def _mean_percent(values: torch.Tensor) -> float:
     return 100.0 * float(values.mean()) if values.numel() else math.nan
 
 
-def _overall_and_per_class(
-    predicted: torch.Tensor, positive: torch.Tensor, counted: torch.Tensor, present: torch.Tensor
-) -> dict[str, float]:
+def _overall_and_per_class(predicted: torch.Tensor, positive: torch.Tensor, present: torch.Tensor) -> dict[str, float]:
     n_correct = (predicted & positive).sum(0)
-    n_predicted = (predicted & counted).sum(0)
+    n_predicted = predicted.sum(0)  # a difficult target predicted positive is a false positive (ML-GCN)
     n_ground_truth = positive.sum(0)
     op = 100.0 * float(_ratio(n_correct.sum(), n_predicted.sum()))
     o_r = 100.0 * float(_ratio(n_correct.sum(), n_ground_truth.sum()))

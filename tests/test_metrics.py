@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,9 +98,32 @@ def test_overall_and_per_class_precision_recall_f1_of_a_hand_example():
     assert result["num_images"] == 3 and result["absent_classes"] == []
 
 
-def test_difficult_target_predicted_positive_is_not_counted_as_a_prediction():
-    assert meter_of([1.0, 1.0], [1, -1]).compute()["CP"] == pytest.approx(100.0)
-    assert meter_of([1.0, 1.0], [1, -1], difficult_examples=False).compute()["CP"] == pytest.approx(50.0)
+def test_a_positive_prediction_on_a_difficult_target_is_a_false_positive_as_in_ml_gcn():
+    for difficult_examples in (True, False):
+        result = meter_of([1.0, 1.0], [1, -1], difficult_examples=difficult_examples).compute()
+        assert result["CP"] == pytest.approx(50.0) and result["OP"] == pytest.approx(50.0)
+
+
+def mlgcn_evaluation(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """ML-GCN's ``AveragePrecisionMeter.evaluation`` (its VOC encoding: 1 positive, 0 difficult, -1 negative),
+    as an independent reference for the counts."""
+    targets = np.where(targets == -1, 0, targets)  # the original maps negatives to 0: difficult ones are too
+    n_correct = (targets * (scores >= 0)).sum(0)
+    n_predicted = np.maximum((scores >= 0).sum(0), 1)
+    n_truth = (targets == 1).sum(0)
+    return {"OP": 100 * n_correct.sum() / n_predicted.sum(), "OR": 100 * n_correct.sum() / n_truth.sum(),
+            "CP": 100 * np.mean(n_correct / n_predicted), "CR": 100 * np.mean(n_correct / n_truth)}
+
+
+def test_overall_and_per_class_precision_and_recall_equal_ml_gcns_with_difficult_targets():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(50, 6))
+    targets = rng.choice([1, 0, -1], size=(50, 6), p=[0.3, 0.5, 0.2])  # this project: -1 difficult, 0 negative
+    targets[0], scores[1] = 1, 1.0  # every class has a positive and a positive prediction
+    original = mlgcn_evaluation(scores, np.select([targets == -1, targets == 0], [0, -1], targets))
+    result = meter_of(scores.tolist(), targets.tolist()).compute()
+    for key, value in original.items():
+        assert result[key] == pytest.approx(value)
 
 
 def test_class_never_predicted_has_precision_zero():
