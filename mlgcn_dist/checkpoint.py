@@ -5,9 +5,14 @@ Layout of ``<run_dir>/checkpoints/``:
 - ``step-00001234/``: full training state through Accelerate's ``save_state`` (model, optimizer, grad scaler, the
   registered LR scheduler, EMA and :class:`TrainState`, RNG states of every rank; DeepSpeed's sharded states too).
   Written into ``.tmp-step-00001234/`` by all ranks and renamed by the main process once every rank is done, so a
-  directory named ``step-*`` is complete by construction. The newest ``train.keep_checkpoints`` are kept. A save
-  that fails (a full disk) removes its temporary directory, leaves the older checkpoints as they were and raises
-  :class:`CheckpointError` naming the one a resume will use.
+  directory named ``step-*`` is complete by construction (and counts only with its ``train_state.json``, written
+  last). "Newest" means last saved (``saved_at`` in that file), not highest step: a run resumed from an older
+  checkpoint continues its own line. The newest ``train.keep_checkpoints`` are kept; one rotated out is renamed
+  out of the listing before it is deleted, so a kill mid-delete leaves nothing that looks complete. Saving a step
+  that exists (the epoch's end after a preemption at its last batch) moves the old one aside before the new one
+  is renamed in and deletes it after: a kill between the two renames leaves the old one, which still counts. A
+  save that fails (a full disk) removes its temporary directory, leaves the older checkpoints as they were and
+  raises :class:`CheckpointError` naming the one a resume will use.
 - ``best.pt`` / ``last.pt``: portable files (plain ``torch.load``) with the model and EMA weights, the config and the
   label names, for ``mlgcn evaluate``/``predict`` without Accelerate; replaced atomically (tmp + ``os.replace``).
 """
@@ -20,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +35,8 @@ from accelerate import Accelerator
 from mlgcn_dist.config import ConfigError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_REPLACED = ".replaced-"  # a step-* directory moved aside while a save of the same step is renamed in
+_DELETING = ".deleting-"  # a step-* directory rotated out, being deleted
 
 
 @dataclass
@@ -92,11 +100,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete full-state checkpoints, oldest first (temporary directories are never listed)."""
+    """Complete full-state checkpoints, oldest saved first (temporary and half-deleted directories are never
+    listed). A step moved aside for a re-save of it counts while the new one is not yet renamed in."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    found: dict[str, Path] = {}
+    for path in ckpt_dir.iterdir():
+        name = path.name.removeprefix(_REPLACED)
+        if _STEP_DIR.match(name) and (path / "train_state.json").is_file() and (name == path.name or name not in found):
+            found[name] = path
+    return sorted(found.values(), key=lambda p: (_saved_at(p), p.name.removeprefix(_REPLACED)))
+
+
+def _saved_at(path: Path) -> float:
+    """When a checkpoint was saved (0 for one saved before that was recorded, or unreadable: then by step)."""
+    try:
+        return float(json.loads((path / "train_state.json").read_text()).get("saved_at", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -165,11 +186,15 @@ class CheckpointManager:
             if acc.is_main_process:
                 # train_state.json is the last file written: its presence inside a step-* directory is what
                 # `resolve_resume` and humans check.
-                record = {"state": state.state_dict(), "config": config, "label_names": list(label_names)}
+                record = {"state": state.state_dict(), "config": config, "label_names": list(label_names),
+                          "saved_at": time.time()}
                 atomic_write_text(tmp / "train_state.json", json.dumps(record))
+                aside = final.with_name(_REPLACED + final.name)
                 if final.exists():
-                    shutil.rmtree(final)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(final, aside)  # still counted (complete_checkpoints) until the new one is in
                 os.replace(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
                 self._rotate()
         except Exception as err:
             # Typically a full disk, which surfaces as OSError, torch's RuntimeError or a SafetensorError: free the
@@ -182,8 +207,13 @@ class CheckpointManager:
         return final
 
     def _rotate(self) -> None:
+        """Delete all but the newest ``keep``, each renamed out of the listing first, and what a kill left behind
+        (a half-deleted directory, a step moved aside whose re-save is in)."""
         for old in complete_checkpoints(self.dir)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(old, old.with_name(_DELETING + old.name))
+        replaced = [p for p in self.dir.glob(_REPLACED + "*") if (self.dir / p.name.removeprefix(_REPLACED)).exists()]
+        for leftover in [*self.dir.glob(_DELETING + "*"), *replaced]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path) -> None:
         self.accelerator.load_state(str(path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -41,6 +42,7 @@ from test_loader import rewrite_shard, truncate
 from mlgcn_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    TrainState,
     atomic_torch_save,
     check_resume_precision,
     complete_checkpoints,
@@ -438,6 +440,64 @@ def test_a_partial_checkpoint_directory_is_never_resumed_from_and_is_replaced_on
     train(tiny_config(tiny_toy, run_dir, "train.epochs=2", "train.resume=auto"))
     assert [p.name for p in complete_checkpoints(ckpts)] == ["step-00000007", "step-00000014"]
     assert not partial.exists()
+
+
+def saved_step(path: Path) -> tuple[int, int]:
+    """(global_step, epoch) recorded in a checkpoint."""
+    state = json.loads((path / "train_state.json").read_text())["state"]
+    return state["global_step"], state["epoch"]
+
+
+def checkpoints_of(tmp_path: Path, keep: int) -> CheckpointManager:
+    from accelerate import Accelerator
+
+    return CheckpointManager(Accelerator(cpu=True), tmp_path / "run", keep)
+
+
+def test_resaving_a_step_leaves_a_complete_checkpoint_of_it_even_when_killed_between_the_renames(
+    tmp_path, monkeypatch
+):
+    """The epoch's end after a preemption at its last batch saves the same step again (with the next epoch)."""
+    ckpt = checkpoints_of(tmp_path, keep=2)
+    ckpt.save(TrainState(epoch=0, global_step=7), {}, [])
+    real_replace = os.replace
+
+    def killed_after_moving_the_old_one_aside(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name.startswith(".replaced-"):
+            raise KeyboardInterrupt  # a kill: no cleanup runs
+    monkeypatch.setattr(os, "replace", killed_after_moving_the_old_one_aside)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(TrainState(epoch=1, global_step=7), {}, [])
+    monkeypatch.undo()
+    survivor = resolve_resume("auto", tmp_path / "run")
+    assert survivor is not None and saved_step(survivor) == (7, 0)  # the old one still counts
+
+    ckpt.save(TrainState(epoch=1, global_step=7), {}, [])
+    assert [p.name for p in complete_checkpoints(ckpt.dir)] == ["step-00000007"]
+    assert saved_step(ckpt.dir / "step-00000007") == (7, 1)
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == ["step-00000007"]
+
+
+def test_a_checkpoint_directory_without_its_train_state_is_never_resumed_from(tmp_path):
+    """What a kill in the middle of deleting a checkpoint could leave (rotation now renames it away first)."""
+    ckpt = checkpoints_of(tmp_path, keep=3)
+    older = ckpt.save(TrainState(global_step=7), {}, [])
+    newer = ckpt.save(TrainState(global_step=14), {}, [])
+    (newer / "train_state.json").unlink()
+    assert complete_checkpoints(ckpt.dir) == [older]
+    assert resolve_resume("auto", tmp_path / "run") == older
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_newest_is_last_saved_so_a_run_resumed_from_an_older_checkpoint_keeps_its_own_line(tmp_path, keep):
+    ckpt = checkpoints_of(tmp_path, keep=3)
+    ckpt.save(TrainState(global_step=100), {}, [])
+    ckpt.save(TrainState(global_step=200), {}, [])
+    ckpt.keep = keep  # resumed from step 100, with the run's keep_checkpoints
+    latest = ckpt.save(TrainState(global_step=150), {}, [])
+    assert latest.is_dir() and resolve_resume("auto", tmp_path / "run") == latest
+    assert [saved_step(p)[0] for p in complete_checkpoints(ckpt.dir)] == [200, 150][-keep:]
 
 
 # ----------------------------------------------------------------------------------------------- processes
