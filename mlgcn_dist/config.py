@@ -114,7 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 1
     log_every: int = 10
-    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke tests
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit), mid-epoch too: a resume goes on there
     dist_timeout_s: int = 600
     deepspeed: str = ""  # DeepSpeed JSON (ZeRO stage etc.); batch sizes/precision are filled from this config
 

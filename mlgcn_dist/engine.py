@@ -264,12 +264,15 @@ class Trainer:
 
     def fit(self) -> dict:
         state, cfg = self.state, self.cfg
-        while state.epoch < cfg.train.epochs:
+        while state.epoch < cfg.train.epochs and not self._steps_spent():
             if self._train_epoch():
                 self._preempted()
             epoch = state.epoch
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            finished = state.epoch >= cfg.train.epochs or 0 < cfg.train.max_steps <= state.global_step
+            # train.max_steps may stop inside an epoch: the checkpoint then keeps the place, and a resume with a
+            # larger budget finishes the epoch instead of starting the next.
+            if state.step_in_epoch >= self.micro_batches or not self._steps_spent():
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+            finished = state.epoch >= cfg.train.epochs or self._steps_spent()
             self._sync_buffers()
             if state.epoch % cfg.train.eval_every == 0 or finished:
                 self._evaluate_and_keep_best(epoch)
@@ -278,9 +281,13 @@ class Trainer:
                 break
         if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
             self.results = _evaluate_all(cfg, self.accelerator, self.model, self.ema, self.decode, self.eval_augment)
-            self.tracker.log_eval(state.epoch - 1, state.global_step, self.results)
+            self.tracker.log_eval(state.epoch - (state.step_in_epoch == 0), state.global_step, self.results)
             self.accelerator.print(format_metrics_table(self.results))
         return self._finish()
+
+    def _steps_spent(self) -> bool:
+        """Whether ``train.max_steps`` (0: no limit) optimiser steps are done."""
+        return 0 < self.cfg.train.max_steps <= self.state.global_step
 
     def _train_epoch(self) -> bool:
         """One epoch (or its remainder after a resume); True when a preemption signal asks to stop."""
@@ -345,7 +352,7 @@ class Trainer:
                     summed = 0
                     if distributed.any_rank(self.preemption.stop_reason() is not None, acc.device):
                         return True
-                if 0 < cfg.train.max_steps <= state.global_step:
+                if self._steps_spent():
                     break
         finally:
             bar.close()

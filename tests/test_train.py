@@ -87,6 +87,18 @@ def test_resume_auto_continues_from_the_newest_checkpoint(trained, toy_root, tmp
     assert more["img_per_s"] == pytest.approx(state["trained_images"] / state["train_seconds"])
 
 
+def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_there_with_a_larger_budget(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run = ("train.epochs=2", "data.steps_per_epoch=5")
+    assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=3"))["global_step"] == 3
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
+    # The same budget again: nothing more to train, the metrics are reported all the same.
+    assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=3", "train.resume=auto"))["global_step"] == 3
+    # No limit: the rest of epoch 0, then epoch 1 (2 + 5 steps), not epoch 1 alone.
+    assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=0", "train.resume=auto"))["global_step"] == 10
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
