@@ -145,13 +145,32 @@ def check_resume_labels(path: Path, label_names: list[str]) -> None:
         )
 
 
+def _saved_train_config(path: Path) -> dict:
+    """The ``train`` section of the config a checkpoint recorded ({} without that record)."""
+    config = json.loads((path / "train_state.json").read_text()).get("config") or {}
+    return config.get("train") or {}
+
+
 def saved_precision(path: Path | None) -> str | None:
     """The precision a checkpoint was trained in (its saved config); None without a checkpoint or that record."""
     if path is None:
         return None
-    config = json.loads((path / "train_state.json").read_text()).get("config") or {}
-    precision = config.get("train", {}).get("precision")
+    precision = _saved_train_config(path).get("precision")
     return precision if precision in ("fp32", "bf16", "fp16") else None
+
+
+def check_resume_ema(path: Path, ema_decay: float) -> None:
+    """An EMA model is part of the saved state: a resume must keep it on or off as the checkpoint has it (the
+    load would otherwise fail counting Accelerate's custom objects, naming neither the key nor a fix)."""
+    saved = _saved_train_config(path).get("ema_decay")
+    if isinstance(saved, (int, float)) and (saved > 0) != (ema_decay > 0):
+        state = "with an EMA model" if saved > 0 else "without an EMA model"
+        raise ConfigError(
+            f"train.ema_decay={ema_decay:g}: checkpoint {path} was trained {state} (train.ema_decay={saved:g}); "
+            "resume with an EMA decay that is "
+            f"{'above 0' if saved > 0 else '0'} (another value above 0 only changes the decay), or start afresh "
+            "with train.resume=none"
+        )
 
 
 def check_resume_precision(path: Path, saved: str | None, precision: str) -> None:

@@ -179,6 +179,7 @@ AT_LEAST: dict[str, int] = {
     "data.device_prefetch": 0,
     "data.shuffle_buffer": 0,
     "data.steps_per_epoch": 0,
+    "optim.base_batch_size": 1,
     "train.epochs": 1,
     "train.grad_accum": 1,
     "train.ddp_bucket_mb": 1,
@@ -231,8 +232,12 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             with contextlib.suppress(OverflowError):  # an integer beyond float's range is reported below
                 return float(value)
     elif kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # str(value) would be a different text: YAML reads 007 as 7, 0123 as 83 (octal), 1.10 as 1.1
+            raise ConfigError(f"{source}: '{key}' expects a string, got the number {value!r}: YAML reads unquoted "
+                              "digits as a number (007 as 7, 0123 as 83); quote the value")
     raise ConfigError(f"{source}: '{key}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
 
 

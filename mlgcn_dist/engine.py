@@ -25,6 +25,7 @@ from mlgcn_dist.checkpoint import (
     RunLock,
     TrainState,
     atomic_write_text,
+    check_resume_ema,
     check_resume_labels,
     check_resume_precision,
     mark_requeue,
@@ -207,12 +208,13 @@ class Trainer:
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
-        # Checked before the model is built: a resume on another label space or into fp16 from another precision,
-        # an epoch too short for one step.
+        # Checked before the model is built: a resume on another label space, into fp16 from another precision or
+        # with the EMA model switched on or off, an epoch too short for one step.
         self.last_ckpt = last_ckpt
         if self.last_ckpt is not None:
             check_resume_labels(self.last_ckpt, self.info.label_names)
             check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
+            check_resume_ema(self.last_ckpt, cfg.train.ema_decay)
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(
@@ -243,13 +245,13 @@ class Trainer:
         self.ckpt = CheckpointManager(acc, self.run_dir, cfg.train.keep_checkpoints)
         self.tracker = Tracker(cfg, self.run_dir, is_main=acc.is_main_process, world_size=self.topo.world_size,
                                system=_system_info(acc), label_names=self.info.label_names)
-        acc.print(f"LR per group after prepare: {group_lrs(self.optimizer)} "
-                  f"(head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
-
         if self.last_ckpt is not None:
             self.ckpt.load(self.last_ckpt)
             acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
-                      f"step {self.state.global_step}")
+                      f"step {self.state.global_step}; its optimiser and schedule set the learning rates (this "
+                      "run's optim.lr, lrp and lr_scaling apply to a fresh start)")
+        acc.print(f"LR per group: {group_lrs(self.optimizer)} "
+                  f"(configured: head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
         self.decode = resolve_decode(cfg, acc.device)
         self.train_augment = GpuAugment(cfg.data.image_size, train=True) if self.decode == "gpu" else None
         self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None

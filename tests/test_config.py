@@ -96,3 +96,15 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_an_unquoted_number_for_a_text_key_in_yaml_is_an_error_not_another_text(tmp_path):
+    """YAML reads run_name: 007 as 7 and 0123 as 83 (octal): saying so beats running under another name."""
+    path = tmp_path / "cfg.yaml"
+    for value in ("007", "0123", "1.10"):
+        path.write_text(f"train:\n  run_name: {value}\n")
+        with pytest.raises(ConfigError, match=r"'train.run_name' expects a string, got the number .*quote the value"):
+            load_config(path)
+    path.write_text("train:\n  run_name: '007'\n")
+    assert load_config(path).train.run_name == "007"
+    assert load_config(None, ["train.run_name=007"]).train.run_name == "007"  # command-line text stays text

@@ -44,6 +44,7 @@ from mlgcn_dist.checkpoint import (
     CheckpointManager,
     TrainState,
     atomic_torch_save,
+    check_resume_ema,
     check_resume_precision,
     complete_checkpoints,
     resolve_resume,
@@ -237,6 +238,7 @@ LOAD_TIME_ERRORS = {  # override (with train.grad_accum=4): what the error says
     "data.steps_per_epoch=2": "cannot fill one optimiser step of train.grad_accum=4",
     "train.log_every=0": "train.log_every must be >= 1",
     "optim.lr=1.0e999": "optim.lr must be a finite number",
+    "optim.base_batch_size=0": "optim.base_batch_size must be >= 1",
 }
 
 
@@ -286,6 +288,26 @@ def test_a_run_resumed_with_auto_precision_goes_on_in_the_precision_it_started_w
     train(tiny_config(tiny_toy, run_dir, "train.precision=auto", "train.resume=auto", "train.epochs=2"))
     assert load_config(run_dir / "config.yaml").train.precision == "fp32"
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0
+
+
+def test_resuming_with_the_ema_model_switched_on_is_a_config_error_before_loading(trained_run, tiny_toy, tmp_path,
+                                                                                 monkeypatch):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))  # trained without an EMA model
+    monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
+    with pytest.raises(ConfigError, match=r"train.ema_decay=0.9: checkpoint .* was trained without an EMA model"):
+        train(tiny_config(tiny_toy, run_dir, "train.resume=auto", "train.ema_decay=0.9"))
+
+
+@pytest.mark.parametrize(("saved", "asked", "refused"),
+                         [(0.0, 0.9, True), (0.9, 0.0, True), (0.9, 0.99, False), (0.0, 0.0, False), (None, 0.9, False)])
+def test_a_resume_keeps_the_ema_model_on_or_off_as_the_checkpoint_has_it(saved, asked, refused, tmp_path):
+    config = {"train": {"ema_decay": saved}} if saved is not None else {}
+    (tmp_path / "train_state.json").write_text(json.dumps({"state": {}, "config": config, "label_names": []}))
+    if refused:
+        with pytest.raises(ConfigError, match="train.ema_decay"):
+            check_resume_ema(tmp_path, asked)
+    else:
+        check_resume_ema(tmp_path, asked)
 
 
 @pytest.mark.parametrize(
