@@ -7,9 +7,11 @@ and under DeepSpeed ZeRO; ``distributed.build_accelerator`` decides which.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -88,9 +90,8 @@ def evaluate(
     loader = build_eval_loader(
         cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes, decode=decode
     )
-    rng = random.Random(0)
     num_bad, bad_ids = 0, []
-    convert = _converter(cfg, accelerator.device, augment, rng)
+    convert = _converter(cfg, accelerator.device, augment, lambda index: random.Random(0))  # eval draws nothing
     with device_batches(loader, convert, accelerator.device, cfg.data.device_prefetch) as pairs:
         for batch, (images, targets, image_ids) in pairs:
             num_bad += batch["n_bad"]  # after to_device: it adds the JPEGs the device could not decode
@@ -113,9 +114,21 @@ def evaluate(
     return results, merged
 
 
-def _converter(cfg: Config, device: torch.device, augment: GpuAugment | None, rng: random.Random):
-    """The batch -> device tensors step (``to_device``) with this run's settings, for ``device_batches``."""
-    return lambda batch: to_device(batch, device, augment, rng, cfg.train.channels_last)
+def _converter(
+    cfg: Config,
+    device: torch.device,
+    augment: GpuAugment | None,
+    batch_rng: Callable[[int], random.Random],
+    first: int = 0,
+):
+    """The batch -> device tensors step (``to_device``) with this run's settings, for ``device_batches``.
+
+    The device augmentation of the epoch's batch ``i`` draws from ``batch_rng(i)``, counting from ``first``
+    (a resume's place in the epoch): a resumed epoch augments its remaining batches as an uninterrupted one
+    would. ``device_batches`` converts strictly in order, on one thread.
+    """
+    index = itertools.count(first)
+    return lambda batch: to_device(batch, device, augment, batch_rng(next(index)), cfg.train.channels_last)
 
 
 def _dropped_ids(batch: dict, kept_ids: torch.Tensor) -> list[int]:
@@ -297,7 +310,6 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()  # the loader's start-up included: a long run pays it every epoch
         loader = self._train_loader(state.epoch, self.decode)
-        aug_rng = random.Random(hash((cfg.train.seed, state.epoch, self.topo.rank)))
         bar = tqdm(total=self.micro_batches, initial=state.step_in_epoch, disable=not acc.is_main_process,
                    desc=f"epoch {state.epoch}", dynamic_ncols=True)
         batches = iter(loader)
@@ -305,7 +317,9 @@ class Trainer:
             for _ in range(state.step_in_epoch):
                 next(batches)
             started = time.perf_counter()  # making the skipped batches is the resume's cost, not training's
-        convert = _converter(cfg, acc.device, self.train_augment, aug_rng)
+        seed, epoch, rank = cfg.train.seed, state.epoch, self.topo.rank
+        convert = _converter(cfg, acc.device, self.train_augment,
+                             lambda index: random.Random(hash((seed, epoch, rank, index))), first=state.step_in_epoch)
         # The stream first: the prefetch's consumer is the stream current where the batches are taken.
         with running_on(self.train_stream), device_batches(batches, convert, acc.device,
                                                            cfg.data.device_prefetch) as pairs:

@@ -99,6 +99,20 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_there_with_a_larger_
     assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=0", "train.resume=auto"))["global_step"] == 10
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(decode, toy_root,
+                                                                                                  tmp_path):
+    """Also where the crops are drawn on the device (data.decode=gpu): each batch's draw is seeded by its place in
+    the epoch, not by the batches converted before it in this process."""
+    run = ("train.epochs=1", "data.steps_per_epoch=4", f"data.decode={decode}", "train.deterministic=true")
+    train(toy_config(toy_root, tmp_path / "whole", *run))
+    train(toy_config(toy_root, tmp_path / "split", *run, "train.max_steps=2"))
+    train(toy_config(toy_root, tmp_path / "split", *run, "train.resume=auto"))
+    whole, split = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)["model"]
+                    for name in ("whole", "split"))
+    assert all(torch.equal(whole[key], split[key]) for key in whole)
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
