@@ -52,6 +52,7 @@ class TrainState:
     # Throughput over the whole run, resumes included (per process: every process trains as many images).
     trained_images: int = 0
     train_seconds: float = 0.0
+    bad_samples: int = 0  # training images skipped as unreadable, all ranks, resumes included
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -270,7 +270,8 @@ class Trainer:
         self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
-        self.bad_samples = self.seen_samples = self.nonfinite_steps = 0
+        self.bad_samples = self.seen_samples = self.nonfinite_steps = 0  # this rank's, this session's
+        self._bad_before = self.state.bad_samples  # all ranks', up to the checkpoint resumed from
         self.throughput: list[float] = []
 
     def _train_loader(self, epoch: int, decode: str):
@@ -291,7 +292,7 @@ class Trainer:
             self._sync_buffers()
             if state.epoch % cfg.train.eval_every == 0 or finished:
                 self._evaluate_and_keep_best(epoch)
-            self.last_ckpt = self.ckpt.save(state, cfg.to_dict(), self.info.label_names)
+            self._save()
             if finished:
                 break
         if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
@@ -299,6 +300,15 @@ class Trainer:
             self.tracker.log_eval(state.epoch - (state.step_in_epoch == 0), state.global_step, self.results)
             self.accelerator.print(format_metrics_table(self.results))
         return self._finish()
+
+    def _save(self) -> None:
+        """A full-state checkpoint (every rank), with the run's count of skipped training images brought up to
+        date: the ranks' counts of this session summed onto the count the run resumed with."""
+        self._count_bad_samples()
+        self.last_ckpt = self.ckpt.save(self.state, self.cfg.to_dict(), self.info.label_names)
+
+    def _count_bad_samples(self) -> None:
+        self.state.bad_samples = self._bad_before + sum(distributed.gather_objects(self.bad_samples))
 
     def _steps_spent(self) -> bool:
         """Whether ``train.max_steps`` (0: no limit) optimiser steps are done."""
@@ -447,7 +457,7 @@ class Trainer:
     def _preempted(self) -> None:
         acc, state = self.accelerator, self.state
         self._sync_buffers()
-        self.last_ckpt = self.ckpt.save(state, self.cfg.to_dict(), self.info.label_names)
+        self._save()
         if acc.is_main_process:
             mark_requeue(self.run_dir, f"preempted at step {state.global_step}; checkpoint {self.last_ckpt}")
         acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
@@ -470,6 +480,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         acc, state, results = self.accelerator, self.state, self.results
+        self._count_bad_samples()
         summary = {
             "best_mAP": state.best_metric,
             "best_epoch": state.best_epoch,
@@ -479,7 +490,7 @@ class Trainer:
             "world_size": self.topo.world_size,
             "global_batch": self.topo.global_batch,
             "global_step": state.global_step,
-            "bad_samples": self.bad_samples,
+            "bad_samples": state.bad_samples,
             "eval_bad_ids": results["model"]["bad_ids"],
             "nonfinite_steps_skipped": self.nonfinite_steps,
             "frequency_baseline_mAP": results["model"]["frequency_baseline_mAP"],

@@ -128,6 +128,20 @@ def test_training_skips_damaged_samples_and_counts_them_in_the_summary(damage, t
     assert result["global_step"] == 16 and result["eval_bad_ids"] == []
 
 
+def test_the_skipped_training_images_of_every_rank_and_every_resume_add_up_in_the_summary(tiny_toy, shards, tmp_path,
+                                                                                          monkeypatch):
+    damage_sample(shards / "coco-train-000000.tar", 1, "truncated_jpeg")
+    run = (*from_shards(shards), "data.max_bad_fraction=0.5", "data.steps_per_epoch=16")
+    whole = train(tiny_config(tiny_toy, tmp_path / "whole", *run))["bad_samples"]
+    assert whole >= 2  # 16 batches of 8: the damaged image is met in more than one pass
+    train(tiny_config(tiny_toy, tmp_path / "split", *run, "train.max_steps=9"))
+    assert train(tiny_config(tiny_toy, tmp_path / "split", *run, "train.resume=auto"))["bad_samples"] == whole
+    # Another rank's count is summed in (one process here: its gather of training counts is stood in for).
+    monkeypatch.setattr("mlgcn_dist.distributed.gather_objects",
+                        lambda mine: [mine, 3] if isinstance(mine, int) else [mine])
+    assert train(tiny_config(tiny_toy, tmp_path / "ranks", *run))["bad_samples"] == whole + 3
+
+
 @pytest.mark.parametrize(("fmt", "decode"), [("wds", "cpu"), ("wds", "gpu"), ("folder", "cpu")])
 def test_evaluation_reports_an_undecodable_image_by_id_in_results_summary_and_log(
     fmt, decode, tiny_toy, shards, tmp_path, capsys
