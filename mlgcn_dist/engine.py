@@ -108,6 +108,9 @@ def evaluate(
     per_rank = distributed.gather_objects((num_bad, bad_ids))
     results["num_bad"] = sum(n for n, _ in per_rank)
     results["bad_ids"] = sorted(i for _, ids in per_rank for i in ids)
+    if results["num_images"] == 0:
+        raise RuntimeError(f"evaluation scored no image of split {cfg.data.val_split!r}: all {results['num_bad']} "
+                           "were unreadable (a NaN mAP would follow)")
     if results["num_bad"]:
         accelerator.print(f"evaluation skipped {results['num_bad']} image(s) that could not be read or decoded; "
                           f"image ids: {results['bad_ids']}")
@@ -221,6 +224,9 @@ class Trainer:
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
+        if self.info.num_val == 0:
+            raise ConfigError(f"data.val_split={cfg.data.val_split!r} holds no image: evaluation would score nothing "
+                              "(mAP NaN, no best.pt); point it at a split with images")
         # Checked before the model is built: a resume on another label space, into fp16 from another precision or
         # with the EMA model switched on or off, an epoch too short for one step.
         self.last_ckpt = last_ckpt

@@ -149,6 +149,8 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def _f1(precision: float, recall: float) -> float:
+    if math.isnan(precision) or math.isnan(recall):
+        return math.nan  # no class with a positive: CP and CR are undefined, so is CF1
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 

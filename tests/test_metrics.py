@@ -177,6 +177,7 @@ def test_reset_empties_the_meter_and_an_empty_meter_computes_without_crashing():
     meter.reset()
     result = meter.compute()
     assert result["num_images"] == 0 and math.isnan(result["mAP"]) and result["OP"] == 0.0
+    assert all(math.isnan(result[key]) for key in ("CP", "CR", "CF1"))  # no class with a positive: undefined
 
 
 def test_shuffling_images_without_ties_does_not_change_the_metrics():

@@ -186,6 +186,23 @@ def test_an_evaluation_batch_of_only_unreadable_images_is_counted_not_scored(fmt
     assert result["eval_bad_ids"] == [bad_id] and result["num_val_images"] == images - 1
 
 
+def test_an_evaluation_that_can_score_no_image_is_an_error_not_a_nan_map(tiny_toy, tmp_path, monkeypatch):
+    toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+    annotations = toy / "annotations" / "instances_val2014.json"
+    unlabelled = {**json.loads(annotations.read_text()), "annotations": []}  # COCO drops images without labels
+    annotations.write_text(json.dumps(unlabelled))
+    monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
+    with pytest.raises(ConfigError, match="data.val_split='val' holds no image"):
+        train(tiny_config(tiny_toy, tmp_path / "empty", f"data.root={toy}"))
+    monkeypatch.undo()
+
+    toy = Path(shutil.copytree(tiny_toy, tmp_path / "unreadable"))
+    for image in (toy / "val2014").glob("*.jpg"):
+        truncate_image_file(image)
+    with pytest.raises(RuntimeError, match=r"evaluation scored no image of split 'val': all \d+ were unreadable"):
+        train(tiny_config(tiny_toy, tmp_path / "run", f"data.root={toy}"))
+
+
 def test_a_label_out_of_range_stops_training_with_an_error_naming_shard_and_sample(tiny_toy, shards, tmp_path):
     damage_sample(shards / "coco-train-000001.tar", 0, "label_out_of_range")
     with pytest.raises(ValueError, match=r"coco-train-000001.tar: sample '\w+' has label indices \[99\]"):
