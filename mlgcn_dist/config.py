@@ -330,6 +330,9 @@ def validate(cfg: Config) -> None:
             f"data.steps_per_epoch={cfg.data.steps_per_epoch} micro-batches cannot fill one optimiser step of "
             f"train.grad_accum={cfg.train.grad_accum}"
         )
+    if cfg.model.head in ("hgat", "hgat_fc") and cfg.data.batch_size < 2:
+        problems.append(f"model.head={cfg.model.head} normalises over the batch (BatchNorm in the head): "
+                        f"data.batch_size must be >= 2 per process, got {cfg.data.batch_size}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         problems.append("data.max_bad_fraction must lie in [0, 1]")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

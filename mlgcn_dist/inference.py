@@ -54,8 +54,23 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     state = payload["ema"] if weights == "ema" else payload["model"]
     if state is None:
         raise ValueError("this checkpoint holds no EMA weights (trained with train.ema_decay=0); use --weights model")
-    # An imported original checkpoint has no adjacency/embedding buffers: they come from our graph inputs.
-    model.load_state_dict(state, strict="A" not in payload)
+    if "A" not in payload:
+        model.load_state_dict(state)
+        return model.eval()
+    # An imported original checkpoint has no adjacency/embedding buffers: they come from our graph inputs. Any
+    # other key missing or left over means the config describes another network (resnet50 against a ResNet-101
+    # checkpoint would load a part of it and leave the rest random).
+    misfit = (f"the ML-GCN checkpoint does not fit model.backbone={cfg.model.backbone}, model.head={cfg.model.head}"
+              " (pass the backbone it was trained with: ML-GCN's is resnet101)")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # weights of another shape
+        raise ConfigError(f"{misfit}: {str(err).splitlines()[1].strip()}") from err
+    missing = [k for k in result.missing_keys
+               if k not in ("head.adj", "head.embeddings") and not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{misfit}: {len(missing)} weights missing (first: {missing[:3]}), "
+                         f"{len(result.unexpected_keys)} unused (first: {result.unexpected_keys[:3]})")
     return model.eval()
 
 

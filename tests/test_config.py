@@ -108,3 +108,11 @@ def test_an_unquoted_number_for_a_text_key_in_yaml_is_an_error_not_another_text(
     path.write_text("train:\n  run_name: '007'\n")
     assert load_config(path).train.run_name == "007"
     assert load_config(None, ["train.run_name=007"]).train.run_name == "007"  # command-line text stays text
+
+
+@pytest.mark.parametrize("head", ["hgat", "hgat_fc"])
+def test_a_head_with_batchnorm_refuses_a_batch_of_one_at_load_time(head):
+    """Training would fail at the first step ("Expected more than 1 value per channel")."""
+    with pytest.raises(ConfigError, match=f"model.head={head} normalises over the batch"):
+        load_config(None, [f"model.head={head}", "data.batch_size=1"])
+    load_config(None, ["model.head=gcn", "data.batch_size=1"])

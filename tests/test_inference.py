@@ -64,20 +64,23 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, tmp_path):
-    """Write our trained GCN in the original code's layout (features.*, gc1, gc2, A, DataParallel prefixes),
-    then evaluate it with --import-mlgcn: it must score what our own checkpoint scores."""
-    payload = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
-    ours = payload["model"]
-    original = {f"module.{k.replace('backbone.', 'features.', 1).replace('head.', '', 1)}": v
-                for k, v in ours.items() if k not in ("head.adj", "head.embeddings")}
+def original_mlgcn_checkpoint(run_dir: Path, path: Path) -> Path:
+    """Our trained GCN written in the original code's layout (features.*, gc1, gc2, A, DataParallel prefixes)."""
     from mlgcn_dist.graph import gen_A
 
+    payload = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    original = {f"module.{k.replace('backbone.', 'features.', 1).replace('head.', '', 1)}": v
+                for k, v in payload["model"].items() if k not in ("head.adj", "head.embeddings")}
     cfg = payload["config"]
     original["module.A"] = torch.from_numpy(gen_A(payload["nums"], payload["adj"], cfg["graph"]["t"],
                                                   cfg["graph"]["p"])).float()
-    ckpt = tmp_path / "model_best.pth.tar"
-    torch.save({"epoch": 2, "state_dict": original, "best_score": 0.0}, ckpt)
+    torch.save({"epoch": 2, "state_dict": original, "best_score": 0.0}, path)
+    return path
+
+
+def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, tmp_path):
+    """Evaluated with --import-mlgcn, the original layout must score what our own checkpoint scores."""
+    ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
     config = tmp_path / "toy.yaml"
     config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -86,3 +89,13 @@ def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, 
     AcceleratorState._reset_state(reset_partial_state=True)  # a second in-process evaluation
     assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--metrics-out", str(b)]) == 0
     assert json.loads(a.read_text())["mAP"] == pytest.approx(json.loads(b.read_text())["mAP"], abs=1e-4)
+
+
+def test_an_original_checkpoint_imported_with_another_backbone_is_refused_not_half_loaded(run_dir, toy_root,
+                                                                                          tmp_path, capsys):
+    ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0",
+                                                              "model.backbone=cifar_resnet18"]).to_yaml())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
+    assert "does not fit model.backbone=cifar_resnet18" in capsys.readouterr().err
