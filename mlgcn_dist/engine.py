@@ -455,7 +455,7 @@ class Trainer:
             state.best_metric, state.best_epoch, state.best_source = best_value, epoch, best_name
         self.tracker.log_eval(epoch, state.global_step, self.results)
         acc.print(format_metrics_table(self.results))
-        payload = _portable_payload(self.cfg, acc, self.model, self.ema, self.info, state, self.results)
+        payload = _portable_payload(self.cfg, acc, self.model, self.ema, self.info, state, epoch, self.results)
         if improved:
             self.ckpt.save_portable("best.pt", payload)
         self.ckpt.save_portable("last.pt", payload)
@@ -536,7 +536,11 @@ def _evaluate_all(cfg, accelerator, model, ema, decode, augment) -> dict[str, di
     return results
 
 
-def _portable_payload(cfg, accelerator, model, ema, info: DatasetInfo, state: TrainState, results) -> dict:
+def _portable_payload(
+    cfg, accelerator, model, ema, info: DatasetInfo, state: TrainState, epoch: int, results
+) -> dict:
+    """best.pt / last.pt: the weights, what rebuilds the model, and the evaluation of ``epoch`` (the one in
+    progress when train.max_steps stopped inside it)."""
     return {
         "model": accelerator.get_state_dict(model),
         "ema": ema.module.state_dict() if ema is not None else None,
@@ -545,7 +549,7 @@ def _portable_payload(cfg, accelerator, model, ema, info: DatasetInfo, state: Tr
         "supercategories": info.supercategories,
         "nums": info.nums,
         "adj": info.adj,
-        "epoch": state.epoch - 1,
+        "epoch": epoch,
         "global_step": state.global_step,
         "metrics": {n: {k: r[k] for k in METRIC_KEYS} for n, r in results.items()},
     }

@@ -140,18 +140,24 @@ class _JsonlLog:
         self.path = path
         self.key = key
         self.records = read_jsonl(path)
+        if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+            self._rewrite()  # a torn last line (a crash mid-write): the next append would run on from it
 
     def append(self, record: dict[str, Any]) -> None:
         record = json_safe(record)
         if self.records and self.records[-1][self.key] >= record[self.key]:
             self.records = [r for r in self.records if r[self.key] < record[self.key]] + [record]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
-            os.replace(tmp, self.path)
+            self._rewrite()
             return
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def _rewrite(self) -> None:
+        """The file replaced atomically by ``records``."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
 
 
 def best_summary(evals: list[dict[str, Any]]) -> dict[str, Any]:

@@ -134,6 +134,19 @@ def test_relogged_epochs_and_steps_replace_later_lines_and_best_after_resume(tmp
     assert (summary["best_mAP"], summary["best_epoch"]) == (52.0, 1)
 
 
+def test_a_line_torn_by_a_crash_is_dropped_before_the_resumed_run_appends(tmp_path):
+    run_dir = record_run(tmp_path, "a", [(50.0, None), (52.0, None)])
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 2, "step": 30, "mod')  # killed while writing epoch 2
+    cfg = load_config(None, ["train.run_name=a", f"train.output_dir={run_dir}"])
+    tracker = Tracker(cfg, run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_eval(2, 30, {"model": fake_metrics(55.0)})
+    tracker.log_eval(3, 45, {"model": fake_metrics(56.0)})
+    tracker.finish({})
+    evals = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole
+    assert [(r["epoch"], r["model"]["mAP"]) for r in evals] == [(0, 50.0), (1, 52.0), (2, 55.0), (3, 56.0)]
+
+
 def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
     tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS[:2])

@@ -93,6 +93,8 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_there_with_a_larger_
     assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=3"))["global_step"] == 3
     state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (0, 3)  # the evaluation of the epoch it stopped in
     # The same budget again: nothing more to train, the metrics are reported all the same.
     assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=3", "train.resume=auto"))["global_step"] == 3
     # No limit: the rest of epoch 0, then epoch 1 (2 + 5 steps), not epoch 1 alone.
