@@ -62,7 +62,10 @@ def _curve(points: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
 
 
 def _read_local_run(run_dir: Path) -> RunRecord:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run_dir / 'summary.json'}: not valid JSON ({err}); a run killed while writing it?") from err
     evals = read_jsonl(run_dir / "metrics.jsonl")
     curves = {source: _curve((r["epoch"], (r.get(source) or {}).get("mAP")) for r in evals)
               for source in EVAL_SOURCES}

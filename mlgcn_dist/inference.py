@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _read_checkpoint(path: str | Path) -> object:
+    """``torch.load`` of a checkpoint file; a file it cannot read is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
 def load_portable(path: Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = _read_checkpoint(path)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not an mlgcn-dist checkpoint (holds a {type(payload).__name__}, not a dict)")
     missing = [k for k in ("model", "config", "label_names") if k not in payload]
     if missing:
         raise ValueError(
@@ -122,9 +135,14 @@ def _imported_payload(args: argparse.Namespace) -> dict:
     if not args.config:
         raise ConfigError("--import-mlgcn needs --config (the original checkpoint stores no configuration)")
     cfg = load_config(args.config, args.overrides)
-    raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    state, a_matrix = import_mlgcn_state_dict(raw)
+    state, a_matrix = import_mlgcn_state_dict(_read_checkpoint(resolve_checkpoint(args.checkpoint)))
     info = dataset_info(cfg.data)
+    if tuple(a_matrix.shape) != (info.num_classes,) * 2:
+        raise ConfigError(
+            f"{args.checkpoint}: the ML-GCN checkpoint's label graph A is {tuple(a_matrix.shape)}, for "
+            f"{a_matrix.shape[0]} labels, but the dataset of --config has {info.num_classes}; evaluate it on the "
+            "dataset it was trained on"
+        )
     return {"model": state, "ema": None, "config": cfg.to_dict(), "label_names": info.label_names,
             "supercategories": info.supercategories, "nums": info.nums, "adj": info.adj, "A": a_matrix}
 
@@ -181,7 +199,7 @@ def _write_scores(path: Path, meter) -> None:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.Tensor:
-    """Label probabilities [N, C] of image files (evaluation transform: plain resize, normalise)."""
+    """Label logits [N, C] of image files (evaluation transform: plain resize, normalise)."""
     import random
 
     from PIL import Image
@@ -194,17 +212,22 @@ def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.
     for path in paths:
         with Image.open(path) as img:
             batch.append(transform(img.convert("RGB"), rng))
-    return torch.sigmoid(model(normalise(torch.stack(batch))).float())
+    return model(normalise(torch.stack(batch))).float()
 
 
 def run_predict(args: argparse.Namespace) -> int:
     payload = load_portable(resolve_checkpoint(args.checkpoint))
     cfg = config_from_dict(payload["config"])
     model = model_from_payload(payload, cfg, args.weights)
-    probs = predict(model, cfg.data.image_size, args.images)
+    logits = predict(model, cfg.data.image_size, args.images)
+    # Decided on the logits, as evaluation decides (logit >= 0 at 0.5): in float32, sigmoid of a logit just
+    # below 0 rounds to 0.5.
+    cut = math.log(args.threshold / (1 - args.threshold)) if 0 < args.threshold < 1 else math.copysign(
+        math.inf, args.threshold - 0.5)
     names = payload["label_names"]
-    for path, p in zip(args.images, probs):
-        above = [(names[i], float(p[i])) for i in torch.nonzero(p >= args.threshold).flatten().tolist()]
+    for path, z in zip(args.images, logits):
+        p = torch.sigmoid(z)
+        above = [(names[i], float(p[i])) for i in torch.nonzero(z >= cut).flatten().tolist()]
         top = torch.topk(p, min(args.top_k, len(names)))
         print(path)
         print("  above {:.2f}: {}".format(args.threshold, ", ".join(f"{n} {s:.3f}" for n, s in above) or "none"))

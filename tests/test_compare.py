@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from test_tracking import flush_wandb, record_run, wandb_env  # noqa: F401 (a fixture, used by name)
 
+from mlgcn_dist.cli import main
 from mlgcn_dist.compare import (
     add_compare_arguments,
     collect_local_runs,
@@ -174,3 +175,11 @@ def test_collect_wandb_runs_asks_the_api_for_filtered_runs_best_map_first(monkey
     assert runs[1].curves == {"model": [(0, 10.0), (1, 20.0)]}
     assert [row[0] for row in table_rows(format_table(runs))] == ["x", "y"]
 
+
+
+def test_a_damaged_summary_json_exits_2_naming_the_file(runs_root, capsys):
+    damaged = next(runs_root.rglob("summary.json"))
+    damaged.write_text("{")
+    assert main(["compare", str(runs_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged}: not valid JSON" in err and "Traceback" not in err

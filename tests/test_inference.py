@@ -99,3 +99,49 @@ def test_an_original_checkpoint_imported_with_another_backbone_is_refused_not_ha
                                                               "model.backbone=cifar_resnet18"]).to_yaml())
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     assert "does not fit model.backbone=cifar_resnet18" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["junk_checkpoint", "foreign_pickle", "not_an_image"])
+def test_bad_files_given_to_evaluate_and_predict_exit_2_with_a_message_naming_them(case, run_dir, toy_root, tmp_path,
+                                                                                   capsys):
+    junk, image = tmp_path / "junk.pt", sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    if case == "junk_checkpoint":
+        junk.write_text("not a checkpoint")
+    elif case == "foreign_pickle":
+        torch.save([1, 2, 3], junk)
+    else:
+        image = tmp_path / "notes.jpg"
+        image.write_text("not an image")
+    checkpoint = run_dir if case == "not_an_image" else junk
+    named = image if case == "not_an_image" else junk
+    commands = [["predict", "--checkpoint", str(checkpoint), str(image)]]
+    if case != "not_an_image":
+        commands.append(["evaluate", "--checkpoint", str(junk)])
+    for command in commands:
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert str(named) in err and "Traceback" not in err
+
+
+def test_an_original_checkpoint_of_another_label_count_is_refused_naming_both_counts(run_dir, toy_root, tmp_path,
+                                                                                   capsys):
+    ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
+    raw = torch.load(ckpt, weights_only=False)
+    raw["state_dict"]["module.A"] = torch.eye(20)  # a VOC-sized graph against the 12-label toy set
+    torch.save(raw, ckpt)
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
+    assert "label graph A is (20, 20), for 20 labels, but the dataset of --config has 12" in capsys.readouterr().err
+
+
+def test_predict_decides_on_the_logit_as_evaluation_does(run_dir, toy_root, monkeypatch, capsys):
+    """sigmoid(-1e-8) rounds to 0.5 in float32: evaluation calls that logit negative, so must predict."""
+    names = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["label_names"]
+    logits = torch.full((1, len(names)), -1e-8)
+    logits[0, 0] = 0.0
+    assert float(torch.sigmoid(logits[0, 1])) == 0.5
+    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: logits)
+    image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.5", str(image)]) == 0
+    assert f"above 0.50: {names[0]} 0.500\n" in capsys.readouterr().out
