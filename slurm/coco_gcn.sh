@@ -88,6 +88,10 @@ for arg in "$@"; do
     case "$arg" in train.output_dir=*) run_dir="${arg#*=}" ;; esac # the user's choice, applied last, wins
 done
 overrides=("train.output_dir=$run_dir" "train.run_name=$name" "log.run_id=$name" "train.resume=auto")
+# A requeued job continues its own checkpoints, whatever the first start was told (train.resume=none, or a
+# checkpoint of another run): applied after the user's overrides, or every requeue would start over.
+requeued=()
+((${SLURM_RESTART_COUNT:-0} > 0)) && requeued=("train.resume=auto")
 
 nodes="${SLURM_NNODES:-1}"
 gpus="$(gpus_per_node)"
@@ -133,7 +137,7 @@ srun_flags=(--nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0)
 [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || srun_flags+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 srun "${srun_flags[@]}" \
     bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate \
-    "${launch_flags[@]}" launch/train.py --config "$config" "${overrides[@]}" "$@" &
+    "${launch_flags[@]}" launch/train.py --config "$config" "${overrides[@]}" "$@" ${requeued[@]+"${requeued[@]}"} &
 srun_pid=$!
 status=0
 wait "$srun_pid" || status=$?

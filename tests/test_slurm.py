@@ -124,6 +124,13 @@ def test_run_dir_wandb_id_and_resume_derive_from_the_job_id(fake_job, tmp_path):
     ]
 
 
+@pytest.mark.parametrize(("restarts", "last"), [("0", "train.resume=none"), ("1", "train.resume=auto")])
+def test_a_requeued_job_resumes_its_own_checkpoints_whatever_the_first_start_was_told(fake_job, restarts, last):
+    done, log = fake_job("configs/toy.yaml", "train.resume=none", SLURM_RESTART_COUNT=restarts)
+    assert done.returncode == 0, done.stderr
+    assert _launch_args(log, 0)[-1] == last
+
+
 def test_launcher_starts_with_sigusr1_ignored_so_only_the_trainers_act_on_it(fake_job):
     done, log = fake_job("configs/toy.yaml")
     assert done.returncode == 0, done.stderr
