@@ -44,7 +44,7 @@ class TrainState:
     """Where training stands; saved inside every checkpoint so resume continues at the right batch."""
 
     epoch: int = 0  # epoch in progress (or next to start when step_in_epoch == 0)
-    step_in_epoch: int = 0  # optimiser steps already done in ``epoch``
+    step_in_epoch: int = 0  # micro-batches already trained in ``epoch`` (grad_accum per optimiser step)
     global_step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = -1

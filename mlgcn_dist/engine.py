@@ -361,24 +361,28 @@ class Trainer:
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
                 self.seen_samples += len(image_ids)
                 state.trained_images += len(image_ids)
-                loss = self._train_step(images, targets)
-                # Summed on the device: no host sync in the hot loop, only at logging intervals.
-                finite = torch.isfinite(loss)
-                loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
-                nonfinite += (~finite).long()
-                summed += 1
+                if len(image_ids):
+                    loss = self._train_step(images, targets)
+                    # Summed on the device: no host sync in the hot loop, only at logging intervals.
+                    finite = torch.isfinite(loss)
+                    loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+                    nonfinite += (~finite).long()
+                    summed += 1
+                else:  # every image of the micro-batch unreadable (counted above)
+                    self._stand_in_step()
                 state.step_in_epoch += 1
                 window.images += len(image_ids)
                 bar.update(1)
                 if not acc.sync_gradients:
                     continue
+                used_lrs = group_lrs(self.optimizer)  # what is logged: the scheduler now sets the next step's
                 if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skipped this step
                     self.scheduler.step()
                 state.global_step += 1
                 if self.ema is not None:
                     self.ema.update(acc.unwrap_model(self.model))
                 if state.global_step % cfg.train.log_every == 0:
-                    self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids)
+                    self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
                     loss_sum.zero_()
                     nonfinite.zero_()
                     summed = 0
@@ -393,7 +397,22 @@ class Trainer:
         _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
         return False
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _stand_in_step(self) -> None:
+        """The training step of a micro-batch whose every image was unreadable. It still runs on every rank, or
+        the others would wait forever in its gradient all-reduce: on a stand-in image, its loss weighted 0 (no
+        gradient, not logged), the model in eval mode (no BatchNorm statistics from it)."""
+        cfg, device = self.cfg, self.accelerator.device
+        images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = torch.zeros(1, self.info.num_classes, dtype=torch.int8, device=device)
+        self.model.eval()
+        try:
+            self._train_step(images, targets, weight=0.0)
+        finally:
+            self.model.train()
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg
         if distributed.uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode):
             # The previous step's graph outputs are dead: their static buffers may be overwritten by this replay.
@@ -401,7 +420,7 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 logits = self.model(images)
-            loss = self.criterion(logits.float(), targets)
+            loss = self.criterion(logits.float(), targets) * weight
             acc.backward(loss)
             # DeepSpeed clips inside its step (gradient_clipping in its config, filled from optim.clip_grad).
             if acc.sync_gradients and cfg.optim.clip_grad > 0 and not distributed.is_deepspeed(acc):
@@ -410,8 +429,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _log_window(self, bar, window: ThroughputMeter, loss_sum, summed: int, nonfinite, image_ids) -> None:
-        """Log the mean loss of the ``summed`` micro-batches since the last log (the non-finite ones left out)."""
+    def _log_window(
+        self, bar, window: ThroughputMeter, loss_sum, summed: int, nonfinite, image_ids, lrs: dict[str, float]
+    ) -> None:
+        """Log the mean loss of the ``summed`` micro-batches since the last log (the non-finite ones left out) and
+        the learning rates of the last step."""
         state = self.state
         bad_steps = int(nonfinite)
         counted = max(summed - bad_steps, 1)
@@ -428,7 +450,7 @@ class Trainer:
             "train/data_wait_frac": wait_frac,
             **({} if stall_frac is None else {"train/data_stall_frac": stall_frac}),
             "train/epoch": state.epoch + state.step_in_epoch / self.micro_batches,
-            **{f"train/lr_{name}": value for name, value in group_lrs(self.optimizer).items()},
+            **{f"train/lr_{name}": value for name, value in lrs.items()},
         })
 
     def _check_finite(self, bad_steps: int, image_ids: torch.Tensor | None) -> None:

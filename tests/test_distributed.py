@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,6 +45,18 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_toy,
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=f"parameter {key} differs")
     assert summary(two)["world_size"] == 2 and summary(two)["global_batch"] == 16
+
+
+def test_a_micro_batch_of_only_unreadable_images_on_one_rank_neither_hangs_nor_stops_ddp(tiny_toy, tmp_path):
+    """Batches of one image: the rank that meets the truncated one steps on a stand-in, the other on an image,
+    and their gradient all-reduces still pair up."""
+    toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+    image = sorted((toy / "train2014").glob("*.jpg"))[0]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    run_dir = tmp_path / "run"
+    check(run(torchrun_cmd(2, overrides(toy, run_dir, "data.batch_size=1", "data.max_bad_fraction=0.5",
+                                        "train.dist_timeout_s=60")), timeout=240))
+    assert summary(run_dir)["bad_samples"] == 1
 
 
 def test_backbone_and_head_learning_rates_follow_lrp_under_ddp(tiny_toy, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -140,6 +141,20 @@ def test_the_skipped_training_images_of_every_rank_and_every_resume_add_up_in_th
     monkeypatch.setattr("mlgcn_dist.distributed.gather_objects",
                         lambda mine: [mine, 3] if isinstance(mine, int) else [mine])
     assert train(tiny_config(tiny_toy, tmp_path / "ranks", *run))["bad_samples"] == whole + 3
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_training_micro_batch_of_only_unreadable_images_is_skipped_and_training_goes_on(decode, tiny_toy,
+                                                                                          tmp_path):
+    """Batches of one image, one of them truncated: that step runs on a stand-in with no gradient (on every rank,
+    so none waits in the all-reduce) and is counted."""
+    toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+    truncate_image_file(Path(read_split("coco", toy, "train").records[0].path))
+    result = train(tiny_config(tiny_toy, tmp_path / "run", f"data.root={toy}", f"data.decode={decode}",
+                               "data.batch_size=1", "data.max_bad_fraction=0.5", "train.log_every=4"))
+    assert result["bad_samples"] == 1 and result["global_step"] == len(read_split("coco", toy, "train").records)
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")]
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 @pytest.mark.parametrize(("fmt", "decode"), [("wds", "cpu"), ("wds", "gpu"), ("folder", "cpu")])

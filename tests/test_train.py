@@ -247,6 +247,25 @@ def test_every_logged_loss_is_the_mean_over_the_micro_batches_of_its_window_acro
     assert [r["train/loss"] for r in logged] == [1.0, 1.0, 1.0]
 
 
+def test_the_logged_learning_rates_are_those_the_logged_step_used(monkeypatch, toy_root, tmp_path):
+    """Warmup over the first epoch, a decay at the second: the log must show the first warmup rate and the decay
+    where it happened (the scheduler steps before the log and sets the next step's rate)."""
+    used: list[dict[str, float]] = []
+    sgd_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append({group["name"]: group["lr"] for group in self.param_groups})
+        return sgd_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    train(toy_config(toy_root, tmp_path / "run", "train.epochs=2", "data.steps_per_epoch=3", "train.log_every=1",
+                     "optim.warmup_epochs=1", "optim.epoch_step=[1]"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(logged) == len(used) == 6
+    assert [{name: r[f"train/lr_{name}"] for name in used[0]} for r in logged] == used
+    assert len({tuple(lrs.values()) for lrs in used}) >= 3  # warmup and decay: the rates did change
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path):
     cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}"), "cpu")
