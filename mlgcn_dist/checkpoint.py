@@ -53,6 +53,9 @@ class TrainState:
     trained_images: int = 0
     train_seconds: float = 0.0
     bad_samples: int = 0  # training images skipped as unreadable, all ranks, resumes included
+    # The epoch's layout when saved: a resume with another one rescales the schedule (Trainer).
+    steps_per_epoch: int = 0  # optimiser steps
+    micro_batches: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)

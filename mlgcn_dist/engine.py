@@ -266,9 +266,11 @@ class Trainer:
                                system=_system_info(acc), label_names=self.info.label_names)
         if self.last_ckpt is not None:
             self.ckpt.load(self.last_ckpt)
+            self._keep_the_schedule_on_its_epochs()
             acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
                       f"step {self.state.global_step}; its optimiser and schedule set the learning rates (this "
                       "run's optim.lr, lrp and lr_scaling apply to a fresh start)")
+        self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         acc.print(f"LR per group: {group_lrs(self.optimizer)} "
                   f"(configured: head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
         self.decode = resolve_decode(cfg, acc.device)
@@ -306,6 +308,22 @@ class Trainer:
             self.tracker.log_eval(state.epoch - (state.step_in_epoch == 0), state.global_step, self.results)
             self.accelerator.print(format_metrics_table(self.results))
         return self._finish()
+
+    def _keep_the_schedule_on_its_epochs(self) -> None:
+        """After a resume with another number of optimiser steps per epoch (another world size, batch or
+        accumulation), the schedule's step count and the place in the epoch are rescaled to the same fraction of
+        an epoch: warmup, decays and the epoch's end stay where the epochs put them."""
+        state, saved_steps, saved_micro = self.state, self.state.steps_per_epoch, self.state.micro_batches
+        if not saved_steps or (saved_steps, saved_micro) == (self.steps_per_epoch, self.micro_batches):
+            return  # the same layout, or a checkpoint from before the layout was recorded
+        epochs_done = self.scheduler.last_epoch / saved_steps
+        self.scheduler.last_epoch = round(epochs_done * self.steps_per_epoch) - 1
+        self.scheduler.step()  # each group's rate at that step
+        accum = self.cfg.train.grad_accum
+        state.step_in_epoch = min(round(state.step_in_epoch / saved_micro * self.micro_batches) // accum * accum,
+                                  self.micro_batches)
+        self.accelerator.print(f"resumed with {self.steps_per_epoch} optimiser steps per epoch (the checkpoint's run "
+                               f"had {saved_steps}): the schedule goes on at epoch {epochs_done:.2f}")
 
     def _save(self) -> None:
         """A full-state checkpoint (every rank), with the run's count of skipped training images brought up to

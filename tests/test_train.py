@@ -115,6 +115,20 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_weights_of_an_u
     assert all(torch.equal(whole[key], split[key]) for key in whole)
 
 
+def test_a_resume_with_another_batch_size_keeps_the_learning_rate_decay_on_its_epoch(toy_root, tmp_path):
+    """Epoch 0 in batches of 8, epoch 1 resumed in batches of 4 (as on twice the GPUs at the same global batch
+    per step, or half the batch): the decay at epoch 1 applies from epoch 1's first step, not some steps later."""
+    run_dir = tmp_path / "run"
+    run = ("optim.epoch_step=[1]", "optim.warmup_epochs=0", "train.log_every=1")
+    train(toy_config(toy_root, run_dir, "train.epochs=1", "data.batch_size=8", *run))
+    first_session = len((run_dir / "train_log.jsonl").read_text().splitlines())
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "data.batch_size=4", "train.resume=auto", *run))
+    logged = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    full = logged[0]["train/lr_head"]
+    assert {r["train/lr_head"] for r in logged[:first_session]} == {full}
+    assert [r["train/lr_head"] for r in logged[first_session:]] == pytest.approx([full * 0.1] * 15)  # 62 // 4
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
