@@ -590,27 +590,37 @@ def loader_phase(
 def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int, warmup: int) -> dict:
     """The input pipeline alone: loader + device conversion ``data.device_prefetch`` ahead, as in training, with
     no training step. Its img/s against the ceiling says whether the data path could keep up on an idle device;
-    its per-batch times against the end-to-end phase's show what sharing the device with training costs."""
+    its per-batch times against the end-to-end phase's show what sharing the device with training costs.
+
+    Timed as the end-to-end phases are: after the warm-up the batches the workers queued are dropped
+    (:class:`LoaderQueue`), and the window takes whole rounds of the workers, so a loader that sets the pace is
+    timed at its steady rate wherever a round begins."""
+    depth = cfg.data.device_prefetch
     loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
     convert, clock = timed_conversion(cfg, decode, device, cfg.train.channels_last)
+    timed = whole_rounds(batches, cfg.data.workers)
     images = 0
-    with device_batches(loader, convert, device, cfg.data.device_prefetch) as pairs:
-        start = _synced_clock(device)  # restarted once the last untimed batch is on the device
-        for i, (_, (batch_images, _, _)) in enumerate(pairs):
-            if i == warmup - 1:
-                start = _synced_clock(device)
-            elif i >= warmup:
-                images += len(batch_images)
-            if i + 1 == warmup + batches:
-                break
+    with device_batches(queue, convert, device, depth) as pairs:
+        for _ in range(warmup):
+            next(pairs)
+        if queue.capacity:
+            queue.drop_queued()
+            for _ in range(untimed_after_drop(queue.workers, depth)):
+                next(pairs)
+        start = _synced_clock(device)  # the last untimed batch is on the device
+        for _ in range(timed):
+            _, (batch_images, _, _) = next(pairs)
+            images += len(batch_images)
         seconds = _synced_clock(device) - start
     return {
         "decode_on": _decode_on(decode, device),
-        "device_prefetch": cfg.data.device_prefetch,
-        "batches": batches,
+        "device_prefetch": depth,
+        "batches": timed,
         "images": images,
         "seconds": seconds,
         "img_s": images / seconds,
+        "dropped": queue.dropped,
         **clock.per_batch_ms(),
     }
 

@@ -24,6 +24,7 @@ from mlgcn_dist.bench import (
     TrainStep,
     augment_in_loop_conversion,
     batches_per_phase,
+    data_path_phase,
     format_report,
     forward_flops_per_image,
     loader_phase,
@@ -332,6 +333,22 @@ def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_q
                                warmup=2, queue=queue, depth=depth)
     assert result["queued_batches_dropped"] == 8
     assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
+
+
+@pytest.mark.parametrize(("warmup", "batches"), [(1, 4), (2, 4), (3, 3)])
+def test_the_data_path_alone_is_timed_at_the_loaders_steady_rate_wherever_its_window_starts(monkeypatch, toy_root,
+                                                                                            warmup, batches):
+    """3 workers making a batch of 4 in 0.2 s: 60 images/s. A window of 4 batches that starts mid-round read 0.7x
+    to 1.3x of it."""
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.prefetch_factor=2"])
+    monkeypatch.setattr(bench, "build_train_loader",
+                        lambda data_cfg, **_: timed_worker_loader(workers=3, batches=60, batch_size=4, seconds=0.2))
+    monkeypatch.setattr(bench, "timed_conversion",
+                        lambda *_: (lambda batch: (batch["image"], batch["target"], batch["image_id"]),
+                                    bench.ConversionClock()))
+    result = data_path_phase(cfg, torch.device("cpu"), "cpu", batches, warmup)
+    assert result["batches"] == -(-batches // 3) * 3 and result["dropped"] == 6  # whole rounds; 3 x prefetch 2
+    assert 0.85 * 60 <= result["img_s"] <= 1.1 * 60
 
 
 @pytest.mark.parametrize("profiled", [0, 4])
