@@ -120,7 +120,7 @@ def run_setting(cfg: Config, device: torch.device) -> Setting:
         concrete_precision(cfg.train.precision, torch.device(device).type),
         cfg.train.channels_last,
         cfg.train.compile,
-        tf32=fast,
+        tf32=fast and torch.device(device).type == "cuda",  # TF32 is a CUDA tensor-core format
         cudnn_benchmark=fast,
         compile_mode=cfg.train.compile_mode,
     )

@@ -413,6 +413,12 @@ def test_peak_tflops_are_looked_up_by_device_name():
     assert ORIGINAL_MLGCN.numerics == "fp32"
 
 
+def test_tf32_is_reported_only_where_it_exists_on_cuda(toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "train.precision=fp32"])
+    assert run_setting(cfg, "cpu").numerics == "fp32"
+    assert run_setting(cfg, "cuda").numerics == "tf32"
+
+
 def test_forward_flops_count_two_per_multiply_add():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
     assert forward_flops_per_image(model, 4, torch.device("cpu")) == 2 * 48 * 10
