@@ -112,12 +112,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     The JSON file holds only what is DeepSpeed's own business (ZeRO stage, buckets); values that our config already
     states are derived here so the two can never disagree. An optimizer or scheduler block is refused: ours are
     defined in code so the per-group learning rates (backbone lr*lrp, head lr) survive. Launched by
-    ``accelerate launch`` with a DEEPSPEED config but no ``train.deepspeed``, the launcher's ZeRO stage is used.
+    ``accelerate launch`` with a DEEPSPEED config but no ``train.deepspeed``, the launcher's DeepSpeed config file
+    is read, else its ZeRO stage is used.
     """
-    if cfg.train.deepspeed:
-        path = Path(cfg.train.deepspeed)
+    config_file = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}")
+            source = "train.deepspeed" if cfg.train.deepspeed else "the accelerate config's deepspeed_config_file"
+            raise ConfigError(f"{source}: DeepSpeed config not found: {path}")
         try:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -160,7 +163,17 @@ def build_accelerator(cfg: Config) -> Accelerator:
     ]
     kwargs: dict = {}
     if cfg.train.deepspeed or _launcher_wants_deepspeed():
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
+        try:
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
+        except ValueError as err:
+            if isinstance(err, ConfigError) or "will be ignored" not in str(err):
+                raise
+            fields = os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "")
+            raise ConfigError(
+                f"the accelerate config file sets {fields}, which Accelerate refuses next to a DeepSpeed config: "
+                "remove zero_stage and mixed_precision from it (the DeepSpeed JSON sets the stage, train.precision "
+                "the precision), as configs/accelerate/deepspeed_zero2.yaml does"
+            ) from err
     else:
         # On a machine without CUDA/MPS, cpu=True is what makes several processes form one gloo group.
         kwargs["cpu"] = device == "cpu"

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ import pytest
 import torch
 from launching import (
     REPO,
+    TRAIN,
     accelerate_cmd,
     check,
     free_port,
@@ -85,14 +87,20 @@ def test_two_nodes_on_loopback_train_together(tiny_toy, tmp_path):
     assert summary(run_dir)["world_size"] == 2
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", "accelerate_config_file", "torchrun"])
 def test_deepspeed_zero2_through_accelerate_keeps_per_group_learning_rates(launcher, tiny_toy, tmp_path):
-    """ZeRO-2 via `accelerate launch --use_deepspeed` and via torchrun + our DeepSpeed JSON: same engine."""
+    """ZeRO-2 via `accelerate launch --use_deepspeed`, via the README's `accelerate launch --config_file
+    configs/accelerate/deepspeed_zero2.yaml` (its DeepSpeed JSON named there, not by train.deepspeed), and via
+    torchrun + our DeepSpeed JSON: same engine."""
     run_dir = tmp_path / "zero2"
-    args = overrides(tiny_toy, run_dir, "optim.lr=0.2", "optim.lrp=0.1",
-                     f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}")
+    zero2 = () if launcher == "accelerate_config_file" else (f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}",)
+    args = overrides(tiny_toy, run_dir, "optim.lr=0.2", "optim.lrp=0.1", *zero2)
     if launcher == "accelerate":
         cmd = accelerate_cmd(2, args, "--use_deepspeed", "--zero_stage", "2")
+    elif launcher == "accelerate_config_file":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
+               "--main_process_port", str(free_port()), TRAIN, *args]
     else:
         cmd = torchrun_cmd(2, args)
     proc = check(run(cmd, timeout=600))
