@@ -194,8 +194,13 @@ def collect_wandb_runs(path: str, filters: dict | None = None, *, curves: bool =
     first. ``curves`` also fetches each run's mAP per epoch (two history queries per run)."""
     import wandb
 
+    try:
+        found = list(wandb.Api().runs(path, filters=filters or {}, order="-summary_metrics.best_mAP"))
+    except wandb.errors.Error as err:  # no login, no network, no such project: say so, not a traceback
+        raise ValueError(f"W&B project {path!r}: {err} (log in with `wandb login`, or compare local runs or "
+                         "--wandb-offline files)") from err
     runs = []
-    for run in wandb.Api().runs(path, filters=filters or {}, order="-summary_metrics.best_mAP"):
+    for run in found:
         record = RunRecord(
             name=run.name or run.id,
             source=f"{path}/{run.id}",

@@ -183,3 +183,16 @@ def test_a_damaged_summary_json_exits_2_naming_the_file(runs_root, capsys):
     assert main(["compare", str(runs_root)]) == 2
     err = capsys.readouterr().err
     assert f"{damaged}: not valid JSON" in err and "Traceback" not in err
+
+
+def test_comparing_a_wandb_project_without_a_login_exits_2_with_what_to_do(monkeypatch, capsys):
+    import wandb
+
+    class NoLogin:
+        def runs(self, *args, **kwargs):
+            raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "Api", NoLogin)
+    assert main(["compare", "--wandb", "team/mlgcn"]) == 2
+    err = capsys.readouterr().err
+    assert "W&B project 'team/mlgcn': api_key not configured" in err and "wandb login" in err
