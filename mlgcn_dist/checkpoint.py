@@ -233,7 +233,12 @@ class CheckpointManager:
         """Delete all but the newest ``keep``, each renamed out of the listing first, and what a kill left behind
         (a half-deleted directory, a step moved aside whose re-save is in)."""
         for old in complete_checkpoints(self.dir)[: -self.keep]:
-            os.replace(old, old.with_name(_DELETING + old.name))
+            doomed = old.with_name(_DELETING + old.name)
+            shutil.rmtree(doomed, ignore_errors=True)  # what an earlier delete left (NFS .nfs* files)
+            try:
+                os.replace(old, doomed)
+            except OSError:  # the new checkpoint is in: an old one that will not go is deleted in place, or stays
+                shutil.rmtree(old, ignore_errors=True)
         replaced = [p for p in self.dir.glob(_REPLACED + "*") if (self.dir / p.name.removeprefix(_REPLACED)).exists()]
         for leftover in [*self.dir.glob(_DELETING + "*"), *replaced]:
             shutil.rmtree(leftover, ignore_errors=True)

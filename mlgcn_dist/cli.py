@@ -115,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mlgcn {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, OSError) as err:
-        # Bad input (a file that is not a checkpoint, image or run directory, a filter that does not parse): the
-        # messages name the file or option; a traceback would bury that.
+    except FileNotFoundError as err:
+        print(f"mlgcn {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        if args.command == "train":
+            raise  # a failure during training keeps its traceback (exit 1): 2 means the configuration was wrong
+        # Bad input to a tool (a file that is not a checkpoint, image or run directory, a filter that does not
+        # parse): the messages name the file or option; a traceback would bury that.
         print(f"mlgcn {args.command}: {err}", file=sys.stderr)
         return 2
 

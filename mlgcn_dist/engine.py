@@ -416,19 +416,24 @@ class Trainer:
         return False
 
     def _stand_in_step(self) -> None:
-        """The training step of a micro-batch whose every image was unreadable. It still runs on every rank, or
-        the others would wait forever in its gradient all-reduce: on a stand-in image, its loss weighted 0 (no
-        gradient, not logged), the model in eval mode (no BatchNorm statistics from it)."""
+        """The training step of a micro-batch whose every image was unreadable. It still runs on every rank, with
+        every collective the others make (DDP's gradient all-reduce, SyncBatchNorm's), or they would wait forever:
+        on two stand-in images, its loss weighted 0 (no gradient, not logged), in train mode with every BatchNorm's
+        momentum 0 for the step (its running statistics keep their values)."""
         cfg, device = self.cfg, self.accelerator.device
-        images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+        images = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size, device=device)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = torch.zeros(1, self.info.num_classes, dtype=torch.int8, device=device)
-        self.model.eval()
+        targets = torch.zeros(2, self.info.num_classes, dtype=torch.int8, device=device)
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0
         try:
             self._train_step(images, targets, weight=0.0)
         finally:
-            self.model.train()
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg

@@ -88,10 +88,13 @@ for arg in "$@"; do
     case "$arg" in train.output_dir=*) run_dir="${arg#*=}" ;; esac # the user's choice, applied last, wins
 done
 overrides=("train.output_dir=$run_dir" "train.run_name=$name" "log.run_id=$name" "train.resume=auto")
-# A requeued job continues its own checkpoints, whatever the first start was told (train.resume=none, or a
-# checkpoint of another run): applied after the user's overrides, or every requeue would start over.
+# A requeued job that has saved a checkpoint continues from it, whatever the first start was told (train.resume=none,
+# or a checkpoint of another run): applied after the user's overrides, or every requeue would start over. Before its
+# first save, the first start's own choice holds.
 requeued=()
-((${SLURM_RESTART_COUNT:-0} > 0)) && requeued=("train.resume=auto")
+if ((${SLURM_RESTART_COUNT:-0} > 0)) && compgen -G "$run_dir/checkpoints/step-*/train_state.json" >/dev/null; then
+    requeued=("train.resume=auto")
+fi
 
 nodes="${SLURM_NNODES:-1}"
 gpus="$(gpus_per_node)"

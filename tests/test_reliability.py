@@ -56,7 +56,7 @@ from mlgcn_dist.config import Config, ConfigError, load_config
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import ShardError, read_meta
 from mlgcn_dist.data.pack import pack_dataset
-from mlgcn_dist.engine import NonFiniteLossError, train
+from mlgcn_dist.engine import NonFiniteLossError, Trainer, train
 from mlgcn_dist.tracking import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process runs each start from a clean state
@@ -145,14 +145,25 @@ def test_the_skipped_training_images_of_every_rank_and_every_resume_add_up_in_th
 
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_a_training_micro_batch_of_only_unreadable_images_is_skipped_and_training_goes_on(decode, tiny_toy,
-                                                                                          tmp_path):
+                                                                                          tmp_path, monkeypatch):
     """Batches of one image, one of them truncated: that step runs on a stand-in with no gradient (on every rank,
-    so none waits in the all-reduce) and is counted."""
+    so none waits in the all-reduce), leaves the BatchNorm statistics as they were, and is counted."""
     toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
     truncate_image_file(Path(read_split("coco", toy, "train").records[0].path))
+    stand_in_step, kept_statistics = Trainer._stand_in_step, []
+
+    def watched(self: Trainer) -> None:
+        before = {n: b.clone() for n, b in self.model.named_buffers() if "running" in n}
+        stand_in_step(self)
+        after = dict(self.model.named_buffers())
+        kept_statistics.append(bool(before) and all(torch.equal(b, after[n]) for n, b in before.items()))
+
+    monkeypatch.setattr(Trainer, "_stand_in_step", watched)
     result = train(tiny_config(tiny_toy, tmp_path / "run", f"data.root={toy}", f"data.decode={decode}",
+                               "model.backbone=cifar_resnet_tiny",  # with BatchNorm
                                "data.batch_size=1", "data.max_bad_fraction=0.5", "train.log_every=4"))
     assert result["bad_samples"] == 1 and result["global_step"] == len(read_split("coco", toy, "train").records)
+    assert kept_statistics == [True]
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")]
     assert losses and all(math.isfinite(loss) for loss in losses)
 
@@ -295,6 +306,17 @@ def test_config_errors_reach_the_user_as_exit_status_2_and_one_message(override,
     err = capsys.readouterr().err
     assert "configuration error" in err and LOAD_TIME_ERRORS[override] in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_during_training_keeps_its_traceback_and_is_not_reported_as_a_configuration_error(
+    tiny_toy, tmp_path, monkeypatch
+):
+    def fails(cfg):
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    monkeypatch.setattr("mlgcn_dist.engine.train", fails)
+    with pytest.raises(ValueError, match="Expected more than 1 value"):
+        mlgcn(["train", *overrides(tiny_toy, tmp_path / "run")])
 
 
 @pytest.fixture(scope="module")

@@ -124,8 +124,16 @@ def test_run_dir_wandb_id_and_resume_derive_from_the_job_id(fake_job, tmp_path):
     ]
 
 
-@pytest.mark.parametrize(("restarts", "last"), [("0", "train.resume=none"), ("1", "train.resume=auto")])
-def test_a_requeued_job_resumes_its_own_checkpoints_whatever_the_first_start_was_told(fake_job, restarts, last):
+@pytest.mark.parametrize(("restarts", "saved", "last"), [("0", True, "train.resume=none"),
+                                                        ("1", True, "train.resume=auto"),
+                                                        ("1", False, "train.resume=none")])
+def test_a_requeued_job_resumes_its_own_checkpoints_whatever_the_first_start_was_told(fake_job, tmp_path, restarts,
+                                                                                      saved, last):
+    """Before its first save, a requeued job starts as the first start was told."""
+    if saved:
+        step = tmp_path / "runs" / "toy-4242" / "checkpoints" / "step-00000007"
+        step.mkdir(parents=True)
+        (step / "train_state.json").write_text("{}")
     done, log = fake_job("configs/toy.yaml", "train.resume=none", SLURM_RESTART_COUNT=restarts)
     assert done.returncode == 0, done.stderr
     assert _launch_args(log, 0)[-1] == last

@@ -29,6 +29,7 @@ import io
 import itertools
 import json
 import random
+import re
 import tarfile
 import time
 import warnings
@@ -56,6 +57,7 @@ from mlgcn_dist.graph import label_stats, read_stats
 # Distinct first words keep the seed streams of different purposes apart (see _seed).
 _SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION = 1, 2, 3, 4
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_WDS_SKIPPED = r"__[^/]*__($|/)"  # webdataset's tar reader drops such metadata members (its skip_meta)
 
 
 class ShardError(RuntimeError):
@@ -276,7 +278,7 @@ def _sample_offset(path: str, index: int) -> int | None:
     with tarfile.open(path, "r:") as tar:
         while (member := tar.next()) is not None:
             prefix, _ = base_plus_ext(member.name)
-            if not member.isreg() or prefix is None:
+            if not member.isreg() or prefix is None or re.match(_WDS_SKIPPED, member.name):
                 continue  # what webdataset's reader skips too
             if prefix != key:
                 key, seen = prefix, seen + 1
