@@ -301,6 +301,14 @@ class LoaderQueue:
     def drop_queued(self) -> None:
         self._drop = True
 
+    def drop_warmup_queue(self, depth: int) -> int:
+        """After the warm-up: drop what the workers queued (:meth:`drop_queued`) and return how many untimed
+        batches to take before a timed window (:func:`untimed_after_drop`; none without workers)."""
+        if not self.capacity:
+            return 0
+        self.drop_queued()
+        return untimed_after_drop(self.workers, depth)
+
 
 def untimed_after_drop(workers: int, depth: int) -> int:
     """Steps between a :class:`LoaderQueue` drop and the timed window: the ``depth`` batches converted before the
@@ -360,9 +368,8 @@ def time_training(
         taken += 1
         first_step_s = _synced_clock(device) - t0
         untimed = warmup - 1
-        if queue is not None and queue.capacity:
-            queue.drop_queued()
-            untimed += untimed_after_drop(queue.workers, depth)
+        if queue is not None:
+            untimed += queue.drop_warmup_queue(depth)
         for _ in range(untimed):
             run_one()
             taken += 1
@@ -604,10 +611,8 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
     with device_batches(queue, convert, device, depth) as pairs:
         for _ in range(warmup):
             next(pairs)
-        if queue.capacity:
-            queue.drop_queued()
-            for _ in range(untimed_after_drop(queue.workers, depth)):
-                next(pairs)
+        for _ in range(queue.drop_warmup_queue(depth)):
+            next(pairs)
         start = _synced_clock(device)  # the last untimed batch is on the device
         for _ in range(timed):
             _, (batch_images, _, _) = next(pairs)
@@ -620,7 +625,7 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
         "images": images,
         "seconds": seconds,
         "img_s": images / seconds,
-        "dropped": queue.dropped,
+        "queued_batches_dropped": queue.dropped,
         **clock.per_batch_ms(),
     }
 

@@ -347,7 +347,7 @@ def test_the_data_path_alone_is_timed_at_the_loaders_steady_rate_wherever_its_wi
                         lambda *_: (lambda batch: (batch["image"], batch["target"], batch["image_id"]),
                                     bench.ConversionClock()))
     result = data_path_phase(cfg, torch.device("cpu"), "cpu", batches, warmup)
-    assert result["batches"] == -(-batches // 3) * 3 and result["dropped"] == 6  # whole rounds; 3 x prefetch 2
+    assert result["batches"] == -(-batches // 3) * 3 and result["queued_batches_dropped"] == 6  # 3 x prefetch 2
     assert 0.85 * 60 <= result["img_s"] <= 1.1 * 60
 
 
