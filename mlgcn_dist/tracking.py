@@ -112,11 +112,15 @@ def git_state(repo_dir: Path) -> dict[str, Any]:
     return {"git_commit": head.stdout.strip(), "git_dirty": None if diff is None else diff.returncode == 1}
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and os.replace, so a reader never sees half a file."""
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and os.replace, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -155,9 +159,7 @@ class _JsonlLog:
 
     def _rewrite(self) -> None:
         """The file replaced atomically by ``records``."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        _write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
 
 
 def best_summary(evals: list[dict[str, Any]]) -> dict[str, Any]:
