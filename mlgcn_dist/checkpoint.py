@@ -33,6 +33,7 @@ import torch
 from accelerate import Accelerator
 
 from mlgcn_dist.config import ConfigError
+from mlgcn_dist.files import replaced_atomically, write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _REPLACED = ".replaced-"  # a step-* directory moved aside while a save of the same step is renamed in
@@ -79,28 +80,11 @@ def _write_error(target: Path, err: Exception, intact: str) -> CheckpointError:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with replaced_atomically(path, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except Exception as err:
         raise _write_error(path, err, f"the previous {path.name}, if any, is intact") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -211,7 +195,7 @@ class CheckpointManager:
                 # `resolve_resume` and humans check.
                 record = {"state": state.state_dict(), "config": config, "label_names": list(label_names),
                           "saved_at": time.time()}
-                atomic_write_text(tmp / "train_state.json", json.dumps(record))
+                write_text_atomic(tmp / "train_state.json", json.dumps(record))
                 aside = final.with_name(_REPLACED + final.name)
                 if final.exists():
                     shutil.rmtree(aside, ignore_errors=True)
@@ -331,4 +315,4 @@ class PreemptionHandler:
 
 
 def mark_requeue(run_dir: Path, reason: str) -> None:
-    atomic_write_text(run_dir / "REQUEUE", reason + "\n")
+    write_text_atomic(run_dir / "REQUEUE", reason + "\n")

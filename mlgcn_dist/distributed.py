@@ -163,17 +163,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
     ]
     kwargs: dict = {}
     if cfg.train.deepspeed or _launcher_wants_deepspeed():
-        try:
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
-        except ValueError as err:
-            if isinstance(err, ConfigError) or "will be ignored" not in str(err):
-                raise
-            fields = os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "")
-            raise ConfigError(
-                f"the accelerate config file sets {fields}, which Accelerate refuses next to a DeepSpeed config: "
-                "remove zero_stage and mixed_precision from it (the DeepSpeed JSON sets the stage, train.precision "
-                "the precision), as configs/accelerate/deepspeed_zero2.yaml does"
-            ) from err
+        _refuse_accelerate_fields_beside_a_deepspeed_json()
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
     else:
         # On a machine without CUDA/MPS, cpu=True is what makes several processes form one gloo group.
         kwargs["cpu"] = device == "cpu"
@@ -190,6 +181,24 @@ def build_accelerator(cfg: Config) -> Accelerator:
         **_compile_kwargs(cfg),
         **kwargs,
     )
+
+
+# The fields of an accelerate config file's deepspeed section that Accelerate refuses next to a DeepSpeed JSON
+# (DeepSpeedPlugin._deepspeed_config_checks); `accelerate launch` lists the file's fields in ACCELERATE_CONFIG_DS_FIELDS.
+_FIELDS_A_DEEPSPEED_JSON_OWNS = frozenset({
+    "gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device", "offload_param_device",
+    "offload_param_nvme_path", "offload_optimizer_nvme_path", "zero3_save_16bit_model", "mixed_precision",
+})
+
+
+def _refuse_accelerate_fields_beside_a_deepspeed_json() -> None:
+    fields = set(os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")) & _FIELDS_A_DEEPSPEED_JSON_OWNS
+    if fields:
+        raise ConfigError(
+            f"the accelerate config file sets {', '.join(sorted(fields))}, which Accelerate refuses next to a "
+            "DeepSpeed config: remove them from it (the DeepSpeed JSON sets the stage, train.precision the precision, "
+            "train.grad_accum and optim.clip_grad the rest), as configs/accelerate/deepspeed_zero2.yaml does"
+        )
 
 
 def _compile_kwargs(cfg: Config) -> dict:

@@ -26,7 +26,6 @@ from mlgcn_dist.checkpoint import (
     PreemptionHandler,
     RunLock,
     TrainState,
-    atomic_write_text,
     check_resume_ema,
     check_resume_labels,
     check_resume_precision,
@@ -35,11 +34,18 @@ from mlgcn_dist.checkpoint import (
     saved_precision,
 )
 from mlgcn_dist.config import Config, ConfigError
-from mlgcn_dist.data.loader import DatasetInfo, build_eval_loader, build_train_loader, dataset_info
+from mlgcn_dist.data.loader import (
+    DatasetInfo,
+    build_eval_loader,
+    build_train_loader,
+    dataset_info,
+    device_augment_rng,
+)
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.data.transforms import GpuAugment, to_device
 from mlgcn_dist.ema import ModelEMA
+from mlgcn_dist.files import write_text_atomic
 from mlgcn_dist.graph import build_graph_inputs
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
@@ -218,7 +224,7 @@ class Trainer:
         if acc.is_main_process:
             lock.acquire()
             (self.run_dir / "REQUEUE").unlink(missing_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
             acc.print(cfg.to_yaml())
             acc.print(self.topo.describe())
         _configure_determinism(cfg, acc.process_index)
@@ -353,7 +359,7 @@ class Trainer:
             started = time.perf_counter()  # making the skipped batches is the resume's cost, not training's
         seed, epoch, rank = cfg.train.seed, state.epoch, self.topo.rank
         convert = _converter(cfg, acc.device, self.train_augment,
-                             lambda index: random.Random(hash((seed, epoch, rank, index))), first=state.step_in_epoch)
+                             lambda index: device_augment_rng(seed, epoch, rank, index), first=state.step_in_epoch)
         # The stream first: the prefetch's consumer is the stream current where the batches are taken.
         with running_on(self.train_stream), device_batches(batches, convert, acc.device,
                                                            cfg.data.device_prefetch) as pairs:

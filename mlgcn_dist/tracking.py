@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mlgcn_dist.config import Config, LogConfig, TrainConfig
+from mlgcn_dist.files import write_text_atomic
 
 # Metrics of AveragePrecisionMeter.compute() reported next to the best mAP (as best_<name>).
 HEADLINE_METRICS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1")
@@ -112,15 +113,8 @@ def git_state(repo_dir: Path) -> dict[str, Any]:
     return {"git_commit": head.stdout.strip(), "git_dirty": None if diff is None else diff.returncode == 1}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and os.replace, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -159,7 +153,7 @@ class _JsonlLog:
 
     def _rewrite(self) -> None:
         """The file replaced atomically by ``records``."""
-        _write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
 
 
 def best_summary(evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -280,7 +274,10 @@ class Tracker:
         self._evals.append(record)
         self._write_summary({})
         if self._run is not None:
-            self._run.log(self._wandb_eval_payload(epoch, results), step=step)
+            # W&B drops a step below its own, which after a resume starts past the run's last logged step (the
+            # evaluated one, if a preemption came between the epoch's last step and its evaluation). Charts plot
+            # evaluations against "epoch" (define_metric), so a later W&B step changes nothing shown.
+            self._run.log(self._wandb_eval_payload(epoch, results), step=max(step, self._run.step))
             self._run.summary.update(best_summary(self._evals.records))
 
     def log_checkpoint(self, path: Path, epoch: int, is_best: bool) -> None:

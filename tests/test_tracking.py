@@ -88,7 +88,7 @@ def test_summary_holds_best_map_over_model_and_ema_with_config_and_throughput(tm
     assert summary["final"]["epoch"] == 2 and summary["final"]["model"]["mAP"] == 53.0
     assert summary["img_per_s"] == 80.0 and summary["world_size"] == 4 and summary["run_name"] == "a"
     assert summary["config"]["optim"]["lr"] == 0.05 and summary["system"]["device"] == "cpu"
-    assert not list(run_dir.glob(".*.tmp")), "atomic writes leave no temporary file behind"
+    assert not list(run_dir.glob(".*.tmp*")), "atomic writes leave no temporary file behind"
 
 
 def test_finish_merges_caller_values_and_a_second_call_changes_nothing(tmp_path):
@@ -211,3 +211,21 @@ def test_checkpoint_is_logged_as_a_file_reference_artifact(tmp_path, wandb_env):
 
 def test_git_state_outside_a_git_checkout_is_none(tmp_path):
     assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+
+
+def test_an_evaluation_logged_behind_wandbs_step_lands_at_that_step_instead_of_being_dropped(tmp_path, wandb_env):
+    """After a resume W&B's step continues from the run's last logged one, which can be the evaluated step itself
+    (a run preempted after its epoch's last step logged, before the evaluation): W&B drops a lower step."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", "log.run_id=behind"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_step(20, {"train/loss": 0.5})
+    tracker.log_step(21, {"train/loss": 0.4})
+    tracker.log_eval(1, 20, {"model": fake_metrics(61.0)})
+    tracker.finish({})
+    flush_wandb()
+    (wandb_file,) = cfg.run_dir.glob("wandb/offline-run-*/run-behind.wandb")
+    rows = [{item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            for record in read_wandb_records(wandb_file) if record.WhichOneof("record_type") == "history"]
+    (evaluated,) = [row for row in rows if "val/mAP" in row]
+    assert json.loads(evaluated["val/mAP"]) == 61.0 and json.loads(evaluated["epoch"]) == 1
+    assert json.loads(evaluated["_step"]) == 21

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlgcn_dist import engine as engine_module
 from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
-from mlgcn_dist.config import load_config
+from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.distributed import (
     build_accelerator,
     concrete_precision,
@@ -345,3 +345,16 @@ def test_a_run_with_auto_precision_records_the_precision_it_ran_in(toy_root, tmp
     train(toy_config(toy_root, run_dir, "train.precision=auto", "train.epochs=1", "data.steps_per_epoch=2"))
     saved = load_config(run_dir / "config.yaml")
     assert saved.train.precision == concrete_precision("auto", training_device(saved)) != "auto"
+
+
+def test_an_accelerate_config_that_sets_what_a_deepspeed_json_owns_is_refused_naming_those_fields(
+    toy_root, tmp_path, monkeypatch
+):
+    """What `accelerate launch --config_file` exports for a deepspeed section with zero_stage and mixed_precision
+    beside its deepspeed_config_file: Accelerate would refuse it on every rank with a message about its own env."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs/deepspeed/zero2.json"))
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "deepspeed_config_file,zero_stage,mixed_precision")
+    cfg = resolve_precision(toy_config(toy_root, tmp_path), "cpu")
+    with pytest.raises(ConfigError, match=r"sets mixed_precision, zero_stage, which Accelerate refuses"):
+        build_accelerator(cfg)

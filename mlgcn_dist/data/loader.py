@@ -55,7 +55,7 @@ from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.graph import label_stats, read_stats
 
 # Distinct first words keep the seed streams of different purposes apart (see _seed).
-_SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION = 1, 2, 3, 4
+_SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION, _SEED_DEVICE_AUGMENT = 1, 2, 3, 4, 5
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _WDS_SKIPPED = r"__[^/]*__($|/)"  # webdataset's tar reader drops such metadata members (its skip_meta)
 
@@ -188,6 +188,12 @@ def steps_per_epoch(data_cfg: DataConfig, num_train: int, world_size: int) -> in
 def _seed(*parts: int) -> int:
     """A 64-bit seed mixed from ints (SeedSequence: no pid, no time, the same in every process)."""
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
+
+
+def device_augment_rng(seed: int, epoch: int, rank: int, batch_index: int) -> random.Random:
+    """The random draws of the device augmentation (GPU decode) of one training batch: a function of its place in
+    the run alone, so a run resumed mid-epoch crops as an uninterrupted one does."""
+    return random.Random(_seed(_SEED_DEVICE_AUGMENT, seed, epoch, rank, batch_index))
 
 
 def _part(n: int, part: int, parts: int) -> range:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mlgcn_dist import __version__
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.records import ImageRecord, SplitIndex
+from mlgcn_dist.files import write_text_atomic
 from mlgcn_dist.graph import label_stats, write_stats, write_stats_json
 
 PACKER_VERSION = 1
@@ -233,12 +234,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         path.unlink()
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def _split_tasks(
     dataset: str, index: SplitIndex, out: Path, shard_size: int | None, shard_count: int | None
 ) -> list[ShardTask]:
@@ -326,7 +321,7 @@ def pack_dataset(
         "stats": stats,
         "pack_seconds": round(time.monotonic() - started, 1),
     }
-    _write_json_atomic(out / META_FILE, meta)
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=1), tmp=out / (META_FILE + PARTIAL_SUFFIX))
     return meta
 
 

@@ -1,0 +1,34 @@
+"""Files replaced whole: a reader (or a resume after a kill) sees the old content or the new, never half of it.
+
+Torch-free on purpose: ``mlgcn compare`` and the packer use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def replaced_atomically(path: Path, mode: str = "w", tmp: Path | None = None) -> Iterator[IO]:
+    """A file handle on a temporary file beside ``path`` (``tmp``, or a hidden per-process name) that is flushed to
+    disk and renamed over ``path`` when the block ends; on an error ``path`` is untouched and the temporary file
+    removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not reach the disk before the data does
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str, tmp: Path | None = None) -> None:
+    with replaced_atomically(path, "w", tmp) as fh:
+        fh.write(text)
