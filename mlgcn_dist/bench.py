@@ -342,45 +342,33 @@ def time_training(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     source = iter(batches)
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # timed steps with a non-finite loss
-    finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
-    max_grad_norm = torch.zeros((), device=device)  # over finite norms (fp16's overflow steps have inf ones)
-    nonfinite_norms = torch.zeros((), dtype=torch.long, device=device)
+    watch = DivergenceWatch(device)
     stall = DataStall(device)
 
     def run_one() -> tuple[float, int, torch.Tensor]:
-        nonlocal finite_run, max_grad_norm, nonfinite_norms
         batch, waited = timed_next(source, stall)
         images, targets = to_inputs(batch)
         loss = step(images, targets)
-        finite_run = finite_run + (torch.isfinite(loss) & (finite_run == taken)).long()
-        if step.grad_norm is not None:
-            norm = step.grad_norm.float()
-            finite = torch.isfinite(norm)
-            max_grad_norm = torch.maximum(max_grad_norm, torch.where(finite, norm, 0.0))
-            nonfinite_norms = nonfinite_norms + (~finite).long()
+        watch.update(loss, step.grad_norm)
         return waited, len(images), loss
 
-    taken = 0  # steps so far, compared with finite_run on the device
     with running_on(stream):
         t0 = _synced_clock(device)
         _, _, first_loss = run_one()
-        taken += 1
         first_step_s = _synced_clock(device) - t0
         untimed = warmup - 1
         if queue is not None:
             untimed += queue.drop_warmup_queue(depth)
         for _ in range(untimed):
             run_one()
-            taken += 1
         warmup_s = _synced_clock(device) - t0
         data_wait = 0.0
         images = 0
+        nonfinite = torch.zeros((), dtype=torch.long, device=device)  # timed steps with a non-finite loss
         stall.read()  # the warm-up's stalls are not the window's
         start = _synced_clock(device)
         for _ in range(steps):
             waited, count, loss = run_one()
-            taken += 1
             data_wait += waited
             images += count
             nonfinite += (~torch.isfinite(loss)).long()
@@ -390,16 +378,13 @@ def time_training(
         if profile is not None:
 
             def profiled_steps() -> None:
-                nonlocal taken
                 for _ in range(profile.steps):
                     run_one()
-                    taken += 1
 
             try:
                 profiled = profile_steps(profiled_steps, profile, device)
             except RuntimeError as err:  # a diagnostic that fails (CUPTI, OOM) must not cost the measured phase
                 profiled = {"trace": None, "steps": profile.steps, "device": None, "error": f"{err}".splitlines()[0]}
-    diverged_at = int(finite_run)
     return {
         "steps": steps,
         "images": images,
@@ -417,16 +402,44 @@ def time_training(
         "final_loss": float(loss),
         # A diverged model trains at the same speed (dense kernels do not slow down on NaN), but says so.
         "nonfinite_steps": int(nonfinite),
-        # 1-based step (warm-up included) of the first non-finite loss; None when every loss was finite.
-        "first_nonfinite_step": None if diverged_at == taken else diverged_at + 1,
-        "max_grad_norm": float(max_grad_norm) if step.grad_norm is not None else None,
-        "nonfinite_grad_norms": int(nonfinite_norms),
+        **watch.report(),
         **peak_memory(device),
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
         "train_stream": "default" if stream is None else "side",
         "profile": profiled,
     }
+
+
+class DivergenceWatch:
+    """Where training first went non-finite and the largest gradient norm, counted on the device over every step
+    (warm-up, timed and profiled ones): no per-step host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.taken = 0  # steps so far, compared with finite_run on the device
+        self.finite_run = torch.zeros((), dtype=torch.long, device=device)  # steps before the first non-finite loss
+        self.max_grad_norm = torch.zeros((), device=device)  # over finite norms (fp16's overflow steps have inf)
+        self.nonfinite_norms = torch.zeros((), dtype=torch.long, device=device)
+        self.clipped = False
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.finite_run = self.finite_run + (torch.isfinite(loss) & (self.finite_run == self.taken)).long()
+        self.taken += 1
+        if grad_norm is not None:
+            self.clipped = True
+            norm = grad_norm.float()
+            finite = torch.isfinite(norm)
+            self.max_grad_norm = torch.maximum(self.max_grad_norm, torch.where(finite, norm, 0.0))
+            self.nonfinite_norms = self.nonfinite_norms + (~finite).long()
+
+    def report(self) -> dict:
+        diverged_at = int(self.finite_run)
+        return {
+            # 1-based step (warm-up included) of the first non-finite loss; None when every loss was finite.
+            "first_nonfinite_step": None if diverged_at == self.taken else diverged_at + 1,
+            "max_grad_norm": float(self.max_grad_norm) if self.clipped else None,
+            "nonfinite_grad_norms": int(self.nonfinite_norms),
+        }
 
 
 def synthetic_phase(
