@@ -407,6 +407,7 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
 def test_peak_tflops_are_looked_up_by_device_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835.5
     assert peak_tflops("NVIDIA H200", "fp16") == 989.4
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
     assert peak_tflops("cpu", "fp32") is None
