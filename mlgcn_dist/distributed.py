@@ -228,19 +228,25 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def average_buffers(model: torch.nn.Module) -> None:
-    """All-reduce (mean) floating-point buffers such as BatchNorm running stats.
+def average_running_stats(*modules: torch.nn.Module) -> None:
+    """All-reduce (mean) the running statistics of every normalisation layer (BatchNorm's running mean and
+    variance) of ``modules``, so that every rank holds the same ones.
 
-    DDP broadcasts rank 0's buffers on every forward; DeepSpeed never does, so the running statistics drift apart
-    per rank. Averaging them before evaluation and saving makes every rank evaluate and save the same model.
+    Each rank's last forward passes update its statistics from its own batch (DDP broadcasts rank 0's at the start
+    of a forward, DeepSpeed never), so after an epoch they differ per rank. Evaluated like that, each rank would
+    score its share of the images with another model than the one saved (rank 0's). Other buffers (the GCN's
+    adjacency) are equal on every rank and left alone: a mean over three ranks need not give back the same float.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     world = torch.distributed.get_world_size()
-    for buf in model.buffers():
-        if buf.is_floating_point():
-            torch.distributed.all_reduce(buf)
-            buf.div_(world)
+    for module in modules:
+        for layer in module.modules():
+            for name in ("running_mean", "running_var"):
+                stats = getattr(layer, name, None)
+                if isinstance(stats, torch.Tensor) and stats.is_floating_point():
+                    torch.distributed.all_reduce(stats)
+                    stats.div_(world)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

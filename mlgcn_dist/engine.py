@@ -248,8 +248,12 @@ class Trainer:
                 "data.batch_size, or raise data.steps_per_epoch"
             )
         model = build_model_for(cfg, self.info)
-        if cfg.train.sync_bn and acc.device.type == "cuda" and acc.num_processes > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.train.sync_bn and acc.num_processes > 1:
+            if acc.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                acc.print(f"train.sync_bn ignored on {acc.device.type}: SyncBatchNorm runs on CUDA only (the "
+                          "running statistics are still averaged over the processes before each evaluation)")
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(acc.device)
@@ -494,8 +498,9 @@ class Trainer:
         self.nonfinite_steps += bad_steps
 
     def _sync_buffers(self) -> None:
-        if distributed.is_deepspeed(self.accelerator):
-            distributed.average_buffers(self.accelerator.unwrap_model(self.model))
+        """The same normalisation statistics on every rank, the EMA's too, before an evaluation or a save."""
+        models = [self.accelerator.unwrap_model(self.model)] + ([self.ema.module] if self.ema is not None else [])
+        distributed.average_running_stats(*models)
 
     def _evaluate_and_keep_best(self, epoch: int) -> None:
         acc, state = self.accelerator, self.state

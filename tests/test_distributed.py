@@ -131,6 +131,22 @@ def test_evaluation_is_identical_on_one_two_and_three_processes_and_counts_each_
             assert results[nproc][key] == pytest.approx(results[1][key], abs=1e-9), key
 
 
+def test_the_map_measured_while_training_on_two_processes_is_the_saved_checkpoints_for_model_and_ema(
+    tiny_toy, tmp_path
+):
+    """With BatchNorm, each rank's last forward passes move its own running statistics: averaged over the ranks
+    before evaluation, every rank scores its share with the model that is saved (EMA included)."""
+    run_dir = tmp_path / "bn"
+    check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, "model.backbone=cifar_resnet_tiny", "train.ema_decay=0.9",
+                                        "data.batch_size=4", "train.epochs=2"))))
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    for weights_name in ("model", "ema"):
+        out = tmp_path / f"{weights_name}.json"
+        check(run([sys.executable, "-m", "mlgcn_dist.cli", "evaluate", "--checkpoint",
+                   str(run_dir / "checkpoints/last.pt"), "--weights", weights_name, "--metrics-out", str(out)]))
+        assert json.loads(out.read_text())["mAP"] == pytest.approx(logged[weights_name]["mAP"], abs=1e-6), weights_name
+
+
 def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny_toy, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = ("train.epochs=3", "data.steps_per_epoch=15")  # long enough epochs for the kill to land mid-run
