@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlgcn_dist.arguments import non_negative_int, positive_int
 from mlgcn_dist.config import Config, load_config, set_key
 from mlgcn_dist.data.loader import (
     DatasetInfo,
@@ -969,13 +970,6 @@ def _write_json(path: Path, obj: dict) -> None:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """``mlgcn bench train ...``, ``mlgcn bench loader ...`` and ``mlgcn bench decode ...``."""
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -983,16 +977,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "train", help="training img/s: ceiling, end to end (cpu and gpu decode), ML-GCN reference"
     )
     p.add_argument("--config", help="YAML file in configs/ (default: the built-in defaults)")
-    p.add_argument("--steps", type=_positive, default=50, help="timed steps per phase")
+    p.add_argument("--steps", type=positive_int, default=50, help="timed steps per phase")
     p.add_argument(
-        "--warmup", type=_positive, default=10, help="untimed steps before them (the first is reported)"
+        "--warmup", type=positive_int, default=10, help="untimed steps before them (the first is reported)"
     )
     p.add_argument(
         "--shards", type=Path, help="a pack (meta.json + shards); default: a toy set made in a temp dir"
     )
-    p.add_argument("--toy-images", type=_positive, default=256, help="training images of the toy set")
+    p.add_argument("--toy-images", type=positive_int, default=256, help="training images of the toy set")
     p.add_argument(
-        "--toy-size", type=_positive, default=640, help="long side of the toy images (640: ~180 KB)"
+        "--toy-size", type=positive_int, default=640, help="long side of the toy images (640: ~180 KB)"
     )
     p.add_argument(
         "--json", type=Path, default=Path("runs/bench/train.json"), help="where to write the report"
@@ -1003,14 +997,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="after each phase's timed steps, profile --profile-steps more (torch.profiler): a Chrome trace per "
         "phase here, each step's device busy/idle time in the report",
     )
-    p.add_argument("--profile-steps", type=_positive, default=5, help="steps per profiled phase")
+    p.add_argument("--profile-steps", type=positive_int, default=5, help="steps per profiled phase")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser("loader", help="img/s of the training loader alone, total and per worker")
     p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--batches", type=_positive, default=20)
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--image-size", type=_positive, default=448)
+    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--batches", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=448)
     p.add_argument(
         "--decode",
         choices=("cpu", "gpu"),

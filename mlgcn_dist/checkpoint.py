@@ -133,10 +133,31 @@ def check_resume_labels(path: Path, label_names: list[str]) -> None:
         )
 
 
-def _saved_train_config(path: Path) -> dict:
-    """The ``train`` section of the config a checkpoint recorded ({} without that record)."""
+def _saved_config(path: Path, section: str) -> dict:
+    """A section of the config a checkpoint recorded ({} without that record)."""
     config = json.loads((path / "train_state.json").read_text()).get("config") or {}
-    return config.get("train") or {}
+    return config.get(section) or {}
+
+
+def _saved_train_config(path: Path) -> dict:
+    return _saved_config(path, "train")
+
+
+# Model keys that change the shapes of the saved weights.
+_SHAPING_MODEL_KEYS = ("backbone", "head", "gcn_hidden", "hgat_reduce", "hgat_heads_dim")
+
+
+def check_resume_model(path: Path, model: dict) -> None:
+    """A checkpoint of another architecture cannot be resumed: name the keys that differ, before any weights load
+    (``load_state`` would list every mismatched tensor instead)."""
+    saved = _saved_config(path, "model")
+    changed = [f"model.{key}={model[key]} (checkpoint: {saved[key]})" for key in _SHAPING_MODEL_KEYS
+               if key in saved and saved[key] != model[key]]
+    if changed:
+        raise ConfigError(
+            f"train.resume: checkpoint {path} is of another model: {', '.join(changed)}; resume with the model it "
+            "was trained with, or start afresh with train.resume=none and another train.output_dir"
+        )
 
 
 def saved_precision(path: Path | None) -> str | None:

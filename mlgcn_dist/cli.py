@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlgcn_dist.arguments import positive_int
 from mlgcn_dist.config import ConfigError
 
 
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-toy", help="write the synthetic dataset in COCO 2014 layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=400)
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--train", type=positive_int, default=400)
+    p.add_argument("--val", type=positive_int, default=200)
+    p.add_argument("--size", type=positive_int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_toy)
 
@@ -124,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input to a tool (a file that is not a checkpoint, image or run directory, a filter that does not
         # parse): the messages name the file or option; a traceback would bury that.
         print(f"mlgcn {args.command}: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from mlgcn_dist.data.loader import ShardError  # already imported wherever one was raised
+
+        if args.command == "train" or not isinstance(err, ShardError):
+            raise
+        print(f"mlgcn {args.command}: {err}", file=sys.stderr)  # a damaged shard, named: the data needs a repack
         return 2
 
 

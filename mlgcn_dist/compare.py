@@ -1,4 +1,4 @@
-"""``mlgcn compare``: runs side by side (config differences, best mAP, F1, throughput, GPUs) and their mAP curves.
+"""``mlgcn compare``: runs side by side (config differences, best mAP, F1, throughput, processes) and their mAP curves.
 
 Runs come from local run directories (summary.json + metrics.jsonl written by :mod:`mlgcn_dist.tracking`), from a
 W&B project through ``wandb.Api``, or from W&B's own run files (``offline-run-*/run-*.wandb``), read back here so
@@ -31,9 +31,9 @@ from mlgcn_dist.tracking import EVAL_SOURCES, flatten_config, read_jsonl
 
 # Table columns: column name -> summary key it shows (name and config are computed from the run itself).
 SUMMARY_COLUMNS = {"best_mAP": "best_mAP", "CF1": "best_CF1", "OF1": "best_OF1", "img_per_s": "img_per_s",
-                   "GPUs": "world_size"}
+                   "procs": "world_size"}  # processes: one per GPU on CUDA
 DEFAULT_COLUMNS = ("name", "config", *SUMMARY_COLUMNS)
-DECIMAL_COLUMNS = frozenset(SUMMARY_COLUMNS) - {"GPUs"}  # shown with two decimals (W&B returns 61.0 as 61)
+DECIMAL_COLUMNS = frozenset(SUMMARY_COLUMNS) - {"procs"}  # shown with two decimals (W&B returns 61.0 as 61)
 # Keys that differ between any two runs by construction: they would fill the config column with noise.
 IDENTITY_KEYS = frozenset({"train.run_name", "train.output_dir", "log.run_id"})
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    wandb: str = "disabled"  # online | offline | disabled
+    wandb: str = "auto"  # auto (WANDB_MODE if set, else disabled) | online | offline | disabled
     project: str = "mlgcn-dist"
     entity: str = ""
     group: str = ""
@@ -164,7 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "log.wandb": ("online", "offline", "disabled"),
+    "log.wandb": ("auto", "online", "offline", "disabled"),
 }
 
 
@@ -180,6 +181,9 @@ AT_LEAST: dict[str, int] = {
     "data.shuffle_buffer": 0,
     "data.steps_per_epoch": 0,
     "optim.base_batch_size": 1,
+    "model.gcn_hidden": 1,
+    "model.hgat_reduce": 1,
+    "model.hgat_heads_dim": 1,
     "train.epochs": 1,
     "train.grad_accum": 1,
     "train.ddp_bucket_mb": 1,
@@ -188,6 +192,25 @@ AT_LEAST: dict[str, int] = {
     "train.log_every": 1,
     "train.max_steps": 0,
     "train.dist_timeout_s": 1,
+}
+
+
+# Ranges of real-valued keys, as (description, test): outside them a run trains on something else than asked (a
+# negative decay factor flips the learning rate's sign, t >= 1 leaves the label graph without edges) or fails late.
+IN_RANGE: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "optim.lr": ("> 0", lambda v: v > 0),
+    "optim.lrp": (">= 0 (0 freezes the backbone)", lambda v: v >= 0),
+    "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.weight_decay": (">= 0", lambda v: v >= 0),
+    "optim.gamma": ("> 0", lambda v: v > 0),
+    "optim.warmup_epochs": (">= 0", lambda v: v >= 0),
+    "optim.clip_grad": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+    "optim.asl_gamma_neg": (">= 0", lambda v: v >= 0),
+    "optim.asl_gamma_pos": (">= 0", lambda v: v >= 0),
+    "optim.asl_clip": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "graph.t": ("in [0, 1] (a threshold on conditional probabilities)", lambda v: 0 <= v <= 1),
+    "graph.p": ("in [0, 1] (the weight of a label's neighbours)", lambda v: 0 <= v <= 1),
+    "model.leaky_slope": (">= 0", lambda v: v >= 0),
 }
 
 
@@ -293,15 +316,32 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently: a second
+    ``optim:`` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # an unhashable key fails in the base class, with its own message
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; checked and validated."""
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file is a directory: {path}" if path.is_dir() else f"config file not found: {path}")
         try:
-            mapping = yaml.safe_load(path.read_text()) or {}
+            mapping = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         apply_mapping(cfg, mapping, str(path))
@@ -323,6 +363,11 @@ def validate(cfg: Config) -> None:
                 if (value := _get(cfg, key)) < low]
     problems += [f"{key} must be a finite number, got {value}" for key in _valid_keys(cfg)
                  if isinstance(value := _get(cfg, key), float) and not math.isfinite(value)]
+    problems += [f"{key} must be {text}, got {value}" for key, (text, ok) in IN_RANGE.items()
+                 if math.isfinite(value := _get(cfg, key)) and not ok(value)]
+    name = cfg.train.run_name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        problems.append(f"train.run_name must be a plain directory name (runs/<run_name>), got {name!r}")
     if cfg.data.format == "wds" and not cfg.data.shards:
         problems.append("data.format=wds needs data.shards (a directory with meta.json)")
     if 0 < cfg.data.steps_per_epoch < cfg.train.grad_accum:

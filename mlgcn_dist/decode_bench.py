@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mlgcn_dist.arguments import positive_float, positive_int
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.data.transforms import GpuAugment
 
@@ -262,11 +263,11 @@ def format_decode_report(report: dict) -> str:
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """``mlgcn bench decode``'s options."""
-    parser.add_argument("--batch", type=int, default=64, help="JPEGs per decode call")
-    parser.add_argument("--size", type=int, default=640, help="long side of the toy JPEGs (640: ~180 KB)")
-    parser.add_argument("--image-size", type=int, default=448, help="GpuAugment's output size")
-    parser.add_argument("--busy-ms", type=float, default=100.0, help="device work queued before each busy decode")
-    parser.add_argument("--repeats", type=int, default=7, help="calls per case (the median is reported)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="JPEGs per decode call")
+    parser.add_argument("--size", type=positive_int, default=640, help="long side of the toy JPEGs (640: ~180 KB)")
+    parser.add_argument("--image-size", type=positive_int, default=448, help="GpuAugment's output size")
+    parser.add_argument("--busy-ms", type=positive_float, default=100.0, help="device work queued before each busy decode")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="calls per case (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the report here")
 
 

@@ -28,6 +28,7 @@ from mlgcn_dist.checkpoint import (
     TrainState,
     check_resume_ema,
     check_resume_labels,
+    check_resume_model,
     check_resume_precision,
     mark_requeue,
     resolve_resume,
@@ -240,6 +241,7 @@ class Trainer:
             check_resume_labels(self.last_ckpt, self.info.label_names)
             check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
             check_resume_ema(self.last_ckpt, cfg.train.ema_decay)
+            check_resume_model(self.last_ckpt, cfg.to_dict()["model"])
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(
@@ -379,6 +381,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         summed = 0  # micro-batches in loss_sum: a window that began in this epoch may be shorter than log_every
+        used_lrs = group_lrs(self.optimizer)
         try:
             while state.step_in_epoch < self.micro_batches:
                 try:
@@ -418,9 +421,15 @@ class Trainer:
                         return True
                 if self._steps_spent():
                     break
+            if summed and state.global_step % cfg.train.log_every:
+                # The epoch's last, shorter window: an epoch of fewer than log_every steps still logs its loss. It
+                # checks its losses too: a NaN there must not reach the checkpoint saved next.
+                self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
+                nonfinite.zero_()
         finally:
             bar.close()
-        # The steps after the last logging window: a NaN there must not reach the checkpoint saved next.
+        # Micro-batches after the last window that completed no optimiser step (a loader that ran short): a NaN
+        # there must not reach the checkpoint saved next either.
         self._check_finite(int(nonfinite), image_ids)
         _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
         return False
@@ -603,11 +612,12 @@ def _portable_payload(
         "config": cfg.to_dict(),
         "label_names": info.label_names,
         "supercategories": info.supercategories,
-        "nums": info.nums,
-        "adj": info.adj,
+        # Plain lists and floats, no numpy: `mlgcn evaluate`/`predict` load these files with weights_only=True.
+        "nums": info.nums.tolist(),
+        "adj": info.adj.tolist(),
         "epoch": epoch,
         "global_step": state.global_step,
-        "metrics": {n: {k: r[k] for k in METRIC_KEYS} for n, r in results.items()},
+        "metrics": {n: {k: float(r[k]) for k in METRIC_KEYS} for n, r in results.items()},
     }
 
 

@@ -10,14 +10,16 @@ config cannot run code when it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlgcn_dist.config import GraphConfig
+from mlgcn_dist.config import ConfigError, GraphConfig
 
 # The globals a pickle of plain numpy arrays refers to, under numpy 1.x (numpy.core) and 2.x (numpy._core), for
 # pickle protocols 2 to 5. Anything else in a statistics or embedding pickle is refused.
@@ -192,15 +194,31 @@ def build_graph_inputs(
     """
     num_classes = len(label_names)
     if graph_cfg.stats:
-        nums, adj = read_stats(graph_cfg.stats)
+        with _named_by_key("graph.stats"):
+            nums, adj = read_stats(graph_cfg.stats)
         source = f"{graph_cfg.stats} (graph.stats)"
     elif nums is None or adj is None:
         raise ValueError("build_graph_inputs: graph.stats is empty and no label statistics were given")
     else:
         source = "label statistics"
     if np.shape(nums) != (num_classes,):
-        raise ValueError(f"{source}: statistics for {np.shape(nums)} labels, the label space has {num_classes}")
-    A = gen_A(nums, adj, graph_cfg.t, graph_cfg.p, graph_cfg.variant)
+        raise ConfigError(f"{source}: statistics for {np.shape(nums)} labels, the label space has {num_classes}")
+    with _named_by_key("graph.p"):  # the paper variant's own range
+        A = gen_A(nums, adj, graph_cfg.t, graph_cfg.p, graph_cfg.variant)
     # float32 before normalising, as ML-GCN keeps A as a float32 parameter and normalises it in the forward pass.
     adjacency = gen_adj(torch.from_numpy(A).float())
-    return adjacency, load_embeddings(graph_cfg.embeddings, label_names)
+    with _named_by_key("graph.embeddings"):
+        embeddings = load_embeddings(graph_cfg.embeddings, label_names)
+    return adjacency, embeddings
+
+
+@contextlib.contextmanager
+def _named_by_key(key: str) -> Iterator[None]:
+    """A file or value that a config key names and that cannot be used: a ConfigError naming the key (training
+    then stops with one line and exit status 2, not a traceback)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {err}") from err

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key
+from mlgcn_dist.arguments import positive_int, probability
+from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key, validate
 from mlgcn_dist.data.records import LabelSpace
 
 
@@ -34,9 +35,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _read_checkpoint(path: str | Path) -> object:
-    """``torch.load`` of a checkpoint file; a file it cannot read is a ValueError naming it."""
+    """``torch.load`` of a checkpoint file with ``weights_only``: tensors, containers and numbers only, so a file
+    from elsewhere (a published ML-GCN checkpoint) cannot run code as it loads. A file it cannot read is a
+    ValueError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
@@ -61,12 +64,20 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     from mlgcn_dist.models import build_model
 
     names = payload["label_names"]
-    adj, embeddings = build_graph_inputs(cfg.graph, names, np.asarray(payload["nums"]), np.asarray(payload["adj"]))
-    groups = LabelSpace(names, payload["supercategories"]).groups()
-    model = build_model(cfg.model, len(names), adj=adj, embeddings=embeddings, groups=groups)
     state = payload["ema"] if weights == "ema" else payload["model"]
     if state is None:
         raise ValueError("this checkpoint holds no EMA weights (trained with train.ema_decay=0); use --weights model")
+    if "head.adj" in state and "head.embeddings" in state:
+        # The GCN's graph inputs are buffers of its saved weights: evaluating needs neither the graph.stats nor the
+        # graph.embeddings file of the training machine.
+        adj, embeddings = state["head.adj"], state["head.embeddings"]
+    elif cfg.model.head == "gcn":  # an imported original checkpoint: built from the statistics and word vectors
+        adj, embeddings = build_graph_inputs(cfg.graph, names, np.asarray(payload["nums"]),
+                                             np.asarray(payload["adj"]))
+    else:  # the other heads take no graph inputs
+        adj = embeddings = None
+    groups = LabelSpace(names, payload["supercategories"]).groups()
+    model = build_model(cfg.model, len(names), adj=adj, embeddings=embeddings, groups=groups)
     if "A" not in payload:
         model.load_state_dict(state)
         return model.eval()
@@ -98,6 +109,7 @@ def _config_for(payload: dict, args: argparse.Namespace) -> Config:
     for item in args.overrides:
         key, _, value = item.partition("=")
         set_key(cfg, key, value, f"override {item}")
+    validate(cfg)
     return cfg
 
 
@@ -122,9 +134,16 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
     p.add_argument("--weights", choices=("model", "ema"), default="model")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is printed")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--threshold", type=probability, default=0.5, help="probability above which a label is printed")
+    p.add_argument("--top-k", type=positive_int, default=3)
     p.add_argument("images", nargs="+")
+
+
+def _check_output_dirs(*paths: str | None) -> None:
+    """Output files whose directory is missing fail before the evaluation, not after it."""
+    for path in paths:
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{path}: its directory {Path(path).resolve().parent} does not exist")
 
 
 def _imported_payload(args: argparse.Namespace) -> dict:
@@ -153,6 +172,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlgcn_dist.data.transforms import GpuAugment
     from mlgcn_dist.engine import evaluate, format_metrics_table, resolve_decode
 
+    _check_output_dirs(args.scores_out, args.metrics_out)
     if args.import_mlgcn:
         payload = _imported_payload(args)
     else:

@@ -13,8 +13,9 @@ Files in the run directory (main process only; every other rank's :class:`Tracke
 A requeued job appends to the same run directory: an evaluation or step logged again (the checkpoint was older than
 the last lines) replaces the lines at and after it, so the files describe one consistent history.
 
-W&B mode: ``log.wandb`` decides, except that the default ``disabled`` yields to ``WANDB_MODE`` when that is set (a
-cluster can switch tracking on without editing configs). The same rule holds for project, entity, group, job type,
+W&B mode: ``log.wandb`` decides; its default ``auto`` takes ``WANDB_MODE`` when that is set, else disabled (a cluster
+can switch tracking on without editing configs; an explicit ``disabled`` stays off). A default value yields to the
+environment for project, entity, group, job type,
 run name and run id against ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE``,
 ``WANDB_NAME`` and ``WANDB_RUN_ID``; ``WANDB_DIR``, when set, replaces the run directory as W&B's directory.
 The config goes to W&B nested by section (shown and filtered there as ``optim.lr``): flat keys containing dots
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlgcn_dist.config import Config, LogConfig, TrainConfig
+from mlgcn_dist.config import Config, ConfigError, LogConfig, TrainConfig
 from mlgcn_dist.files import write_text_atomic
 
 # Metrics of AveragePrecisionMeter.compute() reported next to the best mAP (as best_<name>).
@@ -48,12 +49,14 @@ _WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline"
 
 
 def resolve_wandb_mode(configured: str, environ: dict[str, str]) -> str:
-    """``log.wandb`` unless it is the default ("disabled") and WANDB_MODE is set; WANDB_MODE aliases are mapped."""
-    if configured != LogConfig().wandb or "WANDB_MODE" not in environ:
+    """``log.wandb``, or for ``auto`` WANDB_MODE (its aliases mapped) when set, else ``disabled``."""
+    if configured != "auto":
         return configured
+    if "WANDB_MODE" not in environ:
+        return "disabled"
     value = environ["WANDB_MODE"].strip().lower()
     if value not in _WANDB_MODE_ALIASES:
-        raise ValueError(f"WANDB_MODE={value!r}: expected one of {', '.join(_WANDB_MODE_ALIASES)}")
+        raise ConfigError(f"WANDB_MODE={value!r} (log.wandb=auto): expected one of {', '.join(_WANDB_MODE_ALIASES)}")
     return _WANDB_MODE_ALIASES[value]
 
 

@@ -54,7 +54,7 @@ def test_collect_local_runs_reads_run_dirs_and_directories_of_run_dirs(runs_root
 
 def test_table_shows_only_differing_config_keys_best_map_first(runs_root):
     table = format_table(collect_local_runs([runs_root]))
-    assert table.splitlines()[0].split() == ["name", "config", "best_mAP", "CF1", "OF1", "img_per_s", "GPUs"]
+    assert table.splitlines()[0].split() == ["name", "config", "best_mAP", "CF1", "OF1", "img_per_s", "procs"]
     assert table_rows(table) == [
         ["b", "model.head=gcn optim.lr=0.05", "60.00", "62.00", "64.60", "90.00", "1"],
         ["a", "model.head=gcn optim.lr=0.1", "55.00", "61.00", "64.60", "100.00", "1"],

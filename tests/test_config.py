@@ -116,3 +116,31 @@ def test_a_head_with_batchnorm_refuses_a_batch_of_one_at_load_time(head):
     with pytest.raises(ConfigError, match=f"model.head={head} normalises over the batch"):
         load_config(None, [f"model.head={head}", "data.batch_size=1"])
     load_config(None, ["model.head=gcn", "data.batch_size=1"])
+
+
+def test_an_exponent_without_a_dot_is_a_float_on_the_command_line_and_in_yaml(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as text: a float key still takes it as the number."""
+    from_override = load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay
+    assert from_override == 1e-4 and isinstance(from_override, float)
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-4\n  lr: 5e-2\n")
+    cfg = load_config(path)
+    assert (cfg.optim.weight_decay, cfg.optim.lr) == (1e-4, 5e-2)
+    assert isinstance(cfg.optim.weight_decay, float)
+
+
+@pytest.mark.parametrize("milestones", ["[30,30]", "[30,20]"])
+def test_learning_rate_milestones_that_repeat_or_go_back_are_refused(milestones):
+    """[30, 30] would apply gamma twice at epoch 30 (lr x 0.01) without a word."""
+    with pytest.raises(ConfigError, match=r"optim.epoch_step must be increasing"):
+        load_config(None, [f"optim.epoch_step={milestones}"])
+    assert load_config(None, ["optim.epoch_step=[30,31]"]).optim.epoch_step == [30, 31]
+
+
+@pytest.mark.parametrize("decay", ["1", "1.0", "-0.1"])
+def test_an_ema_decay_outside_zero_to_one_excluded_is_refused(decay):
+    """A decay of 1 freezes the EMA model at its random initialisation."""
+    with pytest.raises(ConfigError, match=r"train.ema_decay must lie in \[0, 1\)"):
+        load_config(None, [f"train.ema_decay={decay}"])
+    assert load_config(None, ["train.ema_decay=0.9999"]).train.ema_decay == 0.9999
+    assert load_config(None, ["train.ema_decay=0"]).train.ema_decay == 0.0

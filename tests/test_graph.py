@@ -271,3 +271,38 @@ def test_build_graph_inputs_uses_given_statistics_without_a_stats_file():
     np.testing.assert_array_equal(embeddings, np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="graph.stats is empty"):
         build_graph_inputs(GraphConfig(), ["a", "b", "c"], None, None)
+
+
+def test_the_paper_variant_keeps_each_labels_self_weight_at_one_minus_p_even_when_the_stats_count_self_pairs():
+    """Eq. 8 of the paper: the node gets 1 - p and its *other* neighbours share p. A statistics pickle whose
+    diagonal is not zero (nothing forbids one) must not make a label its own neighbour."""
+    nums = np.array([4, 4, 4, 4])
+    adj = np.array([[4, 2, 0, 0], [2, 4, 2, 0], [0, 2, 4, 0], [0, 0, 0, 4]])  # label 3: only its own pair
+    A = gen_A(nums, adj, t=0.4, p=0.2, variant="paper")
+    np.testing.assert_array_equal(np.diag(A), 1.0 - 0.2)
+    off_diagonal = A - np.diag(np.diag(A))
+    np.testing.assert_allclose(off_diagonal.sum(axis=1), [0.2, 0.2, 0.2, 0.0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(off_diagonal[1], [0.1, 0.0, 0.1, 0.0], rtol=1e-12)
+
+
+def test_build_graph_inputs_honours_the_paper_variant():
+    # Every label has a neighbour, so every row of the paper's A sums to one and gen_adj(A) is exactly A^T.
+    nums, adj = label_stats(np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]]))
+    adjacency, _ = build_graph_inputs(GraphConfig(variant="paper", p=0.2), ["a", "b", "c"], nums, adj)
+    expected_A = np.array([[0.8, 0.2, 0.0], [0.1, 0.8, 0.1], [0.0, 0.2, 0.8]])
+    np.testing.assert_allclose(gen_A(nums, adj, 0.4, 0.2, "paper"), expected_A, rtol=1e-12)
+    torch.testing.assert_close(adjacency, torch.from_numpy(expected_A.T).float())
+    torch.testing.assert_close(adjacency, gen_adj(torch.from_numpy(gen_A(nums, adj, 0.4, 0.2, "paper")).float()))
+
+
+def test_build_graph_inputs_takes_graph_stats_over_the_statistics_it_is_given(tmp_path):
+    """The engine always passes the training split's statistics: a graph.stats file must still win over them."""
+    file_nums, file_adj = label_stats(np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]]))
+    split_nums, split_adj = label_stats(np.array([[1, 0, 1], [0, 1, 1], [0, 1, 0]]))
+    write_stats(tmp_path / "stats.pkl", file_nums, file_adj)
+    adjacency, _ = build_graph_inputs(GraphConfig(stats=str(tmp_path / "stats.pkl")), ["a", "b", "c"],
+                                      split_nums, split_adj)
+    from_file = gen_adj(torch.from_numpy(gen_A(file_nums, file_adj, 0.4, 0.25)).float())
+    from_split = gen_adj(torch.from_numpy(gen_A(split_nums, split_adj, 0.4, 0.25)).float())
+    assert not torch.allclose(from_file, from_split)
+    torch.testing.assert_close(adjacency, from_file)

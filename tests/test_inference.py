@@ -145,3 +145,14 @@ def test_predict_decides_on_the_logit_as_evaluation_does(run_dir, toy_root, monk
     image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
     assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.5", str(image)]) == 0
     assert f"above 0.50: {names[0]} 0.500\n" in capsys.readouterr().out
+
+
+def test_predict_lists_exactly_the_labels_at_or_above_the_threshold_given(run_dir, toy_root, monkeypatch, capsys):
+    names = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["label_names"]
+    probabilities = torch.full((1, len(names)), 0.05)
+    probabilities[0, 2], probabilities[0, 5], probabilities[0, 7] = 0.4, 0.35, 0.25  # 0.25: below 0.3
+    logits = torch.logit(probabilities)
+    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: logits)
+    image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.3", str(image)]) == 0
+    assert f"above 0.30: {names[2]} 0.400, {names[5]} 0.350\n" in capsys.readouterr().out

@@ -6,6 +6,7 @@ Ranks are simulated in one process: each rank's loader is built with its rank nu
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,20 +16,24 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import timed_worker_loader
+from torch.utils.data import DataLoader
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from mlgcn_dist.config import DataConfig
+from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data import loader as loader_module
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import (
+    SampleDecoder,
     Shard,
     ShardError,
+    TrainShardStream,
     _read_shard,
     batch_samples,
     bench_loader,
     build_eval_loader,
     build_train_loader,
     dataset_info,
+    device_augment_rng,
     epoch_indices,
     pass_order,
     read_meta,
@@ -36,6 +41,7 @@ from mlgcn_dist.data.loader import (
 )
 from mlgcn_dist.data.pack import pack_dataset
 from mlgcn_dist.data.records import encode_target
+from mlgcn_dist.data.transforms import CpuTransform
 
 BATCH = 4
 
@@ -161,6 +167,38 @@ def test_training_ranks_read_disjoint_images_when_an_epoch_fits_in_one_pass(fmt,
     assert not per_rank[0] & per_rank[1]
 
 
+class FirstDraw:
+    """A CpuTransform stand-in: a sample's "image" is the first number its augmentation draws."""
+
+    def __call__(self, img, rng) -> torch.Tensor:
+        return torch.tensor(rng.random(), dtype=torch.float64)
+
+
+def augmentation_draws(shards: Path, rank: int, world: int, workers: int, steps: int = 4) -> list[float]:
+    """What the augmentation of every training sample of ``rank`` drew first, over all its DataLoader workers."""
+    stream = TrainShardStream(
+        read_train_shards(shards), rank=rank, world_size=world, seed=0, epoch=0, steps=steps, batch_size=BATCH,
+        shuffle_buffer=1, decoder=SampleDecoder(len(read_meta(shards)["label_names"]), FirstDraw()),
+    )
+    return [draw for b in DataLoader(stream, batch_size=None, num_workers=workers) for draw in b["image"].tolist()]
+
+
+def test_every_rank_and_every_worker_of_a_rank_draws_its_own_cpu_augmentation(shards):
+    """The crops and flips come from (seed, epoch, rank, worker): no consumer repeats another's random draws."""
+    rank0, rank1 = (augmentation_draws(shards, rank, world=2, workers=2) for rank in range(2))
+    assert len(rank0) == len(rank1) == 4 * BATCH
+    assert not set(rank0) & set(rank1)  # ranks
+    assert len(set(rank0)) == len(set(rank1)) == 4 * BATCH  # the two workers of a rank
+
+
+def test_device_augmentation_draws_are_a_function_of_seed_epoch_rank_and_batch_index_alone():
+    first = device_augment_rng(7, 3, 0, 5).random()
+    assert device_augment_rng(7, 3, 0, 5).random() == first  # a resumed run crops as an uninterrupted one
+    changed = {"seed": (8, 3, 0, 5), "epoch": (7, 4, 0, 5), "rank": (7, 3, 1, 5), "batch index": (7, 3, 0, 6)}
+    for what, args in changed.items():
+        assert device_augment_rng(*args).random() != first, f"another {what} draws the same"
+
+
 @pytest.fixture(scope="module")
 def packs(toy_root, tmp_path_factory):
     """The toy training split packed into 1, 2, 3 and 5 shards (none divides 3 ranks x 2 workers evenly)."""
@@ -256,6 +294,13 @@ def test_a_shard_listed_in_meta_but_missing_is_an_error_naming_it(toy_root, copi
         build_eval_loader(config("wds", toy_root, copied_shards), rank=0, world_size=1, decode="cpu")
 
 
+def test_dataset_info_refuses_a_pack_whose_statistics_are_of_another_split_naming_both(toy_root, shards):
+    cfg = config("wds", toy_root, shards, train_split="val", val_split="train")  # the pack's statistics: train
+    with pytest.raises(ConfigError, match=r"data.train_split='val' \(the pack holds statistics of split 'train'; .* coco's "
+                                          r"training split 'train'\)"):
+        dataset_info(cfg)
+
+
 def test_missing_or_invalid_meta_is_a_clear_error(copied_shards):
     (copied_shards / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json: not valid JSON"):
@@ -280,6 +325,27 @@ def test_truncated_shard_warns_naming_it_and_training_goes_on(toy_root, copied_s
     with pytest.warns(RuntimeWarning, match="coco-train-000000.tar: read .* skipping the rest of this shard"):
         batches = train_batches(cfg)
     assert len(batches) == len(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode="cpu"))
+
+
+@pytest.mark.parametrize("inside_member", [True, False])
+def test_a_truncated_shard_counts_exactly_the_samples_it_lost_as_bad(copied_shards, inside_member):
+    path = copied_shards / "coco-train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    truncate(path, inside_member)
+    left = path.stat().st_size
+    whole = {int(m.name.split(".")[0]) for m in members} - {
+        int(m.name.split(".")[0]) for m in members if m.offset_data + m.size > left
+    }
+    shard = next(s for s in read_train_shards(copied_shards) if s.path == str(path))
+    assert 0 < len(whole) < shard.count
+    with pytest.warns(RuntimeWarning, match="coco-train-000000.tar"):
+        samples = list(_read_shard(shard))
+    assert len(samples) == shard.count  # the samples meta.json lists: read, or a stand-in for one the tar lost
+    decoder = SampleDecoder(len(read_meta(copied_shards)["label_names"]), CpuTransform(32, train=True))
+    batches = list(batch_samples((decoder(s, random.Random(0)) for s in samples), shard.count))
+    assert sum(b["n_bad"] for b in batches) == shard.count - len(whole)
+    assert sorted(i for b in batches for i in b["image_id"].tolist()) == sorted(whole)
 
 
 @pytest.mark.parametrize("damage", ["cut_inside_member", "cut_at_member_boundary", "sample_removed"])
@@ -333,6 +399,22 @@ def test_batches_carry_skipped_samples_in_n_bad_and_a_trailing_skip_in_an_empty_
     assert [(len(b["image_id"]), b["n_bad"]) for b in batches] == [(2, 1), (0, 1)]
     with pytest.raises(RuntimeError, match="undecodable samples in a row"):
         list(batch_samples([None] * 5, 2, max_bad_run=4))
+
+
+def test_exactly_max_bad_run_undecodable_samples_in_a_row_pass_and_one_more_is_an_error():
+    sample = {"image": torch.zeros(3, 2, 2), "target": torch.zeros(5, dtype=torch.int8), "image_id": 1}
+    batches = list(batch_samples([None] * 3 + [sample] + [None] * 3 + [sample], 2, max_bad_run=3))
+    assert [(len(b["image_id"]), b["n_bad"]) for b in batches] == [(2, 6)]  # a decodable sample ends a run
+    with pytest.raises(RuntimeError, match="4 undecodable samples in a row"):
+        list(batch_samples([None] * 4 + [sample], 2, max_bad_run=3))
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_eval_batch_size_sets_the_evaluation_batch_size_apart_from_the_training_one(fmt, toy_root, shards):
+    cfg = config(fmt, toy_root, shards, eval_batch_size=3)  # training batches: BATCH = 4
+    num_val = dataset_info(cfg).num_val
+    sizes = [len(b["image_id"]) for b in build_eval_loader(cfg, rank=0, world_size=1, decode="cpu")]
+    assert sizes == [3] * (num_val // 3) + [num_val % 3] * (num_val % 3 > 0)
 
 
 def test_bench_loader_reports_images_per_second(shards):

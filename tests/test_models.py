@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 
 import numpy as np
@@ -396,3 +397,13 @@ def test_import_mlgcn_state_dict_rejects_foreign_keys():
         import_mlgcn_state_dict({"A": torch.eye(2), "classifier.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="no 'A'"):
         import_mlgcn_state_dict({"gc1.weight": torch.zeros(2, 2)})
+
+
+def test_model_leaky_slope_reaches_the_gcn_activation():
+    model = build_model(dataclasses.replace(small_cfg("gcn"), leaky_slope=0.5), NUM_CLASSES, **graph_inputs())
+    assert model.head.act.negative_slope == 0.5
+
+
+def test_model_leaky_slope_reaches_both_hgat_attention_layers():
+    model = build_model(dataclasses.replace(small_cfg("hgat"), leaky_slope=0.5), NUM_CLASSES, groups=GROUPS)
+    assert model.head.group_mixing.slope == model.head.label_mixing.slope == 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -182,6 +183,42 @@ def test_interrupted_pack_leaves_nothing_that_looks_complete(toy_root, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["coco-val-000000.tar"]  # only the shard that was closed
     with pytest.raises(FileNotFoundError, match="meta.json"):
         read_meta(out)
+
+
+def test_a_pack_whose_meta_json_cannot_reach_the_disk_leaves_no_meta_json(toy_root, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # meta.json is the one file the packer syncs before renaming
+    with pytest.raises(OSError, match="No space left"):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["coco-val-000000.tar", "coco-val-000001.tar"]
+    assert not (out / "meta.json").exists() and not (out / "meta.json.partial").exists()
+    with pytest.raises(FileNotFoundError, match="no complete pack"):
+        read_meta(out)
+
+
+def test_overwrite_removes_the_old_meta_json_before_any_shard(toy_root, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
+    real_unlink, removed = Path.unlink, []
+
+    def interrupted_after_the_first_removal(path, *args, **kwargs):
+        if removed:
+            raise KeyboardInterrupt
+        removed.append(path.name)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", interrupted_after_the_first_removal)
+    with pytest.raises(KeyboardInterrupt):
+        pack_dataset("coco", toy_root, out, ["val"], shard_count=1, overwrite=True)
+    monkeypatch.undo()
+    assert removed == ["meta.json"]
+    assert (out / "coco-val-000000.tar").exists() and (out / "coco-val-000001.tar").exists()
+    with pytest.raises(FileNotFoundError, match="no complete pack"):
+        read_meta(out)  # what is left of the old pack no longer looks complete
 
 
 def test_a_killed_packs_partial_shard_never_counts_and_blocks_a_rerun_without_overwrite(toy_root, tmp_path):

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -296,6 +298,12 @@ LOAD_TIME_ERRORS = {  # override (with train.grad_accum=4): what the error says
     "train.log_every=0": "train.log_every must be >= 1",
     "optim.lr=1.0e999": "optim.lr must be a finite number",
     "optim.base_batch_size=0": "optim.base_batch_size must be >= 1",
+    "optim.gamma=-1": "optim.gamma must be > 0",  # would flip the learning rate's sign at the decay
+    "optim.momentum=5": "optim.momentum must be in [0, 1)",
+    "optim.clip_grad=-1": "optim.clip_grad must be >= 0 (0 disables clipping)",
+    "graph.t=2": "graph.t must be in [0, 1]",  # a label graph without edges
+    "graph.p=-1": "graph.p must be in [0, 1]",
+    "train.run_name=../elsewhere": "train.run_name must be a plain directory name",
 }
 
 
@@ -306,6 +314,128 @@ def test_config_errors_reach_the_user_as_exit_status_2_and_one_message(override,
     err = capsys.readouterr().err
     assert "configuration error" in err and LOAD_TIME_ERRORS[override] in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_section_given_twice_is_an_error_naming_it_not_a_silent_override(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 0.1\ntrain:\n  epochs: 3\noptim:\n  lrp: 0.5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: key 'optim' given twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file is a directory"):
+        load_config(tmp_path)
+
+
+def _setup_error_case(case: str, tmp_path: Path, tiny_shards: Path) -> tuple[tuple[str, ...], str]:
+    """Overrides whose file or value is found unusable while the run is set up (not at load time), and what the
+    error says."""
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(256))
+    other_net = tmp_path / "other_net.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other_net)
+    words = tmp_path / "glove.txt"
+    words.write_text("unrelated 0.1 0.2 0.3\n")
+    return {
+        "unknown_backbone": (("model.backbone=no_such_net",), "model.backbone: unknown backbone 'no_such_net'"),
+        "imagenet_weights_for_a_cifar_net": (("model.pretrained=imagenet",), "has no ImageNet weights"),
+        "weights_file_that_is_no_state_dict": ((f"model.pretrained={junk}",), "model.pretrained: cannot read"),
+        "weights_of_another_net": ((f"model.pretrained={other_net}",), "not a state dict of backbone"),
+        "label_statistics_file_that_is_no_pickle": ((f"graph.stats={junk}",), "graph.stats: "),
+        "word_vectors_without_the_label_words": ((f"graph.embeddings={words}",),
+                                                  "graph.embeddings: .*no vector for the word"),
+        "shards_of_another_dataset": ((*from_shards(tiny_shards), "data.dataset=voc"),
+                                      "shards of 'coco' but data.dataset=voc"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["unknown_backbone", "imagenet_weights_for_a_cifar_net",
+                                  "weights_file_that_is_no_state_dict", "weights_of_another_net",
+                                  "label_statistics_file_that_is_no_pickle", "word_vectors_without_the_label_words",
+                                  "shards_of_another_dataset"])
+def test_an_unusable_file_or_value_found_while_setting_up_is_exit_status_2_and_one_message_naming_the_key(
+    case, tiny_toy, tiny_shards, tmp_path, capsys
+):
+    extra, message = _setup_error_case(case, tmp_path, tiny_shards)
+    assert mlgcn(["train", *overrides(tiny_toy, tmp_path / "run", *extra)]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and re.search(message, err) and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 3, err  # one message, not a wall of mismatched tensor names
+
+
+def test_resuming_with_another_architecture_names_the_model_keys_that_differ_before_loading(
+    trained_run, tiny_toy, tmp_path, capsys
+):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    assert mlgcn(["train", *overrides(tiny_toy, run_dir, "train.resume=auto", "model.gcn_hidden=16")]) == 2
+    err = capsys.readouterr().err
+    assert "is of another model: model.gcn_hidden=16 (checkpoint: 32)" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_evaluates_without_the_graph_files_it_was_trained_with(tiny_toy, tmp_path, capsys):
+    """best.pt/last.pt carry the GCN's graph inputs as buffers: another machine needs no graph.stats or
+    graph.embeddings file at the training run's paths."""
+    from mlgcn_dist.graph import label_stats, write_stats
+
+    files = tmp_path / "graph_files"
+    files.mkdir()
+    targets = np.asarray(read_split("coco", tiny_toy, "train").targets())
+    write_stats(files / "stats.pkl", *label_stats(targets))
+    with (files / "words.pkl").open("wb") as fh:
+        pickle.dump(np.random.default_rng(0).standard_normal((targets.shape[1], 6)).astype(np.float32), fh)
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_toy, run_dir, f"graph.stats={files / 'stats.pkl'}",
+                      f"graph.embeddings={files / 'words.pkl'}"))
+    shutil.rmtree(files)
+    out = tmp_path / "metrics.json"
+    assert mlgcn(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--metrics-out", str(out)]) == 0
+    saved = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(saved["metrics"]["model"]["mAP"], abs=1e-6)
+
+
+def test_evaluate_validates_its_overrides_and_output_paths_before_any_evaluation(trained_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setattr("mlgcn_dist.engine.evaluate", _heavy_work_started)
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "data.batch_size=0"]) == 2
+    assert "data.batch_size must be >= 1" in capsys.readouterr().err
+    missing = tmp_path / "no_such_dir" / "scores.jsonl"
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--scores-out", str(missing)]) == 2
+    assert f"its directory {missing.parent} does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_truncated_validation_shard_is_one_line_naming_it_and_exit_status_2(trained_run, shards,
+                                                                                       capsys):
+    truncate(shards / "coco-val-000000.tar", inside_member=True)
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), *from_shards(shards)]) == 2
+    err = capsys.readouterr().err
+    assert "coco-val-000000.tar" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--checkpoint", "x", "--top-k", "0", "a.jpg"],
+    ["predict", "--checkpoint", "x", "--threshold", "2", "a.jpg"],
+    ["predict", "--checkpoint", "x", "--threshold", "nan", "a.jpg"],
+    ["make-toy", "--out", "x", "--train", "-3"],
+    ["pack", "coco", "--root", "x", "--out", "y", "--shard-count", "0"],
+    ["pack", "coco", "--root", "x", "--out", "y", "--workers", "-2"],
+    ["bench", "loader", "--shards", "x", "--workers", "-1"],
+])
+def test_a_flag_out_of_its_range_is_a_usage_error_naming_it(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mlgcn(argv)
+    assert exit_info.value.code == 2
+    flag = next(a for a in argv if a.startswith("--") and a not in ("--checkpoint", "--out", "--root", "--shards"))
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_packing_a_split_without_any_image_on_disk_fails_naming_the_split_and_the_reasons_and_writes_nothing(
+    tiny_toy, tmp_path, capsys
+):
+    toy = Path(shutil.copytree(tiny_toy, tmp_path / "toy"))
+    for image in (toy / "train2014").glob("*.jpg"):
+        image.unlink()
+    out = tmp_path / "shards"
+    assert mlgcn(["pack", "coco", "--root", str(toy), "--out", str(out), "--workers", "1"]) == 2
+    assert re.search(r"split 'train' has no image to pack \(missing_file: \d+", capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_a_failure_during_training_keeps_its_traceback_and_is_not_reported_as_a_configuration_error(
@@ -728,6 +858,27 @@ def test_a_second_real_process_on_the_same_run_directory_refuses_and_the_first_g
 
 
 @pytest.mark.slow
+class _TouchesAFileWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "import"])
+def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused_without_running_it(command, tmp_path, capsys):
+    """`mlgcn evaluate`/`predict` load checkpoints from elsewhere (a published ML-GCN one): weights_only."""
+    marker, evil = tmp_path / "code_ran", tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _TouchesAFileWhenUnpickled(marker)}, evil)
+    argv = {"evaluate": ["evaluate", "--checkpoint", str(evil)],
+            "predict": ["predict", "--checkpoint", str(evil), "a.jpg"],
+            "import": ["evaluate", "--checkpoint", str(evil), "--import-mlgcn", "--config",
+                       str(REPO / "configs/toy.yaml")]}[command]
+    assert mlgcn(argv) == 2
+    assert not marker.exists() and "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
 def test_secrets_in_the_environment_never_reach_logs_configs_or_checkpoints(tiny_toy, tmp_path):
     secret, other = "some-secret-value", "another-secret-in-the-env"
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlgcn_dist.compare import collect_offline_wandb_runs, read_wandb_records
-from mlgcn_dist.config import load_config
+from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.tracking import Tracker, git_state, resolve_wandb_mode
 
 LABELS = ["cat", "dog", "person"]
@@ -155,19 +155,21 @@ def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
 
 
 @pytest.mark.parametrize(("configured", "environ", "expected"), [
-    ("disabled", {}, "disabled"),
-    ("disabled", {"WANDB_MODE": "offline"}, "offline"),
-    ("disabled", {"WANDB_MODE": "dryrun"}, "offline"),
+    ("auto", {}, "disabled"),
+    ("auto", {"WANDB_MODE": "offline"}, "offline"),
+    ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
+    ("disabled", {"WANDB_MODE": "offline"}, "disabled"),
     ("offline", {"WANDB_MODE": "disabled"}, "offline"),
     ("online", {"WANDB_MODE": "offline"}, "online"),
 ])
-def test_wandb_mode_from_config_wins_unless_it_is_the_default_and_wandb_mode_is_set(configured, environ, expected):
+def test_wandb_mode_from_config_wins_unless_it_is_auto_which_takes_wandb_mode_else_disabled(configured, environ,
+                                                                                         expected):
     assert resolve_wandb_mode(configured, environ) == expected
 
 
-def test_unknown_wandb_mode_environment_value_is_named_in_the_error():
-    with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
-        resolve_wandb_mode("disabled", {"WANDB_MODE": "sometimes"})
+def test_unknown_wandb_mode_environment_value_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes'"):
+        resolve_wandb_mode("auto", {"WANDB_MODE": "sometimes"})
 
 
 def test_offline_wandb_run_holds_map_history_top3_table_config_and_summary(tmp_path, wandb_env):
@@ -229,3 +231,23 @@ def test_an_evaluation_logged_behind_wandbs_step_lands_at_that_step_instead_of_b
     (evaluated,) = [row for row in rows if "val/mAP" in row]
     assert json.loads(evaluated["val/mAP"]) == 61.0 and json.loads(evaluated["epoch"]) == 1
     assert json.loads(evaluated["_step"]) == 21
+
+
+def test_best_metrics_of_the_summary_all_come_from_the_best_evaluation_and_source(tmp_path):
+    """The EMA is best: best_CF1 (what `mlgcn compare` ranks) is the EMA's, not the model's of that epoch."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_eval(0, 10, {"model": fake_metrics(50.0, cf1=40.0), "ema": fake_metrics(55.0, cf1=70.0)})
+    tracker.log_eval(1, 20, {"model": fake_metrics(54.0, cf1=80.0), "ema": fake_metrics(53.0, cf1=81.0)})
+    tracker.finish({})
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert (summary["best_mAP"], summary["best_epoch"], summary["best_source"]) == (55.0, 0, "ema")
+    assert summary["best_CF1"] == 70.0
+
+
+def test_a_tie_on_best_map_keeps_the_earlier_evaluation_and_the_model_over_its_ema(tmp_path):
+    """As best_summary documents: ties keep the earlier one, and the model is looked at before the EMA."""
+    run_dir = record_run(tmp_path, "a", [(50.0, 50.0), (50.0, 50.0)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_mAP"], summary["best_epoch"], summary["best_step"], summary["best_source"]) == (
+        50.0, 0, 10, "model")

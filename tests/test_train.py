@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlgcn_dist import engine as engine_module
-from mlgcn_dist.checkpoint import RunLock, complete_checkpoints
+from mlgcn_dist.checkpoint import PreemptionHandler, RunLock, complete_checkpoints
 from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.distributed import (
     build_accelerator,
@@ -21,7 +24,8 @@ from mlgcn_dist.distributed import (
     training_device,
     uses_cuda_graphs,
 )
-from mlgcn_dist.engine import Trainer, train
+from mlgcn_dist.engine import NonFiniteLossError, Trainer, train
+from mlgcn_dist.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,15 +254,20 @@ def test_the_runs_img_per_s_pays_every_epochs_loader_start_up_and_the_window_med
     assert "train/data_wait_frac" in logged and "train/data_stall_frac" not in logged  # CUDA only
 
 
-def test_every_logged_loss_is_the_mean_over_the_micro_batches_of_its_window_across_epochs(monkeypatch, toy_root,
-                                                                                           tmp_path):
-    """Epochs of 3 steps, a log every 2: the window that ends at step 4 began in the second epoch and holds one
-    step; a constant loss of 1 must read 1 there too."""
+def test_every_logged_loss_is_the_mean_over_the_micro_batches_of_its_window_and_each_epoch_logs_its_last(
+    monkeypatch, toy_root, tmp_path
+):
+    """Epochs of 3 steps, a log every 2: the first epoch's last window (step 3) holds one step, logged at its end;
+    the window that ends at step 4 began in the second epoch and holds one step too; a constant loss of 1 must read 1
+    in each. An epoch shorter than log_every logs once, at its end."""
     monkeypatch.setattr(engine_module, "build_loss", lambda cfg: lambda logits, targets: (logits * 0).sum() + 1.0)
     train(toy_config(toy_root, tmp_path / "run", "train.epochs=2", "data.steps_per_epoch=3"))
     logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [2, 4, 6]
-    assert [r["train/loss"] for r in logged] == [1.0, 1.0, 1.0]
+    assert [r["step"] for r in logged] == [2, 3, 4, 6]
+    assert [r["train/loss"] for r in logged] == [1.0, 1.0, 1.0, 1.0]
+    train(toy_config(toy_root, tmp_path / "short", "train.epochs=2", "data.steps_per_epoch=3", "train.log_every=5"))
+    logged = [json.loads(line) for line in (tmp_path / "short" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [3, 5, 6]
 
 
 def test_the_logged_learning_rates_are_those_the_logged_step_used(monkeypatch, toy_root, tmp_path):
@@ -358,3 +367,207 @@ def test_an_accelerate_config_that_sets_what_a_deepspeed_json_owns_is_refused_na
     cfg = resolve_precision(toy_config(toy_root, tmp_path), "cpu")
     with pytest.raises(ConfigError, match=r"sets mixed_precision, zero_stage, which Accelerate refuses"):
         build_accelerator(cfg)
+
+
+# --------------------------------------------------------------------------------- gradient accumulation
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_with_gradient_accumulation_the_schedule_advances_once_per_optimiser_step(toy_root, tmp_path):
+    """6 micro-batches of 4, 2 per optimiser step: 3 steps an epoch. Warmup spans epoch 0's 3 steps and the decay
+    comes at epoch 1's first step, not 2x sooner."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "data.batch_size=4", "train.grad_accum=2",
+                     "data.steps_per_epoch=6", "train.log_every=1", "optim.warmup_epochs=1", "optim.epoch_step=[1]"))
+    logged = logged_steps(run_dir)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/lr_head"] for r in logged] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.01, 0.01, 0.01])
+
+
+NO_BATCHNORM = ("model.backbone=cifar_plainnet", "model.head=gcn")  # a batch's images never interact
+
+
+def test_accumulating_two_micro_batches_of_4_trains_the_weights_of_one_batch_of_8(toy_root, tmp_path):
+    """The accumulated gradient is the mean over the micro-batches, as a batch's is over its images: the same
+    images in the same order (the order does not depend on the batch size) give the same weights. No BatchNorm,
+    which would normalise each 4 apart from the other 4, and no clipping, which would hide a scale."""
+    run = ("train.epochs=1", "optim.clip_grad=0", *NO_BATCHNORM)
+    train(toy_config(toy_root, tmp_path / "batch8", *run, "data.batch_size=8", "data.steps_per_epoch=3"))
+    train(toy_config(toy_root, tmp_path / "accum", *run, "data.batch_size=4", "train.grad_accum=2",
+                     "data.steps_per_epoch=6"))
+    whole, accumulated = last_weights(tmp_path / "batch8"), last_weights(tmp_path / "accum")
+    assert whole.keys() == accumulated.keys()
+    for key in whole:
+        torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_micro_batches_left_over_after_the_last_whole_optimiser_step_are_not_trained(toy_root, tmp_path):
+    """7 micro-batches an epoch, 2 per step: 3 steps an epoch, and the 7th neither steps nor adds its gradient to
+    the next epoch's first step. Two epochs end as with 6 micro-batches an epoch (the same first 6 each epoch)."""
+    run = ("train.epochs=2", "data.batch_size=4", "train.grad_accum=2")
+    odd = train(toy_config(toy_root, tmp_path / "odd", *run, "data.steps_per_epoch=7"))
+    even = train(toy_config(toy_root, tmp_path / "even", *run, "data.steps_per_epoch=6"))
+    assert odd["global_step"] == even["global_step"] == 6
+    state = json.loads((complete_checkpoints(tmp_path / "odd" / "checkpoints")[-1] / "train_state.json").read_text())
+    assert (state["state"]["steps_per_epoch"], state["state"]["micro_batches"]) == (3, 6)
+    odd_weights, even_weights = last_weights(tmp_path / "odd"), last_weights(tmp_path / "even")
+    assert all(torch.equal(odd_weights[key], even_weights[key]) for key in even_weights)
+
+
+def test_a_resume_with_more_steps_per_epoch_goes_on_at_the_same_point_of_a_cosine_schedule(toy_root, tmp_path):
+    """Epoch 0 in 4 steps of 8 images, epoch 1 resumed in 8 steps of 4: the resumed run's schedule is 16 steps
+    long and epoch 1 starts at its step 8, halfway down the cosine (lr x 0.5), neither a step early nor late."""
+    run_dir = tmp_path / "run"
+    run = ("train.epochs=2", "optim.schedule=cosine", "optim.warmup_epochs=0", "train.log_every=1")
+    train(toy_config(toy_root, run_dir, *run, "data.batch_size=8", "data.steps_per_epoch=4", "train.max_steps=4"))
+    first_session = len(logged_steps(run_dir))
+    cfg = toy_config(toy_root, run_dir, *run, "data.batch_size=4", "data.steps_per_epoch=8", "train.resume=auto")
+    train(cfg)
+    resumed = [r["train/lr_head"] for r in logged_steps(run_dir)[first_session:]]
+    assert resumed[0] == pytest.approx(0.1 * 0.5)
+    assert resumed == pytest.approx([0.1 * lr_factor(step, cfg.optim, 8, 2) for step in range(8, 16)])
+
+
+@contextlib.contextmanager
+def built_trainer(cfg):
+    """A Trainer set up as ``train`` sets it up (model, optimiser, checkpoints), for a test to drive directly."""
+    lock = RunLock(cfg.run_dir)
+    trainer = Trainer(cfg, PreemptionHandler(), lock)
+    try:
+        yield trainer
+    finally:
+        trainer._release()
+        lock.release()
+
+
+def test_the_stand_in_step_for_an_all_unreadable_micro_batch_leaves_no_gradient(toy_root, tmp_path):
+    """Its loss is weighted 0: every gradient it leaves is zero (or none), so the optimiser step it belongs to
+    learns nothing from the two blank stand-in images. With 2 micro-batches a step, its gradient is still there
+    to see after it: the optimiser steps only after the second. No BatchNorm: at initialisation it would turn two
+    identical blank images into zero features, which give no gradient even unweighted."""
+    cfg = toy_config(toy_root, tmp_path / "run", "train.grad_accum=2", "data.batch_size=4", *NO_BATCHNORM)
+    with built_trainer(cfg) as trainer:
+        trainer._stand_in_step()
+        assert not trainer.accelerator.sync_gradients  # no optimiser step yet: nothing zeroed the gradients
+        grads = {name: p.grad for name, p in trainer.model.named_parameters()}
+        assert grads
+        assert [name for name, grad in grads.items() if grad is not None and bool(grad.any())] == []
+
+
+# --------------------------------------------------------------------------------- best.pt
+
+
+def scored(mAP: float, CF1: float = 50.0) -> dict:
+    """One source's evaluation as ``evaluate`` returns it (12 toy labels), with the given mAP and CF1."""
+    metrics = {**{k: 50.0 for k in engine_module.METRIC_KEYS}, "mAP": mAP, "CF1": CF1}
+    return {**metrics, "top3": dict(metrics), "ap": [mAP] * 12, "absent_classes": [], "num_images": 32,
+            "duplicates": 0, "num_bad": 0, "bad_ids": [], "frequency_baseline_mAP": 20.0}
+
+
+def scripted_evaluations(monkeypatch, *evaluations: dict) -> None:
+    """Each evaluation of the run returns the next of ``evaluations`` ({"model": scored(..), "ema": ..})."""
+    queue = list(evaluations)
+    monkeypatch.setattr(engine_module, "_evaluate_all", lambda *args: queue.pop(0))
+
+
+def portable(run_dir: Path, name: str) -> dict:
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def test_best_pt_is_the_evaluation_with_the_highest_map_over_the_model_and_its_ema(monkeypatch, toy_root, tmp_path):
+    """Epoch 1's EMA has the highest mAP; epoch 2 is worse on mAP (better on CF1): best.pt stays epoch 1's, the
+    EMA is named its source, and the summary's best_mAP is that mAP."""
+    scripted_evaluations(monkeypatch,
+                         {"model": scored(50.0, CF1=90.0), "ema": scored(40.0, CF1=10.0)},
+                         {"model": scored(55.0, CF1=20.0), "ema": scored(60.0, CF1=30.0)},
+                         {"model": scored(52.0, CF1=95.0), "ema": scored(58.0, CF1=99.0)})
+    run_dir = tmp_path / "run"
+    summary = train(toy_config(toy_root, run_dir, "train.ema_decay=0.9", "train.epochs=3", "data.steps_per_epoch=1"))
+    assert (summary["best_mAP"], summary["best_epoch"], summary["best_source"]) == (60.0, 1, "ema")
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert (saved["best_mAP"], saved["best_epoch"], saved["best_source"]) == (60.0, 1, "ema")
+    best, last = portable(run_dir, "best.pt"), portable(run_dir, "last.pt")
+    assert (best["epoch"], last["epoch"]) == (1, 2)
+    assert best["metrics"]["ema"]["mAP"] == 60.0
+
+
+def test_a_resumed_run_keeps_its_best_map_so_a_worse_epoch_after_the_resume_leaves_best_pt_alone(monkeypatch,
+                                                                                                 toy_root, tmp_path):
+    scripted_evaluations(monkeypatch, {"model": scored(60.0)}, {"model": scored(50.0)}, {"model": scored(55.0)})
+    run_dir = tmp_path / "run"
+    run = ("train.ema_decay=0", "data.steps_per_epoch=1")
+    train(toy_config(toy_root, run_dir, *run, "train.epochs=2"))
+    summary = train(toy_config(toy_root, run_dir, *run, "train.epochs=3", "train.resume=auto"))
+    assert (summary["best_mAP"], summary["best_epoch"], summary["best_source"]) == (60.0, 0, "model")
+    assert (portable(run_dir, "best.pt")["epoch"], portable(run_dir, "last.pt")["epoch"]) == (0, 2)
+
+
+# --------------------------------------------------------------------------------- non-finite loss, throughput
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_does_naming_its_step_before_any_checkpoint(monkeypatch, toy_root,
+                                                                                            tmp_path):
+    real_build_loss = engine_module.build_loss
+
+    def loss_turning_infinite_at_step_3(cfg):
+        criterion, calls = real_build_loss(cfg), []
+
+        def loss(logits, targets):
+            calls.append(1)
+            value = criterion(logits, targets)
+            return value + float("inf") if len(calls) == 3 else value
+
+        return loss
+
+    monkeypatch.setattr(engine_module, "build_loss", loss_turning_infinite_at_step_3)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in 1 micro-batch\(es\) up to step 3 \(epoch 0\)"):
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=5", "train.log_every=1"))
+    assert complete_checkpoints(run_dir / "checkpoints") == []
+
+
+def test_a_logging_windows_data_wait_adds_up_the_wait_for_each_of_its_batches(monkeypatch, toy_root, tmp_path):
+    """Each batch is said to have kept the loop waiting 0.25 s: a window of 2 batches waited 0.5 s, not the last
+    batch's 0.25 s (train/data_wait_frac is that over the window's time)."""
+    windows: list[float] = []
+    timed_next = engine_module.timed_next
+
+    class RecordingMeter(engine_module.ThroughputMeter):
+        def window(self):
+            windows.append(self.data_wait)
+            return super().window()
+
+    def a_quarter_second_each(batches, stall):
+        batch, _ = timed_next(batches, stall)
+        return batch, 0.25
+
+    monkeypatch.setattr(engine_module, "ThroughputMeter", RecordingMeter)
+    monkeypatch.setattr(engine_module, "timed_next", a_quarter_second_each)
+    train(toy_config(toy_root, tmp_path / "run", "train.epochs=1", "data.steps_per_epoch=4", "train.log_every=2"))
+    assert windows == [0.5, 0.5]
+
+
+def test_a_process_of_two_reports_the_throughput_of_both_in_img_per_s_and_the_window_median(monkeypatch, toy_root,
+                                                                                            tmp_path):
+    """Every process trains as many images, so the run's rates are this process's x 2 (an in-process run told
+    it is rank 0 of 2; nothing it does here needs the other): img_per_s over the summed images and time, and the
+    median of the logging windows' train/img_per_s."""
+    topology = engine_module.distributed.topology
+    monkeypatch.setattr(engine_module.distributed, "topology",
+                        lambda acc, cfg: dataclasses.replace(topology(acc, cfg), world_size=2))
+    run_dir = tmp_path / "run"
+    summary = train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=3", "train.log_every=1"))
+    assert summary["world_size"] == 2
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert state["trained_images"] == 3 * 8  # this process's
+    assert summary["img_per_s"] == pytest.approx(2 * state["trained_images"] / state["train_seconds"])
+    logged = logged_steps(run_dir)
+    assert [r["train/img_per_s"] for r in logged] == [2 * r["train/img_per_s_per_process"] for r in logged]
+    assert summary["img_per_s_window_median"] == statistics.median(r["train/img_per_s"] for r in logged)

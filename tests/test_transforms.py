@@ -64,9 +64,13 @@ def test_fixed_offsets_are_mlgcn_13_point_grid():
     assert offsets == corners_centre + edges + quarters
 
 
+def test_crop_scales_are_ml_gcns_five_from_the_whole_to_half_the_shorter_side():
+    assert SCALES == (1.0, 0.875, 0.75, 0.66, 0.5)  # ML-GCN's MultiScaleCrop(scales=...), max_distort=2
+
+
 def test_sample_crop_sides_come_from_scales_with_bounded_distortion():
     rng = random.Random(0)
-    sides = [int(480 * s) for s in SCALES]
+    sides = [480, 420, 360, 316, 240]  # int(480 x (1, .875, .75, .66, .5)): ML-GCN's scales of a 640x480 image
     seen = set()
     for _ in range(2000):
         p = sample_crop(640, 480, 448, rng)
@@ -85,9 +89,11 @@ def test_sample_crop_draws_each_fixed_offset_and_flip_about_equally():
     assert 0.45 < sum(p.flip for p in draws) / len(draws) < 0.55
 
 
-def test_sample_crop_snaps_sides_within_3px_to_the_output_size():
-    p = sample_crop(450, 450, 448, random.Random(0), scales=(1.0,))
-    assert (p.w, p.h) == (448, 448)
+@pytest.mark.parametrize(("side", "expected"), [(446, 448), (450, 448), (445, 445), (451, 451)])
+def test_sample_crop_snaps_sides_less_than_3px_from_the_output_size_to_it(side, expected):
+    # ML-GCN: ``input_size if abs(x - input_size) < 3 else x``: a side exactly 3 px away keeps its size.
+    p = sample_crop(2 * side, 2 * side, 448, random.Random(0), scales=(0.5,))  # room for a side snapped up
+    assert (p.w, p.h) == (expected, expected)
 
 
 @settings(max_examples=200, deadline=None)
@@ -128,7 +134,7 @@ def test_eval_paths_warp_the_whole_image_and_agree():
     tensor = GpuAugment(64, train=False)([data], "cpu", random.Random(0))[0][0]
     plain = torch.from_numpy(np.asarray(decoded_pil(data).resize((64, 64), Image.BILINEAR)).copy())
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    expected = (plain.permute(2, 0, 1).float() / 255 - mean) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (plain.permute(2, 0, 1).float() / 255 - mean) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     assert torch.allclose(cpu, expected, atol=1e-5)  # eval is exactly ML-GCN's Warp + normalise
     assert (cpu - tensor).abs().max() <= TOLERANCE
 
@@ -288,6 +294,14 @@ def test_to_device_normalises_a_cpu_transformed_uint8_batch_on_the_device():
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(images, (batch["image"].float() / 255 - mean) / std, atol=1e-6)
     assert images.is_contiguous(memory_format=torch.channels_last) and ids.tolist() == [5, 6]
+
+
+def test_normalise_uses_the_imagenet_mean_and_std_of_the_pretrained_backbones():
+    black_and_white = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    out = normalise(black_and_white)[0, :, 0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(out, torch.stack([-mean / std, (1 - mean) / std], dim=1))
+    assert (IMAGENET_MEAN, IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_normalise_refuses_anything_but_uint8_rgb_batches():

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from mlgcn_dist.config import DataConfig
+from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
 from mlgcn_dist.data.records import Skipped, SplitIndex, encode_target
@@ -108,10 +108,10 @@ def read_meta(shards_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
     missing_keys = [k for k in ("dataset", "label_names", "supercategories", "splits") if k not in meta]
     if missing_keys:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: missing key(s) {', '.join(missing_keys)}; not a meta.json written by mlgcn pack"
         )
     for split, body in meta["splits"].items():
@@ -126,7 +126,7 @@ def read_meta(shards_dir: str | Path) -> dict:
 
 def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]:
     if split not in meta["splits"]:
-        raise ValueError(
+        raise ConfigError(
             f"{Path(shards_dir) / META_FILE}: no split '{split}'; packed splits: {', '.join(meta['splits'])}"
         )
     return [
@@ -136,7 +136,7 @@ def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]
 
 def _check_dataset(meta: dict, data_cfg: DataConfig) -> None:
     if meta["dataset"] != data_cfg.dataset:
-        raise ValueError(
+        raise ConfigError(
             f"{Path(data_cfg.shards) / META_FILE}: shards of '{meta['dataset']}' but "
             f"data.dataset={data_cfg.dataset}"
         )
@@ -159,9 +159,11 @@ def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
         _check_dataset(meta, data_cfg)
         stats = meta.get("stats")
         if not stats or stats["split"] != data_cfg.train_split:
-            raise ValueError(
+            packed = f"statistics of split '{stats['split']}'" if stats else "none"
+            raise ConfigError(
                 f"{Path(data_cfg.shards) / META_FILE}: no label statistics of the training split "
-                f"'{data_cfg.train_split}' (pack that split, or set graph.stats)"
+                f"data.train_split='{data_cfg.train_split}' (the pack holds {packed}; `mlgcn pack` computes them "
+                f"for {data_cfg.dataset}'s training split '{TRAINING_SPLIT[data_cfg.dataset]}')"
             )
         nums, adj = read_stats(Path(data_cfg.shards) / stats["pickle"])
         counts = {name: body["count"] for name, body in meta["splits"].items()}

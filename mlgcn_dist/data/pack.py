@@ -12,6 +12,7 @@ closed, and ``meta.json`` is written last (atomically), so a killed pack never l
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import io
 import json
@@ -30,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlgcn_dist import __version__
+from mlgcn_dist.arguments import positive_int
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.records import ImageRecord, SplitIndex
 from mlgcn_dist.files import write_text_atomic
@@ -245,6 +247,12 @@ def _split_tasks(
     ]
 
 
+def skip_reasons(skipped: list[dict]) -> str:
+    """``reason: count, ...`` of skipped entries (no_annotations, missing_file, undecodable ...), or "none"."""
+    counts = collections.Counter(entry["reason"] for entry in skipped)
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common()) or "none"
+
+
 def _split_meta(index: SplitIndex, results: list[dict]) -> dict:
     shards = [{"file": r["file"], "count": r["count"]} for r in results]
     return {
@@ -290,6 +298,10 @@ def pack_dataset(
     out = Path(out)
     # Read every annotation file before touching the output: a wrong root fails without side effects.
     indexes = [read_split(dataset, root, split, keep_empty=keep_empty) for split in splits]
+    for index in indexes:
+        if not index.records:
+            raise ValueError(f"{root}: split '{index.split}' has no image to pack ({skip_reasons(index.skipped)}); "
+                             "check --root and that the images are in place")
     _check_output(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -349,9 +361,9 @@ def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="source bytes per shard, e.g. 500MB (default) or 1GB",
     )
-    sizing.add_argument("--shard-count", type=int, default=None, help="number of shards per split")
+    sizing.add_argument("--shard-count", type=positive_int, default=None, help="number of shards per split")
     parser.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="shards packed in parallel processes"
+        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="shards packed in parallel processes"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pack in --out")
     parser.add_argument(
@@ -376,7 +388,7 @@ def run_pack(args: argparse.Namespace) -> int:
     for name, split in meta["splits"].items():
         print(
             f"{name}: {split['count']} images in {len(split['shards'])} shards, "
-            f"{len(split['skipped'])} skipped, {len(split['converted'])} converted"
+            f"{len(split['skipped'])} skipped ({skip_reasons(split['skipped'])}), {len(split['converted'])} converted"
         )
     print(f"wrote {Path(args.out) / META_FILE}")
     return 0

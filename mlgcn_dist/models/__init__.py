@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlgcn_dist.config import ModelConfig
+from mlgcn_dist.config import ConfigError, ModelConfig
 from mlgcn_dist.models.backbones import build_backbone, list_backbones, register_backbone
 from mlgcn_dist.models.gcn import GCNHead
 from mlgcn_dist.models.hgat import HGATHead
@@ -116,7 +116,7 @@ def build_model(
     ``groups``: group id per label (LabelSpace.groups()): required by hgat and hgat_fc.
     """
     if cfg.head not in _HEADS:
-        raise ValueError(f"model.head: unknown head '{cfg.head}'; expected one of {', '.join(list_heads())}")
+        raise ConfigError(f"model.head: unknown head '{cfg.head}'; expected one of {', '.join(list_heads())}")
     spec = _HEADS[cfg.head]
     inputs = {"adj": adj, "embeddings": embeddings, "groups": groups}
     missing = [name for name in spec.needs if inputs[name] is None]

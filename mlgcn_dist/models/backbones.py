@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from mlgcn_dist.config import ConfigError
 from mlgcn_dist.models import cifar
 from mlgcn_dist.models.convert import clean_state_dict
 
@@ -46,7 +47,7 @@ def list_backbones() -> list[str]:
 def build_backbone(name: str, pretrained: str = "none") -> tuple[nn.Module, int]:
     """The feature extractor registered as ``name`` and its output width F."""
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"model.backbone: unknown backbone '{name}'; expected one of {', '.join(list_backbones())}"
         )
     return _REGISTRY[name](pretrained)
@@ -157,8 +158,12 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and type errors alike for unreadable files
-        raise ValueError(f"model.pretrained: cannot read '{path}' as a PyTorch state dict: {err}") from err
-    return clean_state_dict(obj, path)
+        raise ConfigError(f"model.pretrained: cannot read '{path}' as a PyTorch state dict: "
+                          f"{_first_line(err)}") from err
+    try:
+        return clean_state_dict(obj, path)
+    except ValueError as err:
+        raise ConfigError(f"model.pretrained: {err}") from err
 
 
 def _load_classifier_weights(
@@ -169,14 +174,35 @@ def _load_classifier_weights(
     try:
         result = net.load_state_dict(kept, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{source}: weights do not fit the torchvision net: {err}") from err
+        raise ConfigError(f"model.pretrained={source}: weights do not fit the torchvision net: {_first_line(err)}") from err
     missing = [k for k in result.missing_keys if not k.startswith(spec.discarded)]
     if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{source}: not a state dict of this torchvision net; missing keys {missing[:5]} "
+        raise ConfigError(
+            f"model.pretrained={source}: not a state dict of this torchvision net; missing keys {missing[:5]} "
             f"({len(missing)} in all), unexpected keys {result.unexpected_keys[:5]} "
             f"({len(result.unexpected_keys)} in all)"
         )
+
+
+def _load_exactly(net: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
+    """``state`` into ``net``, every key and shape matching; a misfit names a few keys, not all of them."""
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"{source}: not a state dict of backbone '{name}': {_first_line(err)}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"{source}: not a state dict of backbone '{name}'; missing keys {result.missing_keys[:5]} "
+            f"({len(result.missing_keys)} in all), unexpected keys {result.unexpected_keys[:5]} "
+            f"({len(result.unexpected_keys)} in all)"
+        )
+
+
+def _first_line(err: Exception) -> str:
+    """torch's load_state_dict errors list every mismatched tensor, one per line: the first is enough."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more
 
 
 def _torchvision_backbone(name: str, pretrained: str) -> tuple[nn.Module, int]:
@@ -202,14 +228,11 @@ def _register_cifar(name: str, constructor: Callable[[], nn.Module]) -> None:
     def factory(pretrained: str) -> tuple[nn.Module, int]:
         net = constructor()
         if pretrained == "imagenet":
-            raise ValueError(
+            raise ConfigError(
                 f"model.pretrained=imagenet: backbone '{name}' has no ImageNet weights; use none or a path"
             )
         if pretrained != "none":
-            try:
-                net.load_state_dict(_file_state_dict(pretrained))
-            except RuntimeError as err:
-                raise ValueError(f"{pretrained}: not a state dict of backbone '{name}': {err}") from err
+            _load_exactly(net, _file_state_dict(pretrained), f"model.pretrained={pretrained}", name)
         return net, net.out_channels
 
     register_backbone(name)(factory)
