@@ -13,12 +13,15 @@ are ``wandb.proto.wandb_internal_pb2.Record`` messages.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import struct
 import sys
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,8 +230,20 @@ def parse_filters(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--filter '{item}': expected key=value, e.g. optim.lr=0.1")
-        conditions[key.strip()] = yaml.safe_load(value) if value else value
+        conditions[key.strip()] = _filter_value(value)
     return conditions
+
+
+def _filter_value(text: str) -> Any:
+    """``text`` typed as a training override types it: YAML, except that 1e-4 (a string in YAML 1.1, which wants a
+    dot in a float) is the number, as ``optim.weight_decay=1e-4`` sets it."""
+    value = yaml.safe_load(text) if text else text
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+    return value
 
 
 def wandb_filters(conditions: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +374,14 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", type=Path, help="also write mAP per epoch of these runs")
 
 
+def with_distinct_names(runs: list[RunRecord]) -> list[RunRecord]:
+    """``runs``, each run whose name another shares (every run left at train.run_name=run) named with where it
+    was read from as well, so that the table's rows and the plot's lines can be told apart."""
+    counts = Counter(run.name for run in runs)
+    return [dataclasses.replace(run, name=f"{run.name} [{run.source}]") if counts[run.name] > 1 else run
+            for run in runs]
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """Collect, filter, print the table and optionally plot; returns the exit status."""
     conditions = parse_filters(args.filter)
@@ -367,7 +390,7 @@ def run_compare(args: argparse.Namespace) -> int:
         runs += collect_offline_wandb_runs(wandb_dir)
     if args.wandb:
         runs += collect_wandb_runs(args.wandb, wandb_filters(conditions), curves=args.plot is not None)
-    runs = filter_runs(runs, conditions)
+    runs = with_distinct_names(filter_runs(runs, conditions))
     if not runs:
         print("compare: no runs to compare (give run directories, --wandb or --wandb-offline; check --filter)",
               file=sys.stderr)

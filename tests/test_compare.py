@@ -12,6 +12,7 @@ from test_tracking import flush_wandb, record_run, wandb_env  # noqa: F401 (a fi
 
 from mlgcn_dist.cli import main
 from mlgcn_dist.compare import (
+    RunRecord,
     add_compare_arguments,
     collect_local_runs,
     collect_offline_wandb_runs,
@@ -22,6 +23,7 @@ from mlgcn_dist.compare import (
     plot_map_curves,
     run_compare,
     wandb_filters,
+    with_distinct_names,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -88,6 +90,47 @@ def test_filters_compare_yaml_typed_values_with_config_values(runs_root):
         parse_filters(["optim.lr"])
 
 
+def record(name: str, config: dict, **summary) -> RunRecord:
+    return RunRecord(name=name, source=name, config=config, summary=summary)
+
+
+def test_a_filter_on_a_summary_key_keeps_the_runs_with_that_value(runs_root):
+    runs = collect_local_runs([runs_root])
+    assert [r.name for r in filter_runs(runs, parse_filters(["world_size=2"]))] == ["c"]
+    assert sorted(r.name for r in filter_runs(runs, parse_filters(["world_size=1", "optim.lr=0.1"]))) == ["a"]
+
+
+def test_a_filter_value_in_exponent_notation_matches_as_the_same_override_would_set_it():
+    """YAML 1.1 reads 1e-4 as a string; the training override optim.weight_decay=1e-4 sets the number."""
+    runs = [record("a", {"optim.weight_decay": 1e-4, "optim.lr": 1e-3, "train.run_name": "1e-4x"})]
+    assert [r.name for r in filter_runs(runs, parse_filters(["optim.weight_decay=1e-4", "optim.lr=1e-3"]))] == ["a"]
+    assert parse_filters(["train.run_name=1e-4x", "model.head=gcn"]) == {"train.run_name": "1e-4x", "model.head": "gcn"}
+
+
+def test_runs_that_share_a_name_are_listed_with_where_they_were_read_from():
+    runs = [RunRecord(name, source, {}, {}) for name, source in [("toy", "runs/a"), ("toy", "runs/b"), ("c", "runs/c")]]
+    assert [r.name for r in with_distinct_names(runs)] == ["toy [runs/a]", "toy [runs/b]", "c"]
+
+
+def test_sorting_by_the_config_column_is_ascending(runs_root):
+    rows = table_rows(format_table(collect_local_runs([runs_root]), sort_by="config"))
+    assert [row[0] for row in rows] == ["b", "a", "c"]  # model.head=gcn optim.lr=0.05 < ...=0.1 < model.head=linear
+
+
+def test_runs_without_the_sorted_value_come_last_whatever_the_direction():
+    runs = [record("none", {}), record("low", {"optim.lr": 0.1}, best_mAP=50.0),
+            record("high", {"optim.lr": 0.05}, best_mAP=60.0)]
+    assert [row[0] for row in table_rows(format_table(runs))] == ["high", "low", "none"]
+    assert [row[0] for row in table_rows(format_table(runs, sort_by="optim.lr"))] == ["high", "low", "none"]
+
+
+def test_the_config_column_leaves_out_a_key_a_run_does_not_have_and_the_runs_identity():
+    runs = [record("a", {"optim.lr": 0.1, "train.run_name": "a"}, best_mAP=50.0),
+            record("b", {"optim.lr": 0.2, "train.run_name": "b", "model.head": "gcn"}, best_mAP=60.0)]
+    assert table_rows(format_table(runs, columns=("name", "config"))) == [["b", "model.head=gcn optim.lr=0.2"],
+                                                                         ["a", "optim.lr=0.1"]]
+
+
 def test_plot_map_curves_writes_a_png(runs_root, tmp_path):
     out = plot_map_curves(collect_local_runs([runs_root]), tmp_path / "plots" / "map.png")
     data = out.read_bytes()
@@ -113,7 +156,8 @@ def test_compare_cli_without_matching_runs_exits_1(runs_root, capsys):
 
 
 @pytest.mark.usefixtures("wandb_env")
-def test_offline_runs_of_one_id_are_merged_in_time_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_prefix", ["offline-run-", "run-"])  # run-: the local files of an online run
+def test_offline_runs_of_one_id_are_merged_in_time_order(tmp_path, monkeypatch, first_prefix):
     # A requeued job: the first process evaluated epochs 0-2, the second resumed from epoch 2's start.
     merged_dir = tmp_path / "wandb_runs"
     for index, (maps, first_epoch) in enumerate([([(50.0, None), (52.0, None), (60.0, None)], 0),
@@ -121,7 +165,8 @@ def test_offline_runs_of_one_id_are_merged_in_time_order(tmp_path, monkeypatch):
         monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"w{index}"))
         record_run(tmp_path, "r", maps, ("log.run_id=rq1",), wandb="offline", first_epoch=first_epoch)
         (run_files,) = (tmp_path / f"w{index}" / "wandb").glob("offline-run-*-rq1")
-        shutil.copytree(run_files, merged_dir / f"offline-run-20260101_00000{index}-rq1")
+        prefix = first_prefix if index == 0 else "offline-run-"
+        shutil.copytree(run_files, merged_dir / f"{prefix}20260101_00000{index}-rq1")
     assert not (tmp_path / "r" / "wandb").exists(), "WANDB_DIR replaces the run directory as W&B's directory"
     (run,) = collect_offline_wandb_runs(merged_dir)
     assert run.curves["model"] == [(0, 50.0), (1, 52.0), (2, 51.0), (3, 53.0)]
@@ -175,6 +220,22 @@ def test_collect_wandb_runs_asks_the_api_for_filtered_runs_best_map_first(monkey
     assert runs[1].curves == {"model": [(0, 10.0), (1, 20.0)]}
     assert [row[0] for row in table_rows(format_table(runs))] == ["x", "y"]
 
+
+
+def test_an_evaluation_logged_without_a_finite_map_is_no_point_of_the_curve(monkeypatch):
+    import wandb
+
+    class NanRun(FakeRun):
+        def scan_history(self, keys: list[str]) -> list[dict]:  # epoch 0 had no class with a positive
+            return [{"epoch": 0, keys[1]: float("nan")}, {"epoch": 1, keys[1]: 20.0}] if keys[1] == "val/mAP" else []
+
+    class FakeApi:
+        def runs(self, path, filters, order):
+            return [NanRun("x", 0.1, 20.0)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    (run,) = collect_wandb_runs("team/mlgcn", curves=True)
+    assert run.curves == {"model": [(1, 20.0)]}
 
 
 def test_a_damaged_summary_json_exits_2_naming_the_file(runs_root, capsys):

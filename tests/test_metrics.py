@@ -220,3 +220,72 @@ def test_gather_without_a_process_group_drops_duplicate_ids_keeping_the_first():
     state = merged.state()
     assert state["image_ids"].tolist() == [3, 7]
     assert state["scores"].flatten().tolist() == pytest.approx([0.1, 0.9])
+
+
+class FakeTwoRanks:
+    """torch.distributed seen from rank 0 of two, whose other rank holds ``other``'s state: each all_gather returns
+    this rank's tensor and the other rank's tensor of the same kind (header, scores, targets or ids), padded as
+    gather_meter pads it. What two real processes exchange is tested in test_metrics_distributed.py (slow)."""
+
+    def __init__(self, monkeypatch, other: AveragePrecisionMeter) -> None:
+        import mlgcn_dist.metrics as metrics
+
+        self.other, self.headers_sent = other, 0
+        for name, fake in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                           ("get_world_size", lambda group=None: 2), ("get_backend", lambda group=None: "gloo"),
+                           ("all_gather", self.all_gather)):
+            monkeypatch.setattr(metrics.dist, name, fake)
+
+    def _other_tensor(self, mine: torch.Tensor) -> torch.Tensor:
+        state = self.other.state()
+        rows, classes = state["scores"].shape
+        if self.headers_sent == 0:  # the first exchange is the header: rows, classes, counter ids used
+            self.headers_sent = 1
+            return torch.tensor([[rows, classes, int(self.other.uses_counter_ids and rows > 0)]])
+        key = {torch.float32: "scores", torch.int8: "targets", torch.int64: "image_ids"}[mine.dtype]
+        return state[key].reshape(-1, *mine.shape[1:]) if rows else torch.zeros(0, *mine.shape[1:], dtype=mine.dtype)
+
+    def all_gather(self, out: list[torch.Tensor], mine: torch.Tensor, group=None) -> None:
+        theirs = self._other_tensor(mine)
+        out[0].copy_(mine)
+        out[1].zero_()
+        out[1][: theirs.shape[0]] = theirs
+
+
+def test_gather_from_ranks_holding_different_numbers_of_images_counts_each_image_once(monkeypatch):
+    mine = meter_of([[0.9, 0.1], [0.7, 0.2], [0.5, 0.3]], [[1, 0], [0, 1], [1, 0]], image_ids=[4, 2, 0])
+    theirs = meter_of([[0.8, 0.6], [0.4, 0.9]], [[0, 1], [1, 1]], image_ids=[1, 3])
+    FakeTwoRanks(monkeypatch, theirs)
+    merged, duplicates = gather_meter(mine)
+    assert duplicates == 0  # the padding of the smaller rank is no image
+    state = merged.state()
+    assert state["image_ids"].tolist() == [0, 1, 2, 3, 4]
+    assert state["scores"].flatten().tolist() == pytest.approx([0.5, 0.3, 0.8, 0.6, 0.7, 0.2, 0.4, 0.9, 0.9, 0.1])
+    assert state["targets"].tolist() == [[1, 0], [0, 1], [0, 1], [1, 1], [1, 0]]
+
+
+def test_an_image_repeated_on_the_next_rank_is_counted_once_with_the_first_ranks_scores(monkeypatch):
+    """A DistributedSampler pads the last ranks with images of the first: the copy is dropped."""
+    mine = meter_of([[0.9], [0.2]], [[1], [0]], image_ids=[0, 2])
+    theirs = meter_of([[0.4], [0.3]], [[1], [1]], image_ids=[1, 0])
+    FakeTwoRanks(monkeypatch, theirs)
+    merged, duplicates = gather_meter(mine)
+    assert duplicates == 1
+    assert merged.state()["image_ids"].tolist() == [0, 1, 2]
+    assert merged.state()["scores"].flatten().tolist() == pytest.approx([0.9, 0.4, 0.2])
+
+
+def test_gather_refuses_a_rank_that_added_images_without_ids(monkeypatch):
+    mine = meter_of([[0.9], [0.2]], [[1], [0]], image_ids=[0, 1])
+    theirs = meter_of([[0.4]], [[1]])  # a running counter: its id 0 would be taken for this rank's image 0
+    FakeTwoRanks(monkeypatch, theirs)
+    with pytest.raises(ValueError, match="ids are needed to count each image once across ranks"):
+        gather_meter(mine)
+
+
+def test_gather_with_an_empty_rank_holds_the_other_ranks_images(monkeypatch):
+    theirs = meter_of([[0.4, 0.1]], [[1, 0]], image_ids=[5])
+    FakeTwoRanks(monkeypatch, theirs)
+    merged, duplicates = gather_meter(AveragePrecisionMeter())
+    assert duplicates == 0 and merged.state()["image_ids"].tolist() == [5]
+    assert merged.state()["scores"].flatten().tolist() == pytest.approx([0.4, 0.1])

@@ -54,3 +54,44 @@ def test_warmup_rises_linearly_then_cosine_ends_near_zero():
 def test_linear_scaling_rule_scales_with_global_batch():
     assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="linear", base_batch_size=32), 256) == pytest.approx(0.8)
     assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="fixed"), 256) == pytest.approx(0.1)
+
+
+class Norms(nn.Module):
+    """A head with LayerNorm and GroupNorm (the transformer and GCN heads' norm layers) and a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.GroupNorm(2, 4))
+        self.backbone_proj = nn.Linear(4, 4, bias=False)  # a head module whose name only starts like "backbone"
+        self.head = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
+        self.frozen = nn.Linear(4, 4, bias=False)
+        self.frozen.weight.requires_grad_(False)
+
+
+def grouped_names(model: nn.Module, **kwargs) -> dict[str, list[str]]:
+    """Group name -> the names of its parameters."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(model, **kwargs)}
+
+
+def test_layer_and_group_norm_weights_are_exempt_from_weight_decay_like_batchnorm():
+    assert grouped_names(Norms(), lr=0.1, lrp=0.1, no_decay_norm_bias=True) == {
+        "backbone": ["backbone.0.weight"],
+        "backbone_no_decay": ["backbone.1.weight", "backbone.1.bias"],
+        "head": ["backbone_proj.weight", "head.0.weight"],
+        "head_no_decay": ["head.1.weight", "head.1.bias"],
+    }
+
+
+def test_only_the_backbone_module_learns_at_lr_times_lrp_not_a_head_module_named_like_it_and_frozen_ones_not_at_all():
+    assert grouped_names(Norms(), lr=0.1, lrp=0.1) == {
+        "backbone": ["backbone.0.weight", "backbone.1.weight", "backbone.1.bias"],
+        "head": ["backbone_proj.weight", "head.0.weight", "head.1.weight", "head.1.bias"],  # no frozen.weight
+    }
+
+
+def test_cosine_reaches_zero_at_the_last_epoch_and_stays_there_for_any_step_after_it():
+    cfg = OptimConfig(schedule="cosine", warmup_epochs=1)
+    assert lr_factor(10, cfg, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(30, cfg, 10, 5) == pytest.approx(0.5)  # half way through the 40 steps after warmup
+    assert [lr_factor(step, cfg, 10, 5) for step in (50, 55, 70, 90)] == pytest.approx([0.0] * 4, abs=1e-12)

@@ -130,3 +130,23 @@ def test_leaving_the_loop_early_stops_the_helper_thread_and_the_loader():
                 break
     assert wait_until(lambda: not helper_threads())
     assert len(pulled) <= 3 + 2 + 1  # what was consumed, the depth ahead, and the one being queued
+
+
+def test_closing_cancels_the_queued_conversions_and_waits_only_for_the_running_one():
+    converted: list[int] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
+        if batch["index"] > 0:
+            running.set()
+            gate.wait(10)  # batch 1 is still converting when the consumer leaves
+        converted.append(batch["index"])
+        return (torch.zeros(1),)
+
+    pairs = prefetch_to_device(numbered(10), convert, CPU, depth=3)
+    assert next(pairs)[0]["index"] == 0
+    assert running.wait(10)
+    threading.Timer(0.2, gate.set).start()
+    pairs.close()  # returns once batch 1's conversion is done; batches 2 and 3 were queued, never started
+    assert converted == [0, 1]
+    assert wait_until(lambda: not helper_threads())

@@ -37,3 +37,55 @@ def test_timed_next_returns_the_batch_with_the_seconds_the_host_blocked_and_pass
     assert batch == "batch" and waited >= 0.05
     with pytest.raises(StopIteration):
         timed_next(batches, stall)
+
+
+class FakeClock:
+    """time.perf_counter, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_window_measures_from_the_end_of_the_previous_one(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    meter = ThroughputMeter(torch.device("cpu"))
+    clock.now += 8.0
+    meter.images, meter.data_wait = 80, 2.0
+    assert meter.window() == (10.0, 0.25, None)
+    clock.now += 2.0
+    meter.images, meter.data_wait = 40, 1.0
+    assert meter.window() == (20.0, 0.5, None)  # 40 images in the 2 s since the last window, not in 10 s
+
+
+class FakeEvent:
+    """A CUDA event on a clock in milliseconds, as ``torch.cuda.Event.elapsed_time`` reports."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.synchronized = ms, False
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.ms - self.ms
+
+    def synchronize(self) -> None:
+        self.synchronized = True
+
+
+def test_the_data_stall_clock_adds_up_each_wait_in_seconds_and_starts_afresh_after_a_read(monkeypatch):
+    stall = DataStall(torch.device("cpu"))
+    stall.enabled = True  # the CUDA clock, its events faked
+    events = [FakeEvent(ms) for ms in (0.0, 30.0, 50.0, 60.0, 100.0, 105.0)]
+    monkeypatch.setattr(DataStall, "_event", staticmethod(iter(events).__next__))
+    for _ in range(2):
+        stall.waiting()
+        stall.got_batch()
+    assert stall.read() == pytest.approx(0.040)  # 30 ms + 10 ms
+    assert events[3].synchronized  # the read waited for the last batch's event
+    stall.got_batch()  # no wait in progress: nothing recorded
+    assert stall.read() == 0.0
+    stall.waiting()
+    stall.got_batch()
+    assert stall.read() == pytest.approx(0.005)
