@@ -40,9 +40,21 @@ def _read_checkpoint(path: str | Path) -> object:
     ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {_first_line(err)})") from err
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint: it holds objects beyond tensors, containers and numbers, "
+            "which could run code as they load, so it is refused (an mlgcn-dist checkpoint written before "
+            "2026-11-27 holds numpy arrays: if you trust it, torch.load it with weights_only=False and save it "
+            "again with them as lists)"
+        ) from err
+    except (RuntimeError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
 
 
 def load_portable(path: Path) -> dict:

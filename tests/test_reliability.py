@@ -879,6 +879,13 @@ def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused_without_running
     assert not marker.exists() and "not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_holding_numpy_arrays_is_refused_with_how_to_convert_it(tmp_path, capsys):
+    old = tmp_path / "last.pt"  # mlgcn-dist wrote the label statistics as numpy arrays before 2026-11-27
+    torch.save({"model": {}, "config": {}, "label_names": ["a"], "nums": np.zeros(1), "adj": np.zeros((1, 1))}, old)
+    assert mlgcn(["evaluate", "--checkpoint", str(old)]) == 2
+    assert "written before 2026-11-27 holds numpy arrays" in capsys.readouterr().err
+
+
 def test_secrets_in_the_environment_never_reach_logs_configs_or_checkpoints(tiny_toy, tmp_path):
     secret, other = "some-secret-value", "another-secret-in-the-env"
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
