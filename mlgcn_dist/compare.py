@@ -179,9 +179,11 @@ def collect_offline_wandb_runs(wandb_dir: Path) -> list[RunRecord]:
     ``wandb/`` subdirectory. Directories of one run id (a requeued job resumed the run) are read in time order into
     one record."""
     wandb_dir = Path(wandb_dir)
-    files = [*wandb_dir.glob("*run-*/run-*.wandb"), *wandb_dir.glob("wandb/*run-*/run-*.wandb")]
+    files = [*wandb_dir.glob("*run-*/run-*.wandb"), *wandb_dir.glob("wandb/*run-*/run-*.wandb"),
+             *wandb_dir.glob("*/wandb/*run-*/run-*.wandb")]  # a directory of run directories (runs/)
     if not files:
-        raise ValueError(f"{wandb_dir}: no W&B run files (expected offline-run-*/run-*.wandb in it or in wandb/)")
+        raise ValueError(f"{wandb_dir}: no W&B run files (expected offline-run-*/run-*.wandb in it, in wandb/ or in "
+                         "*/wandb/)")
     states: dict[str, _WandbRunState] = {}
     for path in sorted(files, key=lambda p: p.parent.name.removeprefix("offline-")):
         run_id = path.stem.removeprefix("run-")
@@ -277,9 +279,10 @@ def _format_value(value: Any) -> str:
 
 def config_differences(runs: list[RunRecord]) -> list[str]:
     """Config keys (of the Config sections) whose values are not the same in all ``runs``, in sorted order."""
-    keys = {k for run in runs for k in run.config
+    configured = [run for run in runs if run.config]  # a W&B run killed before it logged its config has none
+    keys = {k for run in configured for k in run.config
             if k.split(".")[0] in Config.__dataclass_fields__ and k not in IDENTITY_KEYS}
-    return sorted(k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True) for run in runs}) > 1)
+    return sorted(k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True) for run in configured}) > 1)
 
 
 def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:

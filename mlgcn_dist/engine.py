@@ -268,6 +268,11 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, lr)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.ema is not None:
+            # Each rank initialised its own weights (seeds differ per rank); DDP and DeepSpeed have just given every
+            # rank rank 0's, in place. The EMA, copied before, starts from those too: with its warm-up decay the
+            # start still weighs a few percent after the first steps, and ranks must evaluate the same EMA.
+            self.ema.module.load_state_dict(model.state_dict())
         self.state = TrainState()
         acc.register_for_checkpointing(self.scheduler, self.state)
         if self.ema is not None:
@@ -275,7 +280,8 @@ class Trainer:
         self.criterion = build_loss(cfg.optim)
         self.ckpt = CheckpointManager(acc, self.run_dir, cfg.train.keep_checkpoints)
         self.tracker = Tracker(cfg, self.run_dir, is_main=acc.is_main_process, world_size=self.topo.world_size,
-                               system=_system_info(acc), label_names=self.info.label_names)
+                               system=_system_info(acc), label_names=self.info.label_names,
+                               resumed=self.last_ckpt is not None)
         if self.last_ckpt is not None:
             self.ckpt.load(self.last_ckpt)
             self._keep_the_schedule_on_its_epochs()

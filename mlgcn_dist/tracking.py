@@ -180,7 +180,9 @@ class Tracker:
     """Metrics files and W&B logging for one training run; a no-op on every process but the main one."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, is_main: bool, world_size: int, label_names: list[str],
-                 system: dict | None = None) -> None:
+                 system: dict | None = None, resumed: bool = False) -> None:
+        """``resumed``: the run goes on from a checkpoint in ``run_dir``; without a configured W&B run id it
+        continues the W&B run that directory's summary.json names."""
         self.is_main = is_main
         self._finished = not is_main
         if not is_main:
@@ -197,12 +199,18 @@ class Tracker:
             **git_state(Path(__file__).resolve().parent),
             "system": dict(system or {}),
         }
-        self._run = self._start_wandb()
+        self._run = self._start_wandb(self._previous_wandb_id() if resumed else "")
         self._write_summary({})
 
     # -- W&B -------------------------------------------------------------------------------------------------
 
-    def _start_wandb(self) -> Any:
+    def _previous_wandb_id(self) -> str:
+        try:
+            return str(json.loads((self.run_dir / "summary.json").read_text()).get("wandb_run_id") or "")
+        except (OSError, ValueError):  # no summary yet, or one torn by a kill: a new W&B run
+            return ""
+
+    def _start_wandb(self, previous_id: str) -> Any:
         environ = dict(os.environ)
         mode = resolve_wandb_mode(self.cfg.log.wandb, environ)
         if mode == "disabled":
@@ -217,7 +225,8 @@ class Tracker:
             group=_prefer_env(log.group, defaults.group, "WANDB_RUN_GROUP", environ),
             job_type=_prefer_env(log.job_type, defaults.job_type, "WANDB_JOB_TYPE", environ),
             name=_prefer_env(self.cfg.train.run_name, TrainConfig().run_name, "WANDB_NAME", environ),
-            id=_prefer_env(log.run_id, defaults.run_id, "WANDB_RUN_ID", environ),
+            # A resumed run continues its own W&B run, as a requeued SLURM job (log.run_id) does.
+            id=_prefer_env(log.run_id, defaults.run_id, "WANDB_RUN_ID", environ) or previous_id or None,
             tags=log.tags or None,
             resume="allow",  # a requeued job with the same id continues the same run
             dir=None if environ.get("WANDB_DIR") else str(self.run_dir),

@@ -257,3 +257,18 @@ def test_comparing_a_wandb_project_without_a_login_exits_2_with_what_to_do(monke
     assert main(["compare", "--wandb", "team/mlgcn"]) == 2
     err = capsys.readouterr().err
     assert "W&B project 'team/mlgcn': api_key not configured" in err and "wandb login" in err
+
+
+def test_a_run_without_a_config_leaves_the_config_column_to_the_keys_that_differ_between_the_others():
+    """A W&B run killed before it logged its config: its row shows no config, and the others show only lr."""
+    runs = [record("a", {"optim.lr": 0.1, "model.head": "gcn"}), record("b", {"optim.lr": 0.05, "model.head": "gcn"}),
+            record("killed", {})]
+    rows = {row[0]: row[1:] for row in table_rows(format_table(runs))}
+    assert rows["a"][0] == "optim.lr=0.1" and rows["b"][0] == "optim.lr=0.05"
+
+
+@pytest.mark.usefixtures("wandb_env")
+def test_offline_runs_are_found_in_a_directory_of_run_directories(tmp_path):
+    for name in ("a", "b"):
+        record_run(tmp_path / "runs", name, [(50.0, None)], wandb="offline")
+    assert sorted(run.name for run in collect_offline_wandb_runs(tmp_path / "runs")) == ["a", "b"]

@@ -251,3 +251,18 @@ def test_a_tie_on_best_map_keeps_the_earlier_evaluation_and_the_model_over_its_e
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["best_mAP"], summary["best_epoch"], summary["best_step"], summary["best_source"]) == (
         50.0, 0, 10, "model")
+
+
+def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_start_opens_a_new_one(tmp_path,
+                                                                                                  wandb_env):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline"])
+
+    def session(resumed: bool) -> str:
+        tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=resumed)
+        tracker.finish({})
+        flush_wandb()
+        return json.loads((cfg.run_dir / "summary.json").read_text())["wandb_run_id"]
+
+    first = session(resumed=False)
+    assert session(resumed=True) == first
+    assert session(resumed=False) != first
