@@ -296,28 +296,29 @@ def _sample_offset(path: str, index: int) -> int | None:
 
 
 def _read_shard_exactly(shard: Shard, start: int, stop: int) -> Iterator[dict]:
-    """Evaluation: samples ``start``..``stop`` of a shard; a tar error, an incomplete sample or fewer samples than
-    meta.json lists is an error naming the shard."""
-    seen = 0
+    """Evaluation: samples ``start``..``stop`` of a shard, read from sample ``start`` on (:func:`_sample_offset`, as
+    training reads its spans: a rank whose range begins inside a shard does not read the samples before it); a tar
+    error, an incomplete sample or fewer samples than meta.json lists is an error naming the shard."""
+    seen = start
     try:
-        with open(shard.path, "rb") as stream:
-            for sample in _tar_samples(stream, shard.path, reraise_exception):
-                if "jpg" not in sample or "json" not in sample:
-                    raise ShardError(
-                        f"{shard.path}: sample '{sample['__key__']}' lacks its .jpg or .json member"
-                    )
-                if seen >= start:
+        offset = _sample_offset(shard.path, start)
+        if offset is not None:
+            with open(shard.path, "rb") as stream:
+                stream.seek(offset)
+                for sample in _tar_samples(stream, shard.path, reraise_exception):
+                    if "jpg" not in sample or "json" not in sample:
+                        raise ShardError(
+                            f"{shard.path}: sample '{sample['__key__']}' lacks its .jpg or .json member"
+                        )
                     yield sample
-                seen += 1
-                if seen >= stop:
-                    return
+                    seen += 1
+                    if seen >= stop:
+                        return
     except (tarfile.TarError, OSError, ValueError) as err:
         reason = err.args[0] if err.args else err
         raise ShardError(f"{shard.path}: unreadable or truncated tar ({reason})") from err
-    raise ShardError(
-        f"{shard.path}: ends after {seen} samples, meta.json lists {shard.count} "
-        f"(truncated or replaced after packing?)"
-    )
+    held = f"ends after {seen} samples" if offset is not None else f"holds fewer than {start + 1} samples"
+    raise ShardError(f"{shard.path}: {held}, meta.json lists {shard.count} (truncated or replaced after packing?)")
 
 
 def _samples_in_range(
