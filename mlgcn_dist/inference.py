@@ -74,6 +74,7 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     """Rebuild the model the checkpoint was trained as (label graph from its own statistics) and load weights."""
     from mlgcn_dist.graph import build_graph_inputs
     from mlgcn_dist.models import build_model
+    from mlgcn_dist.models.convert import load_fitting
 
     names = payload["label_names"]
     state = payload["ema"] if weights == "ema" else payload["model"]
@@ -98,15 +99,8 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     # checkpoint would load a part of it and leave the rest random).
     misfit = (f"the ML-GCN checkpoint does not fit model.backbone={cfg.model.backbone}, model.head={cfg.model.head}"
               " (pass the backbone it was trained with: ML-GCN's is resnet101)")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # weights of another shape
-        raise ConfigError(f"{misfit}: {str(err).splitlines()[1].strip()}") from err
-    missing = [k for k in result.missing_keys
-               if k not in ("head.adj", "head.embeddings") and not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"{misfit}: {len(missing)} weights missing (first: {missing[:3]}), "
-                         f"{len(result.unexpected_keys)} unused (first: {result.unexpected_keys[:3]})")
+    load_fitting(model, state, misfit,
+                 ignored=lambda key: key in ("head.adj", "head.embeddings") or key.endswith("num_batches_tracked"))
     return model.eval()
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from mlgcn_dist.config import ConfigError
 from mlgcn_dist.models import cifar
-from mlgcn_dist.models.convert import clean_state_dict
+from mlgcn_dist.models.convert import clean_state_dict, first_lines, load_fitting
 
 BackboneFactory = Callable[[str], tuple[nn.Module, int]]
 
@@ -159,7 +159,7 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and type errors alike for unreadable files
         raise ConfigError(f"model.pretrained: cannot read '{path}' as a PyTorch state dict: "
-                          f"{_first_line(err)}") from err
+                          f"{first_lines(err)}") from err
     try:
         return clean_state_dict(obj, path)
     except ValueError as err:
@@ -171,38 +171,8 @@ def _load_classifier_weights(
 ) -> None:
     """Load ``state`` into the full torchvision ``net``; the parts we cut away need not be there or match."""
     kept = {k: v for k, v in _rename_old_densenet_keys(state).items() if not k.startswith(spec.discarded)}
-    try:
-        result = net.load_state_dict(kept, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ConfigError(f"model.pretrained={source}: weights do not fit the torchvision net: {_first_line(err)}") from err
-    missing = [k for k in result.missing_keys if not k.startswith(spec.discarded)]
-    if missing or result.unexpected_keys:
-        raise ConfigError(
-            f"model.pretrained={source}: not a state dict of this torchvision net; missing keys {missing[:5]} "
-            f"({len(missing)} in all), unexpected keys {result.unexpected_keys[:5]} "
-            f"({len(result.unexpected_keys)} in all)"
-        )
-
-
-def _load_exactly(net: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
-    """``state`` into ``net``, every key and shape matching; a misfit names a few keys, not all of them."""
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ConfigError(f"{source}: not a state dict of backbone '{name}': {_first_line(err)}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(
-            f"{source}: not a state dict of backbone '{name}'; missing keys {result.missing_keys[:5]} "
-            f"({len(result.missing_keys)} in all), unexpected keys {result.unexpected_keys[:5]} "
-            f"({len(result.unexpected_keys)} in all)"
-        )
-
-
-def _first_line(err: Exception) -> str:
-    """torch's load_state_dict errors list every mismatched tensor, one per line: the first is enough."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-    return " ".join(lines[:2]) + more
+    load_fitting(net, kept, f"model.pretrained={source}: not a state dict of this torchvision net",
+                 ignored=lambda key: key.startswith(spec.discarded))
 
 
 def _torchvision_backbone(name: str, pretrained: str) -> tuple[nn.Module, int]:
@@ -232,7 +202,8 @@ def _register_cifar(name: str, constructor: Callable[[], nn.Module]) -> None:
                 f"model.pretrained=imagenet: backbone '{name}' has no ImageNet weights; use none or a path"
             )
         if pretrained != "none":
-            _load_exactly(net, _file_state_dict(pretrained), f"model.pretrained={pretrained}", name)
+            load_fitting(net, _file_state_dict(pretrained),
+                         f"model.pretrained={pretrained}: not a state dict of backbone '{name}'")
         return net, net.out_channels
 
     register_backbone(name)(factory)

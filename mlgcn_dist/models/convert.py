@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
+
+from mlgcn_dist.config import ConfigError
 
 # Keys under which training scripts commonly nest the weights (ML-GCN, torchvision references, timm).
 _CONTAINER_KEYS = ("state_dict", "model")
@@ -62,3 +65,27 @@ def import_mlgcn_state_dict(state: Mapping) -> tuple[dict[str, torch.Tensor], to
             "ML-GCN checkpoint: no 'A' (the re-weighted adjacency) among its keys; is it a GCNResnet?"
         )
     return converted, adjacency
+
+
+def load_fitting(
+    net: nn.Module, state: Mapping[str, torch.Tensor], misfit: str, ignored: Callable[[str], bool] = lambda key: False
+) -> None:
+    """``state`` into ``net``, every key and shape matching except missing keys ``ignored`` accepts. A misfit is a
+    ConfigError beginning with ``misfit`` and naming a few keys (torch's own error lists every tensor)."""
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"{misfit}: {first_lines(err)}") from err
+    missing = [key for key in result.missing_keys if not ignored(key)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"{misfit}; missing keys {missing[:5]} ({len(missing)} in all), unexpected keys "
+            f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all)"
+        )
+
+
+def first_lines(err: Exception) -> str:
+    """The first two lines of a torch error (load_state_dict lists every mismatched tensor, one per line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more
