@@ -119,21 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"mlgcn {args.command}: {err}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:
-        if args.command == "train":
-            raise  # a failure during training keeps its traceback (exit 1): 2 means the configuration was wrong
-        # Bad input to a tool (a file that is not a checkpoint, image or run directory, a filter that does not
-        # parse): the messages name the file or option; a traceback would bury that.
+    except (ValueError, OSError, RuntimeError) as err:
+        # A failure during training keeps its traceback (exit 1): 2 means the configuration was wrong. Bad input to
+        # a tool (a file that is not a checkpoint, image or run directory, a filter that does not parse, a damaged
+        # shard) is one message naming the file or option; a traceback would bury that. Other RuntimeErrors
+        # (torch's) keep theirs.
+        if args.command == "train" or (isinstance(err, RuntimeError) and not _is_shard_error(err)):
+            raise
         print(f"mlgcn {args.command}: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        from mlgcn_dist.data.loader import ShardError  # already imported wherever one was raised
 
-        if args.command == "train" or not isinstance(err, ShardError):
-            raise
-        print(f"mlgcn {args.command}: {err}", file=sys.stderr)  # a damaged shard, named: the data needs a repack
-        return 2
 
+def _is_shard_error(err: RuntimeError) -> bool:
+    from mlgcn_dist.data.loader import ShardError  # already imported wherever one was raised
+
+    return isinstance(err, ShardError)
 
 if __name__ == "__main__":
     sys.exit(main())
