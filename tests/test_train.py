@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import train_log, weights
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -167,15 +168,14 @@ def test_a_second_run_on_the_same_directory_refuses(toy_root, tmp_path):
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, tmp_path):
     """data.device_prefetch only moves the decode/augment onto a helper thread: same batches, same weights."""
-    weights = []
+    trained = []
     for depth in (0, 2):
         run_dir = tmp_path / f"ahead{depth}"
         train(toy_config(toy_root, run_dir, "data.decode=gpu", f"data.device_prefetch={depth}", "train.epochs=1",
                          "data.steps_per_epoch=4", "train.deterministic=true"))
-        payload = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
-        weights.append(payload["model"])
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        trained.append(weights(run_dir))
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
 aten = torch.ops.aten
@@ -262,11 +262,11 @@ def test_every_logged_loss_is_the_mean_over_the_micro_batches_of_its_window_and_
     in each. An epoch shorter than log_every logs once, at its end."""
     monkeypatch.setattr(engine_module, "build_loss", lambda cfg: lambda logits, targets: (logits * 0).sum() + 1.0)
     train(toy_config(toy_root, tmp_path / "run", "train.epochs=2", "data.steps_per_epoch=3"))
-    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    logged = train_log(tmp_path / "run")
     assert [r["step"] for r in logged] == [2, 3, 4, 6]
     assert [r["train/loss"] for r in logged] == [1.0, 1.0, 1.0, 1.0]
     train(toy_config(toy_root, tmp_path / "short", "train.epochs=2", "data.steps_per_epoch=3", "train.log_every=5"))
-    logged = [json.loads(line) for line in (tmp_path / "short" / "train_log.jsonl").read_text().splitlines()]
+    logged = train_log(tmp_path / "short")
     assert [r["step"] for r in logged] == [3, 5, 6]
 
 
@@ -372,21 +372,13 @@ def test_an_accelerate_config_that_sets_what_a_deepspeed_json_owns_is_refused_na
 # --------------------------------------------------------------------------------- gradient accumulation
 
 
-def logged_steps(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
-
-
 def test_with_gradient_accumulation_the_schedule_advances_once_per_optimiser_step(toy_root, tmp_path):
     """6 micro-batches of 4, 2 per optimiser step: 3 steps an epoch. Warmup spans epoch 0's 3 steps and the decay
     comes at epoch 1's first step, not 2x sooner."""
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.epochs=2", "data.batch_size=4", "train.grad_accum=2",
                      "data.steps_per_epoch=6", "train.log_every=1", "optim.warmup_epochs=1", "optim.epoch_step=[1]"))
-    logged = logged_steps(run_dir)
+    logged = train_log(run_dir)
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["train/lr_head"] for r in logged] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.01, 0.01, 0.01])
 
@@ -402,7 +394,7 @@ def test_accumulating_two_micro_batches_of_4_trains_the_weights_of_one_batch_of_
     train(toy_config(toy_root, tmp_path / "batch8", *run, "data.batch_size=8", "data.steps_per_epoch=3"))
     train(toy_config(toy_root, tmp_path / "accum", *run, "data.batch_size=4", "train.grad_accum=2",
                      "data.steps_per_epoch=6"))
-    whole, accumulated = last_weights(tmp_path / "batch8"), last_weights(tmp_path / "accum")
+    whole, accumulated = weights(tmp_path / "batch8"), weights(tmp_path / "accum")
     assert whole.keys() == accumulated.keys()
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
@@ -417,7 +409,7 @@ def test_micro_batches_left_over_after_the_last_whole_optimiser_step_are_not_tra
     assert odd["global_step"] == even["global_step"] == 6
     state = json.loads((complete_checkpoints(tmp_path / "odd" / "checkpoints")[-1] / "train_state.json").read_text())
     assert (state["state"]["steps_per_epoch"], state["state"]["micro_batches"]) == (3, 6)
-    odd_weights, even_weights = last_weights(tmp_path / "odd"), last_weights(tmp_path / "even")
+    odd_weights, even_weights = weights(tmp_path / "odd"), weights(tmp_path / "even")
     assert all(torch.equal(odd_weights[key], even_weights[key]) for key in even_weights)
 
 
@@ -427,10 +419,10 @@ def test_a_resume_with_more_steps_per_epoch_goes_on_at_the_same_point_of_a_cosin
     run_dir = tmp_path / "run"
     run = ("train.epochs=2", "optim.schedule=cosine", "optim.warmup_epochs=0", "train.log_every=1")
     train(toy_config(toy_root, run_dir, *run, "data.batch_size=8", "data.steps_per_epoch=4", "train.max_steps=4"))
-    first_session = len(logged_steps(run_dir))
+    first_session = len(train_log(run_dir))
     cfg = toy_config(toy_root, run_dir, *run, "data.batch_size=4", "data.steps_per_epoch=8", "train.resume=auto")
     train(cfg)
-    resumed = [r["train/lr_head"] for r in logged_steps(run_dir)[first_session:]]
+    resumed = [r["train/lr_head"] for r in train_log(run_dir)[first_session:]]
     assert resumed[0] == pytest.approx(0.1 * 0.5)
     assert resumed == pytest.approx([0.1 * lr_factor(step, cfg.optim, 8, 2) for step in range(8, 16)])
 
@@ -568,6 +560,6 @@ def test_a_process_of_two_reports_the_throughput_of_both_in_img_per_s_and_the_wi
     state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
     assert state["trained_images"] == 3 * 8  # this process's
     assert summary["img_per_s"] == pytest.approx(2 * state["trained_images"] / state["train_seconds"])
-    logged = logged_steps(run_dir)
+    logged = train_log(run_dir)
     assert [r["train/img_per_s"] for r in logged] == [2 * r["train/img_per_s_per_process"] for r in logged]
     assert summary["img_per_s_window_median"] == statistics.median(r["train/img_per_s"] for r in logged)
