@@ -58,7 +58,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from mlgcn_dist.bench import run_bench
+    from mlgcn_dist.bench.cli import run_bench
 
     return run_bench(args) or 0
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("bench", help="benchmarks: `bench train` (ceiling vs end to end), `bench loader`, `bench decode`")
-    from mlgcn_dist.bench import add_bench_arguments
+    from mlgcn_dist.bench.cli import add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)

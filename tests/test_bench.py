@@ -16,30 +16,31 @@ import torch
 from conftest import timed_worker_loader
 from torch import nn
 
-from mlgcn_dist import bench
-from mlgcn_dist.bench import (
-    ORIGINAL_MLGCN,
-    TRAIN_FLOPS_PER_FORWARD,
-    LoaderQueue,
-    TrainStep,
+from mlgcn_dist.bench import phases, window
+from mlgcn_dist.bench.phases import (
+    ConversionClock,
     augment_in_loop_conversion,
-    batches_per_phase,
     data_path_phase,
-    format_report,
-    forward_flops_per_image,
     loader_phase,
-    make_toy_shards,
-    peak_tflops,
-    run_setting,
-    time_training,
     timed_conversion,
 )
+from mlgcn_dist.bench.profiling import ProfileRequest
+from mlgcn_dist.bench.report import format_report, profile_lines
+from mlgcn_dist.bench.step import (
+    ORIGINAL_MLGCN,
+    TRAIN_FLOPS_PER_FORWARD,
+    TrainStep,
+    forward_flops_per_image,
+    peak_tflops,
+    run_setting,
+)
+from mlgcn_dist.bench.train import batches_per_phase, make_toy_shards
+from mlgcn_dist.bench.window import LoaderQueue, time_training
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
 from mlgcn_dist.data.loader import build_train_loader, dataset_info
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
-from mlgcn_dist.profiling import ProfileRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -282,7 +283,7 @@ def test_a_failing_profile_is_reported_with_its_error_and_keeps_the_phases_timin
     def broken_profiler(run, request, device):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
 
-    monkeypatch.setattr(bench, "profile_steps", broken_profiler)
+    monkeypatch.setattr(window, "profile_steps", broken_profiler)
     step = _DivergingStep()
     step.calls = -100
     batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
@@ -290,7 +291,7 @@ def test_a_failing_profile_is_reported_with_its_error_and_keeps_the_phases_timin
     result = time_training(step, itertools.repeat(batch), lambda b: b, steps=2, warmup=1, profile=request)
     assert result["profile"] == {"trace": None, "steps": 2, "device": None, "error": "CUPTI_ERROR_NOT_INITIALIZED"}
     assert result["steps"] == 2 and result["img_s"] > 0
-    report_lines = bench._profile_lines({"ceiling": result})
+    report_lines = profile_lines({"ceiling": result})
     assert report_lines[-1].split() == ["ceiling", "profiling", "failed:", "CUPTI_ERROR_NOT_INITIALIZED"]
 
 
@@ -341,11 +342,11 @@ def test_the_data_path_alone_is_timed_at_the_loaders_steady_rate_wherever_its_wi
     """3 workers making a batch of 4 in 0.2 s: 60 images/s. A window of 4 batches that starts mid-round read 0.7x
     to 1.3x of it."""
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.prefetch_factor=2"])
-    monkeypatch.setattr(bench, "build_train_loader",
+    monkeypatch.setattr(phases, "build_train_loader",
                         lambda data_cfg, **_: timed_worker_loader(workers=3, batches=60, batch_size=4, seconds=0.2))
-    monkeypatch.setattr(bench, "timed_conversion",
+    monkeypatch.setattr(phases, "timed_conversion",
                         lambda *_: (lambda batch: (batch["image"], batch["target"], batch["image_id"]),
-                                    bench.ConversionClock()))
+                                    ConversionClock()))
     result = data_path_phase(cfg, torch.device("cpu"), "cpu", batches, warmup)
     assert result["batches"] == -(-batches // 3) * 3 and result["queued_batches_dropped"] == 6  # 3 x prefetch 2
     assert 0.85 * 60 <= result["img_s"] <= 1.1 * 60
@@ -366,7 +367,7 @@ def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monk
             yield {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "target": torch.zeros(2, 12),
                    "image_id": torch.arange(2), "n_bad": 0}
 
-    monkeypatch.setattr(bench, "build_train_loader", counting_loader)
+    monkeypatch.setattr(phases, "build_train_loader", counting_loader)
     profile = ProfileRequest(tmp_path / "phase.json.gz", profiled) if profiled else None
     result = loader_phase(_StepThatCompilesFirst(compile_s=0.0), cfg, "cpu", steps, warmup, profile=profile)
     assert result["steps"] == 6 and result["queued_batches_dropped"] == 6  # whole rounds; 3 workers x prefetch 2

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torchvision.io import decode_jpeg
 
+from mlgcn_dist.bench.decode import format_decode_report, toy_jpegs
 from mlgcn_dist.cli import main
-from mlgcn_dist.decode_bench import format_decode_report, toy_jpegs
 
 
 def test_bench_decode_without_a_cuda_device_says_it_needs_one_and_exits_2(monkeypatch, capsys):

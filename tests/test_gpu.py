@@ -14,7 +14,9 @@ import torch
 from conftest import jpeg, photo
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mlgcn_dist.bench import TrainStep, make_toy_shards, run_setting
+from mlgcn_dist.bench.profiling import ProfileRequest, profile_steps
+from mlgcn_dist.bench.step import TrainStep, run_setting
+from mlgcn_dist.bench.train import make_toy_shards
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
@@ -22,7 +24,6 @@ from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
 from mlgcn_dist.engine import Trainer, build_model_for, train
-from mlgcn_dist.profiling import ProfileRequest, profile_steps
 from mlgcn_dist.timing import DataStall
 
 pytestmark = [

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mlgcn_dist.profiling import ProfileRequest, StepProfiler, device_timeline, profile_steps, union_ms
+from mlgcn_dist.bench.profiling import ProfileRequest, StepProfiler, device_timeline, profile_steps, union_ms
 
 
 def _kernel(stream: int, start_us: float, end_us: float, cat: str = "kernel") -> dict:

@@ -1,0 +1,222 @@
+"""The phases of ``mlgcn bench train``, each a timed window (:func:`~mlgcn_dist.bench.window.time_training`) fed
+its own way: synthetic tensors on the device (the ceiling), the real loader with the engine's device conversion
+(end to end), and the data path alone, without training."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mlgcn_dist.bench.profiling import ProfileRequest
+from mlgcn_dist.bench.step import TrainStep
+from mlgcn_dist.bench.window import LoaderQueue, synced_clock, time_training
+from mlgcn_dist.config import Config
+from mlgcn_dist.data.loader import build_train_loader, whole_rounds
+from mlgcn_dist.data.prefetch import device_batches
+from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
+
+
+def synthetic_phase(
+    step: TrainStep,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    steps: int,
+    warmup: int,
+    stream: torch.cuda.Stream | None = None,
+    profile: ProfileRequest | None = None,
+) -> dict:
+    """The ceiling: one batch of random images and sparse multi-hot targets, already on the device, reused."""
+    device = step.device
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if step.setting.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = (torch.rand(batch_size, num_classes, device=device) < 0.05).to(torch.int8)
+    step.restart()
+    eager_loss = step.eager_loss(images, targets)
+    result = time_training(
+        step, itertools.repeat(None), lambda _: (images, targets), steps, warmup, stream, profile=profile
+    )
+    # The same first loss from the uncompiled model: a compiled model whose first loss differs (or is not finite)
+    # computes something else, which no number of steps explains.
+    result["eager_first_loss"] = eager_loss
+    return result
+
+
+class ConversionClock:
+    """Host time of the device conversion, per batch, on whichever thread runs it (the prefetch helper or the
+    training loop); on the GPU path split into the decode call and the crop/resize/flip/normalise launches.
+
+    torchvision's nvJPEG call returns when its own stream has finished decoding, so ``decode`` is the decode's
+    latency on a device busy with training; ``augment`` only launches kernels. Their sum against the step time
+    says whether the helper can keep up: at 1.0 of the step the helper is the limit. Medians over the phase's
+    conversions: the first (nvJPEG's set-up, worker start-up) and those competing with compilation would move a
+    mean.
+    """
+
+    PARTS = ("convert", "decode", "augment")
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+
+    def timed(self, part: str, fn: Callable, *args: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.samples.setdefault(part, []).append(time.perf_counter() - t0)
+
+    def per_batch_ms(self) -> dict[str, float | None]:
+        """Median host ms per converted batch of each part (None for a part this path does not have)."""
+        return {
+            f"{part}_ms": 1000 * statistics.median(self.samples[part]) if part in self.samples else None
+            for part in self.PARTS
+        }
+
+
+class TimedGpuAugment(GpuAugment):
+    """GpuAugment whose decode and apply calls are timed by ``clock``; what they compute is unchanged."""
+
+    def __init__(self, size: int, train: bool, clock: ConversionClock) -> None:
+        super().__init__(size, train)
+        self.clock = clock
+
+    def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
+        return self.clock.timed("decode", super().decode, jpegs, device)
+
+    def apply(
+        self, images: list[torch.Tensor], params: list[CropParams], device: torch.device | str,
+        channels_last: bool = False,
+    ) -> torch.Tensor:
+        return self.clock.timed("augment", super().apply, images, params, device, channels_last)
+
+
+def timed_conversion(
+    cfg: Config, decode: str, device: torch.device, channels_last: bool
+) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock]:
+    """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch."""
+    clock = ConversionClock()
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock) if decode == "gpu" else None
+    rng = random.Random(cfg.train.seed)
+
+    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
+        return clock.timed("convert", to_device, batch, device, augment, rng, channels_last)
+
+    return convert, clock
+
+
+def augment_in_loop_conversion(
+    cfg: Config, device: torch.device, channels_last: bool
+) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], Callable[[tuple], tuple[torch.Tensor, torch.Tensor]],
+           ConversionClock]:
+    """The GPU path split between two threads: ``decode`` (for the prefetch helper) makes the nvJPEG call, which
+    waits for the device without holding the GIL, and draws the crops; ``to_inputs`` (for the training loop)
+    launches the crop/resize/flip/normalise kernels on the training stream. Same images as ``to_device``: the
+    crops are drawn from the same ``rng`` in the same order. What it tests: whether the helper's many short
+    torch calls, each taking the GIL back from the thread launching the step, cost more than launching the
+    augment from that thread."""
+    clock = ConversionClock()
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock)
+    rng = random.Random(cfg.train.seed)
+
+    def decode(batch: dict) -> tuple[torch.Tensor, ...]:
+        def run() -> tuple[torch.Tensor, ...]:
+            images, kept = augment.decode(batch["jpeg"], device)
+            batch["crops"] = augment.crops(images, rng)
+            return (batch["target"][kept].to(device, non_blocking=True), *images)
+
+        return clock.timed("convert", run)
+
+    def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, (targets, *images) = pair
+        return augment.apply(images, batch["crops"], device, channels_last), targets
+
+    return decode, to_inputs, clock
+
+
+def _decode_on(decode: str, device: torch.device) -> str:
+    if decode == "cpu":
+        return "cpu workers (PIL)"
+    return "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
+
+
+def loader_phase(
+    step: TrainStep,
+    cfg: Config,
+    decode: str,
+    steps: int,
+    warmup: int,
+    depth: int | None = None,
+    stream: torch.cuda.Stream | None = None,
+    profile: ProfileRequest | None = None,
+    augment_in_loop: bool = False,
+) -> dict:
+    """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
+    engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
+    the steps on ``stream`` (None: the default stream). The batches the workers made during the warm-up are
+    dropped, and ``steps`` rounded up to whole rounds of the workers (:class:`LoaderQueue`). ``augment_in_loop``
+    (GPU decode): the helper only decodes, the loop launches the augment (:func:`augment_in_loop_conversion`)."""
+    depth = cfg.data.device_prefetch if depth is None else depth
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
+    if augment_in_loop:
+        convert, to_inputs, clock = augment_in_loop_conversion(cfg, step.device, step.setting.channels_last)
+    else:
+        convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
+
+        def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+            images, targets, _ = pair[1]
+            return images, targets
+
+    with device_batches(queue, convert, step.device, depth) as pairs:
+        timed = whole_rounds(steps, cfg.data.workers)
+        result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth, profile)
+    # Every conversion of the phase, the ones run ahead past the last step included.
+    result.update(clock.per_batch_ms())
+    result["convert_busy"] = result["convert_ms"] / result["step_ms"]
+    result["device_prefetch"] = depth
+    result["decode_on"] = _decode_on(decode, step.device)
+    if augment_in_loop:
+        result["decode_on"] += ", augment launched by the loop"
+    return result
+
+
+def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int, warmup: int) -> dict:
+    """The input pipeline alone: loader + device conversion ``data.device_prefetch`` ahead, as in training, with
+    no training step. Its img/s against the ceiling says whether the data path could keep up on an idle device;
+    its per-batch times against the end-to-end phase's show what sharing the device with training costs.
+
+    Timed as the end-to-end phases are: after the warm-up the batches the workers queued are dropped
+    (:class:`LoaderQueue`), and the window takes whole rounds of the workers, so a loader that sets the pace is
+    timed at its steady rate wherever a round begins."""
+    depth = cfg.data.device_prefetch
+    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+    queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
+    convert, clock = timed_conversion(cfg, decode, device, cfg.train.channels_last)
+    timed = whole_rounds(batches, cfg.data.workers)
+    images = 0
+    with device_batches(queue, convert, device, depth) as pairs:
+        for _ in range(warmup):
+            next(pairs)
+        for _ in range(queue.drop_warmup_queue(depth)):
+            next(pairs)
+        start = synced_clock(device)  # the last untimed batch is on the device
+        for _ in range(timed):
+            _, (batch_images, _, _) = next(pairs)
+            images += len(batch_images)
+        seconds = synced_clock(device) - start
+    return {
+        "decode_on": _decode_on(decode, device),
+        "device_prefetch": depth,
+        "batches": timed,
+        "images": images,
+        "seconds": seconds,
+        "img_s": images / seconds,
+        "queued_batches_dropped": queue.dropped,
+        **clock.per_batch_ms(),
+    }

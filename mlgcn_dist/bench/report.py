@@ -1,0 +1,135 @@
+"""``mlgcn bench train``'s report as text: the phases as a table, then what explains them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_report(report: dict) -> str:
+    """The phases as a table, then compile time, FLOPs and the loader's own rate."""
+    setting = report["phases"]["ceiling"]["setting"]
+    layout = "channels_last" if setting["channels_last"] else "NCHW"
+    mode = "eager"
+    if setting["compile"]:
+        mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
+    lines = [
+        f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
+        f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
+        f"{layout}, {mode}; "
+        f"{report['steps']} timed steps after {report['warmup']} warmup (end to end: whole rounds of "
+        f"{report['workers']} loader workers)",
+        f"{'phase':30s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'/ceiling':>10s}{'/reference':>11s}  decode",
+    ]
+    for name, p in report["phases"].items():
+        vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
+        lines.append(
+            f"{name:30s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{_percent(p['data_stall_frac']):>7s}"
+            f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
+            + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
+            + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"
+        )
+    flops = report["flops"]
+    loader = report["loader_cpu"]
+    lines.append(
+        f"ceiling re-measured after the end-to-end phases: {report['ceiling_drift']:.3f}x the first "
+        "(the spread between two measurements of one setting)"
+    )
+    diverged = [
+        f"{name} (from step {p['first_nonfinite_step']})"
+        for name, p in report["phases"].items()
+        if p["first_nonfinite_step"] is not None
+    ]
+    if diverged:
+        lines.append(
+            f"non-finite loss, each phase starting from the same weights: {', '.join(diverged)} "
+            "(same kernels, same speed)"
+        )
+    ceiling = report["phases"]["ceiling"]
+    if setting["compile"]:
+        lines.append(
+            f"first loss of the ceiling, compiled {ceiling['first_loss']:.4g} vs uncompiled "
+            f"{ceiling['eager_first_loss']:.4g} (same weights and batch)"
+        )
+    norms = [
+        f"{name} {p['max_grad_norm']:.3g}"
+        + (f" ({p['nonfinite_grad_norms']} non-finite)" if p["nonfinite_grad_norms"] else "")
+        for name, p in report["phases"].items()
+        if p["max_grad_norm"] is not None
+    ]
+    if norms:
+        lines.append(f"largest finite gradient norm before clipping: {', '.join(norms)}")
+    lines += [
+        f"{name}: conversion {_ms(p['convert_ms'])} a batch on the host ({p['convert_busy']:.0%} of the step)"
+        + ("" if p["decode_ms"] is None else f"; decode {_ms(p['decode_ms'])}, augment {_ms(p['augment_ms'])}")
+        for name, p in report["phases"].items()
+        if "convert_ms" in p
+    ]
+    lines += profile_lines(report["phases"])
+    if report["compile_s"] is not None:
+        lines.append(
+            f"compile: first step took {report['compile_s']:.1f} s, the ceiling's whole warm-up "
+            f"{report['phases']['ceiling']['warmup_s']:.1f} s (excluded from the timings)"
+        )
+    lines.append(
+        f"FLOPs per image: forward {flops['forward_per_image'] / 1e9:.2f} G, "
+        f"training ~{flops['train_per_image'] / 1e9:.2f} G"
+    )
+    lines.append(
+        f"loader alone (cpu decode, {loader['workers']} workers): {loader['images_per_s']:.1f} img/s, "
+        f"{loader['images_per_s_per_worker']:.1f} img/s per worker"
+    )
+    data = report["data_gpu"]
+    lines.append(
+        f"data path alone ({data['decode_on']}, {data['device_prefetch']} batches ahead, no training): "
+        f"{data['img_s']:.1f} img/s; a batch: decode {_ms(data['decode_ms'])}, augment {_ms(data['augment_ms'])}"
+    )
+    return "\n".join(lines)
+
+
+def profile_lines(phases: dict[str, dict]) -> list[str]:
+    """The profiled steps' device timeline per phase (none without --profile-dir)."""
+    profiled = {name: p["profile"] for name, p in phases.items() if p.get("profile")}
+    if not profiled:
+        return []
+    first = next(iter(profiled.values()))
+    traces = {str(Path(p["trace"]).parent) for p in profiled.values() if p["trace"]}
+    lines = [
+        f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
+        f"{', '.join(sorted(traces)) or 'none'}; device ms a step (any stream: window = busy + idle):",
+        f"  {'phase':30s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
+    ]
+    for name, profile in profiled.items():
+        timeline = profile["device"]
+        if profile.get("error"):
+            lines.append(f"  {name:30s} profiling failed: {profile['error']}")
+            continue
+        if timeline is None:
+            lines.append(f"  {name:30s} no device activity recorded (no CUDA)")
+            continue
+        lines.append(
+            f"  {name:30s}"
+            + "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8), ("idle_ms", 8)))
+            + f"{timeline['training_stream_ms']:17.1f}{timeline['other_streams_ms']:15.1f}"
+        )
+    return lines
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} ms"
+
+
+def _ahead(phase: dict) -> str:
+    depth = phase.get("device_prefetch")
+    ahead = "" if not depth else f", {depth} batches ahead"
+    return ahead + (", steps on a side stream" if phase["train_stream"] == "side" else "")
+

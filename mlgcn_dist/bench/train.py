@@ -1,0 +1,212 @@
+"""``mlgcn bench train``: every phase on one pack of shards (a toy set made for it by default), with MFU and the
+ratios end to end / ceiling and end to end / reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mlgcn_dist.bench.phases import data_path_phase, loader_phase, synthetic_phase
+from mlgcn_dist.bench.profiling import StepProfiler, request_for
+from mlgcn_dist.bench.step import (
+    ORIGINAL_MLGCN,
+    TRAIN_FLOPS_PER_FORWARD,
+    TrainStep,
+    cuda_numerics,
+    forward_flops_per_image,
+    peak_tflops,
+    run_setting,
+)
+from mlgcn_dist.bench.window import LoaderQueue, untimed_after_drop
+from mlgcn_dist.config import Config, set_key
+from mlgcn_dist.data.loader import DatasetInfo, bench_loader, dataset_info, read_meta, whole_rounds
+from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
+from mlgcn_dist.data.toy import make_toy
+from mlgcn_dist.engine import build_model_for
+from mlgcn_dist.streams import side_stream
+
+
+def _progress(name: str, result: dict) -> dict:
+    """Print a phase as soon as it is measured: a run cut short by a timeout still shows what it got."""
+    print(
+        f"[bench] {name}: {result['img_s']:.1f} img/s, data wait {result['data_wait_frac']:.1%}, "
+        f"first step {result['first_step_s']:.1f} s",
+        flush=True,
+    )
+    return result
+
+
+def with_mfu(result: dict, train_flops: float, device_name: str) -> dict:
+    """``result`` plus the achieved training TFLOP/s and their fraction of the device's peak (MFU)."""
+    peak = peak_tflops(device_name, result["numerics"])
+    achieved = train_flops * result["img_s"]
+    return {
+        **result,
+        "peak_tflops": peak,
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / (peak * 1e12) if peak else None,
+    }
+
+
+def ratios(phases: dict[str, dict]) -> dict[str, float]:
+    """img/s of each end-to-end phase over the ceiling's and over the reference's."""
+    return {
+        f"{name}/{base}": phases[name]["img_s"] / phases[base]["img_s"]
+        for name in phases
+        if name.startswith("e2e_")
+        for base in ("ceiling", "reference")
+    }
+
+
+def bench_device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
+
+
+def _configured_phases(
+    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int, profiler: StepProfiler | None
+) -> tuple[dict[str, dict], int]:
+    """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
+    setting = run_setting(cfg, device)
+    with cuda_numerics(setting):
+        torch.manual_seed(cfg.train.seed)
+        step = TrainStep(build_model_for(cfg, info), cfg, setting, device)
+        forward_flops = forward_flops_per_image(step.model, cfg.data.image_size, device, cfg.data.batch_size)
+
+        stream = side_stream(device, cfg.train.side_stream)
+
+        def ceiling(name: str) -> dict:
+            return synthetic_phase(
+                step, cfg.data.batch_size, cfg.data.image_size, info.num_classes, steps, warmup, stream,
+                request_for(profiler, name),
+            )
+
+        phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
+
+        def e2e(name: str, decode: str, **options: object) -> None:
+            profile = request_for(profiler, name)
+            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup, profile=profile, **options))
+
+        for decode in ("cpu", "gpu"):
+            e2e(f"e2e_decode_{decode}", decode, stream=stream)
+        if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
+            e2e("e2e_decode_gpu_inline", "gpu", depth=0, stream=stream)
+            # Only the decode ahead, on the helper; the loop launches the augment.
+            e2e("e2e_decode_gpu_augment_in_loop", "gpu", stream=stream, augment_in_loop=True)
+        if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
+            other = not cfg.train.side_stream
+            e2e(f"e2e_decode_gpu_{'side' if other else 'default'}_stream", "gpu", stream=side_stream(device, other))
+        # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
+        phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
+    return phases, forward_flops
+
+
+def _reference_phase(
+    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int, profiler: StepProfiler | None
+) -> dict:
+    with cuda_numerics(ORIGINAL_MLGCN):
+        torch.manual_seed(cfg.train.seed)
+        step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
+        # The original moved each batch inline (``input.cuda()``): no conversion ahead.
+        profile = request_for(profiler, "reference")
+        return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0, profile=profile))
+
+
+def bench_train(cfg: Config, steps: int, warmup: int, profiler: StepProfiler | None = None) -> dict:
+    """All phases on ``cfg.data.shards``; returns the report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each
+    training phase ends with that many steps under torch.profiler (their device timeline in ``profile``)."""
+    device = bench_device(cfg)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = dataset_info(cfg.data)
+    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler)
+    data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
+    print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
+    if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
+        torch.cuda.empty_cache()
+    phases["reference"] = _reference_phase(cfg, info, device, steps, warmup, profiler)
+    train_flops = TRAIN_FLOPS_PER_FORWARD * forward_flops
+    phases = {name: with_mfu(result, train_flops, device_name) for name, result in phases.items()}
+    loader = bench_loader(
+        cfg.data.shards,
+        "cpu",
+        workers=cfg.data.workers,
+        batches=warmup + steps,
+        batch_size=cfg.data.batch_size,
+        image_size=cfg.data.image_size,
+    )
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": info.num_classes},
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+        "workers": cfg.data.workers,
+        "prefetch_factor": cfg.data.prefetch_factor,
+        "steps": steps,
+        "warmup": warmup,
+        "flops": {"forward_per_image": forward_flops, "train_per_image": train_flops},
+        "compile_s": phases["ceiling"]["first_step_s"] if cfg.train.compile else None,
+        "phases": phases,
+        "ratios": ratios(phases),
+        "ceiling_drift": phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"],
+        "loader_cpu": loader,
+        "data_gpu": data_gpu,
+    }
+
+
+
+def make_toy_shards(workdir: Path, images: int, size: int, workers: int, seed: int) -> Path:
+    """make-toy at ``size`` px (real-sized noisy JPEGs), packed into two shards per loader worker."""
+    root, shards = workdir / "toy", workdir / "shards"
+    make_toy(root, train=images, val=max(4, images // 16), size=size, seed=seed)
+    pack_dataset(
+        "coco",
+        root,
+        shards,
+        ["train", "val"],
+        shard_count=2 * max(workers, 1),
+        workers=max(1, min(workers, os.cpu_count() or 1)),
+        overwrite=True,
+    )
+    return shards
+
+
+def describe_shards(shards: Path, split: str) -> dict:
+    """Where the data came from, and the mean bytes of a training sample (its JPEG, json and tar headers)."""
+    body = read_meta(shards)["splits"][split]
+    total = sum((shards / s["file"]).stat().st_size for s in body["shards"])
+    return {
+        "shards": str(shards),
+        "split": split,
+        "images": body["count"],
+        "mean_sample_bytes": total / max(body["count"], 1),
+    }
+
+
+def batches_per_phase(cfg: Config, steps: int, warmup: int, profiled: int = 0) -> int:
+    """Batches in a phase's loader epoch: warm-up, the dropped queue and the untimed steps after it
+    (:class:`LoaderQueue`), the timed steps in whole rounds of the workers, the ``profiled`` ones, then the
+    ``data.device_prefetch`` batches the helper converts past the last step and one more round, so the timed window
+    never sees the end of the epoch (workers that finished their share, uneven shares)."""
+    workers, depth = cfg.data.workers, cfg.data.device_prefetch
+    dropped = LoaderQueue.queued(workers, cfg.data.prefetch_factor)
+    timed = whole_rounds(steps, workers)
+    return warmup + dropped + untimed_after_drop(workers, depth) + timed + profiled + depth + max(workers, 1)
+
+
+def point_config_at_shards(cfg: Config, shards: Path, batches: int) -> None:
+    """Read ``shards`` whatever the config said, with one loader epoch covering every batch a phase takes."""
+    dataset = read_meta(shards)["dataset"]
+    for key, value in (
+        ("data.format", "wds"),
+        ("data.shards", str(shards)),
+        ("data.dataset", dataset),
+        ("data.train_split", TRAINING_SPLIT[dataset]),
+        ("data.steps_per_epoch", batches),
+    ):
+        set_key(cfg, key, value, "bench")
+
+
+# ---------------------------------------------------------------------------------------------- report
