@@ -158,6 +158,15 @@ class TimedWorkerBatches(IterableDataset):
                    "image_id": torch.arange(self.batch_size), "n_bad": 0}
 
 
+def declare_huge_size(path: str | Path, side: int = 60000) -> None:
+    """Rewrite a baseline JPEG's frame header to declare ``side`` x ``side`` pixels: past PIL's decompression-bomb
+    limit, PIL refuses it on open with DecompressionBombError, which is no OSError."""
+    data = bytearray(Path(path).read_bytes())
+    frame = data.index(b"\xff\xc0")  # SOF0: marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5 : frame + 9] = side.to_bytes(2, "big") * 2
+    Path(path).write_bytes(bytes(data))
+
+
 def timed_worker_loader(workers: int, batches: int, batch_size: int, seconds: float,
                         prefetch_factor: int = 2) -> DataLoader:
     """A real DataLoader (worker processes, its prefetch queue) over :class:`TimedWorkerBatches`."""

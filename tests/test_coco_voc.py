@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference_dir
+from conftest import declare_huge_size, reference_dir
 from PIL import Image
 
 from mlgcn_dist.data.coco import coco_label_space, read_coco
@@ -73,6 +73,12 @@ def test_read_coco_drops_unannotated_images_unless_keep_empty(tmp_path):
     assert kept.targets()[1].tolist() == [0, 0, 0]
 
 
+def test_read_coco_split_without_an_annotated_image_has_no_records_and_targets_of_every_label(tmp_path):
+    index = read_coco(write_coco(tmp_path, "val", [image(1), image(2)], []), "val")
+    assert len(index) == 0 and len(index.skipped) == 2
+    assert index.targets().shape == (0, 3)  # label statistics of it are zeros, not a shape error
+
+
 def test_read_coco_counts_image_with_missing_file_as_skip(tmp_path):
     files = [image(1)["file_name"]]
     root = write_coco(tmp_path, "val", [image(1), image(2)], [ann(1, 1, 3), ann(2, 2, 18)], files=files)
@@ -95,12 +101,16 @@ def test_read_coco_missing_json_or_image_folder_names_the_path(tmp_path, missing
         read_coco(root, "val")
 
 
+@pytest.mark.parametrize("damage", ["deleted", "not_a_list"])
 @pytest.mark.parametrize("key", ["images", "annotations", "categories"])
-def test_read_coco_json_without_a_top_level_key_names_file_and_key(tmp_path, key):
+def test_read_coco_json_without_a_top_level_list_names_file_and_key(tmp_path, key, damage):
     root = write_coco(tmp_path, "val", [image(1)], [ann(1, 1, 3)])
     path = root / "annotations" / "instances_val2014.json"
     document = json.loads(path.read_text())
-    del document[key]
+    if damage == "deleted":
+        del document[key]
+    else:  # an object keyed by position: iterating it would give its keys, not its entries
+        document[key] = dict(enumerate(document[key]))
     path.write_text(json.dumps(document))
     with pytest.raises(ValueError, match=rf"instances_val2014\.json.*'{key}'"):
         read_coco(root, "val")
@@ -119,11 +129,42 @@ def test_read_coco_annotation_without_category_names_the_key(tmp_path):
         read_coco(root, "val")
 
 
-def test_read_coco_invalid_json_is_a_value_error_naming_the_file(tmp_path):
+@pytest.mark.parametrize(("content", "message"), [
+    (b"{not json", "not valid JSON"),
+    (b'{"images": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
+    (b"[]", "expected a JSON object"),
+])
+def test_read_coco_invalid_json_is_a_value_error_naming_the_file(tmp_path, content, message):
     root = write_coco(tmp_path, "val", [image(1)], [ann(1, 1, 3)])
-    (root / "annotations" / "instances_val2014.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"instances_val2014\.json: not valid JSON"):
+    (root / "annotations" / "instances_val2014.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"instances_val2014\.json: {message}"):
         read_coco(root, "val")
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (7, "an image lacks key 'id'"),
+    ({**image(1), "id": True}, "an image has 'id' = True, expected int"),
+    ({**image(1), "width": "8"}, "an image has 'width' = '8', expected int"),
+    ({**image(1), "file_name": None}, "an image has 'file_name' = None, expected str"),
+])
+def test_read_coco_image_that_is_no_object_or_has_a_mistyped_field_names_file_and_key(tmp_path, entry, message):
+    root = write_coco(tmp_path, "val", [entry], [ann(1, 1, 3)], files=[image(1)["file_name"]])
+    with pytest.raises(ValueError, match=rf"instances_val2014\.json: {re.escape(message)}"):
+        read_coco(root, "val")
+
+
+def test_read_coco_images_repeating_an_id_are_an_error_not_silently_merged(tmp_path):
+    twin = {**image(2), "id": 1}
+    root = write_coco(tmp_path, "val", [image(1), twin], [ann(1, 1, 3)])
+    with pytest.raises(ValueError, match=r"instances_val2014\.json: 'images' repeats an id"):
+        read_coco(root, "val")
+
+
+@pytest.mark.parametrize("repeated", ["name", "id"])
+def test_coco_categories_repeating_a_name_or_an_id_are_an_error(repeated):
+    dog, car = {"id": 18, "name": "dog", "supercategory": "animal"}, {"id": 3, "name": "car", "supercategory": "vehicle"}
+    with pytest.raises(ValueError, match="'categories' repeats a name or an id"):
+        coco_label_space([dog, {**car, repeated: dog[repeated]}], "instances_val2014.json")
 
 
 def test_coco_label_order_matches_mlgcn_reference_order():
@@ -176,8 +217,19 @@ def test_voc_supercategories_group_the_20_classes_into_four(voc_root):
     labels = read_voc(voc_root, "test").labels
     groups = dict(zip(labels.names, labels.supercategories))
     assert set(groups.values()) == {"person", "animal", "vehicle", "indoor"}
-    assert groups["person"] == "person" and groups["cat"] == "animal"
-    assert groups["motorbike"] == "vehicle" and groups["tvmonitor"] == "indoor"
+    members = {group: [name for name in labels.names if groups[name] == group] for group in set(groups.values())}
+    assert members == {
+        "person": ["person"],
+        "animal": ["bird", "cat", "cow", "dog", "horse", "sheep"],
+        "vehicle": ["aeroplane", "bicycle", "boat", "bus", "car", "motorbike", "train"],
+        "indoor": ["bottle", "chair", "diningtable", "pottedplant", "sofa", "tvmonitor"],
+    }
+
+
+def test_label_groups_are_numbered_in_order_of_first_appearance(voc_root):
+    labels = read_voc(voc_root, "test").labels  # aeroplane (vehicle), bird (animal), bottle (indoor), ... person
+    number = {"vehicle": 0, "animal": 1, "indoor": 2, "person": 3}
+    assert labels.groups() == [number[s] for s in labels.supercategories]
 
 
 def test_voc_class_order_matches_mlgcn_reference():
@@ -209,19 +261,40 @@ def test_read_voc_malformed_line_names_file_and_line(tmp_path, voc_writer, voc_l
         read_voc(root, "test")
 
 
-def test_read_voc_class_files_listing_different_ids_is_an_error(tmp_path, voc_writer, voc_labels):
+@pytest.mark.parametrize(("name", "edit", "message"), [
+    ("cat", lambda text: text.replace("000006", "000099"), r"cat_test\.txt:4: image id '000099' is .* not in"),
+    ("cat", lambda text: text.replace("000006", "000001"), r"cat_test\.txt:4: image id '000001' is repeated"),
+    ("tvmonitor", lambda text: "".join(text.splitlines(True)[:-1]),
+     r"tvmonitor_test\.txt: lists 3 image ids, aeroplane_test\.txt lists 4"),
+])
+def test_read_voc_class_files_listing_different_ids_is_an_error_naming_the_file(
+    tmp_path, voc_writer, voc_labels, name, edit, message
+):
+    """Another, a repeated or a missing id would shift the flags of the classes after it onto the wrong image."""
     root = voc_writer(tmp_path, {"test": voc_labels["test"]})
-    path = root / "VOCdevkit/VOC2007/ImageSets/Main/cat_test.txt"
-    path.write_text(path.read_text().replace("000006", "000099"))
-    with pytest.raises(ValueError, match=r"cat_test\.txt:4: image id '000099'"):
+    path = root / f"VOCdevkit/VOC2007/ImageSets/Main/{name}_test.txt"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=message):
         read_voc(root, "test")
 
 
-def test_read_voc_missing_or_unreadable_jpeg_is_a_counted_skip(tmp_path, voc_writer, voc_labels):
+def test_read_voc_ignores_blank_lines_in_a_class_file(tmp_path, voc_writer, voc_labels, voc_root):
+    root = voc_writer(tmp_path, {"test": voc_labels["test"]})
+    path = root / "VOCdevkit/VOC2007/ImageSets/Main/dog_test.txt"
+    path.write_text("\n" + path.read_text().replace("\n", "\n  \n") + "\n")
+    assert np.array_equal(read_voc(root, "test").targets(), read_voc(voc_root, "test").targets())
+
+
+@pytest.mark.parametrize("unreadable", ["garbage", "huge"])
+def test_read_voc_missing_or_unreadable_jpeg_is_a_counted_skip(tmp_path, voc_writer, voc_labels, unreadable):
+    """Unreadable: not an image, or a header declaring more pixels than PIL opens (DecompressionBombError)."""
     root = voc_writer(tmp_path, {"test": voc_labels["test"]})
     images = root / "VOCdevkit/VOC2007/JPEGImages"
     (images / "000002.jpg").unlink()
-    (images / "000004.jpg").write_bytes(b"not an image")
+    if unreadable == "huge":
+        declare_huge_size(images / "000004.jpg")
+    else:
+        (images / "000004.jpg").write_bytes(b"not an image")
     index = read_voc(root, "test")
     assert [r.image_id for r in index.records] == [1, 6]
     assert [(s["image_id"], s["reason"]) for s in index.skipped] == [(2, "missing_file"), (4, "unreadable")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 from dataclasses import replace
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import declare_huge_size
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
+from mlgcn_dist.data.records import Skipped
 from mlgcn_dist.data.transforms import CpuTransform, GpuAugment, to_device
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the supported path here.
@@ -53,7 +57,7 @@ def test_raw_mode_yields_the_file_bytes(small_index):
     assert len(batch["jpeg"]) == 2 and batch["image_id"].shape == (2,) and "image" not in batch
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "huge"])
 def test_corrupt_image_on_the_cpu_path_gives_n_bad_1_and_the_rest_of_the_batch(small_index, damage):
     _damage(small_index.records[2].path, damage)
     dataset = FolderDataset(small_index, CpuTransform(32, train=False))
@@ -64,7 +68,7 @@ def test_corrupt_image_on_the_cpu_path_gives_n_bad_1_and_the_rest_of_the_batch(s
     assert torch.equal(batch["target"], torch.from_numpy(small_index.targets()[[i for i in range(8) if i != 2]]))
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "png", "huge"])
 def test_corrupt_image_on_the_raw_path_gives_n_bad_1_after_device_decode(small_index, damage):
     """Unreadable or non-JPEG files fail in the worker; a truncated JPEG only when decoded (in to_device)."""
     _damage(small_index.records[2].path, damage)
@@ -73,6 +77,12 @@ def test_corrupt_image_on_the_raw_path_gives_n_bad_1_after_device_decode(small_i
     images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=False), random.Random(0), False)
     assert batch["n_bad"] == 1 and images.shape[0] == targets.shape[0] == 7
     assert 2 not in ids.tolist() and ids.tolist() == [r.image_id for i, r in enumerate(small_index.records) if i != 2]
+
+
+def test_collate_counts_every_bad_sample_and_names_those_whose_image_id_is_known():
+    good = {"image": torch.zeros(3, 2, 2, dtype=torch.uint8), "target": torch.zeros(5, dtype=torch.int8), "image_id": 1}
+    batch = collate([Skipped(None), good, None, Skipped(5)])
+    assert batch["n_bad"] == 3 and batch["bad_ids"] == [5] and batch["image_id"].tolist() == [1]
 
 
 def test_collate_of_only_bad_samples_is_an_empty_batch_with_n_bad():
@@ -94,17 +104,35 @@ def test_augmentation_depends_on_seed_epoch_and_index_not_on_workers(small_index
     assert not torch.equal(FolderDataset(small_index, CpuTransform(32, train=True), seed=6)[0]["image"], first[0])
 
 
+def test_every_seed_epoch_and_index_draws_its_own_augmentation_stream(toy_root):
+    """Not one stream for all images, and no two (seed, epoch, index) alike, e.g. (1, 11, 0) and (11, 1, 0)."""
+    index = read_split("coco", toy_root, "val")
+    draws = []
+    for seed, epoch in itertools.product((1, 11), (1, 11)):
+        dataset = FolderDataset(index, lambda img, rng: rng.random(), seed=seed)  # the image: its first draw
+        dataset.set_epoch(epoch)
+        draws += [dataset[i]["image"] for i in (0, 1, 10)]
+    assert len(set(draws)) == len(draws) == 12
+
+
 def test_folder_dataset_needs_a_transform_unless_raw(small_index):
     with pytest.raises(ValueError, match="CpuTransform"):
         FolderDataset(small_index, None)
 
 
 def _damage(path: str, how: str) -> None:
-    """Make one image file unreadable: deleted, overwritten with garbage, or cut in half."""
+    """Make one image file unreadable: deleted, overwritten with garbage, cut in half, declaring a size past PIL's
+    decompression-bomb limit, or (raw path) a PNG."""
     file = Path(path)
     if how == "missing":
         file.unlink()
+    elif how == "huge":
+        declare_huge_size(file)
     elif how == "garbage":
         file.write_bytes(b"\x00garbage" * 50)
+    elif how == "png":  # a readable picture, but not a JPEG: the device decoder cannot take it
+        with Image.open(file) as img:
+            img.load()
+        img.save(file, "PNG")
     else:
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])

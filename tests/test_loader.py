@@ -5,6 +5,7 @@ Ranks are simulated in one process: each rank's loader is built with its rank nu
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import timed_worker_loader
+from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -37,10 +39,11 @@ from mlgcn_dist.data.loader import (
     epoch_indices,
     pass_order,
     read_meta,
+    steps_per_epoch,
     train_span,
 )
 from mlgcn_dist.data.pack import pack_dataset
-from mlgcn_dist.data.records import encode_target
+from mlgcn_dist.data.records import Skipped, encode_target
 from mlgcn_dist.data.transforms import CpuTransform
 
 BATCH = 4
@@ -257,11 +260,33 @@ def test_a_span_inside_a_shard_is_read_from_its_first_sample_as_a_full_read_woul
     assert [sample["__key__"] for sample in _read_shard(shard, shard.count - 1, shard.count)] == everything[-1:]
 
 
+def test_a_span_is_found_past_the_metadata_members_webdataset_skips(shards, tmp_path):
+    shard = next(s for s in read_train_shards(shards) if s.count >= 10)
+    path = tmp_path / "with_meta.tar"
+    with tarfile.open(shard.path) as source, tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("__meta__/info.json")  # not a sample: webdataset's reader drops it
+        tar.addfile(info)
+        for member in source.getmembers():
+            tar.addfile(member, source.extractfile(member))
+    everything = [sample["__key__"] for sample in _read_shard(Shard(str(path), shard.count))]
+    assert len(everything) == shard.count
+    assert [sample["__key__"] for sample in _read_shard(Shard(str(path), shard.count), 5, 9)] == everything[5:9]
+
+
 def test_epoch_indices_are_disjoint_across_ranks_and_serve_any_count():
     parts = [epoch_indices(10, rank, 3, seed=0, epoch=0, count=3) for rank in range(3)]
     assert len({i for p in parts for i in p}) == 9
     assert epoch_indices(10, 0, 1, seed=0, epoch=0, count=25)[:10] != list(range(10))
     assert sorted(epoch_indices(10, 0, 1, seed=0, epoch=0, count=20)[10:]) == list(range(10))
+    two_passes = epoch_indices(10, 0, 1, seed=0, epoch=0, count=20)
+    assert two_passes[10:] != two_passes[:10]  # each pass a new permutation
+
+
+def test_an_epoch_has_at_least_one_step_even_when_the_set_is_smaller_than_a_global_batch(tmp_path):
+    cfg = config("folder", tmp_path, tmp_path)  # batch 4
+    assert steps_per_epoch(cfg, num_train=7, world_size=2) == 1
+    assert steps_per_epoch(cfg, num_train=17, world_size=2) == 2
+    assert steps_per_epoch(config("folder", tmp_path, tmp_path, steps_per_epoch=5), num_train=7, world_size=2) == 5
 
 
 def test_wds_and_folder_describe_the_dataset_identically(toy_root, shards):
@@ -276,14 +301,42 @@ def test_wds_and_folder_describe_the_dataset_identically(toy_root, shards):
     np.testing.assert_array_equal(a.adj, b.adj)
 
 
-def test_gpu_decode_carries_the_original_jpeg_bytes(toy_root, shards):
-    index = read_split("coco", toy_root, "val")
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+@pytest.mark.parametrize("train", [False, True])
+def test_gpu_decode_carries_the_original_jpeg_bytes(fmt, train, toy_root, shards):
+    index = read_split("coco", toy_root, "train" if train else "val")
     by_id = {r.image_id: Path(r.path).read_bytes() for r in index.records}
-    batches = list(build_eval_loader(config("wds", toy_root, shards), rank=0, world_size=1, decode="gpu"))
+    cfg = config(fmt, toy_root, shards, steps_per_epoch=2)
+    if train:
+        batches = list(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode="gpu"))
+    else:
+        batches = list(build_eval_loader(cfg, rank=0, world_size=1, decode="gpu"))
     assert "image" not in batches[0]
     for batch in batches:
         for image_id, jpeg in zip(batch["image_id"].tolist(), batch["jpeg"]):
             assert jpeg.dtype == torch.uint8 and jpeg.numpy().tobytes() == by_id[image_id]
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_evaluation_images_are_the_whole_frame_resized_without_random_crop_or_flip(fmt, toy_root, shards):
+    paths = {r.image_id: r.path for r in read_split("coco", toy_root, "val").records}
+    warp = CpuTransform(32, train=False)
+    for batch in build_eval_loader(config(fmt, toy_root, shards), rank=0, world_size=1, decode="cpu"):
+        for image_id, image in zip(batch["image_id"].tolist(), batch["image"]):
+            with Image.open(paths[image_id]) as original:
+                assert torch.equal(image, warp(original.convert("RGB"), random.Random(1)))
+
+
+def test_folder_training_crops_an_image_anew_for_each_epoch_and_seed(toy_root, shards):
+    def crops(epoch: int, seed: int) -> dict[int, torch.Tensor]:
+        batches = train_batches(config("folder", toy_root, shards), epoch=epoch, seed=seed)
+        return {i: image for b in batches for i, image in zip(b["image_id"].tolist(), b["image"])}
+
+    first = crops(epoch=3, seed=7)
+    for other in (crops(epoch=4, seed=7), crops(epoch=3, seed=8)):
+        common = first.keys() & other.keys()
+        same = sum(torch.equal(first[i], other[i]) for i in common)
+        assert len(common) > 20 and same < len(common) / 2  # a few crops and flips may coincide, not most
 
 
 def test_a_shard_listed_in_meta_but_missing_is_an_error_naming_it(toy_root, copied_shards):
@@ -299,6 +352,21 @@ def test_dataset_info_refuses_a_pack_whose_statistics_are_of_another_split_namin
     with pytest.raises(ConfigError, match=r"data.train_split='val' \(the pack holds statistics of split 'train'; .* coco's "
                                           r"training split 'train'\)"):
         dataset_info(cfg)
+
+
+def test_a_split_the_pack_does_not_hold_is_a_config_error_naming_the_packed_ones(toy_root, shards):
+    cfg = config("wds", toy_root, shards, val_split="test")
+    with pytest.raises(ConfigError, match="no split 'test'; packed splits: train, val"):
+        build_eval_loader(cfg, rank=0, world_size=1, decode="cpu")
+
+
+def test_a_training_split_without_samples_is_an_error_naming_it(toy_root, copied_shards):
+    meta = read_meta(copied_shards)
+    meta["splits"]["train"].update(shards=[], count=0)
+    (copied_shards / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="split 'train' holds no samples"):
+        build_train_loader(config("wds", toy_root, copied_shards), rank=0, world_size=1, epoch=0, seed=0,
+                           decode="cpu")
 
 
 def test_missing_or_invalid_meta_is_a_clear_error(copied_shards):
@@ -346,13 +414,18 @@ def test_a_truncated_shard_counts_exactly_the_samples_it_lost_as_bad(copied_shar
     batches = list(batch_samples((decoder(s, random.Random(0)) for s in samples), shard.count))
     assert sum(b["n_bad"] for b in batches) == shard.count - len(whole)
     assert sorted(i for b in batches for i in b["image_id"].tolist()) == sorted(whole)
+    for start in (2, shard.count - 2):  # a span starting before the cut, and one starting past it
+        with pytest.warns(RuntimeWarning, match="coco-train-000000.tar"):
+            assert len(list(_read_shard(shard, start, shard.count))) == shard.count - start
 
 
-@pytest.mark.parametrize("damage", ["cut_inside_member", "cut_at_member_boundary", "sample_removed"])
+@pytest.mark.parametrize("damage", ["cut_inside_member", "cut_at_member_boundary", "sample_removed", "jpg_removed"])
 def test_truncated_shard_stops_evaluation_with_an_error_naming_it(toy_root, copied_shards, damage):
     path = copied_shards / "coco-val-000001.tar"
     if damage == "sample_removed":
         rewrite_shard(path, lambda position, sample: sample.clear() if position == 3 else None)
+    elif damage == "jpg_removed":  # an incomplete sample is damage too, not an undecodable image to count
+        rewrite_shard(path, lambda position, sample: sample.pop("jpg") if position == 3 else None)
     else:
         truncate(path, inside_member=damage == "cut_inside_member")
     with pytest.raises(ShardError, match="coco-val-000001.tar"):
@@ -378,19 +451,27 @@ def test_undecodable_jpeg_in_a_shard_is_counted_in_n_bad_not_fatal(toy_root, cop
     )
 
 
-def test_label_index_out_of_range_is_an_error_naming_shard_and_key(toy_root, copied_shards):
+@pytest.mark.parametrize("label", [-1, 12, 99])  # the toy set has 12 labels; -1 would silently mark the last
+def test_label_index_out_of_range_is_an_error_naming_shard_and_key(toy_root, copied_shards, label):
     keys = []
 
     def bad_label(position, sample):
         if position == 0:
-            sample["json"] = json.dumps({**json.loads(sample["json"]), "labels": [99]}).encode()
+            sample["json"] = json.dumps({**json.loads(sample["json"]), "labels": [label]}).encode()
             keys.append(sample["__key__"])
 
     rewrite_shard(copied_shards / "coco-val-000000.tar", bad_label)
     with pytest.raises(
-        ValueError, match=rf"coco-val-000000.tar: sample '{keys[0]}' has label indices \[99\]"
+        ValueError, match=rf"coco-val-000000.tar: sample '{keys[0]}' has label indices \[{label}\]"
     ):
         eval_ids(config("wds", toy_root, copied_shards), world=1)
+
+
+def test_a_sample_that_lost_its_jpg_or_its_json_decodes_to_a_skip_naming_what_is_known():
+    decoder, rng = SampleDecoder(12, CpuTransform(32, train=True)), random.Random(0)
+    info = json.dumps({"image_id": 7, "labels": [1]}).encode()
+    assert decoder({"__key__": "000007", "json": info}, rng) == Skipped(7)
+    assert decoder({"__key__": "000007", "jpg": b"\xff\xd8"}, rng) == Skipped(None)
 
 
 def test_batches_carry_skipped_samples_in_n_bad_and_a_trailing_skip_in_an_empty_batch():
@@ -399,6 +480,20 @@ def test_batches_carry_skipped_samples_in_n_bad_and_a_trailing_skip_in_an_empty_
     assert [(len(b["image_id"]), b["n_bad"]) for b in batches] == [(2, 1), (0, 1)]
     with pytest.raises(RuntimeError, match="undecodable samples in a row"):
         list(batch_samples([None] * 5, 2, max_bad_run=4))
+
+
+def test_training_on_shards_without_a_readable_image_is_an_error_not_an_endless_stream(shards):
+    train = read_train_shards(shards)
+    total, decoded = sum(s.count for s in train), itertools.count(1)
+
+    def nothing_decodes(sample, rng) -> Skipped:
+        assert next(decoded) <= 3 * total, "three passes of broken images and the stream still goes on"
+        return Skipped(None)
+
+    stream = TrainShardStream(train, rank=0, world_size=1, seed=0, epoch=0, steps=2, batch_size=BATCH,
+                              shuffle_buffer=1, decoder=nothing_decodes)
+    with pytest.raises(RuntimeError, match=f"{total + 1} undecodable samples in a row"):
+        list(stream)
 
 
 def test_exactly_max_bad_run_undecodable_samples_in_a_row_pass_and_one_more_is_an_error():
@@ -420,6 +515,23 @@ def test_eval_batch_size_sets_the_evaluation_batch_size_apart_from_the_training_
 def test_bench_loader_reports_images_per_second(shards):
     result = bench_loader(shards, decode="cpu", workers=0, batches=3, batch_size=4, image_size=32)
     assert result["images"] == 12 and result["images_per_s"] > 0 and result["n_bad"] == 0
+
+
+def test_bench_loader_reads_the_training_split_whatever_the_order_of_the_packed_splits(copied_shards):
+    meta = read_meta(copied_shards)
+    meta["splits"] = dict(reversed(meta["splits"].items()))  # val first
+    (copied_shards / "meta.json").write_text(json.dumps(meta))
+    assert bench_loader(copied_shards, batches=1, batch_size=2, image_size=32)["split"] == "train"
+
+
+def test_bench_loader_without_workers_leaves_its_first_batch_untimed(shards, monkeypatch):
+    def loader(cfg, **_):  # the first batch stands for start-up: counting it would skew the rate
+        return [{"image_id": torch.arange(100), "n_bad": 0}] + [
+            {"image_id": torch.arange(cfg.batch_size), "n_bad": 0}] * (cfg.steps_per_epoch - 1)
+
+    monkeypatch.setattr(loader_module, "build_train_loader", loader)
+    result = bench_loader(shards, decode="cpu", workers=0, batches=3, batch_size=4)
+    assert result["batches"] == 3 and result["images"] == 12
 
 
 def test_bench_loader_reports_the_workers_steady_rate_not_the_burst_of_their_first_batches(shards, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -60,6 +61,28 @@ def test_toy_unannotated_images_are_dropped_by_default_and_kept_with_keep_empty(
     assert {s["reason"] for s in dropped.skipped} == {"no_annotations"}
     assert len(kept) == len(dropped) + len(dropped.skipped) == 32
     assert sum(1 for r in kept.records if not r.labels) == len(dropped.skipped)
+
+
+def test_toy_even_a_tiny_split_holds_an_unannotated_image(tmp_path):
+    make_toy(tmp_path, train=6, val=3, size=16, seed=0)  # 3% of 6 or 3 images rounds to none
+    for split in ("train", "val"):
+        assert [s["reason"] for s in read_coco(tmp_path, split).skipped] == ["no_annotations"]
+
+
+def test_toy_image_and_annotation_ids_are_unique_across_splits_and_images_sorted_by_id(toy_root):
+    documents = [json.loads((toy_root / "annotations" / f"instances_{split}2014.json").read_text())
+                 for split in ("train", "val")]
+    image_ids = [[im["id"] for im in d["images"]] for d in documents]
+    assert all(ids == sorted(ids) for ids in image_ids)
+    assert not set(image_ids[0]) & set(image_ids[1])
+    ann_ids = [a["id"] for d in documents for a in d["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+
+
+def test_toy_annotated_images_show_one_to_four_objects(toy_root):
+    document = json.loads((toy_root / "annotations" / "instances_train2014.json").read_text())
+    objects = Counter(a["image_id"] for a in document["annotations"])
+    assert set(objects.values()) == {1, 2, 3, 4}
 
 
 def test_toy_is_byte_identical_for_the_same_seed_and_differs_for_another(tmp_path):

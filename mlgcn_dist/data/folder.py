@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from mlgcn_dist.data.coco import read_coco
-from mlgcn_dist.data.records import Skipped, SplitIndex, encode_target
+from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform, device_decodable_jpeg
 from mlgcn_dist.data.voc import read_voc
 
@@ -64,7 +64,7 @@ class FolderDataset(torch.utils.data.Dataset):
         record = self.index.records[i]
         try:
             payload = _read_jpeg(record.path) if self.raw else _load_rgb(record.path)
-        except (OSError, SyntaxError, ValueError) as err:
+        except UNREADABLE_IMAGE_ERRORS as err:
             logger.warning("skipping unreadable image %s: %s", record.path, err)
             return Skipped(record.image_id)
         if self.raw:

@@ -50,13 +50,12 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
-from mlgcn_dist.data.records import Skipped, SplitIndex, encode_target
+from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.graph import label_stats, read_stats
 
 # Distinct first words keep the seed streams of different purposes apart (see _seed).
 _SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION, _SEED_DEVICE_AUGMENT = 1, 2, 3, 4, 5
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _WDS_SKIPPED = r"__[^/]*__($|/)"  # webdataset's tar reader drops such metadata members (its skip_meta)
 
 
@@ -389,7 +388,7 @@ class SampleDecoder:
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     rgb = img.convert("RGB")  # decodes fully: a truncated JPEG fails here
-            except _DECODE_ERRORS:
+            except UNREADABLE_IMAGE_ERRORS:
                 return Skipped(image_id)
             payload = {"image": self.transform(rgb, rng)}
         return {**payload, "target": target, "image_id": image_id}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mlgcn_dist import __version__
 from mlgcn_dist.arguments import positive_int
 from mlgcn_dist.data.folder import read_split
-from mlgcn_dist.data.records import ImageRecord, SplitIndex
+from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, ImageRecord, SplitIndex
 from mlgcn_dist.files import write_text_atomic
 from mlgcn_dist.graph import label_stats, write_stats, write_stats_json
 
@@ -110,7 +110,7 @@ def jpeg_bytes(path: str) -> tuple[bytes, str | None]:
                 return data, None
             reason = f"{img.format} {img.mode} re-encoded to RGB JPEG"
             rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UNREADABLE_IMAGE_ERRORS as err:
         raise UndecodableImage(f"{path}: cannot decode image ({err})") from err
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=95)

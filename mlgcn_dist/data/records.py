@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
+
+# What PIL raises for a file it cannot read as an image: OSError (UnidentifiedImageError, truncated data),
+# SyntaxError or ValueError from some format plugins, and DecompressionBombError (a header declaring more than
+# ~179M pixels), which derives from Exception alone. Every reader skips such a file, and counts it.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mlgcn_dist.data.records import ImageRecord, LabelSpace, SplitIndex
+from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, ImageRecord, LabelSpace, SplitIndex
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -119,5 +119,5 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError):
+    except UNREADABLE_IMAGE_ERRORS:
         return None
