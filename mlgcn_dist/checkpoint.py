@@ -294,6 +294,8 @@ class RunLock:
 # Exit status of a run that stopped to be requeued (SLURM preemption or time limit): BSD's EX_TEMPFAIL.
 # Launchers (torchrun, accelerate) report any worker failure as 1, so the run also leaves a REQUEUE marker file.
 REQUEUE_EXIT_CODE = 75
+# What SLURM sends before preemption or the time limit (SIGUSR1 with --signal, SIGTERM otherwise and on scancel).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionHandler:
@@ -305,7 +307,7 @@ class PreemptionHandler:
     (kill -9, the OOM killer): orphaned, it would otherwise train on unattended and keep the run directory locked.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.requested: int | None = None

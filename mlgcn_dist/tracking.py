@@ -31,7 +31,9 @@ import numbers
 import os
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +265,7 @@ class Tracker:
         if not self.is_main:
             return
         self._steps.append({"step": step, "time": time.time(), **values})
-        if self._run is not None:
-            self._run.log(dict(values), step=step)
+        self._to_wandb("log", lambda run: run.log(dict(values), step=step))
 
     def log_eval(self, epoch: int, step: int, results: dict[str, dict]) -> None:
         """One evaluation: ``results = {"model": metrics, "ema": metrics (optional)}``, each from
@@ -285,12 +286,15 @@ class Tracker:
             record[f"per_class_ap{suffix}"] = dict(zip(self.label_names, metrics["ap"]))
         self._evals.append(record)
         self._write_summary({})
-        if self._run is not None:
+
+        def log(run: Any) -> None:
             # W&B drops a step below its own, which after a resume starts past the run's last logged step (the
             # evaluated one, if a preemption came between the epoch's last step and its evaluation). Charts plot
             # evaluations against "epoch" (define_metric), so a later W&B step changes nothing shown.
-            self._run.log(self._wandb_eval_payload(epoch, results), step=max(step, self._run.step))
-            self._run.summary.update(best_summary(self._evals.records))
+            run.log(self._wandb_eval_payload(epoch, results), step=max(step, run.step))
+            run.summary.update(best_summary(self._evals.records))
+
+        self._to_wandb("log", log)
 
     def log_checkpoint(self, path: Path, epoch: int, is_best: bool) -> None:
         """Record a saved checkpoint (file or directory) in W&B as a reference artifact (``log.log_artifact``);
@@ -300,9 +304,13 @@ class Tracker:
         import wandb
 
         path = Path(path).resolve()
-        artifact = wandb.Artifact(f"checkpoint-{self._run.id}", type="model", metadata={"epoch": epoch})
-        artifact.add_reference(path.as_uri(), name=path.name)
-        self._run.log_artifact(artifact, aliases=["latest", f"epoch-{epoch}"] + (["best"] if is_best else []))
+
+        def log_artifact(run: Any) -> None:
+            artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model", metadata={"epoch": epoch})
+            artifact.add_reference(path.as_uri(), name=path.name)
+            run.log_artifact(artifact, aliases=["latest", f"epoch-{epoch}"] + (["best"] if is_best else []))
+
+        self._to_wandb("log_artifact", log_artifact)
 
     def finish(self, summary: dict) -> None:
         """Write summary.json (``summary`` merged over the tracked values) and close the W&B run; later calls do
@@ -311,9 +319,30 @@ class Tracker:
             return
         self._finished = True
         merged = self._write_summary(summary)
-        if self._run is not None:
-            self._run.summary.update({k: v for k, v in merged.items() if k != "config"})
-            self._run.finish()
+        self._to_wandb("summary", lambda run: run.summary.update({k: v for k, v in merged.items() if k != "config"}))
+        self._to_wandb("finish", lambda run: run.finish())
+
+    def _to_wandb(self, what: str, call: Callable[[Any], object]) -> None:
+        """``call(run)`` unless W&B is off. W&B holds a copy of what the run's files hold, and a failure of it must
+        not end training before its checkpoint is saved: a scancel or preemption signals every process of the job,
+        W&B's service process too, and the trainer's next call then finds no service. The first failure is
+        reported and turns W&B off for the rest of the run; metrics.jsonl, train_log.jsonl and summary.json go
+        on."""
+        if self._run is None:
+            return
+        try:
+            call(self._run)
+        except Exception as err:  # whatever W&B raises: the run must go on to its checkpoint
+            self._run = None
+            message = f"{err}".splitlines()[0] if f"{err}" else ""
+            print(f"W&B {what} failed ({type(err).__name__}: {message}); W&B logging is off for the rest of this "
+                  f"run, its files in {self.run_dir} go on", file=sys.stderr, flush=True)
+            import wandb
+
+            try:  # now, or W&B's exit hook fails the same way at exit, with a traceback
+                wandb.teardown()
+            except Exception:  # a service already gone
+                pass
 
     def _write_summary(self, extra: dict) -> dict[str, Any]:
         last = self._evals.records[-1] if self._evals.records else {}

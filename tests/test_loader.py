@@ -9,10 +9,12 @@ import itertools
 import json
 import random
 import shutil
+import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -542,3 +544,20 @@ def test_bench_loader_reports_the_workers_steady_rate_not_the_burst_of_their_fir
     result = bench_loader(shards, decode="cpu", workers=4, batches=7, batch_size=8)
     assert result["batches"] == 8 and result["images"] == 64  # whole rounds: two batches from every worker
     assert 0.85 * 160 <= result["images_per_s"] <= 1.05 * 160
+
+
+@pytest.mark.parametrize("fmt", ["wds", "folder"])
+def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_the_job(fmt, toy_root, shards):
+    """scancel, preemption and --signal=USR1 reach the workers too; PyTorch ends a worker on a SIGTERM its main
+    process did not send, and the trainer then failed on the lost worker instead of finishing its step and saving."""
+    loader = build_train_loader(config(fmt, toy_root, shards, workers=2), rank=0, world_size=1, epoch=0, seed=0,
+                                decode="cpu")
+    before = {child.pid for child in psutil.Process().children()}
+    batches = iter(loader)
+    next(batches)
+    workers = [child for child in psutil.Process().children() if child.pid not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            worker.send_signal(sig)
+    assert 1 + sum(1 for _ in batches) == len(loader)

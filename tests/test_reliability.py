@@ -1,7 +1,7 @@
 """Reliability: bad input, faults and interruptions never lose a user's run, and never pass unnoticed.
 
-Each fault below is provoked for real on the 32 px toy set (see docs_reliability.md for the table of faults, what
-the system does and which test proves it): damaged shards and images, impossible configurations, a NaN loss,
+Each fault below is provoked for real on the 32 px toy set (README.md's Reliability section has the table of faults,
+what the system does and which test proves it): damaged shards and images, impossible configurations, a NaN loss,
 kill -9 of a rank / all ranks / the launcher (also while a checkpoint is being written), a hung rank, a full disk,
 two runs on one directory, and secrets in the environment. In-process runs come first (seconds); the real
 multi-process ones are marked slow.
@@ -18,6 +18,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ from launching import (
 from test_loader import rewrite_shard, truncate
 
 from mlgcn_dist.checkpoint import (
+    REQUEUE_EXIT_CODE,
     CheckpointError,
     CheckpointManager,
     TrainState,
@@ -858,6 +860,33 @@ def test_a_second_real_process_on_the_same_run_directory_refuses_and_the_first_g
 
 
 @pytest.mark.slow
+def test_sigterm_to_every_process_of_a_run_as_scancel_sends_it_saves_with_loader_workers_and_an_offline_wandb_run(
+        tiny_toy, tmp_path):
+    """SLURM signals every process of the job step (scancel, preemption, a time limit without USR1): the loader's
+    workers and W&B's service process too. A worker ended by it, or the W&B service gone, failed the trainer before
+    its save; now the workers ignore it and W&B turns itself off."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
+                                             "data.workers=2", "log.wandb=offline")]
+    log = tmp_path / "run.log"
+    wandb_home = {name: str(tmp_path / name.lower()) for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
+    proc = start(cmd, log, WANDB_SILENT="true", **wandb_home)
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert {"pt_data_worker", "wandb-core"} <= {p.name() for p in tree}  # training: the epoch's loader is up
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    output = log.read_text()
+    assert re.search(r"signal SIGTERM: saved \S+/step-\d+", output) and "Traceback" not in output, output[-3000:]
+    assert list((run_dir / "checkpoints").glob("step-*"))
+
+
 class _TouchesAFileWhenUnpickled:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -266,3 +266,39 @@ def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_s
     first = session(resumed=False)
     assert session(resumed=True) == first
     assert session(resumed=False) != first
+
+
+class _RunWhoseServiceIsGone:
+    """A W&B run after its service process was killed (a scancel signals every process of the job)."""
+
+    id, step = "gone", 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, *args, **kwargs) -> None:
+        self.calls += 1
+        raise ConnectionResetError("Connection lost")
+
+    finish = log
+
+
+def test_a_wandb_failure_turns_wandb_off_with_one_message_and_the_run_files_go_on(tmp_path, wandb_env, monkeypatch,
+                                                                                   capsys):
+    import wandb
+
+    run = _RunWhoseServiceIsGone()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_step(1, {"train/loss": 0.5})
+    tracker.log_step(2, {"train/loss": 0.4})
+    tracker.log_eval(0, 2, {"model": fake_metrics(61.0)})
+    tracker.finish({})
+    assert run.calls == 1
+    assert capsys.readouterr().err.count("W&B log failed (ConnectionResetError: Connection lost); W&B logging is off") == 1
+    assert [json.loads(line)["step"] for line in (cfg.run_dir / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["best_mAP"] == 61.0

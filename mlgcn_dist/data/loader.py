@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import re
+import signal
 import tarfile
 import time
 import warnings
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from mlgcn_dist.checkpoint import STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
@@ -207,8 +209,16 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker)."""
+def _init_worker(worker_id: int) -> None:
+    """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker);
+    the stop signals ignored.
+
+    SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
+    PyTorch ends a worker on a SIGTERM its main process did not send; the main process then fails on the lost
+    worker instead of finishing its step and saving. Ignoring them, the workers go on until the trainer is done
+    with its loader, which ends them itself (or, if it dies, their watchdog does)."""
+    for sig in STOP_SIGNALS:  # the trainer's business, not a worker's
+        signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)
@@ -219,7 +229,7 @@ def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> di
         "num_workers": data_cfg.workers,
         "pin_memory": data_cfg.pin_memory and torch.cuda.is_available(),
         "persistent_workers": False,  # a loader lives one epoch: its dataset carries that epoch's seeds
-        "worker_init_fn": _seed_worker,
+        "worker_init_fn": _init_worker,
         "generator": torch.Generator().manual_seed(_seed(_SEED_LOADER, seed, epoch, rank)),
     }
     if data_cfg.workers > 0:
