@@ -250,6 +250,10 @@ class CheckpointManager:
 
     def load(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
+        # load_state restores Accelerate's micro-batch counter, which places each optimiser step (every
+        # grad_accum-th micro-batch). A checkpoint is taken only between optimiser steps, so the next micro-batch
+        # begins an accumulation, whatever train.grad_accum the run that saved it had.
+        self.accelerator.step = 0
 
     def save_portable(self, name: str, payload: dict) -> None:
         if self.accelerator.is_main_process:

@@ -340,8 +340,9 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         state.step_in_epoch = min(round(state.step_in_epoch / saved_micro * self.micro_batches) // accum * accum,
                                   self.micro_batches)
-        self.accelerator.print(f"resumed with {self.steps_per_epoch} optimiser steps per epoch (the checkpoint's run "
-                               f"had {saved_steps}): the schedule goes on at epoch {epochs_done:.2f}")
+        self.accelerator.print(f"resumed with {self.steps_per_epoch} optimiser steps of {accum} micro-batches per "
+                               f"epoch (the checkpoint's run: {saved_steps} of {saved_micro // saved_steps}): the "
+                               f"schedule goes on at epoch {epochs_done:.2f}")
 
     def _save(self) -> None:
         """A full-state checkpoint (every rank), with the run's count of skipped training images brought up to

@@ -134,6 +134,22 @@ def test_a_resume_with_another_batch_size_keeps_the_learning_rate_decay_on_its_e
     assert [r["train/lr_head"] for r in logged[first_session:]] == pytest.approx([full * 0.1] * 15)  # 62 // 4
 
 
+def test_a_resume_with_another_grad_accum_steps_on_whole_accumulations_and_at_each_epochs_end(toy_root, tmp_path):
+    """Accelerate restores its micro-batch counter, which places every grad_accum-th step: a run saved in single
+    micro-batches and resumed in pairs stepped on odd micro-batches, carrying each epoch's last one into the next."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "train.max_steps=3", "train.log_every=1"))
+    first_session = len(train_log(run_dir))
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "train.log_every=1", "data.batch_size=4",
+                     "train.grad_accum=2", "train.resume=auto"))
+    epochs = [record["train/epoch"] for record in train_log(run_dir)[first_session:]]
+    micro_batches = 62 // 4  # toy set: 62 training images
+    per_epoch = micro_batches // 2 * 2  # whole accumulations
+    positions = [round((e % 1 or 1.0) * per_epoch) for e in epochs]
+    assert all(p % 2 == 0 for p in positions), positions
+    assert epochs[-1] == pytest.approx(2.0) and 1.0 in [pytest.approx(e) for e in epochs]
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
