@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from mlgcn_dist.config import ConfigError
 from mlgcn_dist.files import replaced_atomically, write_text_atomic
@@ -114,11 +116,30 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         found = complete_checkpoints(run_dir / "checkpoints")
+        damaged = [f"{p / 'train_state.json'} ({problem})" for p in found if (problem := _damage(p))]
+        if damaged:
+            # Which checkpoint is newest is in train_state.json: falling back to another could skip the newest.
+            intact = [p for p in found if not _damage(p)]
+            hint = f" or set train.resume={intact[-1]} (the newest intact one)" if intact else ""
+            raise ConfigError(f"train.resume=auto: damaged checkpoint state {'; '.join(damaged)}: move that "
+                              f"checkpoint out of {run_dir / 'checkpoints'}{hint}")
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "train_state.json").is_file():
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint directory (no train_state.json)")
+    if problem := _damage(path):
+        raise ConfigError(f"train.resume={resume}: damaged checkpoint state {path / 'train_state.json'} ({problem})")
     return path
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's train_state.json (written atomically: damaged afterwards), or
+    None."""
+    try:
+        record = json.loads((path / "train_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def check_resume_labels(path: Path, label_names: list[str]) -> None:
@@ -158,6 +179,31 @@ def check_resume_model(path: Path, model: dict) -> None:
             f"train.resume: checkpoint {path} is of another model: {', '.join(changed)}; resume with the model it "
             "was trained with, or start afresh with train.resume=none and another train.output_dir"
         )
+
+
+# Where Accelerate puts the state of a DeepSpeed engine (DeepSpeed's checkpoint tag), and a DDP model's weights.
+_DEEPSPEED_STATE = "pytorch_model"
+_DDP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_resume_launcher(path: Path, deepspeed: bool) -> None:
+    """DeepSpeed and DDP save the training state in different files: resuming one's checkpoint under the other
+    fails deep inside with an unrelated error (a bare AssertionError, a missing pytorch_model.bin), so say so first;
+    likewise for a DDP checkpoint that lost its weights."""
+    saved_by_deepspeed = (path / _DEEPSPEED_STATE).is_dir()
+    if saved_by_deepspeed != deepspeed:
+        saved, running = ("DeepSpeed", "DDP") if saved_by_deepspeed else ("DDP", "DeepSpeed")
+        raise ConfigError(
+            f"train.resume: checkpoint {path} was saved by a {saved} run and this run uses {running}: resume it "
+            f"under {saved} (the launcher config and train.deepspeed it was trained with), or start afresh with "
+            "train.resume=none and another train.output_dir (its best.pt and last.pt evaluate either way)"
+        )
+    if not deepspeed and not any((path / name).is_file() for name in _DDP_WEIGHTS):
+        raise ConfigError(f"train.resume: checkpoint {path} has lost its weights ({' or '.join(_DDP_WEIGHTS)}): "
+                          f"{_OLDER_ONE}")
+
+
+_OLDER_ONE = "resume from an older checkpoint with train.resume=<its path>, or start afresh with train.resume=none"
 
 
 def saved_precision(path: Path | None) -> str | None:
@@ -249,7 +295,12 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+            # What a file cut short or garbled raises (torch.load: RuntimeError from its zip reader).
+            raise ConfigError(f"train.resume: checkpoint {path} could not be loaded ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); if it is damaged, {_OLDER_ONE}") from err
         # load_state restores Accelerate's micro-batch counter, which places each optimiser step (every
         # grad_accum-th micro-batch). A checkpoint is taken only between optimiser steps, so the next micro-batch
         # begins an accumulation, whatever train.grad_accum the run that saved it had.

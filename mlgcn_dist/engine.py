@@ -28,6 +28,7 @@ from mlgcn_dist.checkpoint import (
     TrainState,
     check_resume_ema,
     check_resume_labels,
+    check_resume_launcher,
     check_resume_model,
     check_resume_precision,
     mark_requeue,
@@ -242,6 +243,7 @@ class Trainer:
             check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
             check_resume_ema(self.last_ckpt, cfg.train.ema_decay)
             check_resume_model(self.last_ckpt, cfg.to_dict()["model"])
+            check_resume_launcher(self.last_ckpt, distributed.is_deepspeed(acc))
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(

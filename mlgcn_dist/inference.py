@@ -49,7 +49,9 @@ def _read_checkpoint(path: str | Path) -> object:
             "2026-11-27 holds numpy arrays: if you trust it, torch.load it with weights_only=False and save it "
             "again with them as lists)"
         ) from err
-    except (RuntimeError, EOFError, UnicodeDecodeError) as err:
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, UnicodeDecodeError, OSError) as err:  # OSError: a zip cut short
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from err
 
 

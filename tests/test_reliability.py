@@ -372,6 +372,33 @@ def test_resuming_with_another_architecture_names_the_model_keys_that_differ_bef
     assert "is of another model: model.gcn_hidden=16 (checkpoint: 32)" in err and "Traceback" not in err
 
 
+def _damage_checkpoint(step: Path, damage: str) -> str:
+    """Damage a DDP full-state checkpoint as ``damage`` says; the message the resume must give."""
+    if damage == "weights_deleted":
+        (step / "model.safetensors").unlink()
+        return "has lost its weights (model.safetensors or pytorch_model.bin)"
+    if damage == "deepspeed_state":  # what a DeepSpeed run saves: its engine's state in pytorch_model/
+        (step / "pytorch_model").mkdir()
+        return "was saved by a DeepSpeed run and this run uses DDP"
+    cut = step / {"weights_cut_short": "model.safetensors", "optimizer_cut_short": "optimizer.bin"}[damage]
+    cut.write_bytes(cut.read_bytes()[:100])
+    return "could not be loaded ("
+
+
+@pytest.mark.parametrize("damage", ["weights_deleted", "weights_cut_short", "optimizer_cut_short", "deepspeed_state"])
+def test_resuming_from_a_damaged_checkpoint_or_another_launchers_is_one_message_naming_it(
+    damage, trained_run, tiny_toy, tmp_path, capsys
+):
+    """Before, a bare AssertionError from DeepSpeed, a missing pytorch_model.bin that never existed, or a
+    safetensors traceback without a path."""
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    (step,) = complete_checkpoints(run_dir / "checkpoints")[-1:]
+    expected = _damage_checkpoint(step, damage)
+    assert mlgcn(["train", *overrides(tiny_toy, run_dir, "train.resume=auto", "train.epochs=3")]) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume: checkpoint {step} {expected}" in err and "Traceback" not in err, err
+
+
 def test_a_checkpoint_evaluates_without_the_graph_files_it_was_trained_with(tiny_toy, tmp_path, capsys):
     """best.pt/last.pt carry the GCN's graph inputs as buffers: another machine needs no graph.stats or
     graph.embeddings file at the training run's paths."""
@@ -711,6 +738,24 @@ def test_a_checkpoint_directory_without_its_train_state_is_never_resumed_from(tm
     assert resolve_resume("auto", tmp_path / "run") == older
 
 
+def test_a_damaged_train_state_stops_a_resume_naming_it_instead_of_falling_back_to_an_older_checkpoint(tmp_path):
+    """train_state.json says which checkpoint is newest: a damaged one sorted as the oldest, so the resume went on
+    silently from an older checkpoint and rotation later deleted the newer one."""
+    ckpt = checkpoints_of(tmp_path, keep=3)
+    older = ckpt.save(TrainState(global_step=7), {}, [])
+    newer = ckpt.save(TrainState(global_step=14), {}, [])
+    state = newer / "train_state.json"
+    state.write_text(state.read_text()[:40])
+    with pytest.raises(ConfigError, match=rf"train.resume=auto: damaged checkpoint state {re.escape(str(state))} "
+                                          rf"\(JSONDecodeError: .*train.resume={re.escape(str(older))} "):
+        resolve_resume("auto", tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"train.resume={re.escape(str(newer))}: damaged checkpoint state"):
+        resolve_resume(str(newer), tmp_path / "run")
+    shutil.rmtree(older)
+    with pytest.raises(ConfigError, match=r"move that checkpoint out of \S+/checkpoints$"):
+        resolve_resume("auto", tmp_path / "run")
+
+
 @pytest.mark.parametrize("keep", [1, 2])
 def test_newest_is_last_saved_so_a_run_resumed_from_an_older_checkpoint_keeps_its_own_line(tmp_path, keep):
     ckpt = checkpoints_of(tmp_path, keep=3)
@@ -906,6 +951,17 @@ def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused_without_running
                        str(REPO / "configs/toy.yaml")]}[command]
     assert mlgcn(argv) == 2
     assert not marker.exists() and "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+@pytest.mark.parametrize("kept", [5000, 100])
+def test_a_checkpoint_file_cut_short_is_refused_naming_it(command, kept, tmp_path, capsys):
+    whole, cut = tmp_path / "whole.pt", tmp_path / "best.pt"
+    torch.save({"model": {"w": torch.zeros(4096)}, "config": {}, "label_names": ["a"]}, whole)
+    cut.write_bytes(whole.read_bytes()[:kept])
+    argv = {"evaluate": ["evaluate", "--checkpoint", str(cut)], "predict": ["predict", "--checkpoint", str(cut), "a.jpg"]}
+    assert mlgcn(argv[command]) == 2
+    assert f"{cut}: not a readable PyTorch checkpoint (" in capsys.readouterr().err
 
 
 def test_a_checkpoint_holding_numpy_arrays_is_refused_with_how_to_convert_it(tmp_path, capsys):
