@@ -59,6 +59,7 @@ class TrainState:
     # The epoch's layout when saved: a resume with another one rescales the schedule (Trainer).
     steps_per_epoch: int = 0  # optimiser steps
     micro_batches: int = 0
+    data_order: str = ""  # what a shard epoch's sample order depends on besides (seed, epoch): see Trainer
 
     def state_dict(self) -> dict:
         return asdict(self)

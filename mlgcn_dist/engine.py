@@ -290,6 +290,7 @@ class Trainer:
             acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
                       f"step {self.state.global_step}; its optimiser and schedule set the learning rates (this "
                       "run's optim.lr, lrp and lr_scaling apply to a fresh start)")
+        self._warn_of_a_reordered_epoch(loader_len)
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         acc.print(f"LR per group: {group_lrs(self.optimizer)} "
                   f"(configured: head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
@@ -345,6 +346,26 @@ class Trainer:
         self.accelerator.print(f"resumed with {self.steps_per_epoch} optimiser steps of {accum} micro-batches per "
                                f"epoch (the checkpoint's run: {saved_steps} of {saved_micro // saved_steps}): the "
                                f"schedule goes on at epoch {epochs_done:.2f}")
+
+    def _warn_of_a_reordered_epoch(self, loader_len: int) -> None:
+        """Record what a shard epoch's order depends on; say so when a resume inside an epoch changed it.
+
+        From shards, each (rank, worker) reads its own span of the epoch's sample sequence, so the order depends on
+        the number of processes, workers and batches: a resume in the middle of an epoch with another layout skips
+        the batches already trained in the new order, which are not the same images. The rest of that epoch then
+        trains some images a second time and as many not at all; the epochs after it are whole. (The folder format
+        draws one permutation of the epoch, whatever the layout.)"""
+        cfg, state = self.cfg, self.state
+        order = (f"{self.topo.world_size} processes x {cfg.data.workers} data workers, {loader_len} batches of "
+                 f"{cfg.data.batch_size}, shuffle buffer {cfg.data.shuffle_buffer}")
+        if cfg.data.format == "wds" and state.step_in_epoch and state.data_order and state.data_order != order:
+            self.accelerator.print(
+                f"warning: resumed inside epoch {state.epoch} with another shard order ({order}; the checkpoint's: "
+                f"{state.data_order}): the rest of epoch {state.epoch} is drawn in the new order, so some of its "
+                "images train a second time and as many not at all; later epochs are whole. To keep the epoch "
+                "exact, resume with the checkpoint's processes, data.workers and data.batch_size."
+            )
+        state.data_order = order
 
     def _save(self) -> None:
         """A full-state checkpoint (every rank), with the run's count of skipped training images brought up to

@@ -738,6 +738,20 @@ def test_a_checkpoint_directory_without_its_train_state_is_never_resumed_from(tm
     assert resolve_resume("auto", tmp_path / "run") == older
 
 
+@pytest.mark.parametrize("changed", [(), ("data.workers=1",), ("data.batch_size=4",)], ids=["same", "workers", "batch"])
+def test_a_resume_inside_a_shard_epoch_with_another_layout_warns_that_the_rest_of_that_epoch_is_reordered(
+    changed, tiny_toy, tiny_shards, tmp_path, capsys
+):
+    """Each (rank, worker) reads its own span of a shard epoch's samples: skipping the trained batches of another
+    layout's order skips other images (the folder format draws one permutation whatever the layout)."""
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_toy, run_dir, *from_shards(tiny_shards), "train.epochs=2", "train.max_steps=2"))
+    capsys.readouterr()
+    train(tiny_config(tiny_toy, run_dir, *from_shards(tiny_shards), "train.epochs=2", "train.resume=auto", *changed))
+    warned = "warning: resumed inside epoch 0 with another shard order (1 processes x " in capsys.readouterr().out
+    assert warned == bool(changed)
+
+
 def test_a_damaged_train_state_stops_a_resume_naming_it_instead_of_falling_back_to_an_older_checkpoint(tmp_path):
     """train_state.json says which checkpoint is newest: a damaged one sorted as the oldest, so the resume went on
     silently from an older checkpoint and rotation later deleted the newer one."""
