@@ -183,8 +183,8 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_dir: Path, *, is_main: bool, world_size: int, label_names: list[str],
                  system: dict | None = None, resumed: bool = False) -> None:
-        """``resumed``: the run goes on from a checkpoint in ``run_dir``; without a configured W&B run id it
-        continues the W&B run that directory's summary.json names."""
+        """``resumed``: the run goes on from a checkpoint in ``run_dir``: it continues the W&B run that
+        directory's summary.json names, whatever log.run_id says (that names the W&B run of a fresh start)."""
         self.is_main = is_main
         self._finished = not is_main
         if not is_main:
@@ -220,6 +220,11 @@ class Tracker:
         import wandb  # only here: a disabled run must not pay for (or depend on) importing wandb
 
         log, defaults = self.cfg.log, LogConfig()
+        configured_id = _prefer_env(log.run_id, defaults.run_id, "WANDB_RUN_ID", environ)
+        if previous_id and configured_id and configured_id != previous_id:
+            # A new SLURM job continuing a cancelled one's directory (train.output_dir) names its own job's id.
+            print(f"W&B: continuing run {previous_id}, which {self.run_dir} logs to (log.run_id={configured_id} "
+                  "names the W&B run of a fresh start)", flush=True)
         run = wandb.init(
             mode=mode,
             project=_prefer_env(log.project, defaults.project, "WANDB_PROJECT", environ),
@@ -227,8 +232,8 @@ class Tracker:
             group=_prefer_env(log.group, defaults.group, "WANDB_RUN_GROUP", environ),
             job_type=_prefer_env(log.job_type, defaults.job_type, "WANDB_JOB_TYPE", environ),
             name=_prefer_env(self.cfg.train.run_name, TrainConfig().run_name, "WANDB_NAME", environ),
-            # A resumed run continues its own W&B run, as a requeued SLURM job (log.run_id) does.
-            id=_prefer_env(log.run_id, defaults.run_id, "WANDB_RUN_ID", environ) or previous_id or None,
+            # A resumed run continues the W&B run of its directory; a requeued SLURM job's is its log.run_id.
+            id=previous_id or configured_id or None,
             tags=log.tags or None,
             resume="allow",  # a requeued job with the same id continues the same run
             dir=None if environ.get("WANDB_DIR") else str(self.run_dir),

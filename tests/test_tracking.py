@@ -255,17 +255,19 @@ def test_a_tie_on_best_map_keeps_the_earlier_evaluation_and_the_model_over_its_e
 
 def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_start_opens_a_new_one(tmp_path,
                                                                                                   wandb_env):
-    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline"])
-
-    def session(resumed: bool) -> str:
+    """Whatever log.run_id says: a new SLURM job continuing a cancelled job's directory sets its own job's id."""
+    def session(resumed: bool, *overrides: str) -> str:
+        cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", *overrides])
         tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=resumed)
         tracker.finish({})
         flush_wandb()
         return json.loads((cfg.run_dir / "summary.json").read_text())["wandb_run_id"]
 
-    first = session(resumed=False)
-    assert session(resumed=True) == first
-    assert session(resumed=False) != first
+    first = session(False)
+    assert session(True) == first
+    assert session(True, "log.run_id=job-1235") == first
+    assert session(False) != first
+    assert session(False, "log.run_id=job-1236") == "job-1236"
 
 
 class _RunWhoseServiceIsGone:
