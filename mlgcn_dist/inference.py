@@ -183,8 +183,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _check_output_dirs(args.scores_out, args.metrics_out)
     if args.import_mlgcn:
         payload = _imported_payload(args)
+        source = f"{args.checkpoint} (original ML-GCN), its weights"
     else:
-        payload = load_portable(resolve_checkpoint(args.checkpoint))
+        path = resolve_checkpoint(args.checkpoint)
+        payload = load_portable(path)
+        source = describe_checkpoint(path, payload, args.weights)
     cfg = _config_for(payload, args)
     cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg))
     cfg.train.resume = "none"
@@ -201,6 +204,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     augment = GpuAugment(cfg.data.image_size, train=False) if decode == "gpu" else None
     results, merged = evaluate(model, cfg, accelerator, decode, augment)
     if accelerator.is_main_process:
+        print(f"evaluated {source}")
         print(format_metrics_table({args.weights: results}))
         skipped = f"; skipped as unreadable: {results['num_bad']}, ids {results['bad_ids']}" if results["num_bad"] else ""
         print(f"images evaluated: {results['num_images']} (duplicates removed: {results['duplicates']}{skipped})")
@@ -215,6 +219,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
             Path(args.metrics_out).write_text(json.dumps(json_safe(results), indent=1))
     accelerator.end_training()
     return 0
+
+
+def describe_checkpoint(path: Path, payload: dict, weights: str) -> str:
+    """Which file, epoch, step and weights, and the mAP training logged for them: a run directory evaluates its
+    best.pt, whose best mAP may be its EMA's."""
+    logged = payload.get("metrics") or {}
+    maps = ", ".join(f"{name} {metrics['mAP']:.2f}" for name, metrics in logged.items() if metrics)
+    return (f"{path}: epoch {payload.get('epoch', '?')}, step {payload.get('global_step', '?')}, {weights} weights"
+            + (f" (mAP logged by training: {maps}; --weights picks one)" if maps else ""))
 
 
 def _write_scores(path: Path, meter) -> None:

@@ -37,6 +37,11 @@ def test_evaluate_prints_the_metrics_table_and_per_class_ap_and_matches_training
     assert "mAP" in out and "per-class AP:" in out and "person" in out
     metrics = json.loads(metrics_out.read_text())
     best = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    logged = best["metrics"]
+    # Which file, epoch, step and weights, and what training logged for each: best.pt's best may be the EMA's.
+    assert out.startswith(f"evaluated {run_dir / 'checkpoints/best.pt'}: epoch {best['epoch']}, step "
+                          f"{best['global_step']}, model weights (mAP logged by training: model "
+                          f"{logged['model']['mAP']:.2f}, ema {logged['ema']['mAP']:.2f}; --weights picks one)\n")
     assert metrics["mAP"] == pytest.approx(best["metrics"]["model"]["mAP"], abs=1e-6)
     lines = scores_out.read_text().splitlines()
     assert len(lines) == metrics["num_images"]
