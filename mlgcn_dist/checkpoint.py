@@ -352,6 +352,8 @@ class RunLock:
 REQUEUE_EXIT_CODE = 75
 # What SLURM sends before preemption or the time limit (SIGUSR1 with --signal, SIGTERM otherwise and on scancel).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What stops a run with a checkpoint: those, and Ctrl-C (:class:`PreemptionHandler`); its data workers ignore them.
+SAVING_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
 
 class PreemptionHandler:
@@ -373,9 +375,19 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = signum
 
+    def _interrupt(self, signum: int, frame: object) -> None:
+        """Ctrl-C stops the run as a preemption does, with a checkpoint; pressed again, at once, without one."""
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+        # os.write, not print: a handler that runs inside another print would hit "reentrant call".
+        os.write(2, b"\nCtrl-C: the run stops at its next logging step, with a checkpoint; Ctrl-C again stops it "
+                    b"now, without one\n")
+
     def install(self) -> PreemptionHandler:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         return self
 

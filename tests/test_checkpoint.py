@@ -81,7 +81,8 @@ def test_an_explicit_resume_path_is_used_as_given_when_complete_and_refused_with
 
 def test_train_state_round_trips_every_field_through_the_json_a_checkpoint_holds():
     saved = TrainState(epoch=3, step_in_epoch=5, global_step=41, best_metric=61.5, best_epoch=2, best_source="ema",
-                       trained_images=1312, train_seconds=12.5, bad_samples=2, steps_per_epoch=12, micro_batches=24)
+                       trained_images=1312, train_seconds=12.5, bad_samples=2, steps_per_epoch=12, micro_batches=24,
+                       data_order="2 processes x 4 data workers, 24 batches of 32, shuffle buffer 1000")
     assert all(getattr(saved, f.name) != f.default for f in dataclasses.fields(TrainState))  # every field set
     loaded = TrainState()
     loaded.load_state_dict(json.loads(json.dumps(saved.state_dict())))
@@ -108,7 +109,7 @@ def handler():
     installed.uninstall()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "Ctrl-C"])
 def test_a_preemption_signal_becomes_a_stop_reason_and_uninstall_restores_the_previous_handler(handler, sig):
     previous = signal.getsignal(sig)
     handler.install()
@@ -117,6 +118,15 @@ def test_a_preemption_signal_becomes_a_stop_reason_and_uninstall_restores_the_pr
     assert handler.stop_reason() == f"signal {sig.name}"
     handler.uninstall()
     assert signal.getsignal(sig) == previous
+
+
+def test_ctrl_c_asks_for_a_saving_stop_and_a_second_ctrl_c_stops_at_once(handler, capfd):
+    handler.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert handler.stop_reason() == "signal SIGINT"
+    assert "Ctrl-C: the run stops at its next logging step, with a checkpoint" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_a_worker_of_a_launcher_stops_when_the_launcher_is_gone_and_not_before(handler, monkeypatch):

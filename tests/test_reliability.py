@@ -919,11 +919,13 @@ def test_a_second_real_process_on_the_same_run_directory_refuses_and_the_first_g
 
 
 @pytest.mark.slow
-def test_sigterm_to_every_process_of_a_run_as_scancel_sends_it_saves_with_loader_workers_and_an_offline_wandb_run(
-        tiny_toy, tmp_path):
+@pytest.mark.parametrize("stop", ["sigterm_to_every_process", "ctrl_c"])
+def test_sigterm_to_every_process_as_scancel_sends_it_or_ctrl_c_saves_with_loader_workers_and_an_offline_wandb_run(
+        stop, tiny_toy, tmp_path):
     """SLURM signals every process of the job step (scancel, preemption, a time limit without USR1): the loader's
     workers and W&B's service process too. A worker ended by it, or the W&B service gone, failed the trainer before
-    its save; now the workers ignore it and W&B turns itself off."""
+    its save; now the workers ignore it and W&B turns itself off. Ctrl-C (SIGINT to the terminal's process group)
+    stops the same way; before, it ended the run without a checkpoint."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
                                              "data.workers=2", "log.wandb=offline")]
@@ -934,7 +936,9 @@ def test_sigterm_to_every_process_of_a_run_as_scancel_sends_it_saves_with_loader
         wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         assert {"pt_data_worker", "wandb-core"} <= {p.name() for p in tree}  # training: the epoch's loader is up
-        for process in tree:
+        if stop == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)  # the run leads its own process group (start_new_session)
+        for process in tree if stop == "sigterm_to_every_process" else []:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
@@ -942,7 +946,8 @@ def test_sigterm_to_every_process_of_a_run_as_scancel_sends_it_saves_with_loader
         if proc.poll() is None:
             kill_tree(proc)
     output = log.read_text()
-    assert re.search(r"signal SIGTERM: saved \S+/step-\d+", output) and "Traceback" not in output, output[-3000:]
+    signal_name = "SIGINT" if stop == "ctrl_c" else "SIGTERM"
+    assert re.search(rf"signal {signal_name}: saved \S+/step-\d+", output) and "Traceback" not in output, output[-3000:]
     assert list((run_dir / "checkpoints").glob("step-*"))
 
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from mlgcn_dist.checkpoint import STOP_SIGNALS
+from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data.folder import FolderDataset, collate, read_split
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
@@ -214,10 +214,11 @@ def _init_worker(worker_id: int) -> None:
     the stop signals ignored.
 
     SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
-    PyTorch ends a worker on a SIGTERM its main process did not send; the main process then fails on the lost
-    worker instead of finishing its step and saving. Ignoring them, the workers go on until the trainer is done
-    with its loader, which ends them itself (or, if it dies, their watchdog does)."""
-    for sig in STOP_SIGNALS:  # the trainer's business, not a worker's
+    PyTorch ends a worker on a SIGTERM its main process did not send (Ctrl-C reaches the terminal's whole process
+    group, and a worker ends on it too); the main process then fails on the lost worker instead of finishing its
+    step and saving. Ignoring them, the workers go on until the trainer is done with its loader, which ends them
+    itself (or, if it dies, their watchdog does)."""
+    for sig in SAVING_STOP_SIGNALS:  # the trainer's business, not a worker's
         signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
