@@ -31,6 +31,7 @@ from mlgcn_dist.checkpoint import (
     check_resume_launcher,
     check_resume_model,
     check_resume_precision,
+    complete_checkpoints,
     mark_requeue,
     resolve_resume,
     saved_precision,
@@ -226,9 +227,11 @@ class Trainer:
         if acc.is_main_process:
             lock.acquire()
             (self.run_dir / "REQUEUE").unlink(missing_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
             acc.print(cfg.to_yaml())
             acc.print(self.topo.describe())
+            if last_ckpt is None and complete_checkpoints(self.run_dir / "checkpoints"):
+                acc.print(f"train.resume={cfg.train.resume}: starting afresh in {self.run_dir}, whose checkpoints of "
+                          "an earlier run this run's saves replace (train.resume=auto would continue it)")
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
@@ -281,15 +284,21 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         self.criterion = build_loss(cfg.optim)
         self.ckpt = CheckpointManager(acc, self.run_dir, cfg.train.keep_checkpoints)
+        if self.last_ckpt is not None:
+            self.ckpt.load(self.last_ckpt)
+        # The run directory's files describe this session only once it is set up: a resume that fails above
+        # leaves them to the run that wrote them.
+        if acc.is_main_process:
+            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         self.tracker = Tracker(cfg, self.run_dir, is_main=acc.is_main_process, world_size=self.topo.world_size,
                                system=_system_info(acc), label_names=self.info.label_names,
                                resumed=self.last_ckpt is not None)
         if self.last_ckpt is not None:
-            self.ckpt.load(self.last_ckpt)
             self._keep_the_schedule_on_its_epochs()
             acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
-                      f"step {self.state.global_step}; its optimiser and schedule set the learning rates (this "
-                      "run's optim.lr, lrp and lr_scaling apply to a fresh start)")
+                      f"step {self.state.global_step}; the checkpoint's base learning rates go on (this run's "
+                      "optim.lr, lrp and lr_scaling apply to a fresh start), on this run's schedule (optim.schedule, "
+                      "epoch_step, warmup_epochs)")
         self._warn_of_a_reordered_epoch(loader_len)
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         acc.print(f"LR per group: {group_lrs(self.optimizer)} "
@@ -336,7 +345,11 @@ class Trainer:
         an epoch: warmup, decays and the epoch's end stay where the epochs put them."""
         state, saved_steps, saved_micro = self.state, self.state.steps_per_epoch, self.state.micro_batches
         if not saved_steps or (saved_steps, saved_micro) == (self.steps_per_epoch, self.micro_batches):
-            return  # the same layout, or a checkpoint from before the layout was recorded
+            # The same layout (or one not recorded). The schedule's function is this run's (a LambdaLR saves none),
+            # but the optimiser holds the rate the checkpoint's schedule set for the next step: set it anew.
+            self.scheduler.last_epoch -= 1
+            self.scheduler.step()
+            return
         epochs_done = self.scheduler.last_epoch / saved_steps
         self.scheduler.last_epoch = round(epochs_done * self.steps_per_epoch) - 1
         self.scheduler.step()  # each group's rate at that step

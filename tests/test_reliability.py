@@ -394,9 +394,21 @@ def test_resuming_from_a_damaged_checkpoint_or_another_launchers_is_one_message_
     run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
     (step,) = complete_checkpoints(run_dir / "checkpoints")[-1:]
     expected = _damage_checkpoint(step, damage)
-    assert mlgcn(["train", *overrides(tiny_toy, run_dir, "train.resume=auto", "train.epochs=3")]) == 2
+    described = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "summary.json")}
+    assert mlgcn(["train", *overrides(tiny_toy, run_dir, "train.resume=auto", "train.epochs=3",
+                                      "data.batch_size=4")]) == 2
     err = capsys.readouterr().err
     assert f"train.resume: checkpoint {step} {expected}" in err and "Traceback" not in err, err
+    # The run's own description stays the one of the run that trained (before, the failed session's).
+    assert {name: (run_dir / name).read_bytes() for name in described} == described
+
+
+def test_starting_afresh_in_a_directory_with_checkpoints_says_that_they_will_be_replaced(trained_run, tiny_toy,
+                                                                                          tmp_path, capsys):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    train(tiny_config(tiny_toy, run_dir, "train.resume=none", "train.max_steps=1"))
+    assert f"train.resume=none: starting afresh in {run_dir}, whose checkpoints of an earlier run" in \
+        capsys.readouterr().out
 
 
 def test_a_checkpoint_evaluates_without_the_graph_files_it_was_trained_with(tiny_toy, tmp_path, capsys):

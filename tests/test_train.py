@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -148,6 +149,20 @@ def test_a_resume_with_another_grad_accum_steps_on_whole_accumulations_and_at_ea
     positions = [round((e % 1 or 1.0) * per_epoch) for e in epochs]
     assert all(p % 2 == 0 for p in positions), positions
     assert epochs[-1] == pytest.approx(2.0) and 1.0 in [pytest.approx(e) for e in epochs]
+
+
+def test_a_resume_keeps_the_checkpoints_base_learning_rates_on_this_runs_schedule(toy_root, tmp_path):
+    """What the resume message says: optim.lr applies to a fresh start; optim.schedule to the steps to come."""
+    run_dir = tmp_path / "run"
+    run = ("optim.warmup_epochs=0", "train.log_every=1", "train.epochs=2")
+    train(toy_config(toy_root, run_dir, *run, "train.max_steps=3", "optim.lr=0.1"))
+    first_session = len(train_log(run_dir))
+    train(toy_config(toy_root, run_dir, *run, "train.resume=auto", "optim.lr=0.5", "optim.schedule=cosine"))
+    steps_per_epoch = 62 // 8
+    total = 2 * steps_per_epoch
+    logged = train_log(run_dir)[first_session:]
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / total)) for r in logged]
+    assert [r["train/lr_head"] for r in logged] == pytest.approx(expected)
 
 
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
