@@ -7,9 +7,11 @@ and under DeepSpeed ZeRO; ``distributed.build_accelerator`` decides which.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 
@@ -204,12 +206,16 @@ def train(cfg: Config) -> dict:
     """Train and evaluate as configured; returns the run summary. Raises SystemExit(75) after a preemption save."""
     # First of all: a preemption signal that arrives while the model is still being built must not be lost.
     preemption = PreemptionHandler().install()
+    # Where is a run that hangs (a collective that never completes)? `kill -USR2 <pid>`, or `scancel --signal=USR2
+    # <job>`, prints every thread's Python stack of the process (and of its data workers, forked with it).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     lock = RunLock(cfg.run_dir)  # taken by the main process as the Trainer starts; released however the run ends
     try:
         return Trainer(cfg, preemption, lock).fit()
     finally:
         lock.release()
         preemption.uninstall()
+        faulthandler.unregister(signal.SIGUSR2)
 
 
 class Trainer:

@@ -139,7 +139,7 @@ srun_flags=(--nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0)
 # Since SLURM 22.05 srun no longer inherits --cpus-per-task from the job: without this the step gets one core.
 [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || srun_flags+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 srun "${srun_flags[@]}" \
-    bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate \
+    bash -c 'trap "" USR1 USR2; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate \
     "${launch_flags[@]}" launch/train.py --config "$config" "${overrides[@]}" "$@" ${requeued[@]+"${requeued[@]}"} &
 srun_pid=$!
 status=0

@@ -963,6 +963,27 @@ def test_sigterm_to_every_process_as_scancel_sends_it_or_ctrl_c_saves_with_loade
     assert list((run_dir / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
+def test_sigusr2_to_every_process_of_a_run_prints_the_trainers_stacks_and_training_goes_on(tiny_toy, tmp_path):
+    """How to see where a hung run waits (`scancel --signal=USR2 <job>`): no process of the run ends on it."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
+                                             "data.workers=2")]
+    proc = start(cmd, log)
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert "pt_data_worker" in {p.name() for p in tree}
+        for process in tree:
+            process.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "most recent call first" in log.read_text(), 30, proc)
+        steps = logged_steps(run_dir)
+        wait_for(lambda: logged_steps(run_dir) > steps + 2, 60, proc)  # the run and its data workers go on
+        assert "_train_batches" in log.read_text()  # the trainer's own stack, down to the training loop
+    finally:
+        kill_tree(proc)
+
+
 class _TouchesAFileWhenUnpickled:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "coco_gcn.sh"
 SINGLE_NODE_SCRIPT = REPO / "slurm" / "single_node.sh"
 SIGUSR1_BIT = 1 << (10 - 1)  # bit of SIGUSR1 (10 on Linux) in /proc/<pid>/status SigIgn
+SIGUSR2_BIT = 1 << (12 - 1)
 
 # srun stub: record the options, then run the command once per node as SLURM would, with SLURM_NODEID set.
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -139,11 +140,13 @@ def test_a_requeued_job_resumes_its_own_checkpoints_whatever_the_first_start_was
     assert _launch_args(log, 0)[-1] == last
 
 
-def test_launcher_starts_with_sigusr1_ignored_so_only_the_trainers_act_on_it(fake_job):
+def test_launcher_starts_with_sigusr1_and_sigusr2_ignored_so_only_the_trainers_act_on_them(fake_job):
+    """SIGUSR1: save and requeue; SIGUSR2: print the trainers' stacks. Either would end the launcher."""
     done, log = fake_job("configs/toy.yaml")
     assert done.returncode == 0, done.stderr
     for node in (0, 1):
-        assert int((log / f"sigign.{node}").read_text(), 16) & SIGUSR1_BIT
+        ignored = int((log / f"sigign.{node}").read_text(), 16)
+        assert ignored & SIGUSR1_BIT and ignored & SIGUSR2_BIT
 
 
 def test_requeues_and_exits_zero_when_the_trainer_left_the_requeue_marker(fake_job):
