@@ -176,7 +176,7 @@ def _imported_payload(args: argparse.Namespace) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from mlgcn_dist import distributed
-    from mlgcn_dist.data.loader import dataset_info
+    from mlgcn_dist.data.loader import split_label_names
     from mlgcn_dist.data.transforms import GpuAugment
     from mlgcn_dist.engine import evaluate, format_metrics_table, resolve_decode
 
@@ -192,7 +192,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg))
     cfg.train.resume = "none"
     cfg.train.deepspeed = ""
-    check_label_space(payload, dataset_info(cfg.data).label_names, str(args.checkpoint))
+    check_label_space(payload, split_label_names(cfg.data, cfg.data.val_split), str(args.checkpoint))
     accelerator = distributed.build_accelerator(cfg)
     model = model_from_payload(payload, cfg, args.weights)
     if "A" in payload:  # the original's learned/fixed correlation matrix replaces the one from statistics

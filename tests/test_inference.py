@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,18 @@ def test_evaluate_prints_the_metrics_table_and_per_class_ap_and_matches_training
     lines = scores_out.read_text().splitlines()
     assert len(lines) == metrics["num_images"]
     assert len(json.loads(lines[0])["scores"]) == 12
+
+
+def test_evaluate_needs_only_the_validation_split(run_dir, toy_root, tmp_path):
+    """Another machine may hold only val2014 and its annotations (and COCO's training annotations take seconds)."""
+    val_only = tmp_path / "coco"
+    shutil.copytree(toy_root / "val2014", val_only / "val2014")
+    (val_only / "annotations").mkdir()
+    shutil.copy(toy_root / "annotations/instances_val2014.json", val_only / "annotations")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--metrics-out", str(out), f"data.root={val_only}"]) == 0
+    best = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(best["metrics"]["model"]["mAP"], abs=1e-6)
 
 
 def test_evaluate_with_ema_weights(run_dir, tmp_path):

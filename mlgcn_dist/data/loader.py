@@ -153,6 +153,16 @@ def _folder_split(data_cfg: DataConfig, split: str) -> SplitIndex:
     return _cached_split(data_cfg.dataset, str(data_cfg.root), split, data_cfg.keep_empty)
 
 
+def split_label_names(data_cfg: DataConfig, split: str) -> list[str]:
+    """The label space as ``split`` holds it: what evaluating a trained model needs, without reading (or having)
+    the training split (COCO's training annotations take seconds to parse)."""
+    if data_cfg.format == "wds":
+        meta = read_meta(data_cfg.shards)
+        _check_dataset(meta, data_cfg)
+        return list(meta["label_names"])
+    return list(_folder_split(data_cfg, split).labels.names)
+
+
 def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
     """Label space, training-split label statistics and split sizes, for either data format."""
     if data_cfg.format == "wds":
