@@ -140,6 +140,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ds["gradient_clipping"] = cfg.optim.clip_grad
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
+    if cfg.train.precision in ("bf16", "fp16"):
+        # DeepSpeed runs the model in that dtype outright (no autocast) and casts only its parameters unless told:
+        # BatchNorm's running statistics and the GCN's graph must follow, or the first forward mixes dtypes.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", cfg.train.precision)
     # A non-DeepSpeed optimiser (torch SGD with two groups) under ZeRO needs this flag.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
@@ -222,6 +226,13 @@ def topology(accelerator: Accelerator, cfg: Config) -> Topology:
         per_device_batch=cfg.data.batch_size,
         grad_accum=cfg.train.grad_accum,
     )
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model takes its images in: its weights'. DeepSpeed with bf16/fp16 runs the model in that dtype
+    outright, without autocast (Accelerate enables none under DeepSpeed); elsewhere the weights are fp32 and autocast
+    casts."""
+    return next(model.parameters()).dtype
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -12,6 +12,7 @@ import itertools
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -97,6 +98,7 @@ def evaluate(
     collective (buffer broadcast) that a rank with fewer batches never joins.
     """
     model.eval()
+    dtype = distributed.input_dtype(model)
     meter = AveragePrecisionMeter()
     loader = build_eval_loader(
         cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes, decode=decode
@@ -110,7 +112,7 @@ def evaluate(
             if len(image_ids) == 0:  # every image of the batch unreadable: counted above, nothing to score
                 continue
             with accelerator.autocast():
-                logits = model(images)
+                logits = model(images.to(dtype))
             meter.add(logits.float().cpu(), targets.cpu(), image_ids.cpu())
     merged, duplicates = gather_meter(meter)
     results = merged.compute()
@@ -208,7 +210,7 @@ def train(cfg: Config) -> dict:
     preemption = PreemptionHandler().install()
     # Where is a run that hangs (a collective that never completes)? `kill -USR2 <pid>`, or `scancel --signal=USR2
     # <job>`, prints every thread's Python stack of the process (and of its data workers, forked with it).
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)  # sys.stderr may be no file
     lock = RunLock(cfg.run_dir)  # taken by the main process as the Trainer starts; released however the run ends
     try:
         return Trainer(cfg, preemption, lock).fit()
@@ -279,6 +281,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, lr)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.input_dtype = distributed.input_dtype(self.model)
         if self.ema is not None:
             # Each rank initialised its own weights (seeds differ per rank); DDP and DeepSpeed have just given every
             # rank rank 0's, in place. The EMA, copied before, starts from those too: with its warm-up decay the
@@ -510,7 +513,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         with acc.accumulate(self.model):
             with acc.autocast():
-                logits = self.model(images)
+                logits = self.model(images.to(self.input_dtype))
             loss = self.criterion(logits.float(), targets) * weight
             acc.backward(loss)
             # DeepSpeed clips inside its step (gradient_clipping in its config, filled from optim.clip_grad).

@@ -111,6 +111,17 @@ def test_deepspeed_zero2_through_accelerate_keeps_per_group_learning_rates(launc
     assert summary(run_dir)["world_size"] == 2
 
 
+@pytest.mark.parametrize("head", ["gcn", "hgat"])
+def test_deepspeed_in_bf16_feeds_its_bf16_model_bf16_images_in_training_and_evaluation(head, tiny_toy, tmp_path):
+    """DeepSpeed runs the model in bf16 outright, without autocast: fp32 images failed the first convolution, and
+    the GCN's fp32 graph buffers its first matmul."""
+    run_dir = tmp_path / "zero2_bf16"
+    args = overrides(tiny_toy, run_dir, f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}",
+                     "train.precision=bf16", "train.ema_decay=0.9", f"model.head={head}")
+    check(run(torchrun_cmd(2, args), timeout=600))
+    assert summary(run_dir)["final"]["model"]["mAP"] > 0 and summary(run_dir)["final"]["ema"]["mAP"] > 0
+
+
 def test_evaluation_is_identical_on_one_two_and_three_processes_and_counts_each_image_once(tiny_toy, tmp_path):
     run_dir = tmp_path / "trained"
     check(run(torchrun_cmd(1, overrides(tiny_toy, run_dir))))

@@ -10,6 +10,7 @@ import json
 import random
 import shutil
 import signal
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -558,6 +559,19 @@ def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_th
     workers = [child for child in psutil.Process().children() if child.pid not in before]
     assert len(workers) == 2
     for worker in workers:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            worker.send_signal(sig)
+        for sig in ("TERM", "USR1", "INT"):  # sent by another process, as SLURM's and the terminal's are
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
     assert 1 + sum(1 for _ in batches) == len(loader)
+
+
+def test_a_loader_worker_ends_on_its_trainers_sigterm(toy_root, shards):
+    """How PyTorch, and multiprocessing's exit hook, end the workers of a loader still alive when the trainer exits
+    (an error raised through the training loop): ignored, the trainer would wait for them forever."""
+    loader = build_train_loader(config("wds", toy_root, shards, workers=1), rank=0, world_size=1, epoch=0, seed=0,
+                                decode="cpu")
+    before = {child.pid for child in psutil.Process().children()}
+    batches = iter(loader)
+    next(batches)
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    worker.send_signal(signal.SIGTERM)  # from this process, the worker's parent
+    assert worker.wait(timeout=10) == 0

@@ -964,6 +964,16 @@ def test_sigterm_to_every_process_as_scancel_sends_it_or_ctrl_c_saves_with_loade
 
 
 @pytest.mark.slow
+def test_a_run_that_fails_with_data_workers_running_exits_instead_of_waiting_for_them(tiny_toy, tmp_path):
+    """An error raised through the training loop leaves its loader alive until the interpreter exits, whose hook
+    then ends the workers with SIGTERM: workers that ignored every SIGTERM held the run (and a SLURM job) forever."""
+    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, tmp_path / "run", "train.epochs=5", "data.steps_per_epoch=1000",
+                                             "data.workers=2", "optim.lr=1e6")]
+    failed = run(cmd, timeout=120)
+    assert failed.returncode == 1 and "NonFiniteLossError" in failed.stderr, failed.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_sigusr2_to_every_process_of_a_run_prints_the_trainers_stacks_and_training_goes_on(tiny_toy, tmp_path):
     """How to see where a hung run waits (`scancel --signal=USR2 <job>`): no process of the run ends on it."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"

@@ -28,10 +28,12 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import re
 import signal
 import tarfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -221,18 +223,38 @@ def _worker() -> tuple[int, int]:
 
 def _init_worker(worker_id: int) -> None:
     """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker);
-    the stop signals ignored.
-
-    SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
-    PyTorch ends a worker on a SIGTERM its main process did not send (Ctrl-C reaches the terminal's whole process
-    group, and a worker ends on it too); the main process then fails on the lost worker instead of finishing its
-    step and saving. Ignoring them, the workers go on until the trainer is done with its loader, which ends them
-    itself (or, if it dies, their watchdog does)."""
-    for sig in SAVING_STOP_SIGNALS:  # the trainer's business, not a worker's
-        signal.signal(sig, signal.SIG_IGN)
+    the stop signals left to the trainer (:func:`_leave_stop_signals_to_the_trainer`)."""
+    _leave_stop_signals_to_the_trainer()
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)
+
+
+def _leave_stop_signals_to_the_trainer() -> None:
+    """A worker goes on through the signals that ask the trainer to stop, and ends on its trainer's SIGTERM.
+
+    SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
+    Ctrl-C reaches the terminal's whole process group. PyTorch ends a worker on a SIGTERM from anyone, and the
+    trainer then fails on the lost worker instead of finishing its step and saving. Ignored, the workers go on until
+    the trainer is done with its loader. But the trainer's own SIGTERM must still end a worker: it is how PyTorch
+    and multiprocessing's exit hook end the workers of a loader still alive when the trainer exits (an error raised
+    through the training loop), and an ignored one leaves the trainer waiting for them forever. A signal handler
+    cannot see who sent the signal; a thread waiting for it can (sigwaitinfo: Linux; elsewhere PyTorch's handler
+    stays)."""
+    for sig in SAVING_STOP_SIGNALS:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: threads inherit the mask
+
+    def end_on_the_trainers_sigterm() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)  # as PyTorch's handler does for its own process's SIGTERM
+
+    threading.Thread(target=end_on_the_trainers_sigterm, name="sigterm-from-trainer", daemon=True).start()
 
 
 def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
