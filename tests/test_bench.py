@@ -10,13 +10,15 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import timed_worker_loader
+from test_timing import FakeClock
 from torch import nn
 
-from mlgcn_dist.bench import phases, window
+from mlgcn_dist.bench import phases, train, window
 from mlgcn_dist.bench.phases import (
     ConversionClock,
     augment_in_loop_conversion,
@@ -24,18 +26,20 @@ from mlgcn_dist.bench.phases import (
     loader_phase,
     timed_conversion,
 )
-from mlgcn_dist.bench.profiling import ProfileRequest
+from mlgcn_dist.bench.profiling import ProfileRequest, StepProfiler
 from mlgcn_dist.bench.report import format_report, profile_lines
 from mlgcn_dist.bench.step import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
+    Setting,
     TrainStep,
+    cuda_numerics,
     forward_flops_per_image,
     peak_tflops,
     run_setting,
 )
-from mlgcn_dist.bench.train import batches_per_phase, make_toy_shards
-from mlgcn_dist.bench.window import LoaderQueue, time_training
+from mlgcn_dist.bench.train import batches_per_phase, describe_shards, make_toy_shards, with_mfu
+from mlgcn_dist.bench.window import LoaderQueue, peak_memory, time_training
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
 from mlgcn_dist.data.loader import build_train_loader, dataset_info
@@ -135,11 +139,14 @@ def test_bench_profiles_steps_after_each_training_phases_timed_ones_and_keeps_a_
     assert "profiled: 1 steps after each phase's timed ones" in format_report(report)
 
 
-def test_bench_train_refuses_a_profile_dir_that_is_a_file_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_bench_train_refuses_a_profile_dir_that_cannot_be_a_directory_before_any_work(where, tmp_path, capsys):
+    """Under a file, it failed only after the first phase's timed steps, losing the measured phases."""
     taken = tmp_path / "profiles"
     taken.write_text("not a directory")
-    assert main(["bench", "train", "--config", "configs/toy.yaml", "--profile-dir", str(taken)]) == 2
-    assert f"--profile-dir {taken} exists and is not a directory" in capsys.readouterr().err
+    profile_dir = taken if where == "a_file" else taken / "traces"
+    assert main(["bench", "train", "--config", "configs/toy.yaml", "--profile-dir", str(profile_dir)]) == 2
+    assert f"--profile-dir {profile_dir}: cannot be a directory (" in capsys.readouterr().err
 
 
 def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
@@ -240,20 +247,22 @@ def test_every_phase_of_one_model_starts_from_the_same_weights(report):
 
 
 class _DivergingStep:
-    """A stand-in TrainStep whose loss turns NaN at its fourth call, and whose gradient norm grows until then."""
+    """A stand-in TrainStep whose loss is NaN at the calls in ``nan_calls`` (by default from its fourth on), and
+    whose gradient norm is NaN there and the call's number elsewhere."""
 
     device = torch.device("cpu")
     setting = ORIGINAL_MLGCN
 
-    def __init__(self) -> None:
+    def __init__(self, nan_calls: range = range(4, 2**31)) -> None:
         self.calls, self.restarts, self.grad_norm = 0, 0, None
+        self.nan_calls = nan_calls
 
     def restart(self) -> None:
         self.restarts += 1
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        diverged = self.calls >= 4
+        diverged = self.calls in self.nan_calls
         self.grad_norm = torch.tensor(float("nan") if diverged else float(self.calls))
         return torch.tensor(float("nan") if diverged else 1.0)
 
@@ -303,22 +312,21 @@ def test_time_training_reports_no_divergence_for_finite_losses():
 
 
 class _StepThatCompilesFirst:
-    """A stand-in TrainStep that takes ``compile_s`` at its first call and no time after it."""
+    """A stand-in TrainStep that takes ``compile_s`` at its first call and ``step_s`` at each one after it."""
 
     device = torch.device("cpu")
     setting = ORIGINAL_MLGCN
     grad_norm = None
 
-    def __init__(self, compile_s: float) -> None:
-        self.compile_s, self.calls = compile_s, 0
+    def __init__(self, compile_s: float, step_s: float = 0.0) -> None:
+        self.compile_s, self.step_s, self.calls = compile_s, step_s, 0
 
     def restart(self) -> None:
         pass
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == 1:
-            time.sleep(self.compile_s)
+        time.sleep(self.compile_s if self.calls == 1 else self.step_s)
         return torch.tensor(1.0)
 
 
@@ -336,6 +344,24 @@ def test_a_loader_slower_than_the_model_is_timed_at_its_steady_rate_not_on_the_q
     assert 0.8 * 40 <= result["img_s"] <= 1.1 * 40
 
 
+def _unconverted(*_) -> tuple:
+    """A stand-in for ``timed_conversion``: the batch's own tensors, untimed."""
+    return lambda batch: (batch["image"], batch["target"], batch["image_id"]), ConversionClock()
+
+
+def _counting_loader(pulled: list[int]):
+    """A stand-in for ``build_train_loader``: ``data.steps_per_epoch`` batches of 2, each pull's index appended to
+    ``pulled``."""
+
+    def loader(data_cfg, **_):
+        for index in range(data_cfg.steps_per_epoch):
+            pulled.append(index)
+            yield {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "target": torch.zeros(2, 12),
+                   "image_id": torch.arange(2), "n_bad": 0}
+
+    return loader
+
+
 @pytest.mark.parametrize(("warmup", "batches"), [(1, 4), (2, 4), (3, 3)])
 def test_the_data_path_alone_is_timed_at_the_loaders_steady_rate_wherever_its_window_starts(monkeypatch, toy_root,
                                                                                             warmup, batches):
@@ -344,9 +370,7 @@ def test_the_data_path_alone_is_timed_at_the_loaders_steady_rate_wherever_its_wi
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.prefetch_factor=2"])
     monkeypatch.setattr(phases, "build_train_loader",
                         lambda data_cfg, **_: timed_worker_loader(workers=3, batches=60, batch_size=4, seconds=0.2))
-    monkeypatch.setattr(phases, "timed_conversion",
-                        lambda *_: (lambda batch: (batch["image"], batch["target"], batch["image_id"]),
-                                    ConversionClock()))
+    monkeypatch.setattr(phases, "timed_conversion", _unconverted)
     result = data_path_phase(cfg, torch.device("cpu"), "cpu", batches, warmup)
     assert result["batches"] == -(-batches // 3) * 3 and result["queued_batches_dropped"] == 6  # 3 x prefetch 2
     assert 0.85 * 60 <= result["img_s"] <= 1.1 * 60
@@ -360,14 +384,7 @@ def test_a_phases_loader_epoch_outlasts_the_phase_by_a_round_of_the_workers(monk
     steps, warmup = 5, 2
     set_key(cfg, "data.steps_per_epoch", batches_per_phase(cfg, steps, warmup, profiled), "test")
     pulled = []
-
-    def counting_loader(data_cfg, **_):
-        for index in range(data_cfg.steps_per_epoch):
-            pulled.append(index)
-            yield {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "target": torch.zeros(2, 12),
-                   "image_id": torch.arange(2), "n_bad": 0}
-
-    monkeypatch.setattr(phases, "build_train_loader", counting_loader)
+    monkeypatch.setattr(phases, "build_train_loader", _counting_loader(pulled))
     profile = ProfileRequest(tmp_path / "phase.json.gz", profiled) if profiled else None
     result = loader_phase(_StepThatCompilesFirst(compile_s=0.0), cfg, "cpu", steps, warmup, profile=profile)
     assert result["steps"] == 6 and result["queued_batches_dropped"] == 6  # whole rounds; 3 workers x prefetch 2
@@ -461,7 +478,7 @@ def test_train_step_updates_the_backbone_and_head_groups(toy_root, precision, ch
 
 def test_bench_loader_command_writes_its_json(tmp_path: Path):
     shards = make_toy_shards(tmp_path, images=16, size=64, workers=1, seed=0)
-    out = tmp_path / "loader.json"
+    out = tmp_path / "not" / "made" / "loader.json"  # its folders are made
     argv = [
         "bench",
         "loader",
@@ -481,3 +498,325 @@ def test_bench_loader_command_writes_its_json(tmp_path: Path):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 * 4 and result["images_per_s"] > 0 and result["decode"] == "cpu"
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    """time.perf_counter moved by time.sleep alone: a stand-in step or loader takes exactly the seconds it sleeps."""
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(time, "sleep", lambda seconds: setattr(clock, "now", clock.now + seconds))
+    return clock
+
+
+def _batches_every(seconds: float, images: int = 2):
+    """Batches of ``images`` that each keep the loop waiting ``seconds``."""
+    while True:
+        time.sleep(seconds)
+        yield torch.zeros(images, 3, 4, 4), torch.zeros(images, 1)
+
+
+def test_the_timed_window_excludes_the_warmup_and_its_rates_come_from_its_own_seconds(clock):
+    # First step 10 s (compiling), then 0.75 s a step; each batch keeps the loop waiting 0.25 s.
+    step = _StepThatCompilesFirst(compile_s=10.0, step_s=0.75)
+    result = time_training(step, _batches_every(0.25), lambda b: b, steps=4, warmup=3)
+    assert result["first_step_s"] == pytest.approx(10.25)
+    assert result["warmup_s"] == pytest.approx(10.25 + 2 * 1.0)
+    assert result["seconds"] == pytest.approx(4.0) and result["images"] == 8
+    assert result["img_s"] == pytest.approx(2.0) and result["step_ms"] == pytest.approx(1000.0)
+    assert result["data_wait_s"] == pytest.approx(1.0) and result["data_wait_frac"] == pytest.approx(0.25)
+
+
+class _StallEveryWait:
+    """A DataStall (its CUDA clock faked) whose training stream sits idle 0.1 s at every wait for a batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stalled = 0.0
+
+    def waiting(self) -> None:
+        pass
+
+    def got_batch(self) -> None:
+        self.stalled += 0.1
+
+    def read(self) -> float:
+        stalled, self.stalled = self.stalled, 0.0
+        return stalled
+
+
+def test_the_windows_data_stall_leaves_out_the_warmups_and_is_a_share_of_the_windows_seconds(clock, monkeypatch):
+    monkeypatch.setattr(window, "DataStall", _StallEveryWait)
+    step = _StepThatCompilesFirst(compile_s=10.0, step_s=0.75)
+    result = time_training(step, _batches_every(0.25), lambda b: b, steps=4, warmup=3)
+    assert result["data_stall_s"] == pytest.approx(0.4)  # the 4 timed waits, not the 3 warm-up ones
+    assert result["data_stall_frac"] == pytest.approx(0.4 / 4.0)
+
+
+def test_a_loss_that_is_finite_again_after_a_non_finite_one_keeps_the_first_non_finite_step():
+    step = _DivergingStep(nan_calls=range(3, 4))  # NaN at the third call alone
+    batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
+    result = time_training(step, itertools.repeat(batch), lambda b: b, steps=3, warmup=2)
+    assert result["first_nonfinite_step"] == 3 and result["nonfinite_steps"] == 1
+    assert result["max_grad_norm"] == 5.0 and result["nonfinite_grad_norms"] == 1
+
+
+@pytest.mark.parametrize(("workers", "depth", "untimed"), [(0, 2, 0), (2, 0, 1 + 2), (2, 2, 2 + 1 + 2)])
+def test_after_the_warmup_the_workers_queue_is_dropped_then_the_converted_batches_and_a_round_stay_untimed(
+    workers, depth, untimed
+):
+    """Without workers nothing is queued: nothing dropped, no untimed steps added. With them, the ``depth``
+    batches converted before the drop, a spare and a round of the workers run untimed before the window."""
+    pulled = []
+    queue = LoaderQueue(_counting_loader(pulled)(SimpleNamespace(steps_per_epoch=100)), workers, prefetch_factor=3)
+    step = _StepThatCompilesFirst(compile_s=0.0)
+    result = time_training(step, queue, lambda batch: (batch["image"], batch["target"]), steps=4, warmup=2,
+                           queue=queue, depth=depth)
+    assert step.calls == 2 + untimed + 4
+    assert result["queued_batches_dropped"] == 3 * workers and len(pulled) == step.calls + 3 * workers
+
+
+def test_mfu_is_the_training_flop_rate_over_the_devices_peak_for_the_phases_numerics():
+    h100 = "NVIDIA H100 80GB HBM3"
+    bf16 = with_mfu({"numerics": "bf16", "img_s": 500.0}, 2e11, h100)  # 1e14 FLOP/s
+    assert bf16["achieved_tflops"] == pytest.approx(100.0) and bf16["peak_tflops"] == 989.4
+    assert bf16["mfu"] == pytest.approx(100.0 / 989.4)
+    assert with_mfu({"numerics": "fp32", "img_s": 500.0}, 2e11, h100)["mfu"] == pytest.approx(100.0 / 66.9)
+    on_cpu = with_mfu({"numerics": "fp32", "img_s": 500.0}, 2e11, "cpu")
+    assert on_cpu["peak_tflops"] is None and on_cpu["mfu"] is None and on_cpu["achieved_tflops"] == pytest.approx(100)
+
+
+def test_bench_train_derives_compile_time_training_flops_ratios_and_drift_from_its_phases(monkeypatch, toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "train.compile=true", "data.workers=3"])
+
+    def phase(img_s: float, **fields: object) -> dict:
+        return {"img_s": img_s, "numerics": "fp32", "first_step_s": 30.0, "warmup_s": 42.0, **fields}
+
+    measured = {"ceiling": phase(400.0), "e2e_decode_cpu": phase(100.0), "ceiling_repeat": phase(380.0)}
+    loaders = []
+    monkeypatch.setattr(train, "_configured_phases", lambda *_: (dict(measured), 2e9))
+    monkeypatch.setattr(train, "data_path_phase", lambda *_: {"img_s": 1.0})
+    monkeypatch.setattr(train, "_reference_phase", lambda *_: phase(50.0))
+    monkeypatch.setattr(train, "bench_loader", lambda shards, decode, **kw: loaders.append((decode, kw)) or {})
+    report = train.bench_train(cfg, steps=5, warmup=3)
+    assert report["compile_s"] == 30.0  # the ceiling's first step, not its whole warm-up
+    assert report["flops"] == {"forward_per_image": 2e9, "train_per_image": 6e9}  # 3x the forward
+    assert report["phases"]["e2e_decode_cpu"]["achieved_tflops"] == pytest.approx(6e9 * 100.0 / 1e12)
+    assert report["ratios"] == pytest.approx({"e2e_decode_cpu/ceiling": 0.25, "e2e_decode_cpu/reference": 2.0})
+    assert report["ceiling_drift"] == pytest.approx(380.0 / 400.0)
+    assert loaders == [("cpu", {"workers": 3, "batches": 3 + 5, "batch_size": 16, "image_size": 64})]
+
+
+@pytest.mark.parametrize(("prefetch", "ahead"), [(0, False), (2, True)])
+def test_the_inline_and_in_loop_phases_run_only_where_the_device_conversion_runs_ahead(monkeypatch, toy_root,
+                                                                                     prefetch, ahead):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", f"data.device_prefetch={prefetch}"])
+    fed, flops_batches = {}, []
+
+    def loader_phase(step, cfg, decode, steps, warmup, depth=None, profile=None, **options):
+        fed[profile.trace.name] = (decode, depth, options.get("augment_in_loop", False))
+        return {}
+
+    monkeypatch.setattr(train, "loader_phase", loader_phase)
+    monkeypatch.setattr(train, "synthetic_phase", lambda *_: {})
+    monkeypatch.setattr(train, "_progress", lambda name, result: result)
+    monkeypatch.setattr(train, "forward_flops_per_image",
+                        lambda model, size, device, batch_size=1: flops_batches.append(batch_size) or 1.0)
+    profiler = StepProfiler(Path("profiles"), steps=1)
+    names, _ = train._configured_phases(cfg, dataset_info(cfg.data), torch.device("cpu"), 2, 1, profiler)
+    expected = {"e2e_decode_cpu.json.gz": ("cpu", None, False), "e2e_decode_gpu.json.gz": ("gpu", None, False)}
+    if ahead:
+        expected |= {"e2e_decode_gpu_inline.json.gz": ("gpu", 0, False),
+                     "e2e_decode_gpu_augment_in_loop.json.gz": ("gpu", None, True)}
+    assert fed == expected
+    assert list(names) == ["ceiling", *(name.removesuffix(".json.gz") for name in expected), "ceiling_repeat"]
+    assert flops_batches == [16]  # the GCN head's per-batch FLOPs shared by the configured batch
+
+
+def test_the_conversion_clock_reports_the_median_milliseconds_a_batch_of_each_part(clock):
+    conversion = ConversionClock()
+    for seconds in (0.001, 0.1, 0.002):  # one slow conversion (start-up) moves a mean, not the median
+        conversion.timed("convert", time.sleep, seconds)
+    conversion.timed("decode", time.sleep, 0.004)
+    assert conversion.per_batch_ms() == pytest.approx({"convert_ms": 2.0, "decode_ms": 4.0, "augment_ms": None})
+
+
+def test_the_data_path_alone_takes_its_warmup_the_dropped_queue_and_a_round_before_whole_rounds(monkeypatch,
+                                                                                               toy_root):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.workers=3", "data.prefetch_factor=2",
+                                           "data.device_prefetch=0", "data.steps_per_epoch=100"])
+    pulled = []
+    monkeypatch.setattr(phases, "build_train_loader", _counting_loader(pulled))
+    monkeypatch.setattr(phases, "timed_conversion", _unconverted)
+    result = data_path_phase(cfg, torch.device("cpu"), "cpu", batches=4, warmup=2)
+    assert result["batches"] == 6 and result["images"] == 12 and result["queued_batches_dropped"] == 6
+    assert len(pulled) == 2 + 6 + (0 + 1 + 3) + 6  # warm-up, dropped, untimed after the drop, timed
+
+
+def _phase_row(**fields: object) -> dict:
+    """A phase as format_report reads it: every number distinct, overridden by ``fields``."""
+    return {
+        "img_s": 123.45, "step_ms": 32.4, "data_wait_frac": 0.25, "data_stall_frac": None,
+        "peak_mem_bytes": 3 * 2**30, "mfu": None, "first_nonfinite_step": None, "max_grad_norm": None,
+        "nonfinite_grad_norms": 0, "train_stream": "default", "first_loss": 2.5, "eager_first_loss": 2.5,
+        "warmup_s": 42.0, "profile": None,
+        "setting": {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "reduce-overhead"},
+        **fields,
+    }
+
+
+def _bench_report(**phases: dict) -> dict:
+    return {
+        "device": "NVIDIA H100 80GB HBM3", "model": {"backbone": "resnet101", "head": "gcn"}, "image_size": 448,
+        "batch_size": 64, "steps": 50, "warmup": 10, "workers": 15, "compile_s": 61.0, "ceiling_drift": 0.987,
+        "phases": {"ceiling": _phase_row(mfu=0.4), **phases},
+        "ratios": {"e2e_decode_gpu/ceiling": 0.875, "e2e_decode_gpu/reference": 3.5},
+        "flops": {"forward_per_image": 31.4e9, "train_per_image": 94.2e9},
+        "loader_cpu": {"workers": 15, "images_per_s": 900.0, "images_per_s_per_worker": 60.0},
+        "data_gpu": {"decode_on": "cuda (nvJPEG)", "device_prefetch": 2, "img_s": 3000.0, "decode_ms": 7.0,
+                     "augment_ms": 1.5},
+    }
+
+
+def test_the_report_table_shows_each_phases_numbers_in_their_columns():
+    e2e = _phase_row(data_stall_frac=0.125, mfu=0.35, train_stream="side", device_prefetch=2,
+                     decode_on="cuda (nvJPEG)", convert_ms=8.1, decode_ms=6.0, augment_ms=2.0, convert_busy=0.25)
+    lines = format_report(_bench_report(e2e_decode_gpu=e2e)).splitlines()
+    assert lines[0].startswith("bench train on NVIDIA H100 80GB HBM3: resnet101+gcn @448, batch 64, bf16, "
+                               "channels_last, compile (reduce-overhead); 50 timed steps after 10 warmup")
+    rows = {line.split()[0]: line.split() for line in lines[2:4]}
+    assert rows["ceiling"] == ["ceiling", "123.5", "32.4", "25.0%", "n/a", "3.00", "GiB", "40.0%", "synthetic", "on",
+                               "device"]
+    assert rows["e2e_decode_gpu"] == ["e2e_decode_gpu", "123.5", "32.4", "25.0%", "12.5%", "3.00", "GiB", "35.0%",
+                                      "0.88x", "3.50x", "cuda", "(nvJPEG),", "2", "batches", "ahead,", "steps", "on",
+                                      "a", "side", "stream"]
+    assert ("e2e_decode_gpu: conversion 8.1 ms a batch on the host (25% of the step); decode 6.0 ms, augment 2.0 ms"
+            in lines)
+    assert "compile: first step took 61.0 s, the ceiling's whole warm-up 42.0 s (excluded from the timings)" in lines
+    assert lines[-1] == ("data path alone (cuda (nvJPEG), 2 batches ahead, no training): 3000.0 img/s; a batch: "
+                         "decode 7.0 ms, augment 1.5 ms")
+
+
+def test_the_report_names_the_phases_that_diverged_and_their_largest_gradient_norms():
+    report = _bench_report(e2e_decode_gpu=_phase_row(first_nonfinite_step=7, max_grad_norm=12.5,
+                                                     nonfinite_grad_norms=3))
+    report["phases"]["ceiling"]["max_grad_norm"] = 2.0
+    lines = format_report(report).splitlines()
+    assert ("non-finite loss, each phase starting from the same weights: e2e_decode_gpu (from step 7) "
+            "(same kernels, same speed)") in lines
+    assert "largest finite gradient norm before clipping: ceiling 2, e2e_decode_gpu 12.5 (3 non-finite)" in lines
+
+
+def test_the_profiled_device_timeline_is_shown_per_phase_in_its_columns(tmp_path):
+    timeline = {"window_ms": 40.0, "busy_ms": 36.5, "idle_ms": 3.5, "training_stream_ms": 30.25,
+                "other_streams_ms": 9.0, "streams": 2}
+    profile = {"trace": str(tmp_path / "ceiling.json.gz"), "steps": 5, "device": timeline}
+    lines = profile_lines({"ceiling": {"profile": profile}, "e2e_decode_gpu": {"profile": None}})
+    assert lines[0].startswith(f"profiled: 5 steps after each phase's timed ones, traces in {tmp_path};")
+    assert lines[2].split() == ["ceiling", "40.0", "36.5", "3.5", "30.2", "9.0"]
+    assert len(lines) == 3  # a phase not profiled has no row
+
+
+def test_on_cpu_a_phases_peak_memory_is_the_processs_peak_resident_set_in_bytes():
+    with open("/proc/self/status") as status:  # Linux: VmHWM, the peak resident set, in kB
+        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    memory = peak_memory(torch.device("cpu"))
+    assert memory["peak_mem_kind"] == "process_max_rss" and memory["peak_mem_reserved_bytes"] is None
+    assert memory["peak_mem_bytes"] == pytest.approx(peak_kb * 1024, rel=0.1)
+
+
+def test_a_deterministic_run_is_benched_without_tf32_or_cudnn_autotuning_and_in_its_compile_mode(toy_root):
+    overrides = [f"data.root={toy_root}", "train.precision=fp32", "train.compile_mode=reduce-overhead"]
+    fast = run_setting(load_config("configs/toy.yaml", overrides), "cuda")
+    assert fast.tf32 and fast.cudnn_benchmark and fast.compile_mode == "reduce-overhead"
+    deterministic = run_setting(load_config("configs/toy.yaml", [*overrides, "train.deterministic=true"]), "cuda")
+    assert not deterministic.tf32 and not deterministic.cudnn_benchmark and deterministic.numerics == "fp32"
+
+
+def test_tf32_names_the_numerics_of_fp32_steps_alone():
+    assert Setting("bf16", channels_last=True, compile=False, tf32=True, cudnn_benchmark=True).numerics == "bf16"
+    assert Setting("fp32", channels_last=True, compile=False, tf32=True, cudnn_benchmark=True).numerics == "tf32"
+
+
+def test_a_settings_tf32_and_cudnn_autotuning_hold_inside_it_and_the_process_flags_are_restored_after():
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), (
+        torch.backends.cudnn, "benchmark")
+    saved = [getattr(owner, name) for owner, name in flags]
+    try:
+        for owner, name in flags:
+            setattr(owner, name, name == "allow_tf32")  # tf32 on, autotuning off
+        with cuda_numerics(ORIGINAL_MLGCN):  # tf32 off, autotuning on
+            assert [getattr(owner, name) for owner, name in flags] == [False, False, True]
+        assert [getattr(owner, name) for owner, name in flags] == [True, True, False]
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def test_counting_the_forwards_flops_leaves_a_training_model_training():
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48), nn.Linear(48, 10)).train()
+    forward_flops_per_image(model, 4, torch.device("cpu"))
+    assert model.training and all(module.training for module in model.modules())
+
+
+def _toy_step(toy_root: Path, setting: Setting | None = None, *overrides: str) -> tuple[TrainStep, tuple]:
+    """A TrainStep of the toy config on the CPU (its setting by default) and a batch of 4 for it."""
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", *overrides])
+    info = dataset_info(cfg.data)
+    step = TrainStep(build_model_for(cfg, info), cfg, setting or run_setting(cfg, "cpu"), torch.device("cpu"))
+    return step, (torch.randn(4, 3, 64, 64), (torch.rand(4, info.num_classes) < 0.3).to(torch.int8))
+
+
+def test_restart_gives_fp16_steps_their_initial_loss_scale_back(toy_root):
+    fp16 = Setting("fp16", channels_last=False, compile=False, tf32=False, cudnn_benchmark=False)
+    step, batch = _toy_step(toy_root, fp16)
+    step(*batch)
+    initial = step.scaler.get_scale()
+    step.scaler.update(1.0)  # as after overflows: the scale backed off
+    step.restart()
+    assert step.scaler.get_scale() == initial
+
+
+def test_a_step_without_clipping_computes_no_gradient_norm(toy_root):
+    step, batch = _toy_step(toy_root, None, "optim.clip_grad=0")
+    step(*batch)
+    assert step.grad_norm is None
+
+
+@pytest.mark.parametrize("argv", [["train", "--steps", "0"], ["train", "--warmup", "0"],
+                                  ["train", "--profile-steps", "0"], ["loader", "--shards", "s", "--workers", "-1"]])
+def test_bench_refuses_step_and_worker_counts_out_of_range_before_any_work(argv, capsys, monkeypatch):
+    from mlgcn_dist.bench import cli
+
+    for work in ("load_config", "bench_loader"):  # reached only if the arguments were taken
+        monkeypatch.setattr(cli, work, lambda *_, **__: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2 and "expected an integer" in capsys.readouterr().err
+
+
+def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_profiled_steps(monkeypatch, tmp_path):
+    from mlgcn_dist.bench import cli
+
+    sized, benched = [], []
+    monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler: benched.append(
+        (cfg, steps, warmup, profiler)) or {"phases": {}})
+    monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
+    monkeypatch.setattr(cli, "format_report", lambda report: "")
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "5", "--warmup", "3", "--shards",
+            str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
+            "--json", str(out), "data.workers=3"]
+    assert main(argv) == 0
+    [(cfg, steps, warmup, profiler)] = benched
+    assert (steps, warmup, profiler.steps, profiler.out_dir) == (5, 3, 4, tmp_path / "profiles")
+    assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
+    assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
+
+
+def test_the_report_describes_its_data_by_the_mean_bytes_a_training_sample_takes_in_its_shards(tmp_path):
+    shards = make_toy_shards(tmp_path, images=16, size=64, workers=1, seed=0)
+    described = describe_shards(shards, "train")
+    train_bytes = sum(f.stat().st_size for f in shards.glob("coco-train-*.tar"))
+    assert described["images"] > 0 and described["shards"] == str(shards) and described["split"] == "train"
+    assert described["mean_sample_bytes"] == pytest.approx(train_bytes / described["images"])

@@ -3,6 +3,7 @@ CUDA: tests/test_gpu.py); here, what it does without one and what it prints."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.io import decode_jpeg
 
@@ -50,3 +51,20 @@ def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queue
     assert "3.80 grey levels" in text
     augment = next(line for line in text.splitlines() if line.startswith("GpuAugment.apply"))
     assert "448 px (19 crop sizes, 5 antialiased): device 1.50 ms" in augment and "device time ratio 0.75" in augment
+
+
+def test_the_decode_report_without_nvimagecodec_or_the_augment_has_only_the_decode_rows():
+    report = {"device": "H100", "batch": 8, "jpeg_kb_mean": 20.0, "busy_ms": 50.0,
+              "decoders": {"torchvision": {"idle": {"return_ms": 1.0, "ready_ms": 1.0}}}}
+    lines = format_decode_report(report).splitlines()
+    assert len(lines) == 3 and lines[2].split() == ["torchvision", "idle", "1.0", "1.0"]
+
+
+@pytest.mark.parametrize("option", ["--batch", "--size", "--image-size", "--busy-ms", "--repeats"])
+def test_bench_decode_refuses_counts_and_times_that_are_not_positive(option, capsys, monkeypatch):
+    from mlgcn_dist.bench import cli
+
+    monkeypatch.setattr(cli, "run_decode_bench", lambda args: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "decode", option, "0"])
+    assert exit_.value.code == 2 and "expected" in capsys.readouterr().err

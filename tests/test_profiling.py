@@ -54,3 +54,13 @@ def test_profile_steps_runs_the_steps_once_and_keeps_a_gzipped_chrome_trace(tmp_
     with gzip.open(request.trace, "rt") as f:
         names = {event.get("name") for event in json.load(f)["traceEvents"]}
     assert "aten::matmul" in names
+
+
+def test_memsets_are_device_work_and_the_other_streams_overlapping_work_counts_once():
+    # Training stream 7: 0-10 ms; a memset on stream 9, 10-11 ms; the input pipeline on streams 13 and 14 at once,
+    # 2-6 ms and 4-8 ms: 6 ms of the other streams' work together, not 8.
+    trace = {"traceEvents": [_kernel(7, 0, 10_000), _kernel(9, 10_000, 11_000, cat="gpu_memset"),
+                             _kernel(13, 2_000, 6_000), _kernel(14, 4_000, 8_000)]}
+    timeline = device_timeline(trace, steps=1)
+    assert timeline == pytest.approx({"window_ms": 11.0, "busy_ms": 11.0, "idle_ms": 0.0, "training_stream_ms": 10.0,
+                                      "other_streams_ms": 7.0, "streams": 4})

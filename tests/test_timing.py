@@ -89,3 +89,13 @@ def test_the_data_stall_clock_adds_up_each_wait_in_seconds_and_starts_afresh_aft
     stall.waiting()
     stall.got_batch()
     assert stall.read() == pytest.approx(0.005)
+
+
+def test_a_windows_stall_is_the_share_of_its_seconds_the_device_sat_idle_on_data(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    meter = ThroughputMeter(torch.device("cpu"))
+    monkeypatch.setattr(meter.stall, "read", lambda: 2.0)  # the CUDA clock's stalled seconds, faked
+    clock.now += 8.0
+    meter.images, meter.data_wait = 80, 4.0
+    assert meter.window() == (10.0, 0.5, 0.25)

@@ -80,9 +80,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.profile_dir is not None and args.profile_dir.exists() and not args.profile_dir.is_dir():
-        print(f"mlgcn bench train: --profile-dir {args.profile_dir} exists and is not a directory", file=sys.stderr)
-        return 2
+    if args.profile_dir is not None:  # made now: a path it cannot be would fail only after the first phase
+        try:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"mlgcn bench train: --profile-dir {args.profile_dir}: cannot be a directory ({err})", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
         shards = args.shards or make_toy_shards(
             Path(tmp), args.toy_images, args.toy_size, cfg.data.workers, cfg.train.seed

@@ -161,7 +161,8 @@ def time_training(
 
             try:
                 profiled = profile_steps(profiled_steps, profile, device)
-            except RuntimeError as err:  # a diagnostic that fails (CUPTI, OOM) must not cost the measured phase
+            except (RuntimeError, OSError) as err:  # a diagnostic that fails (CUPTI, OOM, its trace file) must not
+                # cost the measured phase
                 profiled = {"trace": None, "steps": profile.steps, "device": None, "error": f"{err}".splitlines()[0]}
     return {
         "steps": steps,
