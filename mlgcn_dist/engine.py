@@ -198,7 +198,8 @@ def _system_info(accelerator: Accelerator) -> dict:
     return {
         "device": name,
         "world_size": accelerator.num_processes,
-        "num_nodes": int(os.environ.get("SLURM_NNODES", "1")),
+        # torchrun (inside accelerate launch too) gives each process its node's process count.
+        "num_nodes": accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
         "torch": torch.__version__,
         "distributed_type": str(accelerator.distributed_type.value),
     }
@@ -433,6 +434,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         summed = 0  # micro-batches in loss_sum: a window that began in this epoch may be shorter than log_every
+        pending = 0  # micro-batches since the last log, stand-ins too: the same on every rank (a log reduces)
         used_lrs = group_lrs(self.optimizer)
         try:
             while state.step_in_epoch < self.micro_batches:
@@ -454,6 +456,7 @@ class Trainer:
                 else:  # every image of the micro-batch unreadable (counted above)
                     self._stand_in_step()
                 state.step_in_epoch += 1
+                pending += 1
                 window.images += len(image_ids)
                 bar.update(1)
                 if not acc.sync_gradients:
@@ -468,12 +471,12 @@ class Trainer:
                     self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
                     loss_sum.zero_()
                     nonfinite.zero_()
-                    summed = 0
+                    summed = pending = 0
                     if distributed.any_rank(self.preemption.stop_reason() is not None, acc.device):
                         return True
                 if self._steps_spent():
                     break
-            if summed and state.global_step % cfg.train.log_every:
+            if pending and state.global_step % cfg.train.log_every:
                 # The epoch's last, shorter window: an epoch of fewer than log_every steps still logs its loss. It
                 # checks its losses too: a NaN there must not reach the checkpoint saved next.
                 self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
@@ -483,6 +486,7 @@ class Trainer:
         # Micro-batches after the last window that completed no optimiser step (a loader that ran short): a NaN
         # there must not reach the checkpoint saved next either.
         self._check_finite(int(nonfinite), image_ids)
+        self.nonfinite_steps += int(nonfinite)
         _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
         return False
 
@@ -529,10 +533,14 @@ class Trainer:
         """Log the mean loss of the ``summed`` micro-batches since the last log (the non-finite ones left out) and
         the learning rates of the last step."""
         state = self.state
-        bad_steps = int(nonfinite)
-        counted = max(summed - bad_steps, 1)
-        self._check_finite(bad_steps, image_ids)
-        mean_loss = float(loss_sum) / counted
+        # Over every rank: the loss of the global batches, not rank 0's (one reduction per logging window).
+        totals = torch.stack([loss_sum.float(), nonfinite.float(), torch.tensor(float(summed), device=loss_sum.device)])
+        loss_total, bad_total, summed_total = self.accelerator.reduce(totals, reduction="sum").tolist()
+        self._check_finite(int(bad_total), image_ids)  # every rank stops together
+        self.nonfinite_steps += int(nonfinite)  # fp16's skipped steps, as this rank's scaler saw them
+        if not summed_total:  # only stand-in steps (every image unreadable): no loss to log
+            return
+        mean_loss = loss_total / max(summed_total - bad_total, 1)
         img_s, wait_frac, stall_frac = window.window()
         world = self.topo.world_size
         self.throughput.append(img_s * world)
@@ -548,7 +556,8 @@ class Trainer:
         })
 
     def _check_finite(self, bad_steps: int, image_ids: torch.Tensor | None) -> None:
-        """Stop at a NaN/inf loss (fp32/bf16), naming where; fp16 counts them: the grad scaler skipped those steps."""
+        """Stop at a NaN/inf loss (fp32/bf16), naming where; in fp16 the grad scaler skips those steps (counted by
+        the caller)."""
         cfg, state = self.cfg, self.state
         if bad_steps and cfg.train.precision != "fp16":
             raise NonFiniteLossError(
@@ -556,7 +565,6 @@ class Trainer:
                 f"{state.epoch}); image ids of the last batch {image_ids.tolist() if image_ids is not None else []}; "
                 f"last good checkpoint: {self.last_ckpt or 'none'}"
             )
-        self.nonfinite_steps += bad_steps
 
     def _sync_buffers(self) -> None:
         """The same normalisation statistics on every rank, the EMA's too, before an evaluation or a save."""

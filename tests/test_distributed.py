@@ -47,6 +47,9 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_toy,
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=f"parameter {key} differs")
     assert summary(two)["world_size"] == 2 and summary(two)["global_batch"] == 16
+    # The logged loss is the global batch's, the mean over the processes (it was rank 0's own half).
+    losses = [[r["train/loss"] for r in train_log(run_dir)] for run_dir in (one, two)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_a_micro_batch_of_only_unreadable_images_on_one_rank_neither_hangs_nor_stops_ddp(tiny_toy, tmp_path):
@@ -84,7 +87,7 @@ def test_two_nodes_on_loopback_train_together(tiny_toy, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
-    assert summary(run_dir)["world_size"] == 2
+    assert summary(run_dir)["world_size"] == 2 and summary(run_dir)["system"]["num_nodes"] == 2
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "accelerate_config_file", "torchrun"])
