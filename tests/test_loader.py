@@ -9,8 +9,8 @@ import itertools
 import json
 import random
 import shutil
-import signal
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -564,14 +564,19 @@ def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_th
     assert 1 + sum(1 for _ in batches) == len(loader)
 
 
-def test_a_loader_worker_ends_on_its_trainers_sigterm(toy_root, shards):
-    """How PyTorch, and multiprocessing's exit hook, end the workers of a loader still alive when the trainer exits
-    (an error raised through the training loop): ignored, the trainer would wait for them forever."""
-    loader = build_train_loader(config("wds", toy_root, shards, workers=1), rank=0, world_size=1, epoch=0, seed=0,
-                                decode="cpu")
-    before = {child.pid for child in psutil.Process().children()}
-    batches = iter(loader)
-    next(batches)
-    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
-    worker.send_signal(signal.SIGTERM)  # from this process, the worker's parent
-    assert worker.wait(timeout=10) == 0
+def test_a_process_that_fails_with_its_loader_workers_running_exits(toy_root, shards, tmp_path):
+    """An error raised while a loader is alive keeps it in the traceback until the interpreter exits, where
+    multiprocessing ends the workers with SIGTERM, which they ignore, and then waits for them: it waited forever."""
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import sys\n"
+        "from mlgcn_dist.config import DataConfig\n"
+        "from mlgcn_dist.data.loader import build_train_loader\n"
+        f"cfg = DataConfig(dataset='coco', format='wds', root={str(toy_root)!r}, shards={str(shards)!r}, image_size=32,"
+        " batch_size=4, workers=2, pin_memory=False)\n"
+        "batches = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode='cpu'))\n"
+        "next(batches)\n"
+        "raise RuntimeError('the training step failed')\n"
+    )
+    failed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "the training step failed" in failed.stderr

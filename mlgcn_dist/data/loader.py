@@ -25,15 +25,15 @@ in ``n_bad``) but stops evaluation with an error naming it: evaluation must neve
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
 import json
-import os
+import multiprocessing
 import random
 import re
 import signal
 import tarfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -231,30 +231,30 @@ def _init_worker(worker_id: int) -> None:
 
 
 def _leave_stop_signals_to_the_trainer() -> None:
-    """A worker goes on through the signals that ask the trainer to stop, and ends on its trainer's SIGTERM.
+    """A worker goes on through the signals that ask its trainer to stop (they are the trainer's business).
 
     SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
-    Ctrl-C reaches the terminal's whole process group. PyTorch ends a worker on a SIGTERM from anyone, and the
-    trainer then fails on the lost worker instead of finishing its step and saving. Ignored, the workers go on until
-    the trainer is done with its loader. But the trainer's own SIGTERM must still end a worker: it is how PyTorch
-    and multiprocessing's exit hook end the workers of a loader still alive when the trainer exits (an error raised
-    through the training loop), and an ignored one leaves the trainer waiting for them forever. A signal handler
-    cannot see who sent the signal; a thread waiting for it can (sigwaitinfo: Linux; elsewhere PyTorch's handler
-    stays)."""
+    Ctrl-C reaches the terminal's whole process group. PyTorch ends a worker on a SIGTERM from anyone but its
+    trainer, and the trainer then fails on the lost worker instead of finishing its step and saving. Ignored, the
+    workers go on until the trainer is done with its loader, which ends them with a sentinel, or they see it gone
+    (their watchdog); one still alive when the trainer exits is ended by :func:`_end_workers_at_exit`."""
     for sig in SAVING_STOP_SIGNALS:
-        if sig != signal.SIGTERM:
-            signal.signal(sig, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    trainer = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread: threads inherit the mask
+        signal.signal(sig, signal.SIG_IGN)
 
-    def end_on_the_trainers_sigterm() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
-            pass
-        os._exit(0)  # as PyTorch's handler does for its own process's SIGTERM
 
-    threading.Thread(target=end_on_the_trainers_sigterm, name="sigterm-from-trainer", daemon=True).start()
+@lru_cache(maxsize=1)  # registers its hook once
+def _end_workers_at_exit() -> None:
+    """At the trainer's exit, SIGKILL its loader workers still alive (a loader left in an error's traceback).
+
+    multiprocessing's own exit hook ends them with SIGTERM, which they ignore, then waits for them forever: a run
+    that failed would never exit. Registered after multiprocessing's hook, so it runs before it."""
+
+    def end_workers() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:  # DataLoader workers; a non-daemonic child is joined as usual
+                child.kill()
+
+    atexit.register(end_workers)
 
 
 def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
@@ -267,6 +267,7 @@ def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> di
     }
     if data_cfg.workers > 0:
         kwargs["prefetch_factor"] = data_cfg.prefetch_factor
+        _end_workers_at_exit()  # once per process (cached)
     return kwargs
 
 
