@@ -117,10 +117,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         found = complete_checkpoints(run_dir / "checkpoints")
-        damaged = [f"{p / 'train_state.json'} ({problem})" for p in found if (problem := _damage(p))]
-        if damaged:
+        problems = {p: _damage(p) for p in found}
+        if any(problems.values()):
             # Which checkpoint is newest is in train_state.json: falling back to another could skip the newest.
-            intact = [p for p in found if not _damage(p)]
+            damaged = [f"{p / 'train_state.json'} ({problem})" for p, problem in problems.items() if problem]
+            intact = [p for p, problem in problems.items() if not problem]
             hint = f" or set train.resume={intact[-1]} (the newest intact one)" if intact else ""
             raise ConfigError(f"train.resume=auto: damaged checkpoint state {'; '.join(damaged)}: move that "
                               f"checkpoint out of {run_dir / 'checkpoints'}{hint}")
@@ -365,8 +366,6 @@ class PreemptionHandler:
     (kill -9, the OOM killer): orphaned, it would otherwise train on unattended and keep the run directory locked.
     """
 
-    SIGNALS = STOP_SIGNALS
-
     def __init__(self) -> None:
         self.requested: int | None = None
         self._previous: dict[int, object] = {}
@@ -385,7 +384,7 @@ class PreemptionHandler:
                     b"now, without one\n")
 
     def install(self) -> PreemptionHandler:
-        for sig in self.SIGNALS:
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None

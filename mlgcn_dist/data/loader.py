@@ -137,12 +137,15 @@ def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]
     ]
 
 
-def _check_dataset(meta: dict, data_cfg: DataConfig) -> None:
+def _checked_meta(data_cfg: DataConfig) -> dict:
+    """The pack's meta.json, checked to hold ``data.dataset``."""
+    meta = read_meta(data_cfg.shards)
     if meta["dataset"] != data_cfg.dataset:
         raise ConfigError(
             f"{Path(data_cfg.shards) / META_FILE}: shards of '{meta['dataset']}' but "
             f"data.dataset={data_cfg.dataset}"
         )
+    return meta
 
 
 @lru_cache(maxsize=8)
@@ -159,17 +162,14 @@ def split_label_names(data_cfg: DataConfig, split: str) -> list[str]:
     """The label space as ``split`` holds it: what evaluating a trained model needs, without reading (or having)
     the training split (COCO's training annotations take seconds to parse)."""
     if data_cfg.format == "wds":
-        meta = read_meta(data_cfg.shards)
-        _check_dataset(meta, data_cfg)
-        return list(meta["label_names"])
+        return list(_checked_meta(data_cfg)["label_names"])
     return list(_folder_split(data_cfg, split).labels.names)
 
 
 def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
     """Label space, training-split label statistics and split sizes, for either data format."""
     if data_cfg.format == "wds":
-        meta = read_meta(data_cfg.shards)
-        _check_dataset(meta, data_cfg)
+        meta = _checked_meta(data_cfg)
         stats = meta.get("stats")
         if not stats or stats["split"] != data_cfg.train_split:
             packed = f"statistics of split '{stats['split']}'" if stats else "none"
@@ -567,8 +567,7 @@ def build_train_loader(
     kwargs = _loader_kwargs(data_cfg, seed, epoch, rank)
     transform = _transform(data_cfg, decode, train=True)
     if data_cfg.format == "wds":
-        meta = read_meta(data_cfg.shards)
-        _check_dataset(meta, data_cfg)
+        meta = _checked_meta(data_cfg)
         shards = _split_shards(meta, data_cfg.shards, data_cfg.train_split)
         num_train = sum(s.count for s in shards)
         if num_train == 0:
@@ -606,8 +605,7 @@ def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decod
     transform = _transform(data_cfg, decode, train=False)
     batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
     if data_cfg.format == "wds":
-        meta = read_meta(data_cfg.shards)
-        _check_dataset(meta, data_cfg)
+        meta = _checked_meta(data_cfg)
         stream = EvalShardStream(
             _split_shards(meta, data_cfg.shards, data_cfg.val_split),
             rank=rank,
