@@ -12,7 +12,11 @@
 #                       it to shards;
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
-#                       augment after it: GpuAugment.apply device ms (not in the default).
+#                       augment after it: GpuAugment.apply device ms (not in the default);
+#   deepspeed           the README's ZeRO-2 recipe (`accelerate launch --config_file
+#                       configs/accelerate/deepspeed_zero2.yaml`) on one GPU: 2 toy epochs each in bf16 with the GCN
+#                       and the HGAT head and in fp16 with the GCN, EMA on; prints each run's final mAP (not in the
+#                       default; DeepSpeed and pydantic must be in .whl).
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.
@@ -72,7 +76,7 @@ overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data
 # CHECKS picks the steps and their order (default: all); a later step gets what the earlier ones left.
 for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     case $check in
-        pytest) step pytest_gpu 240 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rA \
+        pytest) step pytest_gpu 240 "$PY" -m pytest -m gpu -v -s -p no:cacheprovider -rA \
             tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
         eager) toy_ready; step bench_eager 210 "${bench[@]}" --json "$OUT/bench_eager.json" \
             --profile-dir "$WORK/profiles/eager" "${overrides[@]}" train.compile=false ;;
@@ -83,13 +87,14 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
             train.compile=true train.compile_mode=reduce-overhead ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
+        deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
         decode) step bench_decode 90 "$PY" -m mlgcn_dist.cli bench decode --json "$OUT/bench_decode.json" ;;
         *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;
     esac
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_cudagraphs bench_loader bench_decode; do
+for name in bench_eager bench_compile bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"
