@@ -298,7 +298,8 @@ def test_a_failing_profile_is_reported_with_its_error_and_keeps_the_phases_timin
     batch = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 1))
     request = ProfileRequest(tmp_path / "steps.json.gz", steps=2)
     result = time_training(step, itertools.repeat(batch), lambda b: b, steps=2, warmup=1, profile=request)
-    assert result["profile"] == {"trace": None, "steps": 2, "device": None, "error": "CUPTI_ERROR_NOT_INITIALIZED"}
+    assert result["profile"] == {"trace": None, "steps": 2, "device": None, "host": None,
+                                 "error": "CUPTI_ERROR_NOT_INITIALIZED"}
     assert result["steps"] == 2 and result["img_s"] > 0
     report_lines = profile_lines({"ceiling": result})
     assert report_lines[-1].split() == ["ceiling", "profiling", "failed:", "CUPTI_ERROR_NOT_INITIALIZED"]
@@ -706,14 +707,20 @@ def test_the_report_names_the_phases_that_diverged_and_their_largest_gradient_no
     assert "largest finite gradient norm before clipping: ceiling 2, e2e_decode_gpu 12.5 (3 non-finite)" in lines
 
 
-def test_the_profiled_device_timeline_is_shown_per_phase_in_its_columns(tmp_path):
+def test_the_profiled_device_timeline_and_launch_threads_host_time_are_shown_per_phase_in_their_columns(tmp_path):
     timeline = {"window_ms": 40.0, "busy_ms": 36.5, "idle_ms": 3.5, "training_stream_ms": 30.25,
                 "other_streams_ms": 9.0, "streams": 2}
-    profile = {"trace": str(tmp_path / "ceiling.json.gz"), "steps": 5, "device": timeline}
-    lines = profile_lines({"ceiling": {"profile": profile}, "e2e_decode_gpu": {"profile": None}})
+    profile = {"trace": str(tmp_path / "ceiling.json.gz"), "steps": 5, "device": timeline,
+               "host": {"loop_thread_ms": 20.5, "backward_thread_ms": 31.0}}
+    on_cpu = {"trace": str(tmp_path / "reference.json.gz"), "steps": 5, "device": None,
+              "host": {"loop_thread_ms": 12.25, "backward_thread_ms": None}}
+    lines = profile_lines({"ceiling": {"profile": profile}, "e2e_decode_gpu": {"profile": None},
+                           "reference": {"profile": on_cpu}})
     assert lines[0].startswith(f"profiled: 5 steps after each phase's timed ones, traces in {tmp_path};")
-    assert lines[2].split() == ["ceiling", "40.0", "36.5", "3.5", "30.2", "9.0"]
-    assert len(lines) == 3  # a phase not profiled has no row
+    assert lines[1].split()[-3:] == ["host:", "loop", "backward"]
+    assert lines[2].split() == ["ceiling", "40.0", "36.5", "3.5", "30.2", "9.0", "20.5", "31.0"]
+    assert lines[3].split()[-4:] == ["CUDA)", "12.2", "in", "loop"]  # the backward ran in the loop's thread
+    assert len(lines) == 4  # a phase not profiled has no row
 
 
 def test_on_cpu_a_phases_peak_memory_is_the_processs_peak_resident_set_in_bytes():

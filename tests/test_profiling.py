@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from mlgcn_dist.bench.profiling import ProfileRequest, StepProfiler, device_timeline, profile_steps, union_ms
+from mlgcn_dist.bench.profiling import (
+    ProfileRequest,
+    StepProfiler,
+    device_timeline,
+    host_timeline,
+    profile_steps,
+    union_ms,
+)
 
 
 def _kernel(stream: int, start_us: float, end_us: float, cat: str = "kernel") -> dict:
@@ -50,7 +57,8 @@ def test_profile_steps_runs_the_steps_once_and_keeps_a_gzipped_chrome_trace(tmp_
     assert request == ProfileRequest(tmp_path / "traces" / "ceiling.json.gz", 3)
     result = profile_steps(steps, request, torch.device("cpu"))
     assert len(calls) == 3
-    assert result == {"trace": str(request.trace), "steps": 3, "device": None}  # no CUDA: no device timeline
+    assert result["device"] is None  # no CUDA: no device timeline
+    assert result["trace"] == str(request.trace) and result["steps"] == 3 and result["host"]["loop_thread_ms"] > 0
     with gzip.open(request.trace, "rt") as f:
         names = {event.get("name") for event in json.load(f)["traceEvents"]}
     assert "aten::matmul" in names
@@ -64,3 +72,31 @@ def test_memsets_are_device_work_and_the_other_streams_overlapping_work_counts_o
     timeline = device_timeline(trace, steps=1)
     assert timeline == pytest.approx({"window_ms": 11.0, "busy_ms": 11.0, "idle_ms": 0.0, "training_stream_ms": 10.0,
                                       "other_streams_ms": 7.0, "streams": 4})
+
+
+def _op(tid: int, name: str, start_ms: float, end_ms: float, cat: str = "cpu_op") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "tid": tid, "ts": start_ms * 1000, "dur": (end_ms - start_ms) * 1000}
+
+
+def test_host_timeline_sums_the_loop_threads_and_the_backward_threads_time_inside_ops_per_step():
+    # Two steps. Thread 1 runs the loop: a compiled forward 0-30 ms with an op nested in it, the optimizer
+    # 60-70 ms (its annotation is how the loop's thread is known); thread 2, autograd's device thread, the
+    # backward 30-58 ms; thread 3, the prefetch helper, only launches (runtime calls are not ops).
+    trace = {"traceEvents": [
+        _op(1, "Torch-Compiled Region: 0/0", 0, 30), _op(1, "aten::mm", 5, 10),
+        _op(1, "Optimizer.step#SGD.step", 60, 70, cat="user_annotation"), _op(1, "aten::_foreach_add_", 61, 69),
+        _op(2, "autograd::engine::evaluate_function: CompiledFunctionBackward", 30, 58),
+        _op(3, "cudaLaunchKernel", 31, 32, cat="cuda_runtime"),
+        _op(7, "Optimizer.step#SGD.step", 61, 75, cat="gpu_user_annotation"),  # the device's copy: stream 7
+        {"ph": "i", "cat": "cpu_op", "name": "marker", "tid": 1, "ts": 0},  # not a complete event
+    ]}
+    assert host_timeline(trace, steps=2) == pytest.approx({"loop_thread_ms": 19.0, "backward_thread_ms": 14.0})
+
+
+def test_a_backward_run_by_the_loops_own_thread_counts_for_the_loop_and_no_trace_of_ops_gives_none():
+    # On the CPU autograd runs the backward in the caller's thread; without an optimizer annotation the loop's
+    # thread is the one with the most time inside ops.
+    trace = {"traceEvents": [_op(1, "aten::conv2d", 0, 10), _op(1, "autograd::engine::evaluate_function: X", 10, 25),
+                             _op(4, "aten::copy_", 0, 3)]}
+    assert host_timeline(trace, steps=1) == {"loop_thread_ms": 25.0, "backward_thread_ms": None}
+    assert host_timeline({"traceEvents": [_op(1, "k", 0, 1, cat="kernel")]}, steps=1) is None

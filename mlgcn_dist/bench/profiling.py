@@ -13,6 +13,9 @@ them apart:
 :func:`profile_steps` runs a few steps under torch.profiler, keeps the Chrome trace (gzip, for Perfetto or
 chrome://tracing) and :func:`device_timeline` sums the device activity per step: busy on any stream (overlaps
 counted once), idle, the training stream's share (the stream with the most activity) and the other streams'.
+:func:`host_timeline` sums the host side of the same steps: the time the threads that launch a step's kernels
+spent inside PyTorch ops (the loop's thread: forward and optimizer; autograd's device thread: backward). A launch
+thread held up by another one for the GIL shows there as ops that take longer than in the ceiling's profile.
 CUPTI's tracing adds host time to every launch, so compare phases profiled alike, not a profiled step with an
 unprofiled one.
 """
@@ -96,9 +99,42 @@ def device_timeline(trace: dict, steps: int) -> dict | None:
     }
 
 
+def host_timeline(trace: dict, steps: int) -> dict | None:
+    """Per step, in ms: the host time inside PyTorch ops (nested ops counted once) of the loop's thread, the one
+    that steps the optimizer (forward, loss, optimizer), and of the backward's thread where it is another one
+    (autograd runs a CUDA backward on a device thread of its own; on the CPU, in the caller's: None). Under
+    torch.compile the compiled regions' spans include their Python wrappers, so a wrapper that waits for the GIL
+    shows as a longer span. None when the trace holds no ops."""
+    ops: dict[object, list[tuple[float, float]]] = {}
+    backward_nodes: dict[object, int] = {}  # autograd nodes run per thread (a few may run on the loop's)
+    loop = None
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") != "X":
+            continue
+        name, tid = str(event.get("name", "")), event.get("tid")
+        if name.startswith("Optimizer.step") and event.get("cat") == "user_annotation":  # not its device copy
+            loop = tid
+        if event.get("cat") == "cpu_op":
+            start = float(event["ts"])
+            ops.setdefault(tid, []).append((start, start + float(event.get("dur", 0.0))))
+            if name.startswith("autograd::engine::evaluate_function"):
+                backward_nodes[tid] = backward_nodes.get(tid, 0) + 1
+    if not ops:
+        return None
+    if loop not in ops:  # no optimizer step recorded: the thread with the most time inside ops
+        loop = max(ops, key=lambda tid: union_ms(ops[tid]))
+    backward_nodes.pop(loop, None)
+    backward = max(backward_nodes, key=backward_nodes.__getitem__, default=None)
+    return {
+        "loop_thread_ms": union_ms(ops[loop]) / steps,
+        "backward_thread_ms": None if backward is None else union_ms(ops[backward]) / steps,
+    }
+
+
 def profile_steps(run: Callable[[], object], request: ProfileRequest, device: torch.device) -> dict:
     """``run()`` (``request.steps`` training steps) under torch.profiler, up to the device's last kernel; the
-    gzipped Chrome trace at ``request.trace``; the trace's path, the step count and :func:`device_timeline`."""
+    gzipped Chrome trace at ``request.trace``; the trace's path, the step count, :func:`device_timeline` and
+    :func:`host_timeline`."""
     device = torch.device(device)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -114,4 +150,5 @@ def profile_steps(run: Callable[[], object], request: ProfileRequest, device: to
         text = raw.read_bytes()  # read once: parsed here, kept gzipped
     request.trace.write_bytes(gzip.compress(text))
     trace = json.loads(text)
-    return {"trace": str(request.trace), "steps": request.steps, "device": device_timeline(trace, request.steps)}
+    return {"trace": str(request.trace), "steps": request.steps, "device": device_timeline(trace, request.steps),
+            "host": host_timeline(trace, request.steps)}

@@ -97,7 +97,8 @@ def format_report(report: dict) -> str:
 
 
 def profile_lines(phases: dict[str, dict]) -> list[str]:
-    """The profiled steps' device timeline per phase (none without --profile-dir)."""
+    """The profiled steps' device timeline per phase and the host time of the threads that launch their kernels
+    (none without --profile-dir)."""
     profiled = {name: p["profile"] for name, p in phases.items() if p.get("profile")}
     if not profiled:
         return []
@@ -105,23 +106,30 @@ def profile_lines(phases: dict[str, dict]) -> list[str]:
     traces = {str(Path(p["trace"]).parent) for p in profiled.values() if p["trace"]}
     lines = [
         f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
-        f"{', '.join(sorted(traces)) or 'none'}; device ms a step (any stream: window = busy + idle):",
-        f"  {'phase':30s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}",
+        f"{', '.join(sorted(traces)) or 'none'}; ms a step: the device's (any stream: window = busy + idle) and "
+        "the host's inside ops of the thread that runs the loop and of the one that runs the backward:",
+        f"  {'phase':30s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}"
+        f"{'host: loop':>12s}{'backward':>10s}",
     ]
     for name, profile in profiled.items():
-        timeline = profile["device"]
+        timeline, host = profile["device"], profile.get("host")
         if profile.get("error"):
             lines.append(f"  {name:30s} profiling failed: {profile['error']}")
             continue
         if timeline is None:
-            lines.append(f"  {name:30s} no device activity recorded (no CUDA)")
-            continue
-        lines.append(
-            f"  {name:30s}"
-            + "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8), ("idle_ms", 8)))
-            + f"{timeline['training_stream_ms']:17.1f}{timeline['other_streams_ms']:15.1f}"
-        )
+            device = f"{'no device activity recorded (no CUDA)':>56s}"
+        else:
+            device = "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8),
+                                                                       ("idle_ms", 8), ("training_stream_ms", 17),
+                                                                       ("other_streams_ms", 15)))
+        loop = _cell(host and host["loop_thread_ms"], 12)
+        backward = _cell(host and host["backward_thread_ms"], 10, none="in loop")
+        lines.append(f"  {name:30s}{device}{loop}{backward}")
     return lines
+
+
+def _cell(x: float | None, width: int, none: str = "n/a") -> str:
+    return f"{none:>{width}s}" if x is None else f"{x:{width}.1f}"
 
 
 def _ms(x: float | None) -> str:

@@ -163,7 +163,8 @@ def time_training(
                 profiled = profile_steps(profiled_steps, profile, device)
             except (RuntimeError, OSError) as err:  # a diagnostic that fails (CUPTI, OOM, its trace file) must not
                 # cost the measured phase
-                profiled = {"trace": None, "steps": profile.steps, "device": None, "error": f"{err}".splitlines()[0]}
+                profiled = {"trace": None, "steps": profile.steps, "device": None, "host": None,
+                            "error": f"{err}".splitlines()[0]}
     return {
         "steps": steps,
         "images": images,
