@@ -10,6 +10,9 @@
 #                       non-finite; 5 more steps of each phase under torch.profiler: the device's busy and idle
 #                       ms a step, traces in $OUT/profiles.tar); the first of them waits for the toy set and packs
 #                       it to shards;
+#   compile_b96         `compile` at 96 images per GPU (40 timed steps after 7 warm-up: as many images): the same
+#                       host work a step for 1.5x the device work, whether the data path then keeps up (run F:
+#                       at 64 the compiled step is host-bound; not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
@@ -85,6 +88,9 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_cudagraphs) toy_ready; step bench_cudagraphs 280 "${bench[@]}" \
             --json "$OUT/bench_cudagraphs.json" --profile-dir "$WORK/profiles/cudagraphs" "${overrides[@]}" \
             train.compile=true train.compile_mode=reduce-overhead ;;
+        compile_b96) toy_ready; step bench_compile_b96 300 "${bench[@]}" --json "$OUT/bench_compile_b96.json" \
+            --profile-dir "$WORK/profiles/compile_b96" "${overrides[@]}" train.compile=true data.batch_size=96 \
+            --steps 40 --warmup 7 ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
@@ -94,7 +100,7 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_cudagraphs bench_loader bench_decode deepspeed; do
+for name in bench_eager bench_compile bench_compile_b96 bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

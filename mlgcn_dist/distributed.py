@@ -269,6 +269,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print ``message`` once for the whole run, from the main process (global rank 0). ``accelerator.print``
+    prints once per node, and a multi-node job's nodes write into one log (SLURM's), where each node's copy of a
+    message about the whole run (a metrics table, the best mAP, a resume) is noise."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def gather_objects(obj: object) -> list:
     """Every rank's ``obj`` (picklable, small), in rank order, on every rank; ``[obj]`` without a process group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -125,8 +125,8 @@ def evaluate(
         raise RuntimeError(f"evaluation scored no image of split {cfg.data.val_split!r}: all {results['num_bad']} "
                            "were unreadable (a NaN mAP would follow)")
     if results["num_bad"]:
-        accelerator.print(f"evaluation skipped {results['num_bad']} image(s) that could not be read or decoded; "
-                          f"image ids: {results['bad_ids']}")
+        distributed.say(accelerator, f"evaluation skipped {results['num_bad']} image(s) that could not be read or "
+                        f"decoded; image ids: {results['bad_ids']}")
     return results, merged
 
 
@@ -236,11 +236,12 @@ class Trainer:
         if acc.is_main_process:
             lock.acquire()
             (self.run_dir / "REQUEUE").unlink(missing_ok=True)
-            acc.print(cfg.to_yaml())
-            acc.print(self.topo.describe())
+            distributed.say(acc, cfg.to_yaml())
+            distributed.say(acc, self.topo.describe())
             if last_ckpt is None and complete_checkpoints(self.run_dir / "checkpoints"):
-                acc.print(f"train.resume={cfg.train.resume}: starting afresh in {self.run_dir}, whose checkpoints of "
-                          "an earlier run this run's saves replace (train.resume=auto would continue it)")
+                distributed.say(acc, f"train.resume={cfg.train.resume}: starting afresh in {self.run_dir}, whose "
+                                "checkpoints of an earlier run this run's saves replace (train.resume=auto would "
+                                "continue it)")
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
@@ -268,8 +269,9 @@ class Trainer:
             if acc.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
-                acc.print(f"train.sync_bn ignored on {acc.device.type}: SyncBatchNorm runs on CUDA only (the "
-                          "running statistics are still averaged over the processes before each evaluation)")
+                distributed.say(acc, f"train.sync_bn ignored on {acc.device.type}: SyncBatchNorm runs on CUDA only "
+                                "(the running statistics are still averaged over the processes before each "
+                                "evaluation)")
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(acc.device)
@@ -305,14 +307,14 @@ class Trainer:
                                resumed=self.last_ckpt is not None)
         if self.last_ckpt is not None:
             self._keep_the_schedule_on_its_epochs()
-            acc.print(f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch {self.state.step_in_epoch}, "
-                      f"step {self.state.global_step}; the checkpoint's base learning rates go on (this run's "
-                      "optim.lr, lrp and lr_scaling apply to a fresh start), on this run's schedule (optim.schedule, "
-                      "epoch_step, warmup_epochs)")
+            distributed.say(acc, f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch "
+                            f"{self.state.step_in_epoch}, step {self.state.global_step}; the checkpoint's base "
+                            "learning rates go on (this run's optim.lr, lrp and lr_scaling apply to a fresh start), on "
+                            "this run's schedule (optim.schedule, epoch_step, warmup_epochs)")
         self._warn_of_a_reordered_epoch(loader_len)
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
-        acc.print(f"LR per group: {group_lrs(self.optimizer)} "
-                  f"(configured: head lr {lr:g} [{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
+        distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
+                        f"[{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
         self.decode = resolve_decode(cfg, acc.device)
         self.train_augment = GpuAugment(cfg.data.image_size, train=True) if self.decode == "gpu" else None
         self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None
@@ -346,7 +348,7 @@ class Trainer:
         if not self.results:  # resumed from a checkpoint of a finished run: report its metrics all the same
             self.results = _evaluate_all(cfg, self.accelerator, self.model, self.ema, self.decode, self.eval_augment)
             self.tracker.log_eval(state.epoch - (state.step_in_epoch == 0), state.global_step, self.results)
-            self.accelerator.print(format_metrics_table(self.results))
+            distributed.say(self.accelerator, format_metrics_table(self.results))
         return self._finish()
 
     def _keep_the_schedule_on_its_epochs(self) -> None:
@@ -366,9 +368,9 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         state.step_in_epoch = min(round(state.step_in_epoch / saved_micro * self.micro_batches) // accum * accum,
                                   self.micro_batches)
-        self.accelerator.print(f"resumed with {self.steps_per_epoch} optimiser steps of {accum} micro-batches per "
-                               f"epoch (the checkpoint's run: {saved_steps} of {saved_micro // saved_steps}): the "
-                               f"schedule goes on at epoch {epochs_done:.2f}")
+        distributed.say(self.accelerator, f"resumed with {self.steps_per_epoch} optimiser steps of {accum} "
+                        f"micro-batches per epoch (the checkpoint's run: {saved_steps} of "
+                        f"{saved_micro // saved_steps}): the schedule goes on at epoch {epochs_done:.2f}")
 
     def _warn_of_a_reordered_epoch(self, loader_len: int) -> None:
         """Record what a shard epoch's order depends on; say so when a resume inside an epoch changed it.
@@ -382,7 +384,8 @@ class Trainer:
         order = (f"{self.topo.world_size} processes x {cfg.data.workers} data workers, {loader_len} batches of "
                  f"{cfg.data.batch_size}, shuffle buffer {cfg.data.shuffle_buffer}")
         if cfg.data.format == "wds" and state.step_in_epoch and state.data_order and state.data_order != order:
-            self.accelerator.print(
+            distributed.say(
+                self.accelerator,
                 f"warning: resumed inside epoch {state.epoch} with another shard order ({order}; the checkpoint's: "
                 f"{state.data_order}): the rest of epoch {state.epoch} is drawn in the new order, so some of its "
                 "images train a second time and as many not at all; later epochs are whole. To keep the epoch "
@@ -579,7 +582,7 @@ class Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.best_source = best_value, epoch, best_name
         self.tracker.log_eval(epoch, state.global_step, self.results)
-        acc.print(format_metrics_table(self.results))
+        distributed.say(acc, format_metrics_table(self.results))
         payload = _portable_payload(self.cfg, acc, self.model, self.ema, self.info, state, epoch, self.results)
         if improved:
             self.ckpt.save_portable("best.pt", payload)
@@ -593,7 +596,7 @@ class Trainer:
             mark_requeue(self.run_dir, f"preempted at step {state.global_step}; checkpoint {self.last_ckpt}")
         acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
         reason = self.preemption.stop_reason() or "stop requested by another process"
-        acc.print(f"{reason}: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
+        distributed.say(acc, f"{reason}: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
         self.tracker.finish({"preempted": True, "global_step": state.global_step, **self._throughput()})
         self._release()
         raise SystemExit(REQUEUE_EXIT_CODE)
@@ -628,7 +631,8 @@ class Trainer:
             "num_val_images": results["model"]["num_images"],
         }
         self.tracker.finish(summary)
-        acc.print(
+        distributed.say(
+            acc,
             f"best mAP {state.best_metric:.2f} ({state.best_source}, epoch {state.best_epoch}); "
             f"label-frequency baseline mAP {summary['frequency_baseline_mAP']:.2f}"
         )

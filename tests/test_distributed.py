@@ -72,7 +72,9 @@ def test_backbone_and_head_learning_rates_follow_lrp_under_ddp(tiny_toy, tmp_pat
     assert first["train/lr_backbone"] == pytest.approx(0.02)
 
 
-def test_two_nodes_on_loopback_train_together(tiny_toy, tmp_path):
+def test_two_nodes_on_loopback_train_together_and_the_runs_messages_are_printed_once_not_per_node(tiny_toy, tmp_path):
+    """A SLURM job's nodes write into one log: the metrics tables and the best mAP come from global rank 0 alone
+    (Accelerate's own print speaks once per node)."""
     run_dir = tmp_path / "nodes"
     port = free_port()
     procs = []
@@ -88,6 +90,8 @@ def test_two_nodes_on_loopback_train_together(tiny_toy, tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
     assert summary(run_dir)["world_size"] == 2 and summary(run_dir)["system"]["num_nodes"] == 2
+    assert "best mAP" in outputs[0] and "mAP" in outputs[0] and "LR per group" in outputs[0]
+    assert "best mAP" not in outputs[1] and "LR per group" not in outputs[1] and "OF1" not in outputs[1]
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "accelerate_config_file", "torchrun"])
