@@ -13,6 +13,8 @@
 #   compile_b96         `compile` at 96 images per GPU (40 timed steps after 7 warm-up: as many images): the same
 #                       host work a step for 1.5x the device work, whether the data path then keeps up (run F:
 #                       at 64 the compiled step is host-bound; not in the default);
+#   compile_nopin       `compile` with data.pin_memory=false: no pinning thread in the trainer (the JPEG bytes
+#                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
@@ -20,6 +22,8 @@
 #                       configs/accelerate/deepspeed_zero2.yaml`) on one GPU: 2 toy epochs each in bf16 with the GCN
 #                       and the HGAT head and in fp16 with the GCN, EMA on; prints each run's final mAP (not in the
 #                       default; DeepSpeed and pydantic must be in .whl).
+# PHASES (default: all) names the end-to-end phases of every `bench train` step (`--phases`), e.g.
+# PHASES=e2e_decode_cpu,e2e_decode_gpu: the ceiling, its repeat and the reference always run.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK.
@@ -70,7 +74,7 @@ toy_ready() {
 }
 
 bench=("$PY" -m mlgcn_dist.cli bench train --config configs/coco_gcn.yaml --shards "$WORK/shards"
-       --steps 60 --warmup 10)
+       --steps 60 --warmup 10 ${PHASES:+--phases "$PHASES"})
 # lr 0.01: from random weights the configured 0.1 can diverge within the timed steps (speed is the same, but the
 # reported loss should be a number).
 overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data.batch_size=64 data.workers=15
@@ -91,6 +95,9 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_b96) toy_ready; step bench_compile_b96 300 "${bench[@]}" --json "$OUT/bench_compile_b96.json" \
             --profile-dir "$WORK/profiles/compile_b96" "${overrides[@]}" train.compile=true data.batch_size=96 \
             --steps 40 --warmup 7 ;;
+        compile_nopin) toy_ready; step bench_compile_nopin 300 "${bench[@]}" \
+            --json "$OUT/bench_compile_nopin.json" --profile-dir "$WORK/profiles/compile_nopin" "${overrides[@]}" \
+            train.compile=true data.pin_memory=false ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
@@ -100,7 +107,8 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_compile_b96 bench_cudagraphs bench_loader bench_decode deepspeed; do
+for name in bench_eager bench_compile bench_compile_nopin bench_compile_b96 bench_cudagraphs bench_loader \
+    bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

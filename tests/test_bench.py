@@ -38,7 +38,14 @@ from mlgcn_dist.bench.step import (
     peak_tflops,
     run_setting,
 )
-from mlgcn_dist.bench.train import batches_per_phase, describe_shards, make_toy_shards, with_mfu
+from mlgcn_dist.bench.train import (
+    batches_per_phase,
+    describe_shards,
+    end_to_end_phases,
+    make_toy_shards,
+    select_phases,
+    with_mfu,
+)
 from mlgcn_dist.bench.window import LoaderQueue, peak_memory, time_training
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
@@ -623,7 +630,8 @@ def test_the_inline_and_in_loop_phases_run_only_where_the_device_conversion_runs
     monkeypatch.setattr(train, "forward_flops_per_image",
                         lambda model, size, device, batch_size=1: flops_batches.append(batch_size) or 1.0)
     profiler = StepProfiler(Path("profiles"), steps=1)
-    names, _ = train._configured_phases(cfg, dataset_info(cfg.data), torch.device("cpu"), 2, 1, profiler)
+    cpu = torch.device("cpu")
+    names, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, profiler, end_to_end_phases(cfg, cpu))
     expected = {"e2e_decode_cpu.json.gz": ("cpu", None, False), "e2e_decode_gpu.json.gz": ("gpu", None, False)}
     if ahead:
         expected |= {"e2e_decode_gpu_inline.json.gz": ("gpu", 0, False),
@@ -806,8 +814,8 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
 
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
-    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler: benched.append(
-        (cfg, steps, warmup, profiler)) or {"phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, only: benched.append(
+        (cfg, steps, warmup, profiler, only)) or {"phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -815,8 +823,8 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
             str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
             "--json", str(out), "data.workers=3"]
     assert main(argv) == 0
-    [(cfg, steps, warmup, profiler)] = benched
-    assert (steps, warmup, profiler.steps, profiler.out_dir) == (5, 3, 4, tmp_path / "profiles")
+    [(cfg, steps, warmup, profiler, only)] = benched
+    assert (steps, warmup, profiler.steps, profiler.out_dir, only) == (5, 3, 4, tmp_path / "profiles", None)
     assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
     assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
 
@@ -827,3 +835,44 @@ def test_the_report_describes_its_data_by_the_mean_bytes_a_training_sample_takes
     train_bytes = sum(f.stat().st_size for f in shards.glob("coco-train-*.tar"))
     assert described["images"] > 0 and described["shards"] == str(shards) and described["split"] == "train"
     assert described["mean_sample_bytes"] == pytest.approx(train_bytes / described["images"])
+
+
+def test_bench_train_runs_only_the_end_to_end_phases_named_and_always_the_ceiling_its_repeat_and_the_reference(
+    tmp_path,
+):
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
+            "--toy-size", "64", "--json", str(out), "--phases", "e2e_decode_gpu, e2e_decode_cpu",
+            "train.device=cpu", "data.batch_size=4", "data.workers=0"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "ceiling_repeat", "reference")
+    assert set(report["ratios"]) == {f"e2e_decode_{d}/{base}" for d in ("cpu", "gpu") for base in ("ceiling",
+                                                                                                    "reference")}
+
+
+def test_a_phase_name_that_this_run_does_not_measure_is_one_error_naming_those_it_does_before_any_work(
+    monkeypatch, capsys
+):
+    from mlgcn_dist.bench import cli
+
+    monkeypatch.setattr(cli, "make_toy_shards", lambda *_, **__: pytest.fail("the bench started"))
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--phases", "e2e_decode_gpu,e2e_decode_gpu_side_stream",
+            "train.device=cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--phases: e2e_decode_gpu_side_stream is not an end-to-end phase of this run" in err
+    assert ("(those are: e2e_decode_cpu, e2e_decode_gpu, e2e_decode_gpu_inline, e2e_decode_gpu_augment_in_loop; "
+            "the ceiling, its repeat and the reference always run)") in err
+
+
+def test_the_end_to_end_phases_of_a_run_follow_its_device_prefetch_and_device():
+    cfg = load_config("configs/toy.yaml", ["data.device_prefetch=0"])
+    assert list(end_to_end_phases(cfg, torch.device("cpu"))) == ["e2e_decode_cpu", "e2e_decode_gpu"]
+    cfg = load_config("configs/toy.yaml", ["data.device_prefetch=2", "train.side_stream=true"])
+    on_cuda = end_to_end_phases(cfg, torch.device("cuda"))
+    assert list(on_cuda)[-1] == "e2e_decode_gpu_default_stream" and on_cuda["e2e_decode_gpu_default_stream"] == {
+        "decode": "gpu", "other_stream": True}
+    assert select_phases(on_cuda, None) == on_cuda
+    assert list(select_phases(on_cuda, ["e2e_decode_gpu_inline", "e2e_decode_cpu"])) == [
+        "e2e_decode_cpu", "e2e_decode_gpu_inline"]  # in the run's order

@@ -15,10 +15,13 @@ from mlgcn_dist.bench.profiling import StepProfiler
 from mlgcn_dist.bench.report import format_report
 from mlgcn_dist.bench.train import (
     batches_per_phase,
+    bench_device,
     bench_train,
     describe_shards,
+    end_to_end_phases,
     make_toy_shards,
     point_config_at_shards,
+    select_phases,
 )
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.loader import bench_loader
@@ -60,6 +63,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "phase here, each step's device busy/idle time in the report",
     )
     p.add_argument("--profile-steps", type=positive_int, default=5, help="steps per profiled phase")
+    p.add_argument(
+        "--phases",
+        type=phase_names,
+        help="only these end-to-end phases, comma-separated (default: all; e.g. e2e_decode_cpu,e2e_decode_gpu): "
+        "the ceiling, its repeat and the reference always run",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser("loader", help="img/s of the training loader alone, total and per worker")
     p.add_argument("--shards", type=Path, required=True)
@@ -78,8 +87,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_decode_arguments(p)
 
 
+def phase_names(text: str) -> list[str]:
+    """``--phases``: comma-separated names, blanks ignored."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    select_phases(end_to_end_phases(cfg, bench_device(cfg)), args.phases)  # a wrong name fails before any work
     if args.profile_dir is not None:  # made now: a path it cannot be would fail only after the first phase
         try:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +108,7 @@ def _run_train(args: argparse.Namespace) -> int:
         profiler = None if args.profile_dir is None else StepProfiler(args.profile_dir, args.profile_steps)
         profiled = 0 if profiler is None else profiler.steps
         point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup, profiled))
-        report = bench_train(cfg, args.steps, args.warmup, profiler)
+        report = bench_train(cfg, args.steps, args.warmup, profiler, args.phases)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
     print(format_report(report))

@@ -20,7 +20,7 @@ from mlgcn_dist.bench.step import (
     run_setting,
 )
 from mlgcn_dist.bench.window import LoaderQueue, untimed_after_drop
-from mlgcn_dist.config import Config, set_key
+from mlgcn_dist.config import Config, ConfigError, set_key
 from mlgcn_dist.data.loader import DatasetInfo, bench_loader, dataset_info, read_meta, whole_rounds
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.toy import make_toy
@@ -64,10 +64,45 @@ def bench_device(cfg: Config) -> torch.device:
     return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
 
 
+def end_to_end_phases(cfg: Config, device: torch.device) -> dict[str, dict]:
+    """The end-to-end phases a run of ``cfg`` on ``device`` measures, in order: name -> how it is fed (``decode``,
+    :func:`loader_phase`'s options, and ``other_stream``: the steps on the other kind of stream than
+    train.side_stream)."""
+    phases = {"e2e_decode_cpu": {"decode": "cpu"}, "e2e_decode_gpu": {"decode": "gpu"}}
+    if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
+        phases["e2e_decode_gpu_inline"] = {"decode": "gpu", "depth": 0}
+        # Only the decode ahead, on the helper; the loop launches the augment.
+        phases["e2e_decode_gpu_augment_in_loop"] = {"decode": "gpu", "augment_in_loop": True}
+    if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
+        other = "default" if cfg.train.side_stream else "side"
+        phases[f"e2e_decode_gpu_{other}_stream"] = {"decode": "gpu", "other_stream": True}
+    return phases
+
+
+def select_phases(phases: dict[str, dict], wanted: list[str] | None) -> dict[str, dict]:
+    """``phases`` cut to ``wanted`` (all when None), in their own order; a name not among them is a ConfigError
+    naming those there are."""
+    if wanted is None:
+        return phases
+    unknown = [name for name in wanted if name not in phases]
+    if unknown:
+        raise ConfigError(
+            f"--phases: {', '.join(unknown)} is not an end-to-end phase of this run (those are: "
+            f"{', '.join(phases)}; the ceiling, its repeat and the reference always run)"
+        )
+    return {name: how for name, how in phases.items() if name in wanted}
+
+
 def _configured_phases(
-    cfg: Config, info: DatasetInfo, device: torch.device, steps: int, warmup: int, profiler: StepProfiler | None
+    cfg: Config,
+    info: DatasetInfo,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    profiler: StepProfiler | None,
+    end_to_end: dict[str, dict],
 ) -> tuple[dict[str, dict], int]:
-    """Ceiling and both end-to-end phases on one model (compiled once); also its forward FLOPs per image."""
+    """The ceiling and the ``end_to_end`` phases on one model (compiled once); also its forward FLOPs per image."""
     setting = run_setting(cfg, device)
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
@@ -83,20 +118,14 @@ def _configured_phases(
             )
 
         phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
-
-        def e2e(name: str, decode: str, **options: object) -> None:
+        for name, how in end_to_end.items():
+            options = dict(how)
+            decode = options.pop("decode")
+            on = side_stream(device, not cfg.train.side_stream) if options.pop("other_stream", False) else stream
             profile = request_for(profiler, name)
-            phases[name] = _progress(name, loader_phase(step, cfg, decode, steps, warmup, profile=profile, **options))
-
-        for decode in ("cpu", "gpu"):
-            e2e(f"e2e_decode_{decode}", decode, stream=stream)
-        if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
-            e2e("e2e_decode_gpu_inline", "gpu", depth=0, stream=stream)
-            # Only the decode ahead, on the helper; the loop launches the augment.
-            e2e("e2e_decode_gpu_augment_in_loop", "gpu", stream=stream, augment_in_loop=True)
-        if device.type == "cuda":  # GPU decode ahead with the steps on the other kind of stream (streams.py)
-            other = not cfg.train.side_stream
-            e2e(f"e2e_decode_gpu_{'side' if other else 'default'}_stream", "gpu", stream=side_stream(device, other))
+            phases[name] = _progress(
+                name, loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
+            )
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
     return phases, forward_flops
@@ -113,13 +142,17 @@ def _reference_phase(
         return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0, profile=profile))
 
 
-def bench_train(cfg: Config, steps: int, warmup: int, profiler: StepProfiler | None = None) -> dict:
-    """All phases on ``cfg.data.shards``; returns the report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each
-    training phase ends with that many steps under torch.profiler (their device timeline in ``profile``)."""
+def bench_train(
+    cfg: Config, steps: int, warmup: int, profiler: StepProfiler | None = None, only: list[str] | None = None
+) -> dict:
+    """Every phase on ``cfg.data.shards`` (of the end-to-end ones, ``only`` those named, when given); returns the
+    report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each training phase ends with that many steps under
+    torch.profiler (their device timeline in ``profile``)."""
     device = bench_device(cfg)
+    end_to_end = select_phases(end_to_end_phases(cfg, device), only)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data)
-    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler)
+    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
