@@ -722,13 +722,15 @@ def test_the_profiled_device_timeline_and_launch_threads_host_time_are_shown_per
                "host": {"loop_thread_ms": 20.5, "backward_thread_ms": 31.0}}
     on_cpu = {"trace": str(tmp_path / "reference.json.gz"), "steps": 5, "device": None,
               "host": {"loop_thread_ms": 12.25, "backward_thread_ms": None}}
+    no_ops = {"trace": str(tmp_path / "ceiling_repeat.json.gz"), "steps": 5, "device": timeline, "host": None}
     lines = profile_lines({"ceiling": {"profile": profile}, "e2e_decode_gpu": {"profile": None},
-                           "reference": {"profile": on_cpu}})
+                           "reference": {"profile": on_cpu}, "ceiling_repeat": {"profile": no_ops}})
     assert lines[0].startswith(f"profiled: 5 steps after each phase's timed ones, traces in {tmp_path};")
     assert lines[1].split()[-3:] == ["host:", "loop", "backward"]
     assert lines[2].split() == ["ceiling", "40.0", "36.5", "3.5", "30.2", "9.0", "20.5", "31.0"]
     assert lines[3].split()[-4:] == ["CUDA)", "12.2", "in", "loop"]  # the backward ran in the loop's thread
-    assert len(lines) == 4  # a phase not profiled has no row
+    assert lines[4].split()[-2:] == ["n/a", "n/a"]  # a trace without host ops
+    assert len(lines) == 5  # a phase not profiled has no row
 
 
 def test_on_cpu_a_phases_peak_memory_is_the_processs_peak_resident_set_in_bytes():

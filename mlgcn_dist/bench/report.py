@@ -122,8 +122,8 @@ def profile_lines(phases: dict[str, dict]) -> list[str]:
             device = "".join(f"{timeline[key]:{w}.1f}" for key, w in (("window_ms", 8), ("busy_ms", 8),
                                                                        ("idle_ms", 8), ("training_stream_ms", 17),
                                                                        ("other_streams_ms", 15)))
-        loop = _cell(host and host["loop_thread_ms"], 12)
-        backward = _cell(host and host["backward_thread_ms"], 10, none="in loop")
+        loop = _cell(host["loop_thread_ms"] if host else None, 12)
+        backward = _cell(host["backward_thread_ms"], 10, none="in loop") if host else _cell(None, 10)
         lines.append(f"  {name:30s}{device}{loop}{backward}")
     return lines
 
