@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from mlgcn_dist.arguments import positive_int, probability
 from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key, validate
 from mlgcn_dist.data.records import LabelSpace
+from mlgcn_dist.files import write_text_atomic
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -38,6 +41,11 @@ def _read_checkpoint(path: str | Path) -> object:
     """``torch.load`` of a checkpoint file with ``weights_only``: tensors, containers and numbers only, so a file
     from elsewhere (a published ML-GCN checkpoint) cannot run code as it loads. A file it cannot read is a
     ValueError naming it."""
+    if _is_zip_or_pickle(path) is False:  # torch.load reads any other file as a pickle: an unrelated error
+        raise ValueError(
+            f"{path}: not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle (older torch.save); "
+            "a text file or an image?"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -53,6 +61,17 @@ def _read_checkpoint(path: str | Path) -> object:
         raise
     except (RuntimeError, EOFError, UnicodeDecodeError, OSError) as err:  # OSError: a zip cut short
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _is_zip_or_pickle(path: str | Path) -> bool | None:
+    """Whether a file starts as torch.save's zip archive or a pickle (protocol 2 and later) does; None for an
+    empty or unreadable file (torch.load names what is wrong with those)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    return (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")) if head else None
 
 
 def _first_line(err: Exception) -> str:
@@ -118,7 +137,18 @@ def _config_for(payload: dict, args: argparse.Namespace) -> Config:
         key, _, value = item.partition("=")
         set_key(cfg, key, value, f"override {item}")
     validate(cfg)
+    _check_data_path(cfg)
     return cfg
+
+
+def _check_data_path(cfg: Config) -> None:
+    """The data path a stored config names is as training gave it, often relative to where training ran: from
+    another directory, say so and how to point at the data, instead of a reader's missing-file error."""
+    key, where = ("data.shards", cfg.data.shards) if cfg.data.format == "wds" else ("data.root", cfg.data.root)
+    path = Path(where)
+    if not path.exists():
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"{key} {where} does not exist{relative}; run where training ran or pass {key}=<path>")
 
 
 def check_label_space(payload: dict, dataset_names: list[str], source: str) -> None:
@@ -130,28 +160,46 @@ def check_label_space(payload: dict, dataset_names: list[str], source: str) -> N
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a run directory, or an ML-GCN .pth.tar")
+    p.add_argument("--checkpoint", required=True,
+                   help="best.pt / last.pt, a run directory (its best.pt), or an ML-GCN .pth.tar (--import-mlgcn)")
     p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
-    p.add_argument("--weights", choices=("model", "ema"), default="model")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="the trained weights or their exponential moving average (default: %(default)s)")
     p.add_argument("--import-mlgcn", action="store_true", help="the checkpoint comes from the original ML-GCN code")
     p.add_argument("--scores-out", help="write per-image scores (JSON lines: image_id, scores, target)")
     p.add_argument("--metrics-out", help="write the metrics (and top-3, per-class AP) as JSON")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.shards=/data/coco-shards")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted config overrides, e.g. data.shards=/data/coco-shards (the stored config's data paths "
+                   "are relative to where training ran)")
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
-    p.add_argument("--weights", choices=("model", "ema"), default="model")
-    p.add_argument("--threshold", type=probability, default=0.5, help="probability above which a label is printed")
-    p.add_argument("--top-k", type=positive_int, default=3)
-    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory (its best.pt)")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="the trained weights or their exponential moving average (default: %(default)s)")
+    p.add_argument("--threshold", type=probability, default=0.5,
+                   help="probability above which a label is printed (default: %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=3,
+                   help="also print the k most probable labels (default: %(default)s)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...); an unreadable one is named, the rest "
+                   "predicted, exit status 2")
 
 
-def _check_output_dirs(*paths: str | None) -> None:
-    """Output files whose directory is missing fail before the evaluation, not after it."""
-    for path in paths:
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ConfigError(f"{path}: its directory {Path(path).resolve().parent} does not exist")
+def _check_outputs(**flags: str | None) -> None:
+    """Output files that could not be written fail before the evaluation, not after it (an evaluation pass over
+    COCO is minutes of work): a missing or unwritable directory, a path that is a directory or an unwritable
+    file, one path given to two flags. Checked without writing (every process of a launch parses the flags)."""
+    given = {flag: Path(path) for flag, path in flags.items() if path}
+    for flag, path in given.items():
+        parent = path.resolve().parent
+        if path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a directory; give the path of a file to write")
+        if not parent.is_dir():
+            raise ConfigError(f"{flag} {path}: its directory {parent} does not exist")
+        if not os.access(path if path.exists() else parent, os.W_OK):
+            raise ConfigError(f"{flag} {path}: cannot be written (no write permission)")
+    if len({p.resolve() for p in given.values()}) < len(given):
+        raise ConfigError(f"{' and '.join(given)} name the same file; give each its own")
 
 
 def _imported_payload(args: argparse.Namespace) -> dict:
@@ -180,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlgcn_dist.data.transforms import GpuAugment
     from mlgcn_dist.engine import evaluate, format_metrics_table, resolve_decode
 
-    _check_output_dirs(args.scores_out, args.metrics_out)
+    _check_outputs(**{"--scores-out": args.scores_out, "--metrics-out": args.metrics_out})
     if args.import_mlgcn:
         payload = _imported_payload(args)
         source = f"{args.checkpoint} (original ML-GCN), its weights"
@@ -216,7 +264,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.metrics_out:
             from mlgcn_dist.tracking import json_safe
 
-            Path(args.metrics_out).write_text(json.dumps(json_safe(results), indent=1))
+            write_text_atomic(Path(args.metrics_out), json.dumps(json_safe(results), indent=1))
     accelerator.end_training()
     return 0
 
@@ -239,34 +287,48 @@ def _write_scores(path: Path, meter) -> None:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> torch.Tensor:
-    """Label logits [N, C] of image files (evaluation transform: plain resize, normalise)."""
+def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> tuple[list[str], torch.Tensor | None,
+                                                                                   dict[str, str]]:
+    """Label logits [N, C] of the image files that can be read (evaluation transform: plain resize, normalise):
+    those paths, their logits (None when none could be read) and, per file that could not, why."""
     import random
 
     from PIL import Image
 
+    from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS
     from mlgcn_dist.data.transforms import CpuTransform, normalise
 
     transform = CpuTransform(image_size, train=False)
     rng = random.Random(0)
-    batch = []
+    read, batch, unreadable = [], [], {}
     for path in paths:
-        with Image.open(path) as img:
-            batch.append(transform(img.convert("RGB"), rng))
-    return model(normalise(torch.stack(batch))).float()
+        try:
+            with Image.open(path) as img:
+                batch.append(transform(img.convert("RGB"), rng))
+            read.append(path)
+        except UNREADABLE_IMAGE_ERRORS as err:  # PIL's errors for a truncated file do not name it
+            unreadable[path] = _first_line(err)
+    logits = model(normalise(torch.stack(batch))).float() if batch else None
+    return read, logits, unreadable
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """The labels of each readable image; an unreadable one is named on stderr and makes the exit status 2, after
+    the others are printed."""
     payload = load_portable(resolve_checkpoint(args.checkpoint))
     cfg = config_from_dict(payload["config"])
     model = model_from_payload(payload, cfg, args.weights)
-    logits = predict(model, cfg.data.image_size, args.images)
+    read, logits, unreadable = predict(model, cfg.data.image_size, args.images)
+    for path, reason in unreadable.items():
+        print(f"mlgcn predict: {path}: not a readable image ({reason})", file=sys.stderr)
+    if logits is None:
+        return 2
     # Decided on the logits, as evaluation decides (logit >= 0 at 0.5): in float32, sigmoid of a logit just
     # below 0 rounds to 0.5.
     cut = math.log(args.threshold / (1 - args.threshold)) if 0 < args.threshold < 1 else math.copysign(
         math.inf, args.threshold - 0.5)
     names = payload["label_names"]
-    for path, z in zip(args.images, logits):
+    for path, z in zip(read, logits):
         p = torch.sigmoid(z)
         above = [(names[i], float(p[i])) for i in torch.nonzero(z >= cut).flatten().tolist()]
         top = torch.topk(p, min(args.top_k, len(names)))
@@ -274,4 +336,4 @@ def run_predict(args: argparse.Namespace) -> int:
         print("  above {:.2f}: {}".format(args.threshold, ", ".join(f"{n} {s:.3f}" for n, s in above) or "none"))
         print("  top-{}: {}".format(args.top_k, ", ".join(f"{names[i]} {float(s):.3f}"
                                                           for s, i in zip(top.values, top.indices))))
-    return 0
+    return 2 if unreadable else 0

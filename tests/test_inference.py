@@ -159,7 +159,7 @@ def test_predict_decides_on_the_logit_as_evaluation_does(run_dir, toy_root, monk
     logits = torch.full((1, len(names)), -1e-8)
     logits[0, 0] = 0.0
     assert float(torch.sigmoid(logits[0, 1])) == 0.5
-    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: logits)
+    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: (paths, logits, {}))
     image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
     assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.5", str(image)]) == 0
     assert f"above 0.50: {names[0]} 0.500\n" in capsys.readouterr().out
@@ -170,7 +170,38 @@ def test_predict_lists_exactly_the_labels_at_or_above_the_threshold_given(run_di
     probabilities = torch.full((1, len(names)), 0.05)
     probabilities[0, 2], probabilities[0, 5], probabilities[0, 7] = 0.4, 0.35, 0.25  # 0.25: below 0.3
     logits = torch.logit(probabilities)
-    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: logits)
+    monkeypatch.setattr("mlgcn_dist.inference.predict", lambda model, size, paths: (paths, logits, {}))
     image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
     assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0.3", str(image)]) == 0
     assert f"above 0.30: {names[2]} 0.400, {names[5]} 0.350\n" in capsys.readouterr().out
+
+
+def test_predict_names_each_unreadable_image_prints_the_others_and_exits_2(run_dir, toy_root, tmp_path, capsys):
+    """PIL's errors for a truncated JPEG ("Truncated File Read") do not name the file."""
+    good = sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:500])
+    assert main(["predict", "--checkpoint", str(run_dir), str(cut), str(good)]) == 2
+    out, err = capsys.readouterr()
+    assert f"mlgcn predict: {cut}: not a readable image (" in err and "Traceback" not in err
+    assert str(good) in out and "top-3:" in out and str(cut) not in out
+    assert main(["predict", "--checkpoint", str(run_dir), str(cut)]) == 2  # nothing readable
+
+
+@pytest.mark.parametrize("content", [b"hi\n", b"\xff\xd8\xff\xe0 a JPEG header"])
+def test_a_checkpoint_path_to_a_text_file_or_an_image_is_named_as_no_checkpoint_at_all(content, tmp_path, capsys):
+    """It was refused as a pickle of objects that could run code, with advice to load it unsafely."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle" in err
+    assert "weights_only=False" not in err
+
+
+def test_evaluate_from_another_directory_than_trainings_says_how_to_point_at_the_data(run_dir, capsys):
+    """A stored config's relative data path gave the reader's missing-annotations error."""
+    assert main(["evaluate", "--checkpoint", str(run_dir), "data.root=data/no_such_toy"]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.root data/no_such_toy does not exist (relative to {Path.cwd()}); run where training ran or pass "
+            "data.root=<path>") in err

@@ -319,3 +319,21 @@ def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
         parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "lots"])
     with pytest.raises(SystemExit):
         parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "1GB", "--shard-count", "2"])
+
+
+def test_a_split_named_twice_is_refused_before_anything_is_written(toy_root, tmp_path):
+    """The second pass of the split renamed the first's moved shards: a raw errno and half a pack."""
+    out = tmp_path / "pack"
+    with pytest.raises(ValueError, match=r"split train given more than once \(train,val,train\); name each once"):
+        pack_dataset("coco", toy_root, out, ["train", "val", "train"], shard_count=2)
+    assert not out.exists()
+
+
+def test_a_split_whose_annotations_list_no_image_says_so(tmp_path):
+    root = tmp_path / "coco"
+    for folder in ("annotations", "train2014"):
+        (root / folder).mkdir(parents=True)
+    empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat", "supercategory": "animal"}]}
+    (root / "annotations" / "instances_train2014.json").write_text(json.dumps(empty))
+    with pytest.raises(ValueError, match=r"split 'train' has no image to pack \(none\); its annotations list no image"):
+        pack_dataset("coco", root, tmp_path / "pack", ["train"])

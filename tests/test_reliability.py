@@ -440,6 +440,18 @@ def test_evaluate_validates_its_overrides_and_output_paths_before_any_evaluation
     missing = tmp_path / "no_such_dir" / "scores.jsonl"
     assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--scores-out", str(missing)]) == 2
     assert f"its directory {missing.parent} does not exist" in capsys.readouterr().err
+    # A path that is a directory, and one path for both files, were found only after the evaluation.
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--metrics-out", str(tmp_path)]) == 2
+    assert f"--metrics-out {tmp_path}: is a directory; give the path of a file to write" in capsys.readouterr().err
+    same = tmp_path / "out.json"
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--scores-out", str(same), "--metrics-out",
+                  str(same)]) == 2
+    assert "--scores-out and --metrics-out name the same file" in capsys.readouterr().err
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    if not os.access(read_only, os.W_OK):  # root writes anywhere
+        assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--scores-out", str(read_only / "s.jsonl")]) == 2
+        assert "cannot be written" in capsys.readouterr().err
 
 
 def test_evaluate_on_a_truncated_validation_shard_is_one_line_naming_it_and_exit_status_2(trained_run, shards,

@@ -295,13 +295,17 @@ def pack_dataset(
         raise ValueError(f"shard_count and shard_size must be positive, got {shard_count} and {shard_size}")
     if not splits:
         raise ValueError("no split to pack")
+    repeated = sorted({split for split in splits if splits.count(split) > 1})
+    if repeated:  # its shards would be written twice over, the second pass renaming files the first moved
+        raise ValueError(f"split {', '.join(repeated)} given more than once ({','.join(splits)}); name each once")
     out = Path(out)
     # Read every annotation file before touching the output: a wrong root fails without side effects.
     indexes = [read_split(dataset, root, split, keep_empty=keep_empty) for split in splits]
     for index in indexes:
         if not index.records:
+            hint = "check --root and that the images are in place" if index.skipped else "its annotations list no image"
             raise ValueError(f"{root}: split '{index.split}' has no image to pack ({skip_reasons(index.skipped)}); "
-                             "check --root and that the images are in place")
+                             f"{hint}")
     _check_output(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -347,7 +351,12 @@ def _size_argument(text: str) -> int:
 def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mlgcn pack coco|voc --root DIR --out DIR ...``."""
     parser.add_argument("dataset", choices=sorted(DEFAULT_SPLITS), help="which reader and label space")
-    parser.add_argument("--root", required=True, help="dataset root in its original layout")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="dataset root in its original layout: COCO's folder of annotations/, train2014/, val2014/; for VOC the "
+        "folder holding VOCdevkit/ (or VOCdevkit/VOC2007 itself)",
+    )
     parser.add_argument("--out", required=True, help="output directory for the shards and meta.json")
     parser.add_argument(
         "--split",
@@ -361,9 +370,14 @@ def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="source bytes per shard, e.g. 500MB (default) or 1GB",
     )
-    sizing.add_argument("--shard-count", type=positive_int, default=None, help="number of shards per split")
+    sizing.add_argument(
+        "--shard-count", type=positive_int, default=None, help="number of shards per split (instead of --shard-size)"
+    )
     parser.add_argument(
-        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="shards packed in parallel processes"
+        "--workers",
+        type=positive_int,
+        default=min(8, os.cpu_count() or 1),
+        help="shards packed in parallel processes (default: %(default)s, the CPU count up to 8)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pack in --out")
     parser.add_argument(
