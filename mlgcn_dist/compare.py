@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import struct
@@ -32,13 +33,18 @@ import yaml
 from mlgcn_dist.config import Config
 from mlgcn_dist.tracking import EVAL_SOURCES, flatten_config, read_jsonl
 
-# Table columns: column name -> summary key it shows (name and config are computed from the run itself).
+# Table columns: column name -> summary key it shows (name, config and status are computed from the run itself).
 SUMMARY_COLUMNS = {"best_mAP": "best_mAP", "CF1": "best_CF1", "OF1": "best_OF1", "img_per_s": "img_per_s",
                    "procs": "world_size"}  # processes: one per GPU on CUDA
-DEFAULT_COLUMNS = ("name", "config", *SUMMARY_COLUMNS)
+DEFAULT_COLUMNS = ("name", "config", *SUMMARY_COLUMNS, "status")
 DECIMAL_COLUMNS = frozenset(SUMMARY_COLUMNS) - {"procs"}  # shown with two decimals (W&B returns 61.0 as 61)
+TEXT_COLUMNS = ("name", "config", "status")  # sorted ascending, as config values are
 # Keys that differ between any two runs by construction: they would fill the config column with noise.
 IDENTITY_KEYS = frozenset({"train.run_name", "train.output_dir", "log.run_id"})
+# Written into the summary (summary.json, and W&B's) only by the engine's Trainer._finish: the per-evaluation
+# summaries of the tracker and the summary of a preemption lack them. "finished" since 2026-11-27; runs finished
+# before it are known by the label-frequency baseline, which only the finish writes.
+FINISHED_KEYS = ("finished", "frequency_baseline_mAP")
 
 _WANDB_FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 _BLOCK_SIZE = 32 * 1024
@@ -53,6 +59,7 @@ class RunRecord:
     config: dict[str, Any]  # flattened "section.key" -> value
     summary: dict[str, Any]  # best_mAP, best_CF1, best_OF1, best_epoch, img_per_s, world_size, ...
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # model|ema -> [(epoch, mAP)]
+    requeue_pending: bool = False  # a preempted run directory's REQUEUE marker is still there
 
 
 def _curve(points: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
@@ -78,21 +85,24 @@ def _read_local_run(run_dir: Path) -> RunRecord:
         config=flatten_config(summary.get("config", {})),
         summary={k: v for k, v in summary.items() if k != "config"},
         curves={k: v for k, v in curves.items() if v},
+        requeue_pending=(run_dir / "REQUEUE").is_file(),
     )
 
 
 def collect_local_runs(paths: list[Path]) -> list[RunRecord]:
-    """Each path is a run directory (holding summary.json) or a directory of run directories."""
-    runs = []
+    """Each path is a run directory (holding summary.json) or a directory of run directories; a run reached
+    twice (``runs/a runs/a``, or ``runs/ runs/a``) is read once."""
+    run_dirs: dict[Path, Path] = {}  # resolved -> as given
     for path in map(Path, paths):
         if (path / "summary.json").is_file():
-            runs.append(_read_local_run(path))
+            run_dirs.setdefault(path.resolve(), path)
             continue
         children = sorted(p for p in path.glob("*/summary.json")) if path.is_dir() else []
         if not children:
             raise ValueError(f"{path}: no run found (expected summary.json in it or in its subdirectories)")
-        runs.extend(_read_local_run(p.parent) for p in children)
-    return runs
+        for child in children:
+            run_dirs.setdefault(child.parent.resolve(), child.parent)
+    return [_read_local_run(run_dir) for run_dir in run_dirs.values()]
 
 
 # -- W&B run files (offline runs, or the local copy of online ones) --------------------------------------------
@@ -174,20 +184,25 @@ class _WandbRunState:
         )
 
 
-def collect_offline_wandb_runs(wandb_dir: Path) -> list[RunRecord]:
-    """Runs from W&B run directories (``[offline-]run-<time>-<id>/run-<id>.wandb``) under ``wandb_dir`` or its
-    ``wandb/`` subdirectory. Directories of one run id (a requeued job resumed the run) are read in time order into
-    one record."""
-    wandb_dir = Path(wandb_dir)
+def _wandb_run_files(wandb_dir: Path) -> list[Path]:
     files = [*wandb_dir.glob("*run-*/run-*.wandb"), *wandb_dir.glob("wandb/*run-*/run-*.wandb"),
              *wandb_dir.glob("*/wandb/*run-*/run-*.wandb")]  # a directory of run directories (runs/)
     if not files:
         raise ValueError(f"{wandb_dir}: no W&B run files (expected offline-run-*/run-*.wandb in it, in wandb/ or in "
                          "*/wandb/)")
+    return files
+
+
+def collect_offline_wandb_runs(*wandb_dirs: Path) -> list[RunRecord]:
+    """Runs from W&B run directories (``[offline-]run-<time>-<id>/run-<id>.wandb``) under each of ``wandb_dirs``,
+    its ``wandb/`` subdirectory or ``*/wandb/``. Directories of one run id (a requeued job resumed the run) are read
+    in time order into one record; a file reached twice is read once."""
+    files = {path.resolve(): path for wandb_dir in wandb_dirs for path in _wandb_run_files(Path(wandb_dir))}
     states: dict[str, _WandbRunState] = {}
-    for path in sorted(files, key=lambda p: p.parent.name.removeprefix("offline-")):
+    for path in sorted(files.values(), key=lambda p: p.parent.name.removeprefix("offline-")):
         run_id = path.stem.removeprefix("run-")
-        states.setdefault(run_id, _WandbRunState()).read(path)
+        # Named by its id until its run record says otherwise: a run killed at once holds no record at all.
+        states.setdefault(run_id, _WandbRunState(name=run_id)).read(path)
     return [state.to_run() for state in states.values()]
 
 
@@ -256,12 +271,35 @@ def wandb_filters(conditions: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _value(run: RunRecord, key: str) -> Any:
+    """The run's config value of ``key``, else its summary value (None when it has neither)."""
+    return run.config[key] if key in run.config else run.summary.get(key)
+
+
 def filter_runs(runs: list[RunRecord], conditions: dict[str, Any]) -> list[RunRecord]:
     """Runs whose config (or summary) value equals every condition."""
-    def matches(run: RunRecord) -> bool:
-        return all(run.config.get(key, run.summary.get(key)) == value for key, value in conditions.items())
+    return [run for run in runs if all(_value(run, key) == value for key, value in conditions.items())]
 
-    return [run for run in runs if matches(run)]
+
+def why_nothing_matched(runs: list[RunRecord], conditions: dict[str, Any]) -> str:
+    """Why ``filter_runs(runs, conditions)`` holds no run: none read, a key no run has (with the nearest keys), a
+    value no run has (with the values they have), or conditions that no run meets together."""
+    if not runs:
+        return ("none read (give run directories, --wandb or --wandb-offline; --wandb reads only the project's runs "
+                "that match --filter)")
+    for key, wanted in conditions.items():
+        values = sorted({_format_value(_value(run, key)) for run in runs if key in run.config or key in run.summary})
+        if not values:
+            known = {k for run in runs for k in (*run.config, *run.summary)}
+            nearest = difflib.get_close_matches(key, known, n=3)
+            hint = (f"did you mean {', '.join(nearest)}?" if nearest
+                    else "keys are config keys, section.key as in optim.lr, or summary keys as in best_mAP")
+            return f"--filter {key}: no run has this key ({hint})"
+        if not filter_runs(runs, {key: wanted}):
+            shown = ", ".join(values[:8]) + (", ..." if len(values) > 8 else "")
+            return f"--filter {key}={_format_value(wanted)} matches none of the {len(runs)} runs (their values: {shown})"
+    together = " ".join(f"{key}={_format_value(value)}" for key, value in conditions.items())
+    return f"no run matches all of --filter {together} together"
 
 
 # -- table and plot --------------------------------------------------------------------------------------------
@@ -272,8 +310,8 @@ def _format_value(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):
-        return ",".join(map(_format_value, value))
+    if isinstance(value, list):  # as a --filter value is written: optim.epoch_step=[8,12] selects [8, 12]
+        return "[" + ",".join(map(_format_value, value)) + "]"
     return str(value)
 
 
@@ -292,7 +330,25 @@ def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:
         return " ".join(f"{k}={_format_value(run.config[k])}" for k in diff_keys if k in run.config)
     if column in SUMMARY_COLUMNS:
         return run.summary.get(SUMMARY_COLUMNS[column])
-    return run.config[column] if column in run.config else run.summary.get(column)
+    if column == "status":
+        return run_status(run)
+    return _value(run, column)
+
+
+def run_status(run: RunRecord) -> str:
+    """finished, preempted (requeue pending while its REQUEUE marker is there), incomplete: epoch k of N (k epochs
+    evaluated; killed, or still running), or no data."""
+    if not (run.config or run.summary or run.curves):
+        return "no data"
+    # Before "preempted": W&B's summary of a resumed run merges its sessions', so an earlier preemption's flag stays.
+    if any(key in run.summary for key in FINISHED_KEYS):
+        return "finished"
+    if run.summary.get("preempted"):
+        return "preempted (requeue pending)" if run.requeue_pending else "preempted"
+    # The last evaluated epoch: metrics.jsonl or W&B history, else the last "epoch" W&B keeps in its summary.
+    last = max((points[-1][0] for points in run.curves.values()), default=run.summary.get("epoch"))
+    evaluated = int(last) + 1 if isinstance(last, (int, float)) else "?"
+    return f"incomplete: epoch {evaluated} of {run.config.get('train.epochs', '?')}"
 
 
 def _sort_runs(runs: list[RunRecord], column: str, diff_keys: list[str]) -> list[RunRecord]:
@@ -300,7 +356,7 @@ def _sort_runs(runs: list[RunRecord], column: str, diff_keys: list[str]) -> list
     known = {*DEFAULT_COLUMNS, *(k for run in runs for k in (*run.config, *run.summary))}
     if column not in known:
         raise ValueError(f"--sort '{column}': not a column ({', '.join(DEFAULT_COLUMNS)}), config key or summary key")
-    descending = column not in ("name", "config") and not any(column in run.config for run in runs)
+    descending = column not in TEXT_COLUMNS and not any(column in run.config for run in runs)
     present = [r for r in runs if _cell(r, column, diff_keys) is not None]
     missing = [r for r in runs if _cell(r, column, diff_keys) is None]
     try:
@@ -365,16 +421,27 @@ def plot_map_curves(runs: list[RunRecord], out_png: Path) -> Path:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="*", type=Path, help="run directories, or directories holding run directories")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also compare the runs of this W&B project")
+    parser.add_argument("runs", nargs="*", type=Path,
+                        help="run directories, or directories holding run directories; a run given twice is listed "
+                             "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
+                             "there), incomplete: epoch k of N (k epochs evaluated; killed, or still running), or no "
+                             "data (default: none)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
+                        help="also compare the runs of this W&B project, --filter applied by W&B (needs `wandb "
+                             "login`; default: none)")
     parser.add_argument("--wandb-offline", metavar="DIR", type=Path, action="append", default=[],
-                        help="also compare W&B run files (offline-run-*) under DIR (repeatable)")
+                        help="also compare the W&B run files (offline-run-*/run-*.wandb) in DIR, DIR/wandb or "
+                             "DIR/*/wandb; repeatable (default: none)")
     parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
-                        help="keep runs whose config (or summary) KEY equals VALUE, e.g. model.head=gcn (repeatable)")
+                        help="keep the runs whose config (or summary) KEY equals VALUE, e.g. model.head=gcn; VALUE "
+                             "is YAML, written as the config column shows it (a list as optim.epoch_step=[8,12]); "
+                             "repeatable, every one must hold (default: keep every run)")
     parser.add_argument("--sort", default="best_mAP",
-                        help=f"sort column: {', '.join(DEFAULT_COLUMNS)}, or any config/summary key "
-                             "(metrics descending)")
-    parser.add_argument("--plot", metavar="OUT.png", type=Path, help="also write mAP per epoch of these runs")
+                        help=f"sort column: {', '.join(DEFAULT_COLUMNS)}, or any config/summary key; metrics "
+                             "descending, names, status and config values ascending (default: %(default)s)")
+    parser.add_argument("--plot", metavar="OUT.png", type=Path,
+                        help="also write mAP per epoch of these runs to OUT.png, the EMA model dashed "
+                             "(default: no plot)")
 
 
 def with_distinct_names(runs: list[RunRecord]) -> list[RunRecord]:
@@ -388,15 +455,14 @@ def with_distinct_names(runs: list[RunRecord]) -> list[RunRecord]:
 def run_compare(args: argparse.Namespace) -> int:
     """Collect, filter, print the table and optionally plot; returns the exit status."""
     conditions = parse_filters(args.filter)
-    runs = collect_local_runs(args.runs) if args.runs else []
-    for wandb_dir in args.wandb_offline:
-        runs += collect_offline_wandb_runs(wandb_dir)
+    read = collect_local_runs(args.runs) if args.runs else []
+    if args.wandb_offline:
+        read += collect_offline_wandb_runs(*args.wandb_offline)
     if args.wandb:
-        runs += collect_wandb_runs(args.wandb, wandb_filters(conditions), curves=args.plot is not None)
-    runs = with_distinct_names(filter_runs(runs, conditions))
+        read += collect_wandb_runs(args.wandb, wandb_filters(conditions), curves=args.plot is not None)
+    runs = with_distinct_names(filter_runs(read, conditions))
     if not runs:
-        print("compare: no runs to compare (give run directories, --wandb or --wandb-offline; check --filter)",
-              file=sys.stderr)
+        print(f"compare: no runs to compare: {why_nothing_matched(read, conditions)}", file=sys.stderr)
         return 1
     print(format_table(runs, sort_by=args.sort))
     if args.plot is not None:

@@ -316,8 +316,9 @@ class Trainer:
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
                         f"[{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
         self.decode = resolve_decode(cfg, acc.device)
-        self.train_augment = GpuAugment(cfg.data.image_size, train=True) if self.decode == "gpu" else None
-        self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if self.decode == "gpu" else None
+        gpu = self.decode == "gpu"
+        self.train_augment = GpuAugment(cfg.data.image_size, True, cfg.data.gpu_resample) if gpu else None
+        self.eval_augment = GpuAugment(cfg.data.image_size, False, cfg.data.gpu_resample) if gpu else None
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0  # this rank's, this session's
@@ -616,6 +617,7 @@ class Trainer:
         acc, state, results = self.accelerator, self.state, self.results
         self._count_bad_samples()
         summary = {
+            "finished": True,  # what `mlgcn compare` reads as the run's status (a preempted run says "preempted")
             "best_mAP": state.best_metric,
             "best_epoch": state.best_epoch,
             "best_source": state.best_source,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
-from test_tracking import flush_wandb, record_run, wandb_env  # noqa: F401 (a fixture, used by name)
+from test_tracking import LABELS, fake_metrics, flush_wandb, record_run, wandb_env  # noqa: F401 (wandb_env: a fixture)
 
+from mlgcn_dist.checkpoint import mark_requeue
 from mlgcn_dist.cli import main
 from mlgcn_dist.compare import (
     RunRecord,
@@ -25,19 +28,50 @@ from mlgcn_dist.compare import (
     wandb_filters,
     with_distinct_names,
 )
+from mlgcn_dist.config import load_config
+from mlgcn_dist.tracking import Tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What the engine's Trainer._finish adds to the summary of a run that trained to its end (a preemption does not).
+ENGINE_FINISH = {"global_batch": 16, "global_step": 20, "frequency_baseline_mAP": 17.2, "num_val_images": 12}
+
+
+def finish_as_the_engine_does(run_dir: Path) -> None:
+    """``record_run`` finishes the Tracker only; the engine's finish also writes ENGINE_FINISH."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, **ENGINE_FINISH}))
 
 
 @pytest.fixture
 def runs_root(tmp_path: Path) -> Path:
     """Three finished runs: a (lr 0.1, gcn, best 55), b (lr 0.05, gcn, best 60 by its EMA), c (linear, 2 GPUs)."""
     root = tmp_path / "runs"
-    record_run(root, "a", [(50.0, None), (55.0, None)], ("optim.lr=0.1",), img_per_s=100.0, cf1=61.0)
-    record_run(root, "b", [(52.0, 51.0), (58.0, 60.0)], ("optim.lr=0.05",), img_per_s=90.0, cf1=62.0)
-    record_run(root, "c", [(45.0, None), (50.0, None)], ("optim.lr=0.1", "model.head=linear"), img_per_s=180.0,
-               world_size=2, cf1=55.0)
+    for run_dir in [
+        record_run(root, "a", [(50.0, None), (55.0, None)], ("optim.lr=0.1",), img_per_s=100.0, cf1=61.0),
+        record_run(root, "b", [(52.0, 51.0), (58.0, 60.0)], ("optim.lr=0.05",), img_per_s=90.0, cf1=62.0),
+        record_run(root, "c", [(45.0, None), (50.0, None)], ("optim.lr=0.1", "model.head=linear"), img_per_s=180.0,
+                   world_size=2, cf1=55.0),
+    ]:
+        finish_as_the_engine_does(run_dir)
     return root
+
+
+def train_session(root: Path, name: str, epochs: int, evaluated: int, end: str, first_epoch: int = 0) -> Path:
+    """One training session on run directory ``root/name`` as the engine leaves it: REQUEUE removed at the start,
+    an evaluation per epoch from ``first_epoch``, then ``end``: "finished" (Trainer._finish), "preempted"
+    (SIGTERM/USR1: the REQUEUE marker, then a summary flagged preempted) or "killed" (kill -9: nothing more)."""
+    cfg = load_config(None, [f"train.run_name={name}", f"train.output_dir={root / name}", f"train.epochs={epochs}",
+                             "log.wandb=disabled"])
+    (cfg.run_dir / "REQUEUE").unlink(missing_ok=True)
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=first_epoch > 0)
+    for epoch in range(first_epoch, first_epoch + evaluated):
+        tracker.log_eval(epoch, 10 * epoch + 10, {"model": fake_metrics(50.0 + epoch)})
+    if end == "finished":
+        tracker.finish(ENGINE_FINISH)
+    elif end == "preempted":
+        mark_requeue(cfg.run_dir, "preempted at step 25")
+        tracker.finish({"preempted": True, "global_step": 25, "img_per_s": 100.0})
+    return cfg.run_dir
 
 
 def table_rows(table: str) -> list[list[str]]:
@@ -56,11 +90,12 @@ def test_collect_local_runs_reads_run_dirs_and_directories_of_run_dirs(runs_root
 
 def test_table_shows_only_differing_config_keys_best_map_first(runs_root):
     table = format_table(collect_local_runs([runs_root]))
-    assert table.splitlines()[0].split() == ["name", "config", "best_mAP", "CF1", "OF1", "img_per_s", "procs"]
+    assert table.splitlines()[0].split() == ["name", "config", "best_mAP", "CF1", "OF1", "img_per_s", "procs",
+                                             "status"]
     assert table_rows(table) == [
-        ["b", "model.head=gcn optim.lr=0.05", "60.00", "62.00", "64.60", "90.00", "1"],
-        ["a", "model.head=gcn optim.lr=0.1", "55.00", "61.00", "64.60", "100.00", "1"],
-        ["c", "model.head=linear optim.lr=0.1", "50.00", "55.00", "64.60", "180.00", "2"],
+        ["b", "model.head=gcn optim.lr=0.05", "60.00", "62.00", "64.60", "90.00", "1", "finished"],
+        ["a", "model.head=gcn optim.lr=0.1", "55.00", "61.00", "64.60", "100.00", "1", "finished"],
+        ["c", "model.head=linear optim.lr=0.1", "50.00", "55.00", "64.60", "180.00", "2", "finished"],
     ]
 
 
@@ -272,3 +307,77 @@ def test_offline_runs_are_found_in_a_directory_of_run_directories(tmp_path):
     for name in ("a", "b"):
         record_run(tmp_path / "runs", name, [(50.0, None)], wandb="offline")
     assert sorted(run.name for run in collect_offline_wandb_runs(tmp_path / "runs")) == ["a", "b"]
+
+
+def test_the_status_column_tells_finished_preempted_and_killed_runs_apart(tmp_path):
+    root = tmp_path / "runs"
+    train_session(root, "done", epochs=8, evaluated=8, end="finished")
+    train_session(root, "short", epochs=2, evaluated=2, end="finished")
+    train_session(root, "killed", epochs=8, evaluated=2, end="killed")
+    train_session(root, "preempted", epochs=8, evaluated=3, end="preempted")
+    train_session(root, "resumed", epochs=8, evaluated=3, end="preempted")
+    train_session(root, "resumed", epochs=8, evaluated=5, end="finished", first_epoch=3)
+    train_session(root, "resumed_killed", epochs=8, evaluated=3, end="preempted")
+    train_session(root, "resumed_killed", epochs=8, evaluated=1, end="killed", first_epoch=3)
+    rows = table_rows(format_table(collect_local_runs([root]), sort_by="name", columns=("name", "status")))
+    assert dict(rows) == {"done": "finished", "short": "finished", "killed": "incomplete: epoch 2 of 8",
+                          "preempted": "preempted (requeue pending)", "resumed": "finished",
+                          "resumed_killed": "incomplete: epoch 4 of 8"}
+
+
+def test_a_wandb_run_finished_after_a_preemption_reads_finished_though_its_summary_keeps_the_preempted_flag():
+    """W&B's summary of a resumed run is the sessions' updates merged: the first session's "preempted" stays."""
+    runs = [record("resumed", {"train.epochs": 8}, preempted=True, **ENGINE_FINISH),
+            record("resumed_now", {"train.epochs": 8}, preempted=True, finished=True),  # the engine since 2026-11-27
+            record("preempted", {"train.epochs": 8}, preempted=True, epoch=2)]
+    assert table_rows(format_table(runs, sort_by="status", columns=("name", "status"))) == [
+        ["resumed", "finished"], ["resumed_now", "finished"], ["preempted", "preempted"]]
+
+
+WANDB_FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)  # all a W&B run killed before its first record holds
+
+
+def test_a_wandb_file_without_a_record_is_listed_by_its_run_id_as_holding_no_data(tmp_path, capsys):
+    run_files = tmp_path / "e" / "wandb" / "offline-run-20260101_000000-k9"
+    run_files.mkdir(parents=True)
+    (run_files / "run-k9.wandb").write_bytes(WANDB_FILE_HEADER)
+    assert main(["compare", "--wandb-offline", str(tmp_path / "e" / "wandb")]) == 0
+    (row,) = table_rows(capsys.readouterr().out)
+    assert row[0] == "k9" and row[-1] == "no data"
+
+
+def test_a_run_given_twice_is_listed_once(runs_root, tmp_path):
+    assert sorted(run.name for run in collect_local_runs([runs_root / "a", runs_root / ".." / "runs" / "a", runs_root])) == [
+        "a", "b", "c"]
+    run_files = tmp_path / "w" / "offline-run-20260101_000000-k9"
+    run_files.mkdir(parents=True)
+    (run_files / "run-k9.wandb").write_bytes(WANDB_FILE_HEADER)
+    assert len(collect_offline_wandb_runs(tmp_path / "w", tmp_path / ".." / tmp_path.name / "w")) == 1
+
+
+def test_the_config_column_shows_a_list_as_the_filter_value_that_selects_it():
+    runs = [record("a", {"optim.epoch_step": [8]}), record("b", {"optim.epoch_step": [4, 6]})]
+    configs = dict(table_rows(format_table(runs, sort_by="name", columns=("name", "config"))))
+    assert configs == {"a": "optim.epoch_step=[8]", "b": "optim.epoch_step=[4,6]"}
+    for name, shown in configs.items():
+        assert [run.name for run in filter_runs(runs, parse_filters([shown]))] == [name]
+
+
+@pytest.mark.parametrize(("filters", "reason"), [
+    (["optim.lrr=0.1"], "--filter optim.lrr: no run has this key (did you mean optim.lr"),
+    (["model.head=hgat"], "--filter model.head=hgat matches none of the 3 runs (their values: gcn, linear)"),
+    (["model.head=linear", "optim.lr=0.05"], "no run matches all of --filter model.head=linear optim.lr=0.05"),
+])
+def test_compare_without_matching_runs_exits_1_saying_which_filter_matched_nothing(runs_root, capsys, filters,
+                                                                                   reason):
+    assert main(["compare", str(runs_root), *(arg for f in filters for arg in ("--filter", f))]) == 1
+    err = capsys.readouterr().err
+    assert "no runs to compare" in err and reason in err
+
+
+def test_every_compare_option_says_what_it_does_and_its_default():
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    options = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+    assert [action.dest for action in options if "default" not in action.help] == []
+    assert "(default: best_mAP)" in " ".join(parser.format_help().split())

@@ -67,6 +67,7 @@ def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["best_mAP"] == pytest.approx(summary["best_mAP"])
     assert {"model", "ema"} <= set(saved["final"])
+    assert saved["finished"] is True  # `mlgcn compare`'s status
     assert (run_dir / "checkpoints/best.pt").is_file() and (run_dir / "checkpoints/last.pt").is_file()
     assert len(complete_checkpoints(run_dir / "checkpoints")) == 2  # train.keep_checkpoints: older ones rotated
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
