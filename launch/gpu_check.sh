@@ -15,6 +15,8 @@
 #                       at 64 the compiled step is host-bound; not in the default);
 #   compile_nopin       `compile` with data.pin_memory=false: no pinning thread in the trainer (the JPEG bytes
 #                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
+#   compile_matmul      `compile` with data.gpu_resample=matmul: the GPU augment in a constant few torch calls a
+#                       batch (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
@@ -26,7 +28,8 @@
 # PHASES=e2e_decode_cpu,e2e_decode_gpu: the ceiling, its repeat and the reference always run.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
-# At most 8 files come back from a device run: everything else stays in $WORK.
+# At most 8 files come back from a device run: everything else stays in $WORK, and more than 5 logs and reports
+# go back as one results.tar.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:?set OUT to the folder whose files come back}"
@@ -98,6 +101,9 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_nopin) toy_ready; step bench_compile_nopin 300 "${bench[@]}" \
             --json "$OUT/bench_compile_nopin.json" --profile-dir "$WORK/profiles/compile_nopin" "${overrides[@]}" \
             train.compile=true data.pin_memory=false ;;
+        compile_matmul) toy_ready; step bench_compile_matmul 300 "${bench[@]}" \
+            --json "$OUT/bench_compile_matmul.json" --profile-dir "$WORK/profiles/compile_matmul" \
+            "${overrides[@]}" train.compile=true data.gpu_resample=matmul ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
@@ -107,8 +113,14 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_compile_nopin bench_compile_b96 bench_cudagraphs bench_loader \
-    bench_decode deepspeed; do
+for name in bench_eager bench_compile bench_compile_nopin bench_compile_matmul bench_compile_b96 \
+    bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"
+# At most 8 files come back: the logs and reports go back as one tar when there are more.
+shopt -s nullglob
+results=("$OUT"/*.log "$OUT"/*.json)
+if ((${#results[@]} > 5)); then
+    tar cf "$OUT/results.tar" -C "$OUT" "${results[@]##*/}" && rm -f "${results[@]}"
+fi

@@ -40,6 +40,7 @@ class DataConfig:
     pin_memory: bool = True
     decode: str = "auto"  # auto | cpu | gpu: where JPEGs are decoded and augmented
     device_prefetch: int = 2  # batches moved/decoded onto the device ahead, on a helper thread (0: inline)
+    gpu_resample: str = "grouped"  # grouped | matmul: how GPU decode's crops are resized (README: Performance)
     shuffle_buffer: int = 1000
     keep_empty: bool = False  # keep images without any annotation as all-negative samples
     max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
@@ -157,6 +158,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
     "data.decode": ("auto", "cpu", "gpu"),
+    "data.gpu_resample": ("grouped", "matmul"),
     "graph.variant": ("original", "paper"),
     "model.head": ("gcn", "hgat", "hgat_fc", "linear"),
     "optim.lr_scaling": ("fixed", "linear"),

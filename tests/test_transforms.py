@@ -14,10 +14,12 @@ from conftest import jpeg, photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from mlgcn_dist.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RESAMPLERS,
     SCALES,
     CpuTransform,
     CropParams,
@@ -185,26 +187,62 @@ def mixed_batch(size: int, seed: int = 5) -> tuple[list[torch.Tensor], list[Crop
 FLOAT_ROUNDING = 0.01 * ONE_GREY_LEVEL
 
 
-def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
-    """Same-size crops are resized together (antialiased only where a side shrinks) and mirrored by one slice;
-    the batch comes back in input order."""
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone(resample):
+    """grouped: same-size crops are resized together (antialiased only where a side shrinks) and mirrored by one
+    slice; matmul: every image by two batched products over the padded frames. Either way the batch comes back in
+    input order with each image's pixels."""
     images, params = mixed_batch(64)
     sides = {(p.w > 64, p.h > 64) for p in params}
     assert {(False, False), (True, True), (True, False)} <= sides  # enlarged, shrunk and mixed crops
     assert len({(p.w, p.h) for p in params}) < len(params)  # the case that groups
-    batch = GpuAugment(64, train=True).apply(images, params, "cpu")
+    assert len({tuple(im.shape) for im in images}) > 1  # frames of several sizes: the case that pads
+    batch = GpuAugment(64, train=True, resample=resample).apply(images, params, "cpu")
     assert (batch - one_at_a_time(images, params, 64)).abs().max() <= FLOAT_ROUNDING
 
 
-def test_batched_apply_writes_channels_last_when_asked_with_the_same_values():
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_batched_apply_writes_channels_last_when_asked_with_the_same_values(resample):
     images, params = mixed_batch(48)
-    augment = GpuAugment(48, train=True)
+    augment = GpuAugment(48, train=True, resample=resample)
     plain = augment.apply(images, params, "cpu")
     packed = augment.apply(images, params, "cpu", channels_last=True)
     assert plain.is_contiguous() and packed.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, packed)
     empty = augment.apply([], [], "cpu", channels_last=True)
     assert empty.shape == (0, 3, 48, 48)
+
+
+def test_the_matmul_resampler_makes_as_many_torch_calls_for_64_images_in_many_crop_sizes_as_for_2():
+    """What a prefetch helper's torch calls cost the thread launching the step is a GIL hand-over each: matmul's
+    count is constant, grouped's grows with crop sizes and images."""
+
+    class CountCalls(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    rng = random.Random(2)  # 64 frames of four photo shapes (COCO's, a quarter the size), ML-GCN's crops
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (160, 120), (107, 160),
+                                                                               (94, 125)] * 16]
+    params = [sample_crop(im.shape[2], im.shape[1], 112, rng) for im in images]
+    counts = {}
+    for resample in RESAMPLERS:
+        for n in (2, 64):
+            with CountCalls() as counter:
+                GpuAugment(112, train=True, resample=resample).apply(images[:n], params[:n], "cpu", True)
+            counts[resample, n] = counter.calls
+    assert counts["matmul", 64] == counts["matmul", 2]
+    assert counts["grouped", 64] > 3 * counts["matmul", 64] and counts["grouped", 64] > 3 * counts["grouped", 2]
+
+
+def test_an_unknown_resampler_is_refused_naming_those_there_are():
+    with pytest.raises(ValueError, match=r"resample must be one of \('grouped', 'matmul'\), got 'bicubic'"):
+        GpuAugment(64, train=True, resample="bicubic")
 
 
 def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
@@ -338,11 +376,15 @@ def test_normalise_on_cuda_matches_the_cpu_arithmetic():
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batched_apply_on_cuda_gives_the_cpu_batch_in_the_requested_memory_format(channels_last):
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_batched_apply_on_cuda_gives_the_cpu_batch_in_the_requested_memory_format(resample, channels_last,
+                                                                                  monkeypatch):
     """The same decoded pixels and crops: CUDA's resize kernels, the strided ``index_select`` output and the
-    mixed-dtype ``addcmul`` must give the CPU's batch to float rounding."""
+    mixed-dtype ``addcmul`` (grouped), the nested tensor's padding and the batched products (matmul; TF32 off)
+    must give the CPU's batch to float rounding."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     images, params = mixed_batch(64)
-    augment = GpuAugment(64, train=True)
+    augment = GpuAugment(64, train=True, resample=resample)
     on_cuda = augment.apply([im.cuda() for im in images], params, "cuda", channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert on_cuda.is_contiguous(memory_format=fmt)

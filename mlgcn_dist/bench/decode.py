@@ -206,18 +206,20 @@ class AlwaysAntialiased(GpuAugment):
 
 def time_augment(device: torch.device, jpegs: list[torch.Tensor], size: int, repeats: int) -> dict:
     """``GpuAugment.apply`` (training crops, channels_last) on ``jpegs`` decoded, on the otherwise idle device,
-    and the same with every crop antialiased: median device ms and host ms a call, and the batch's crop sizes.
+    the same with every crop antialiased, and with ``resample="matmul"``: median device ms and host ms a call, and
+    the batch's crop sizes.
 
     Device time is read between two events recorded around the call behind a 50 ms spin, so every kernel is
     queued before the first runs: the events then bracket the kernels alone, not the host's launch gaps.
     """
     shipped, before = GpuAugment(size, train=True), AlwaysAntialiased(size, train=True)
+    matmul = GpuAugment(size, train=True, resample="matmul")
     images, _ = shipped.decode(jpegs, device)
     params = shipped.crops(images, random.Random(0))
     sizes = {(p.h, p.w) for p in params}
     result: dict = {"size": size, "crop_sizes": len(sizes),
                     "antialiased_crop_sizes": sum(shipped.antialiases(h, w) for h, w in sizes)}
-    for name, augment in (("apply", shipped), ("always_antialiased", before)):
+    for name, augment in (("apply", shipped), ("always_antialiased", before), ("matmul", matmul)):
         for _ in range(3):  # constants, pinned buffers, lazily loaded kernels
             augment.apply(images, params, device, channels_last=True)
         device_ms, host_ms = [], []
@@ -255,6 +257,9 @@ def format_decode_report(report: dict) -> str:
             f"{aug['always_antialiased']['host_ms']:.2f} ms; device time ratio "
             f"{aug['apply']['device_ms'] / aug['always_antialiased']['device_ms']:.2f}"
         )
+        if "matmul" in aug:  # data.gpu_resample=matmul: constant torch calls, more device work
+            lines.append(f"the same with data.gpu_resample=matmul: device {aug['matmul']['device_ms']:.2f} ms, host "
+                         f"{aug['matmul']['host_ms']:.2f} ms")
     if "nvimgcodec_vs_torchvision" in report:
         lines.append(f"nvImageCodec vs torchvision pixels: largest mean |difference| per image "
                      f"{report['nvimgcodec_vs_torchvision']:.2f} grey levels")
@@ -264,9 +269,13 @@ def format_decode_report(report: dict) -> str:
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """``mlgcn bench decode``'s options."""
     parser.add_argument("--batch", type=positive_int, default=64, help="JPEGs per decode call")
-    parser.add_argument("--size", type=positive_int, default=640, help="long side of the toy JPEGs (640: ~180 KB)")
-    parser.add_argument("--image-size", type=positive_int, default=448, help="GpuAugment's output size")
-    parser.add_argument("--busy-ms", type=positive_float, default=100.0, help="device work queued before each busy decode")
+    parser.add_argument(
+        "--size", type=positive_int, default=640, help="long side of the toy JPEGs in px (~180 KB each at 640)"
+    )
+    parser.add_argument("--image-size", type=positive_int, default=448, help="GpuAugment's output size in px")
+    parser.add_argument(
+        "--busy-ms", type=positive_float, default=100.0, help="ms of device work queued before each busy decode"
+    )
     parser.add_argument("--repeats", type=positive_int, default=7, help="calls per case (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the report here")
 

@@ -82,8 +82,8 @@ class ConversionClock:
 class TimedGpuAugment(GpuAugment):
     """GpuAugment whose decode and apply calls are timed by ``clock``; what they compute is unchanged."""
 
-    def __init__(self, size: int, train: bool, clock: ConversionClock) -> None:
-        super().__init__(size, train)
+    def __init__(self, size: int, train: bool, clock: ConversionClock, resample: str = "grouped") -> None:
+        super().__init__(size, train, resample)
         self.clock = clock
 
     def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
@@ -101,7 +101,9 @@ def timed_conversion(
 ) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock]:
     """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch."""
     clock = ConversionClock()
-    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock) if decode == "gpu" else None
+    augment = None
+    if decode == "gpu":
+        augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock, resample=cfg.data.gpu_resample)
     rng = random.Random(cfg.train.seed)
 
     def convert(batch: dict) -> tuple[torch.Tensor, ...]:
@@ -121,7 +123,7 @@ def augment_in_loop_conversion(
     torch calls, each taking the GIL back from the thread launching the step, cost more than launching the
     augment from that thread."""
     clock = ConversionClock()
-    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock)
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock, resample=cfg.data.gpu_resample)
     rng = random.Random(cfg.train.seed)
 
     def decode(batch: dict) -> tuple[torch.Tensor, ...]:
