@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mlgcn_dist.arguments import positive_int
 from mlgcn_dist.config import ConfigError
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except where there is none to show (None, a flag's False) or
+    the help already says it: "(default: None)" on every optional path would only be noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_config_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -26,8 +38,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_toy(args: argparse.Namespace) -> int:
-    from mlgcn_dist.data.toy import make_toy
+    from mlgcn_dist.data.toy import dataset_folders, make_toy, remove_toy
 
+    # --out may name a real data set (/data/coco): make-toy would overwrite its annotations and put its JPEGs among
+    # the real ones, so it writes over earlier data only when asked.
+    held = dataset_folders(args.out)
+    if held and not args.overwrite:
+        raise FileExistsError(
+            f"--out {args.out} already holds a data set ({', '.join(held)}); pass --overwrite to replace its "
+            f"train2014/, val2014/ and annotations/instances_*2014.json with the toy set"
+        )
+    if args.overwrite:
+        remove_toy(args.out)  # an earlier, larger set's JPEGs would otherwise stay beside this one's
     summary = make_toy(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
     print(f"wrote a synthetic COCO-2014-format dataset to {args.out}: {summary}")
     return 0
@@ -67,16 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlgcn", description="ML-GCN multi-label training, distributed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train (use `accelerate launch launch/train.py` for several processes)")
+    p = sub.add_parser(
+        "train",
+        help="train (use `accelerate launch launch/train.py` for several processes)",
+        formatter_class=DefaultsHelpFormatter,
+    )
     _add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("make-toy", help="write the synthetic dataset in COCO 2014 layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=positive_int, default=400)
-    p.add_argument("--val", type=positive_int, default=200)
-    p.add_argument("--size", type=positive_int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "make-toy", help="write the synthetic dataset in COCO 2014 layout", formatter_class=DefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory to write annotations/, train2014/ and val2014/ into"
+    )
+    p.add_argument("--train", type=positive_int, default=400, help="images in the training split")
+    p.add_argument("--val", type=positive_int, default=200, help="images in the validation split")
+    p.add_argument("--size", type=positive_int, default=96, help="long side of the images, in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes byte-identical files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier data set in --out (its train2014/, val2014/ and instances_*2014.json)",
+    )
     p.set_defaults(func=_cmd_make_toy)
 
     p = sub.add_parser("pack", help="repack COCO 2014 / VOC 2007 into WebDataset shards")
@@ -101,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(p)
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("bench", help="benchmarks: `bench train` (ceiling vs end to end), `bench loader`, `bench decode`")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: `bench train` (ceiling vs end to end), `bench loader`, `bench decode`",
+        formatter_class=DefaultsHelpFormatter,  # add_bench_arguments gives it to each benchmark's parser
+    )
     from mlgcn_dist.bench.cli import add_bench_arguments
 
     add_bench_arguments(p)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from mlgcn_dist.arguments import non_negative_int, positive_int
 from mlgcn_dist.bench.decode import add_decode_arguments, run_decode_bench
@@ -23,8 +28,13 @@ from mlgcn_dist.bench.train import (
     point_config_at_shards,
     select_phases,
 )
-from mlgcn_dist.config import load_config
+from mlgcn_dist.config import Config, DataConfig, load_config
 from mlgcn_dist.data.loader import bench_loader
+
+DEFAULT_LOADER_BATCHES = 20
+# What bench_loader's workers each keep in flight: it builds its loader with DataConfig's default.
+PREFETCH_FACTOR = DataConfig().prefetch_factor
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -33,25 +43,39 @@ def _write_json(path: Path, obj: dict) -> None:
     print(f"wrote {path}")
 
 
+def min_loader_batches(workers: int) -> int:
+    """The fewest ``--batches`` that :func:`bench_loader` can time with ``workers``.
+
+    While its untimed first round loads, every worker goes on to the PREFETCH_FACTOR batches it was asked for, so
+    those can be ready when the clock starts and count as made in no time (2 workers, 2 batches: 8x the steady
+    rate). One whole round made under the clock must follow them. Without workers nothing is made ahead: every
+    batch after the untimed first is made while the clock runs, and one is enough."""
+    return 1 if workers == 0 else (PREFETCH_FACTOR + 1) * workers
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """``mlgcn bench train ...``, ``mlgcn bench loader ...`` and ``mlgcn bench decode ...``."""
+    """``mlgcn bench train ...``, ``mlgcn bench loader ...`` and ``mlgcn bench decode ...``; each benchmark's
+    parser formats its help as ``parser`` does (the ``mlgcn`` command's shows defaults)."""
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    formatter = parser.formatter_class
     p = sub.add_parser(
-        "train", help="training img/s: ceiling, end to end (cpu and gpu decode), ML-GCN reference"
+        "train",
+        help="training img/s: ceiling, end to end (cpu and gpu decode), ML-GCN reference",
+        formatter_class=formatter,
     )
     p.add_argument("--config", help="YAML file in configs/ (default: the built-in defaults)")
     p.add_argument("--steps", type=positive_int, default=50, help="timed steps per phase")
     p.add_argument(
-        "--warmup", type=positive_int, default=10, help="untimed steps before them (the first is reported)"
+        "--warmup", type=positive_int, default=10, help="untimed steps before the timed ones (the first one's time "
+        "is reported)"
     )
     p.add_argument(
-        "--shards", type=Path, help="a pack (meta.json + shards); default: a toy set made in a temp dir"
+        "--shards", type=Path, help="a pack to train on, as `mlgcn pack` writes it (default: a toy set made in a "
+        "temp dir and removed after)"
     )
     p.add_argument("--toy-images", type=positive_int, default=256, help="training images of the toy set")
     p.add_argument(
-        "--toy-size", type=positive_int, default=640, help="long side of the toy images (640: ~180 KB)"
+        "--toy-size", type=positive_int, default=640, help="long side of the toy images in px (~180 KB each at 640)"
     )
     p.add_argument(
         "--json", type=Path, default=Path("runs/bench/train.json"), help="where to write the report"
@@ -60,7 +84,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile-dir",
         type=Path,
         help="after each phase's timed steps, profile --profile-steps more (torch.profiler): a Chrome trace per "
-        "phase here, each step's device busy/idle time in the report",
+        "phase here, each step's device busy/idle time in the report (default: no profiling)",
     )
     p.add_argument("--profile-steps", type=positive_int, default=5, help="steps per profiled phase")
     p.add_argument(
@@ -70,12 +94,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "the ceiling, its repeat and the reference always run",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
-    p = sub.add_parser("loader", help="img/s of the training loader alone, total and per worker")
-    p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--batches", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--image-size", type=positive_int, default=448)
+    p = sub.add_parser(
+        "loader", help="img/s of the training loader alone, total and per worker", formatter_class=formatter
+    )
+    p.add_argument("--shards", type=Path, required=True, help="a pack to read, as `mlgcn pack` writes it")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=min(8, os.cpu_count() or 1),
+        help="loader worker processes; 0: load in this process (default: min(8, CPUs), here %(default)s)",
+    )
+    p.add_argument(
+        "--batches",
+        type=positive_int,
+        help=f"timed batches after an untimed first round, rounded up to whole rounds of the workers; at least "
+        f"{PREFETCH_FACTOR + 1} per worker, 1 with --workers 0 (default: {DEFAULT_LOADER_BATCHES}, or that "
+        f"minimum if more)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
+    p.add_argument("--image-size", type=positive_int, default=448, help="side of the training crops in px")
     p.add_argument(
         "--decode",
         choices=("cpu", "gpu"),
@@ -83,7 +120,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="gpu: the workers only read the JPEG bytes (decoding happens on the device)",
     )
     p.add_argument("--json", type=Path, help="also write the result here")
-    p = sub.add_parser("decode", help="GPU JPEG decode time idle and behind queued device work (CUDA)")
+    p = sub.add_parser(
+        "decode", help="GPU JPEG decode time idle and behind queued device work (CUDA)", formatter_class=formatter
+    )
     add_decode_arguments(p)
 
 
@@ -92,15 +131,67 @@ def phase_names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+class StopSignal(BaseException):
+    """SIGTERM or Ctrl-C during ``bench train``: a BaseException, like KeyboardInterrupt, so no ``except Exception``
+    in a phase takes it for the phase's own failure, and the stack unwinds through the temporary toy set's
+    ``with``, which removes it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`StopSignal` in this process; a second one ends it at once, uncleaned.
+
+    Processes forked meanwhile inherit the handler: there (the packer's pool) a signal ends the process at once,
+    quietly; the main process cleans up. The loader's workers ignore both (loader.py) and are ended with their
+    loader, or at exit (a SIGKILL from loader.py's exit hook), so they never keep the bench alive."""
+    owner = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if os.getpid() != owner:
+            os.kill(os.getpid(), signum)
+        raise StopSignal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    select_phases(end_to_end_phases(cfg, bench_device(cfg)), args.phases)  # a wrong name fails before any work
+    device = bench_device(cfg)
+    end_to_end = select_phases(end_to_end_phases(cfg, device), args.phases)  # a wrong name fails before any work
     if args.profile_dir is not None:  # made now: a path it cannot be would fail only after the first phase
         try:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            print(f"mlgcn bench train: --profile-dir {args.profile_dir}: cannot be a directory ({err})", file=sys.stderr)
+            print(
+                f"mlgcn bench train: --profile-dir {args.profile_dir}: cannot be a directory ({err})", file=sys.stderr
+            )
             return 2
+    print(describe_run(cfg, device, args, list(end_to_end)), flush=True)
+    try:
+        with stop_signals_unwind():
+            report = _bench_train_on_shards(cfg, args)
+    except StopSignal as stop:
+        made = "; its temporary toy set is removed" if args.shards is None else ""
+        print(f"mlgcn bench train: stopped by {signal.Signals(stop.signum).name}{made}", file=sys.stderr)
+        return 128 + stop.signum
+    print(format_report(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:
+    """bench_train on ``--shards``, or on a toy set made in a temporary directory, removed however this ends."""
     with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
         shards = args.shards or make_toy_shards(
             Path(tmp), args.toy_images, args.toy_size, cfg.data.workers, cfg.train.seed
@@ -111,17 +202,43 @@ def _run_train(args: argparse.Namespace) -> int:
         report = bench_train(cfg, args.steps, args.warmup, profiler, args.phases)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
-    print(format_report(report))
-    _write_json(args.json, report)
-    return 0
+    return report
+
+
+def describe_run(cfg: Config, device: torch.device, args: argparse.Namespace, end_to_end: list[str]) -> str:
+    """What ``bench train`` is about to run, in a line, before minutes of work show nothing; on a CPU with an
+    ImageNet-sized backbone (the built-in defaults: ResNet-101 at 448 px), a second line with the quick recipe."""
+    phases = ["ceiling", *end_to_end, "ceiling_repeat", "reference"]
+    profiled = f" + {args.profile_steps} profiled" if args.profile_dir is not None else ""
+    data = args.shards or f"a toy set of {args.toy_images} JPEGs at {args.toy_size} px"
+    line = (
+        f"[bench] on {device.type}: {cfg.model.backbone} + {cfg.model.head} at {cfg.data.image_size} px, batch "
+        f"{cfg.data.batch_size}; phases {', '.join(phases)}; {args.warmup} warm-up + {args.steps} timed"
+        f"{profiled} steps each; data: {data}"
+    )
+    if device.type == "cpu" and not cfg.model.backbone.startswith("cifar_"):  # cifar_*: the small backbones
+        line += (
+            f"\n[bench] hint: {cfg.model.backbone} on a CPU takes many minutes; a quick CPU run: "
+            "mlgcn bench train --config configs/toy.yaml --toy-size 64"
+        )
+    return line
 
 
 def _run_loader(args: argparse.Namespace) -> int:
+    fewest = min_loader_batches(args.workers)
+    if args.batches is not None and args.batches < fewest:
+        print(
+            f"mlgcn bench loader: --batches {args.batches} is too few to time --workers {args.workers}: at least "
+            f"{fewest} (the {fewest - args.workers} batches the workers make ahead during the untimed first "
+            f"round, then one whole round)",
+            file=sys.stderr,
+        )
+        return 2
     result = bench_loader(
         args.shards,
         args.decode,
         workers=args.workers,
-        batches=args.batches,
+        batches=args.batches or max(DEFAULT_LOADER_BATCHES, fewest),
         batch_size=args.batch_size,
         image_size=args.image_size,
     )

@@ -141,10 +141,11 @@ def augment_in_loop_conversion(
     return decode, to_inputs, clock
 
 
-def _decode_on(decode: str, device: torch.device) -> str:
+def _decode_on(decode: str, device: torch.device, resample: str = "grouped") -> str:
     if decode == "cpu":
         return "cpu workers (PIL)"
-    return "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
+    where = "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
+    return where if resample == "grouped" else f"{where}, {resample} resample"
 
 
 def loader_phase(
@@ -182,7 +183,7 @@ def loader_phase(
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
     result["device_prefetch"] = depth
-    result["decode_on"] = _decode_on(decode, step.device)
+    result["decode_on"] = _decode_on(decode, step.device, cfg.data.gpu_resample)
     if augment_in_loop:
         result["decode_on"] += ", augment launched by the loop"
     return result
@@ -213,7 +214,7 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
             images += len(batch_images)
         seconds = synced_clock(device) - start
     return {
-        "decode_on": _decode_on(decode, device),
+        "decode_on": _decode_on(decode, device, cfg.data.gpu_resample),
         "device_prefetch": depth,
         "batches": timed,
         "images": images,

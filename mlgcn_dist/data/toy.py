@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ STRAY_CLASS_P = 0.1  # chance that an object is any class, whatever the scene
 EMPTY_FRACTION = 0.03
 ASPECTS = ((1.0, 1.0), (1.0, 0.75), (0.75, 1.0))  # (width, height) factors of `size`
 ASPECT_P = (0.6, 0.25, 0.15)
+SPLITS = ("train", "val")
 
 
 def _regular(n: int, start: float, inner: float = 1.0) -> list[tuple[float, float]]:
@@ -153,8 +155,33 @@ def _annotation(ann_id: int, image_id: int, category_id: int, polygon: list[floa
     }
 
 
+def _image_dir(out: Path, split: str) -> Path:
+    return out / f"{split}2014"
+
+
+def _annotation_file(out: Path, split: str) -> Path:
+    return out / "annotations" / f"instances_{split}2014.json"
+
+
+def dataset_folders(out: str | Path) -> list[str]:
+    """The folders of a COCO 2014 layout that ``out`` already holds ("annotations/", "train2014/", ...)."""
+    out = Path(out)
+    folders = [out / "annotations", *(_image_dir(out, split) for split in SPLITS)]
+    return [f"{folder.name}/" for folder in folders if folder.exists()]
+
+
+def remove_toy(out: str | Path) -> None:
+    """Remove what :func:`make_toy` writes under ``out`` (each split's image folder and annotation file) and
+    nothing else: another data set's files beside them stay."""
+    out = Path(out)
+    for split in SPLITS:
+        if _image_dir(out, split).exists():
+            shutil.rmtree(_image_dir(out, split))
+        _annotation_file(out, split).unlink(missing_ok=True)
+
+
 def _write_split(out: Path, split: str, image_ids: list[int], first_ann_id: int, painter: _Painter) -> dict:
-    image_dir = out / f"{split}2014"
+    image_dir = _image_dir(out, split)
     image_dir.mkdir(parents=True, exist_ok=True)
     n_empty = max(1, round(EMPTY_FRACTION * len(image_ids))) if image_ids else 0
     empty = set(painter.rng.choice(len(image_ids), size=n_empty, replace=False).tolist()) if n_empty else set()
@@ -174,8 +201,9 @@ def _write_split(out: Path, split: str, image_ids: list[int], first_ann_id: int,
         "annotations": annotations,
         "categories": [{"id": c[0], "name": c[1], "supercategory": c[2]} for c in CATEGORIES],
     }
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    (out / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(document))
+    annotation_file = _annotation_file(out, split)
+    annotation_file.parent.mkdir(parents=True, exist_ok=True)
+    annotation_file.write_text(json.dumps(document))
     return {"images": len(images), "annotations": len(annotations), "empty": n_empty}
 
 
