@@ -44,6 +44,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     keep_empty: bool = False  # keep images without any annotation as all-negative samples
     max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
+    worker_timeout_s: float = 600.0  # a loader worker that yields no batch this long fails the run (0: wait forever)
     steps_per_epoch: int = 0  # 0: dataset size / global batch
 
 
@@ -200,6 +201,7 @@ AT_LEAST: dict[str, int] = {
 # Ranges of real-valued keys, as (description, test): outside them a run trains on something else than asked (a
 # negative decay factor flips the learning rate's sign, t >= 1 leaves the label graph without edges) or fails late.
 IN_RANGE: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "data.worker_timeout_s": (">= 0 (0 waits forever)", lambda v: v >= 0),
     "optim.lr": ("> 0", lambda v: v > 0),
     "optim.lrp": (">= 0 (0 freezes the backbone)", lambda v: v >= 0),
     "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),

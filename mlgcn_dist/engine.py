@@ -46,6 +46,7 @@ from mlgcn_dist.data.loader import (
     build_train_loader,
     dataset_info,
     device_augment_rng,
+    fork_warning,
 )
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
@@ -315,6 +316,8 @@ class Trainer:
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
                         f"[{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
+        if warning := fork_warning(cfg.data.workers):
+            distributed.say(acc, warning)
         self.decode = resolve_decode(cfg, acc.device)
         gpu = self.decode == "gpu"
         self.train_augment = GpuAugment(cfg.data.image_size, True, cfg.data.gpu_resample) if gpu else None

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -580,3 +581,29 @@ def test_a_process_that_fails_with_its_loader_workers_running_exits(toy_root, sh
     )
     failed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "the training step failed" in failed.stderr
+
+
+def _a_worker_that_never_yields(worker_id: int) -> None:
+    time.sleep(60)  # as a worker deadlocked in its own fork (CPython gh-112275) never yields
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_a_loader_worker_that_yields_nothing_within_data_worker_timeout_s_fails_the_epoch_instead_of_hanging_it(
+    fmt, toy_root, shards, monkeypatch
+):
+    """Seen with Python 3.11.7: a worker deadlocked while forking, its trainer waited forever, and under DDP every
+    rank with it."""
+    monkeypatch.setattr(loader_module, "_init_worker", _a_worker_that_never_yields)  # forked workers inherit it
+    loader = build_train_loader(config(fmt, toy_root, shards, workers=1, worker_timeout_s=2), rank=0, world_size=1,
+                                epoch=0, seed=0, decode="cpu")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 2 seconds"):
+        next(iter(loader))
+    assert time.monotonic() - start < 30
+
+
+def test_a_python_that_can_deadlock_a_forked_worker_is_warned_about_only_when_workers_are_forked():
+    assert "Python 3.11.7 can deadlock a data loader worker" in loader_module.fork_warning(4, (3, 11, 7))
+    assert loader_module.fork_warning(4, (3, 10, 14)) is not None
+    assert loader_module.fork_warning(0, (3, 11, 7)) is None  # no workers: nothing is forked
+    assert loader_module.fork_warning(4, (3, 11, 10)) is None and loader_module.fork_warning(4, (3, 12, 3)) is None

@@ -33,6 +33,7 @@ import multiprocessing
 import random
 import re
 import signal
+import sys
 import tarfile
 import time
 import warnings
@@ -257,6 +258,18 @@ def _end_workers_at_exit() -> None:
     atexit.register(end_workers)
 
 
+def fork_warning(workers: int, version: tuple[int, ...] = tuple(sys.version_info[:3])) -> str | None:
+    """A warning when this Python can deadlock a loader worker as it forks it, else None: a child forked while
+    another thread holds the runtime's thread-state lock waits for it forever (CPython gh-112275, fixed in 3.11.10
+    and 3.12; 3.10 and earlier 3.11 releases have it). Seen here with 3.11.7, at an evaluation's first fork."""
+    if workers == 0 or version >= (3, 11, 10):
+        return None
+    python = ".".join(map(str, version))
+    return (f"warning: Python {python} can deadlock a data loader worker as it forks it (CPython gh-112275, fixed "
+            "in 3.11.10 and 3.12): such a run stops with 'DataLoader timed out' after data.worker_timeout_s "
+            "instead of finishing; use a newer Python, or data.workers=0")
+
+
 def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
     kwargs = {
         "num_workers": data_cfg.workers,
@@ -267,6 +280,10 @@ def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> di
     }
     if data_cfg.workers > 0:
         kwargs["prefetch_factor"] = data_cfg.prefetch_factor
+        # A worker that never yields (one forked by CPython 3.10/3.11 before their September 2024 releases can
+        # deadlock in the fork itself, gh-112275, seen here with 3.11.7) would hang the run, and under DDP every
+        # rank with it: the timeout turns that into an error the run can be resumed from.
+        kwargs["timeout"] = data_cfg.worker_timeout_s
         _end_workers_at_exit()  # once per process (cached)
     return kwargs
 
