@@ -280,9 +280,9 @@ def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> di
     }
     if data_cfg.workers > 0:
         kwargs["prefetch_factor"] = data_cfg.prefetch_factor
-        # A worker that never yields (one forked by CPython 3.10/3.11 before their September 2024 releases can
-        # deadlock in the fork itself, gh-112275, seen here with 3.11.7) would hang the run, and under DDP every
-        # rank with it: the timeout turns that into an error the run can be resumed from.
+        # A worker that never yields (one forked by CPython before 3.11.10 can deadlock in the fork itself,
+        # gh-112275, seen here with 3.11.7) would hang its trainer for good (the other ranks until
+        # train.dist_timeout_s): the timeout turns that into an error the run can be resumed from.
         kwargs["timeout"] = data_cfg.worker_timeout_s
         _end_workers_at_exit()  # once per process (cached)
     return kwargs
