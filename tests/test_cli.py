@@ -45,6 +45,16 @@ def test_bad_input_to_a_tool_is_exit_status_2_and_one_line_naming_it(err, monkey
     assert capsys.readouterr().err == f"mlgcn evaluate: {err}\n"
 
 
+def test_a_loader_timeout_in_training_keeps_its_traceback_after_a_line_on_its_likely_causes(monkeypatch, capsys):
+    timed_out = RuntimeError("DataLoader timed out after 600 seconds")
+    monkeypatch.setattr("mlgcn_dist.engine.train", raising(timed_out))
+    with pytest.raises(RuntimeError, match="DataLoader timed out"):
+        main(["train", "--config", TOY_CONFIG])
+    err = capsys.readouterr().err
+    assert "a data loader worker yielded no batch within data.worker_timeout_s" in err
+    assert "CPython before 3.11.10, gh-112275" in err and "train.resume=auto" in err
+
+
 def test_a_runtime_error_from_torch_in_a_tool_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("mlgcn_dist.inference.run_evaluate", raising(RuntimeError("CUDA error: an illegal access")))
     with pytest.raises(RuntimeError, match="CUDA error"):
