@@ -444,3 +444,15 @@ def test_grayscale_jpeg_with_2x2_sampling_decodes_right_on_cuda_after_device_dec
     images, _ = GpuAugment(64, train=False)([fixed], "cuda", random.Random(0))
     cpu = as_float(CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0)))
     assert (images[0].cpu() - cpu).abs().mean() <= 1.5 * ONE_GREY_LEVEL
+
+
+def test_the_matmul_resampler_pads_image_by_image_where_nested_tensors_fail_with_the_same_batch(monkeypatch):
+    images, params = mixed_batch(48)
+    augment = GpuAugment(48, train=True, resample="matmul")
+    nested = augment.apply(images, params, "cpu")
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("to_padded_tensor: not implemented for this device")
+
+    monkeypatch.setattr(torch.nested, "to_padded_tensor", unsupported)
+    assert torch.equal(augment.apply(images, params, "cpu"), nested)

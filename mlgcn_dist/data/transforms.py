@@ -286,11 +286,19 @@ class GpuAugment:
 
 def _pad_to_one_tensor(images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 [3, H_i, W_i] images -> float [N, 3, max H, max W], zero beyond each image, in two torch calls (a
-    nested tensor is copied from the list and padded in C++)."""
-    with warnings.catch_warnings():  # "nested tensors are a prototype": the strided layout is the one that pads
-        warnings.simplefilter("ignore", UserWarning)
-        nested = torch.nested.as_nested_tensor(images, dtype=torch.float32)
-    return torch.nested.to_padded_tensor(nested, 0.0)
+    nested tensor is copied from the list and padded in C++); where the nested tensor cannot (a device or build
+    without its kernels: the prototype API has changed between releases), one copy per image."""
+    try:
+        with warnings.catch_warnings():  # "nested tensors are a prototype": the strided layout is the one that pads
+            warnings.simplefilter("ignore", UserWarning)
+            nested = torch.nested.as_nested_tensor(images, dtype=torch.float32)
+        return torch.nested.to_padded_tensor(nested, 0.0)
+    except (RuntimeError, NotImplementedError):
+        height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+        padded = images[0].new_zeros((len(images), 3, height, width), dtype=torch.float32)
+        for row, image in zip(padded, images):
+            row[:, : image.shape[1], : image.shape[2]] = image
+        return padded
 
 
 def _resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
