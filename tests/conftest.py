@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlgcn_dist.data.toy import make_toy
@@ -172,3 +173,16 @@ def timed_worker_loader(workers: int, batches: int, batch_size: int, seconds: fl
     """A real DataLoader (worker processes, its prefetch queue) over :class:`TimedWorkerBatches`."""
     return DataLoader(TimedWorkerBatches(batches // workers, batch_size, seconds), batch_size=None,
                       num_workers=workers, prefetch_factor=prefetch_factor)
+
+
+class TorchCalls(TorchFunctionMode):
+    """Counts the torch calls made from Python under it: the host-side work of a step, whatever the device (each
+    one a moment when another thread can take the GIL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TorchCalls
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from mlgcn_dist.config import ModelConfig
 from mlgcn_dist.models import (
@@ -213,18 +213,6 @@ def test_the_gcn_computes_the_label_classifiers_once_per_batch_not_once_per_imag
         layer.register_forward_hook(lambda module, args, out: outputs.append(tuple(out.shape)))
     model(torch.randn(8, 3, 32, 32))
     assert outputs == [(NUM_CLASSES, 16), (NUM_CLASSES, model.head.gc2.weight.shape[1])]
-
-
-class TorchCalls(TorchFunctionMode):
-    """Counts the torch calls made from Python under it: the host-side work of a step, whatever the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def torch_calls_of_one_training_step(head: str, num_classes: int, num_groups: int, batch: int) -> int:

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import jpeg, photo
+from conftest import TorchCalls, jpeg, photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from torch.overrides import TorchFunctionMode
 
 from mlgcn_dist.data.transforms import (
     IMAGENET_MEAN,
@@ -217,15 +216,6 @@ def test_the_matmul_resampler_makes_as_many_torch_calls_for_64_images_in_many_cr
     """What a prefetch helper's torch calls cost the thread launching the step is a GIL hand-over each: matmul's
     count is constant, grouped's grows with crop sizes and images."""
 
-    class CountCalls(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
-            return func(*args, **(kwargs or {}))
-
     rng = random.Random(2)  # 64 frames of four photo shapes (COCO's, a quarter the size), ML-GCN's crops
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (160, 120), (107, 160),
                                                                                (94, 125)] * 16]
@@ -233,7 +223,7 @@ def test_the_matmul_resampler_makes_as_many_torch_calls_for_64_images_in_many_cr
     counts = {}
     for resample in RESAMPLERS:
         for n in (2, 64):
-            with CountCalls() as counter:
+            with TorchCalls() as counter:
                 GpuAugment(112, train=True, resample=resample).apply(images[:n], params[:n], "cpu", True)
             counts[resample, n] = counter.calls
     assert counts["matmul", 64] == counts["matmul", 2]
