@@ -15,8 +15,12 @@
 #                       at 64 the compiled step is host-bound; not in the default);
 #   compile_nopin       `compile` with data.pin_memory=false: no pinning thread in the trainer (the JPEG bytes
 #                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
-#   compile_matmul      `compile` with data.gpu_resample=matmul: the GPU augment in a constant few torch calls a
-#                       batch (not in the default);
+#   compile_cppwrap     `compile` with train.compile_cpp_wrapper=true: Inductor launches the compiled kernels from
+#                       C++, without Python or the GIL per launch (run G: the step is host-bound; not in the default);
+#   compile_omp1        `compile` with OMP_NUM_THREADS=1, as torchrun gives each of several processes a node: the
+#                       trainer's CPU ops without 16 intra-op threads (not in the default);
+#   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
+#                       default (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
@@ -101,9 +105,15 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_nopin) toy_ready; step bench_compile_nopin 300 "${bench[@]}" \
             --json "$OUT/bench_compile_nopin.json" --profile-dir "$WORK/profiles/compile_nopin" "${overrides[@]}" \
             train.compile=true data.pin_memory=false ;;
-        compile_matmul) toy_ready; step bench_compile_matmul 300 "${bench[@]}" \
-            --json "$OUT/bench_compile_matmul.json" --profile-dir "$WORK/profiles/compile_matmul" \
-            "${overrides[@]}" train.compile=true data.gpu_resample=matmul ;;
+        compile_cppwrap) toy_ready; step bench_compile_cppwrap 360 "${bench[@]}" \
+            --json "$OUT/bench_compile_cppwrap.json" --profile-dir "$WORK/profiles/compile_cppwrap" \
+            "${overrides[@]}" train.compile=true train.compile_cpp_wrapper=true ;;
+        compile_omp1) toy_ready; step bench_compile_omp1 300 env OMP_NUM_THREADS=1 "${bench[@]}" \
+            --json "$OUT/bench_compile_omp1.json" --profile-dir "$WORK/profiles/compile_omp1" \
+            "${overrides[@]}" train.compile=true ;;
+        compile_foreach) toy_ready; step bench_compile_foreach 300 "${bench[@]}" \
+            --json "$OUT/bench_compile_foreach.json" --profile-dir "$WORK/profiles/compile_foreach" \
+            "${overrides[@]}" train.compile=true optim.implementation=foreach ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
@@ -113,7 +123,8 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_compile_nopin bench_compile_matmul bench_compile_b96 \
+for name in bench_eager bench_compile bench_compile_nopin bench_compile_cppwrap bench_compile_omp1 \
+    bench_compile_foreach bench_compile_b96 \
     bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done

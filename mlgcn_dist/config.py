@@ -40,7 +40,6 @@ class DataConfig:
     pin_memory: bool = True
     decode: str = "auto"  # auto | cpu | gpu: where JPEGs are decoded and augmented
     device_prefetch: int = 2  # batches moved/decoded onto the device ahead, on a helper thread (0: inline)
-    gpu_resample: str = "grouped"  # grouped | matmul: how GPU decode's crops are resized (README: Performance)
     shuffle_buffer: int = 1000
     keep_empty: bool = False  # keep images without any annotation as all-negative samples
     max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
@@ -82,6 +81,10 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     clip_grad: float = 10.0  # max gradient norm; 0 disables
+    # SGD's kernels: fused (a kernel per group and dtype; the foreach step took 3.4-4.1 ms of host time a step of a
+    # host-bound compiled step on an H100, README Performance), foreach (torch's own default) or auto (fused on
+    # CUDA without DeepSpeed, whose ZeRO steps its flat partitions).
+    implementation: str = "auto"
     loss: str = "mlsm"  # mlsm (MultiLabelSoftMarginLoss) | asl (Asymmetric Loss)
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
@@ -102,6 +105,10 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
     # host: +2% at the ceiling on one H100, but GPU decode then waits a step per batch (README Performance).
     compile_mode: str = "default"
+    # Inductor's C++ wrapper: the compiled graphs launch their kernels from generated C++ instead of Python, so a
+    # step takes less host time and holds no GIL per launch (the GIL the GPU data path's helper thread shares).
+    # The first compile also builds the wrapper with the host's C++ compiler. Not yet measured on a GPU.
+    compile_cpp_wrapper: bool = False
     # Training steps on a non-default CUDA stream, which no library call on the legacy default stream waits for
     # (mlgcn_dist/streams.py; off until bench train measures a gain).
     side_stream: bool = False
@@ -159,12 +166,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
     "data.decode": ("auto", "cpu", "gpu"),
-    "data.gpu_resample": ("grouped", "matmul"),
     "graph.variant": ("original", "paper"),
     "model.head": ("gcn", "hgat", "hgat_fc", "linear"),
     "optim.lr_scaling": ("fixed", "linear"),
     "optim.schedule": ("step", "cosine"),
     "optim.loss": ("mlsm", "asl"),
+    "optim.implementation": ("auto", "fused", "foreach"),
     "train.device": ("auto", "cpu"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

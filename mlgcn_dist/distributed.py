@@ -208,7 +208,21 @@ def _refuse_accelerate_fields_beside_a_deepspeed_json() -> None:
 def _compile_kwargs(cfg: Config) -> dict:
     if not cfg.train.compile:
         return {"dynamo_backend": "no"}
-    return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode)}
+    return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor",
+                                               **compile_kwargs(cfg.train.compile_mode, cfg.train.compile_cpp_wrapper))}
+
+
+def compile_kwargs(mode: str, cpp_wrapper: bool = False) -> dict:
+    """``torch.compile``'s keyword arguments for ``train.compile_mode`` and ``train.compile_cpp_wrapper``.
+
+    torch.compile takes a mode or Inductor options, not both: with the C++ wrapper the mode is spelled out as the
+    options it stands for (reduce-overhead: ``triton.cudagraphs``), plus ``cpp_wrapper``.
+    """
+    if not cpp_wrapper:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options  # Inductor's own table of what each mode sets
+
+    return {"options": {**list_mode_options(mode), "cpp_wrapper": True}}
 
 
 def uses_cuda_graphs(compiled: bool, compile_mode: str) -> bool:

@@ -282,7 +282,7 @@ class Trainer:
         # Every optimiser step sees exactly grad_accum micro-batches; a remainder would leak into the next epoch.
         self.micro_batches = self.steps_per_epoch * cfg.train.grad_accum
         lr = scaled_lr(cfg.optim, self.topo.global_batch)
-        optimizer = build_optimizer(model, cfg.optim, lr)
+        optimizer = build_optimizer(model, cfg.optim, lr, deepspeed=distributed.is_deepspeed(acc))
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.input_dtype = distributed.input_dtype(self.model)
@@ -320,8 +320,8 @@ class Trainer:
             distributed.say(acc, warning)
         self.decode = resolve_decode(cfg, acc.device)
         gpu = self.decode == "gpu"
-        self.train_augment = GpuAugment(cfg.data.image_size, True, cfg.data.gpu_resample) if gpu else None
-        self.eval_augment = GpuAugment(cfg.data.image_size, False, cfg.data.gpu_resample) if gpu else None
+        self.train_augment = GpuAugment(cfg.data.image_size, train=True) if gpu else None
+        self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if gpu else None
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0  # this rank's, this session's

@@ -249,7 +249,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model.head.adj.copy_(gen_adj(torch.as_tensor(payload["A"]).float()))
     model = model.to(accelerator.device)
     decode = resolve_decode(cfg, accelerator.device)
-    augment = GpuAugment(cfg.data.image_size, False, cfg.data.gpu_resample) if decode == "gpu" else None
+    augment = GpuAugment(cfg.data.image_size, train=False) if decode == "gpu" else None
     results, merged = evaluate(model, cfg, accelerator, decode, augment)
     if accelerator.is_main_process:
         print(f"evaluated {source}")

@@ -425,6 +425,7 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
         "tf32": False,
         "cudnn_benchmark": True,
         "compile_mode": "default",
+        "compile_cpp_wrapper": False,
     }
     assert reference["decode_on"] == "cpu workers (PIL)"
     assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's auto, on the CPU
@@ -705,6 +706,16 @@ def test_the_report_table_shows_each_phases_numbers_in_their_columns():
                          "decode 7.0 ms, augment 1.5 ms")
 
 
+def test_the_reports_first_line_names_the_cpp_wrapper_beside_the_compile_mode():
+    setting = {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "default",
+               "compile_cpp_wrapper": True}
+    first = format_report(_bench_report(ceiling=_phase_row(setting=setting))).splitlines()[0]
+    assert "bf16, channels_last, compile (C++ wrapper); " in first
+    setting["compile_mode"] = "reduce-overhead"
+    first = format_report(_bench_report(ceiling=_phase_row(setting=setting))).splitlines()[0]
+    assert "compile (reduce-overhead, C++ wrapper); " in first
+
+
 def test_the_report_names_the_phases_that_diverged_and_their_largest_gradient_norms():
     report = _bench_report(e2e_decode_gpu=_phase_row(first_nonfinite_step=7, max_grad_norm=12.5,
                                                      nonfinite_grad_norms=3))
@@ -731,6 +742,24 @@ def test_the_profiled_device_timeline_and_launch_threads_host_time_are_shown_per
     assert lines[3].split()[-4:] == ["CUDA)", "12.2", "in", "loop"]  # the backward ran in the loop's thread
     assert lines[4].split()[-2:] == ["n/a", "n/a"]  # a trace without host ops
     assert len(lines) == 5  # a phase not profiled has no row
+
+
+def test_each_profiled_phases_host_time_is_broken_down_by_outermost_span_with_each_threads_launches():
+    ops = {"loop": [["Torch-Compiled Region: 0/0", 22.5, 1.0], ["Optimizer.step#SGD.step", 3.62, 1.0]],
+           "backward": [["autograd::engine::evaluate_function: CompiledFunctionBackward", 27.3, 1.0],
+                        ["autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 1.9, 314.0]],
+           "launches": {"loop": 783.0, "backward": 870.0, "others": 114.0}}
+    on_cpu = {"loop": [["aten::conv2d", 4.0, 2.0]], "backward": None,
+              "launches": {"loop": 0.0, "backward": None, "others": 0.0}}
+    profile = {"trace": None, "steps": 5, "device": None, "host": None}
+    lines = profile_lines({"ceiling": {"profile": {**profile, "host_ops": ops}},
+                           "reference": {"profile": {**profile, "host_ops": on_cpu}},
+                           "ceiling_repeat": {"profile": profile}})  # a report written before the breakdown
+    assert lines[-3] == "host ms a step by outermost span (calls a step where more than one), and kernel launches a step:"
+    assert lines[-2] == ("  ceiling: loop: Torch-Compiled Region: 0/0 22.5, Optimizer.step#SGD.step 3.6; backward: "
+                         "CompiledFunctionBackward 27.3, torch::autograd::AccumulateGrad 1.9 (x314); launches: loop 783, "
+                         "backward 870, other threads 114")
+    assert lines[-1] == "  reference: loop: aten::conv2d 4.0 (x2); launches: loop 0, other threads 0"
 
 
 def test_on_cpu_a_phases_peak_memory_is_the_processs_peak_resident_set_in_bytes():
@@ -970,11 +999,3 @@ def test_bench_train_stopped_by_a_signal_removes_its_toy_set_and_exits_128_plus_
     assert "Traceback" not in err
     assert not list(tmp_path.glob("mlgcn-bench-*"))
 
-
-def test_a_gpu_phase_names_the_resampler_when_it_is_not_the_default():
-    from mlgcn_dist.bench.phases import _decode_on
-
-    cpu = torch.device("cpu")
-    assert _decode_on("gpu", cpu) == "torchvision on cpu (no CUDA)"
-    assert _decode_on("gpu", torch.device("cuda"), "matmul") == "cuda (nvJPEG), matmul resample"
-    assert _decode_on("cpu", cpu, "matmul") == "cpu workers (PIL)"

@@ -40,8 +40,7 @@ def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queue
         },
         "nvimgcodec_vs_torchvision": 3.8,
         "augment": {"size": 448, "crop_sizes": 19, "antialiased_crop_sizes": 5,
-                    "apply": {"device_ms": 1.5, "host_ms": 3.1}, "always_antialiased": {"device_ms": 2.0, "host_ms": 3.0},
-                    "matmul": {"device_ms": 2.25, "host_ms": 0.5}},
+                    "apply": {"device_ms": 1.5, "host_ms": 3.1}, "always_antialiased": {"device_ms": 2.0, "host_ms": 3.0}},
     }
     text = format_decode_report(report)
     assert "64 JPEGs" in text and "99 ms" in text
@@ -52,7 +51,6 @@ def test_the_decode_report_has_a_row_per_decoder_and_case_with_whether_the_queue
     assert "3.80 grey levels" in text
     augment = next(line for line in text.splitlines() if line.startswith("GpuAugment.apply"))
     assert "448 px (19 crop sizes, 5 antialiased): device 1.50 ms" in augment and "device time ratio 0.75" in augment
-    assert "the same with data.gpu_resample=matmul: device 2.25 ms, host 0.50 ms" in text
 
 
 def test_the_decode_report_without_nvimagecodec_or_the_augment_has_only_the_decode_rows():

@@ -1,10 +1,19 @@
 """Optimiser groups and LR schedule: ML-GCN's lr x lrp for the backbone, decay at epoch_step, warmup."""
 
 import pytest
+import torch
 from torch import nn
 
-from mlgcn_dist.config import OptimConfig
-from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, lr_factor, param_groups, scaled_lr
+from mlgcn_dist.config import ConfigError, OptimConfig, load_config
+from mlgcn_dist.optim import (
+    build_optimizer,
+    build_scheduler,
+    fused_sgd,
+    group_lrs,
+    lr_factor,
+    param_groups,
+    scaled_lr,
+)
 
 
 class TwoPart(nn.Module):
@@ -95,3 +104,40 @@ def test_cosine_reaches_zero_at_the_last_epoch_and_stays_there_for_any_step_afte
     assert lr_factor(10, cfg, 10, 5) == pytest.approx(1.0)
     assert lr_factor(30, cfg, 10, 5) == pytest.approx(0.5)  # half way through the 40 steps after warmup
     assert [lr_factor(step, cfg, 10, 5) for step in (50, 55, 70, 90)] == pytest.approx([0.0] * 4, abs=1e-12)
+
+
+def test_fused_sgd_takes_the_foreach_steps_with_per_group_lrs_momentum_and_weight_decay():
+    """The fused implementation (auto's pick on CUDA) is the same SGD: ML-GCN's two learning rates, momentum and
+    weight decay give the same parameters after a few steps as torch's foreach one."""
+    torch.manual_seed(0)
+    models = {name: TwoPart() for name in ("fused", "foreach")}
+    models["foreach"].load_state_dict(models["fused"].state_dict())
+    grads = [[torch.randn_like(p) for p in models["fused"].parameters()] for _ in range(4)]
+    for name, model in models.items():
+        cfg = OptimConfig(lr=0.1, lrp=0.1, momentum=0.9, weight_decay=1e-4, implementation=name)
+        opt = build_optimizer(model, cfg, cfg.lr)
+        assert opt.defaults["fused"] is (True if name == "fused" else None)
+        for step in grads:
+            for p, g in zip(model.parameters(), step):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(models["fused"].parameters(), models["foreach"].parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("implementation", "device", "deepspeed", "fused"), [
+    ("auto", "cuda", False, True),
+    ("auto", "cuda", True, False),  # DeepSpeed steps its own flat partitions
+    ("auto", "cpu", False, False),
+    ("auto", "mps", False, False),
+    ("fused", "cpu", False, True),
+    ("foreach", "cuda", False, False),
+])
+def test_auto_picks_fused_sgd_on_cuda_without_deepspeed_and_an_explicit_choice_wins(implementation, device,
+                                                                                    deepspeed, fused):
+    assert fused_sgd(implementation, device, deepspeed) is fused
+
+
+def test_an_unknown_optimizer_implementation_is_one_error_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"optim\.implementation.*auto.*fused.*foreach"):
+        load_config(None, ["optim.implementation=apex"])

@@ -12,6 +12,7 @@ from mlgcn_dist.bench.profiling import (
     ProfileRequest,
     StepProfiler,
     device_timeline,
+    host_breakdown,
     host_timeline,
     profile_steps,
     union_ms,
@@ -100,3 +101,28 @@ def test_a_backward_run_by_the_loops_own_thread_counts_for_the_loop_and_no_trace
                              _op(4, "aten::copy_", 0, 3)]}
     assert host_timeline(trace, steps=1) == {"loop_thread_ms": 25.0, "backward_thread_ms": None}
     assert host_timeline({"traceEvents": [_op(1, "k", 0, 1, cat="kernel")]}, steps=1) is None
+
+
+def test_host_breakdown_ranks_each_launch_threads_outermost_spans_and_counts_every_threads_launches():
+    # Two steps. The loop's thread: a compiled forward with an op nested in it (counted in the forward alone), the
+    # optimizer's annotation around its op, two clipping ops; autograd's thread: the compiled backward and two
+    # gradient accumulations a step; a helper: launches only.
+    trace = {"traceEvents": [
+        _op(1, "Torch-Compiled Region: 0/0", 0, 20), _op(1, "aten::mm", 5, 10),
+        _op(1, "cuLaunchKernel", 6, 6.1, cat="cuda_driver"), _op(1, "cudaLaunchKernel", 21, 21.1, cat="cuda_runtime"),
+        _op(1, "Optimizer.step#SGD.step", 30, 34, cat="user_annotation"), _op(1, "aten::_foreach_add", 31, 33),
+        _op(1, "aten::_foreach_norm", 35, 36), _op(1, "aten::_foreach_norm", 37, 38),
+        _op(2, "autograd::engine::evaluate_function: CompiledFunctionBackward", 20, 28),
+        _op(2, "autograd::engine::evaluate_function: AccumulateGrad", 28, 28.5),
+        _op(2, "autograd::engine::evaluate_function: AccumulateGrad", 28.5, 29),
+        _op(2, "cuLaunchKernel", 21, 21.1, cat="cuda_driver"),
+        _op(3, "cudaLaunchKernel", 22, 22.1, cat="cuda_runtime"), _op(3, "cudaEventRecord", 23, 23.1, cat="cuda_runtime"),
+        _op(7, "Optimizer.step#SGD.step", 31, 35, cat="gpu_user_annotation"),  # the device's copy
+    ]}
+    breakdown = host_breakdown(trace, steps=2, top=3)
+    assert breakdown["loop"] == [["Torch-Compiled Region: 0/0", 10.0, 0.5], ["Optimizer.step#SGD.step", 2.0, 0.5],
+                                 ["aten::_foreach_norm", 1.0, 1.0]]  # exact: whole microseconds
+    assert breakdown["backward"] == [["autograd::engine::evaluate_function: CompiledFunctionBackward", 4.0, 0.5],
+                                     ["autograd::engine::evaluate_function: AccumulateGrad", 0.5, 1.0]]
+    assert breakdown["launches"] == {"loop": 1.0, "backward": 0.5, "others": 0.5}
+    assert host_breakdown({"traceEvents": [_op(1, "k", 0, 1, cat="kernel")]}, steps=1) is None

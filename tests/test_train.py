@@ -21,6 +21,7 @@ from mlgcn_dist.checkpoint import PreemptionHandler, RunLock, complete_checkpoin
 from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.distributed import (
     build_accelerator,
+    compile_kwargs,
     concrete_precision,
     resolve_precision,
     training_device,
@@ -328,6 +329,38 @@ def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path
     assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
     assert accelerator.state.dynamo_plugin.mode == mode
     assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_cpp_wrapper_reaches_accelerates_dynamo_plugin_as_inductor_options_holding_the_modes_own(
+        mode, toy_root, tmp_path):
+    """torch.compile takes a mode or options, not both: the mode's options (CUDA graphs for reduce-overhead) must
+    survive next to ``cpp_wrapper``, and the step still marks its CUDA graphs."""
+    cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}",
+                                       "train.compile_cpp_wrapper=true"), "cpu")
+    kwargs = build_accelerator(cfg).state.dynamo_plugin.to_kwargs()
+    assert kwargs["options"] == {"cpp_wrapper": True, **({"triton.cudagraphs": True} if mode != "default" else {})}
+    assert "mode" not in kwargs
+    assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
+
+
+@pytest.mark.slow
+def test_a_model_compiled_with_the_cpp_wrapper_trains_to_the_eager_gradients_on_the_cpu():
+    """The option is Inductor's, on every device: here its C++ wrapper around CPU kernels (on CUDA, around Triton
+    launches) gives the eager model's loss and gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    images = torch.randn(4, 3, 16, 16)
+    expected = model(images).square().mean()
+    expected.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, **compile_kwargs("default", cpp_wrapper=True))
+    loss = compiled(images).square().mean()
+    loss.backward()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
 
 
 @pytest.mark.parametrize("native_bf16,expected", [(True, "bf16"), (False, "fp16")])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TorchCalls, jpeg, photo
+from conftest import jpeg, photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -18,7 +18,6 @@ from PIL import Image
 from mlgcn_dist.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RESAMPLERS,
     SCALES,
     CpuTransform,
     CropParams,
@@ -186,53 +185,27 @@ def mixed_batch(size: int, seed: int = 5) -> tuple[list[torch.Tensor], list[Crop
 FLOAT_ROUNDING = 0.01 * ONE_GREY_LEVEL
 
 
-@pytest.mark.parametrize("resample", RESAMPLERS)
-def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone(resample):
-    """grouped: same-size crops are resized together (antialiased only where a side shrinks) and mirrored by one
-    slice; matmul: every image by two batched products over the padded frames. Either way the batch comes back in
-    input order with each image's pixels."""
+def test_batched_apply_equals_cropping_resizing_and_flipping_each_image_alone():
+    """Same-size crops are resized together (antialiased only where a side shrinks) and mirrored by one slice; the
+    batch comes back in input order with each image's pixels."""
     images, params = mixed_batch(64)
     sides = {(p.w > 64, p.h > 64) for p in params}
     assert {(False, False), (True, True), (True, False)} <= sides  # enlarged, shrunk and mixed crops
     assert len({(p.w, p.h) for p in params}) < len(params)  # the case that groups
-    assert len({tuple(im.shape) for im in images}) > 1  # frames of several sizes: the case that pads
-    batch = GpuAugment(64, train=True, resample=resample).apply(images, params, "cpu")
+    assert len({tuple(im.shape) for im in images}) > 1  # frames of several sizes
+    batch = GpuAugment(64, train=True).apply(images, params, "cpu")
     assert (batch - one_at_a_time(images, params, 64)).abs().max() <= FLOAT_ROUNDING
 
 
-@pytest.mark.parametrize("resample", RESAMPLERS)
-def test_batched_apply_writes_channels_last_when_asked_with_the_same_values(resample):
+def test_batched_apply_writes_channels_last_when_asked_with_the_same_values():
     images, params = mixed_batch(48)
-    augment = GpuAugment(48, train=True, resample=resample)
+    augment = GpuAugment(48, train=True)
     plain = augment.apply(images, params, "cpu")
     packed = augment.apply(images, params, "cpu", channels_last=True)
     assert plain.is_contiguous() and packed.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, packed)
     empty = augment.apply([], [], "cpu", channels_last=True)
     assert empty.shape == (0, 3, 48, 48)
-
-
-def test_the_matmul_resampler_makes_as_many_torch_calls_for_64_images_in_many_crop_sizes_as_for_2():
-    """What a prefetch helper's torch calls cost the thread launching the step is a GIL hand-over each: matmul's
-    count is constant, grouped's grows with crop sizes and images."""
-
-    rng = random.Random(2)  # 64 frames of four photo shapes (COCO's, a quarter the size), ML-GCN's crops
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(120, 160), (160, 120), (107, 160),
-                                                                               (94, 125)] * 16]
-    params = [sample_crop(im.shape[2], im.shape[1], 112, rng) for im in images]
-    counts = {}
-    for resample in RESAMPLERS:
-        for n in (2, 64):
-            with TorchCalls() as counter:
-                GpuAugment(112, train=True, resample=resample).apply(images[:n], params[:n], "cpu", True)
-            counts[resample, n] = counter.calls
-    assert counts["matmul", 64] == counts["matmul", 2]
-    assert counts["grouped", 64] > 3 * counts["matmul", 64] and counts["grouped", 64] > 3 * counts["grouped", 2]
-
-
-def test_an_unknown_resampler_is_refused_naming_those_there_are():
-    with pytest.raises(ValueError, match=r"resample must be one of \('grouped', 'matmul'\), got 'bicubic'"):
-        GpuAugment(64, train=True, resample="bicubic")
 
 
 def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
@@ -366,15 +339,11 @@ def test_normalise_on_cuda_matches_the_cpu_arithmetic():
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("resample", RESAMPLERS)
-def test_batched_apply_on_cuda_gives_the_cpu_batch_in_the_requested_memory_format(resample, channels_last,
-                                                                                  monkeypatch):
+def test_batched_apply_on_cuda_gives_the_cpu_batch_in_the_requested_memory_format(channels_last):
     """The same decoded pixels and crops: CUDA's resize kernels, the strided ``index_select`` output and the
-    mixed-dtype ``addcmul`` (grouped), the nested tensor's padding and the batched products (matmul; TF32 off)
-    must give the CPU's batch to float rounding."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    mixed-dtype ``addcmul`` must give the CPU's batch to float rounding."""
     images, params = mixed_batch(64)
-    augment = GpuAugment(64, train=True, resample=resample)
+    augment = GpuAugment(64, train=True)
     on_cuda = augment.apply([im.cuda() for im in images], params, "cuda", channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert on_cuda.is_contiguous(memory_format=fmt)
@@ -434,15 +403,3 @@ def test_grayscale_jpeg_with_2x2_sampling_decodes_right_on_cuda_after_device_dec
     images, _ = GpuAugment(64, train=False)([fixed], "cuda", random.Random(0))
     cpu = as_float(CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0)))
     assert (images[0].cpu() - cpu).abs().mean() <= 1.5 * ONE_GREY_LEVEL
-
-
-def test_the_matmul_resampler_pads_image_by_image_where_nested_tensors_fail_with_the_same_batch(monkeypatch):
-    images, params = mixed_batch(48)
-    augment = GpuAugment(48, train=True, resample="matmul")
-    nested = augment.apply(images, params, "cpu")
-
-    def unsupported(*args, **kwargs):
-        raise NotImplementedError("to_padded_tensor: not implemented for this device")
-
-    monkeypatch.setattr(torch.nested, "to_padded_tensor", unsupported)
-    assert torch.equal(augment.apply(images, params, "cpu"), nested)

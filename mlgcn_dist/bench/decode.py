@@ -206,20 +206,18 @@ class AlwaysAntialiased(GpuAugment):
 
 def time_augment(device: torch.device, jpegs: list[torch.Tensor], size: int, repeats: int) -> dict:
     """``GpuAugment.apply`` (training crops, channels_last) on ``jpegs`` decoded, on the otherwise idle device,
-    the same with every crop antialiased, and with ``resample="matmul"``: median device ms and host ms a call, and
-    the batch's crop sizes.
+    and the same with every crop antialiased: median device ms and host ms a call, and the batch's crop sizes.
 
     Device time is read between two events recorded around the call behind a 50 ms spin, so every kernel is
     queued before the first runs: the events then bracket the kernels alone, not the host's launch gaps.
     """
     shipped, before = GpuAugment(size, train=True), AlwaysAntialiased(size, train=True)
-    matmul = GpuAugment(size, train=True, resample="matmul")
     images, _ = shipped.decode(jpegs, device)
     params = shipped.crops(images, random.Random(0))
     sizes = {(p.h, p.w) for p in params}
     result: dict = {"size": size, "crop_sizes": len(sizes),
                     "antialiased_crop_sizes": sum(shipped.antialiases(h, w) for h, w in sizes)}
-    for name, augment in (("apply", shipped), ("always_antialiased", before), ("matmul", matmul)):
+    for name, augment in (("apply", shipped), ("always_antialiased", before)):
         for _ in range(3):  # constants, pinned buffers, lazily loaded kernels
             augment.apply(images, params, device, channels_last=True)
         device_ms, host_ms = [], []
@@ -257,9 +255,6 @@ def format_decode_report(report: dict) -> str:
             f"{aug['always_antialiased']['host_ms']:.2f} ms; device time ratio "
             f"{aug['apply']['device_ms'] / aug['always_antialiased']['device_ms']:.2f}"
         )
-        if "matmul" in aug:  # data.gpu_resample=matmul: constant torch calls, more device work
-            lines.append(f"the same with data.gpu_resample=matmul: device {aug['matmul']['device_ms']:.2f} ms, host "
-                         f"{aug['matmul']['host_ms']:.2f} ms")
     if "nvimgcodec_vs_torchvision" in report:
         lines.append(f"nvImageCodec vs torchvision pixels: largest mean |difference| per image "
                      f"{report['nvimgcodec_vs_torchvision']:.2f} grey levels")

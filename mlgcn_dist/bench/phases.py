@@ -82,8 +82,8 @@ class ConversionClock:
 class TimedGpuAugment(GpuAugment):
     """GpuAugment whose decode and apply calls are timed by ``clock``; what they compute is unchanged."""
 
-    def __init__(self, size: int, train: bool, clock: ConversionClock, resample: str = "grouped") -> None:
-        super().__init__(size, train, resample)
+    def __init__(self, size: int, train: bool, clock: ConversionClock) -> None:
+        super().__init__(size, train)
         self.clock = clock
 
     def decode(self, jpegs: list[torch.Tensor], device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
@@ -101,9 +101,7 @@ def timed_conversion(
 ) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock]:
     """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch."""
     clock = ConversionClock()
-    augment = None
-    if decode == "gpu":
-        augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock, resample=cfg.data.gpu_resample)
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock) if decode == "gpu" else None
     rng = random.Random(cfg.train.seed)
 
     def convert(batch: dict) -> tuple[torch.Tensor, ...]:
@@ -123,7 +121,7 @@ def augment_in_loop_conversion(
     torch calls, each taking the GIL back from the thread launching the step, cost more than launching the
     augment from that thread."""
     clock = ConversionClock()
-    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock, resample=cfg.data.gpu_resample)
+    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock)
     rng = random.Random(cfg.train.seed)
 
     def decode(batch: dict) -> tuple[torch.Tensor, ...]:
@@ -141,11 +139,10 @@ def augment_in_loop_conversion(
     return decode, to_inputs, clock
 
 
-def _decode_on(decode: str, device: torch.device, resample: str = "grouped") -> str:
+def _decode_on(decode: str, device: torch.device) -> str:
     if decode == "cpu":
         return "cpu workers (PIL)"
-    where = "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
-    return where if resample == "grouped" else f"{where}, {resample} resample"
+    return "cuda (nvJPEG)" if device.type == "cuda" else "torchvision on cpu (no CUDA)"
 
 
 def loader_phase(
@@ -183,7 +180,7 @@ def loader_phase(
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
     result["device_prefetch"] = depth
-    result["decode_on"] = _decode_on(decode, step.device, cfg.data.gpu_resample)
+    result["decode_on"] = _decode_on(decode, step.device)
     if augment_in_loop:
         result["decode_on"] += ", augment launched by the loop"
     return result
@@ -214,7 +211,7 @@ def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int
             images += len(batch_images)
         seconds = synced_clock(device) - start
     return {
-        "decode_on": _decode_on(decode, device, cfg.data.gpu_resample),
+        "decode_on": _decode_on(decode, device),
         "device_prefetch": depth,
         "batches": timed,
         "images": images,

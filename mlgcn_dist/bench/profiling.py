@@ -15,7 +15,8 @@ chrome://tracing) and :func:`device_timeline` sums the device activity per step:
 counted once), idle, the training stream's share (the stream with the most activity) and the other streams'.
 :func:`host_timeline` sums the host side of the same steps: the time the threads that launch a step's kernels
 spent inside PyTorch ops (the loop's thread: forward and optimizer; autograd's device thread: backward). A launch
-thread held up by another one for the GIL shows there as ops that take longer than in the ceiling's profile.
+thread held up by another one for the GIL shows there as ops that take longer than in the ceiling's profile;
+:func:`host_breakdown` says which of them (the outermost spans by time) and counts each thread's kernel launches.
 CUPTI's tracing adds host time to every launch, so compare phases profiled alike, not a profiled step with an
 unprofiled one.
 """
@@ -105,6 +106,68 @@ def host_timeline(trace: dict, steps: int) -> dict | None:
     (autograd runs a CUDA backward on a device thread of its own; on the CPU, in the caller's: None). Under
     torch.compile the compiled regions' spans include their Python wrappers, so a wrapper that waits for the GIL
     shows as a longer span. None when the trace holds no ops."""
+    threads = _launch_threads(trace)
+    if threads is None:
+        return None
+    ops, loop, backward = threads
+    return {
+        "loop_thread_ms": union_ms(ops[loop]) / steps,
+        "backward_thread_ms": None if backward is None else union_ms(ops[backward]) / steps,
+    }
+
+
+def host_breakdown(trace: dict, steps: int, top: int = 4) -> dict | None:
+    """Where the launch threads' host time goes, per step: for the loop's thread and the backward's, the ``top``
+    outermost spans (ops and annotations such as ``Optimizer.step``) by time, as ``[name, ms, calls]``; and the
+    kernel launches (CUDA runtime and driver calls) of the loop's thread, the backward's and every other thread
+    together (the prefetch helper's). Which part of a host-bound step to shorten, and whether a phase slowed one
+    part or all of them. None when the trace holds no ops."""
+    threads = _launch_threads(trace)
+    if threads is None:
+        return None
+    _, loop, backward = threads
+    spans: dict[object, list[dict]] = {}
+    launches: dict[object, int] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") != "X":
+            continue
+        category, tid = event.get("cat"), event.get("tid")
+        if category in ("cpu_op", "user_annotation"):
+            spans.setdefault(tid, []).append(event)
+        elif category in ("cuda_runtime", "cuda_driver") and "Launch" in str(event.get("name", "")):
+            launches[tid] = launches.get(tid, 0) + 1
+    others = sum(n for tid, n in launches.items() if tid not in (loop, backward))
+    return {
+        "loop": _outermost(spans.get(loop, []), steps, top),
+        "backward": None if backward is None else _outermost(spans.get(backward, []), steps, top),
+        "launches": {"loop": launches.get(loop, 0) / steps,
+                     "backward": None if backward is None else launches.get(backward, 0) / steps,
+                     "others": others / steps},
+    }
+
+
+def _outermost(events: list[dict], steps: int, top: int) -> list[list]:
+    """The spans not inside another one, summed by name: the ``top`` longest as ``[name, ms a step, calls a
+    step]``."""
+    total: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    reached = float("-inf")
+    for event in sorted(events, key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0)))):
+        start = float(event["ts"])
+        if start < reached:
+            continue  # nested in the span before
+        reached = start + float(event.get("dur", 0.0))
+        name = str(event.get("name", ""))
+        total[name] = total.get(name, 0.0) + float(event.get("dur", 0.0))
+        calls[name] = calls.get(name, 0) + 1
+    ranked = sorted(total, key=total.__getitem__, reverse=True)[:top]
+    return [[name, total[name] / 1000 / steps, calls[name] / steps] for name in ranked]
+
+
+def _launch_threads(trace: dict) -> tuple[dict[object, list[tuple[float, float]]], object, object] | None:
+    """The ops' intervals per thread, the loop's thread (the one that steps the optimizer, else the one with the
+    most time inside ops) and autograd's backward thread where it is another one (else None); None when the
+    trace holds no ops."""
     ops: dict[object, list[tuple[float, float]]] = {}
     backward_nodes: dict[object, int] = {}  # autograd nodes run per thread (a few may run on the loop's)
     loop = None
@@ -125,10 +188,7 @@ def host_timeline(trace: dict, steps: int) -> dict | None:
         loop = max(ops, key=lambda tid: union_ms(ops[tid]))
     backward_nodes.pop(loop, None)
     backward = max(backward_nodes, key=backward_nodes.__getitem__, default=None)
-    return {
-        "loop_thread_ms": union_ms(ops[loop]) / steps,
-        "backward_thread_ms": None if backward is None else union_ms(ops[backward]) / steps,
-    }
+    return ops, loop, backward
 
 
 def profile_steps(run: Callable[[], object], request: ProfileRequest, device: torch.device) -> dict:
@@ -151,4 +211,4 @@ def profile_steps(run: Callable[[], object], request: ProfileRequest, device: to
     request.trace.write_bytes(gzip.compress(text))
     trace = json.loads(text)
     return {"trace": str(request.trace), "steps": request.steps, "device": device_timeline(trace, request.steps),
-            "host": host_timeline(trace, request.steps)}
+            "host": host_timeline(trace, request.steps), "host_ops": host_breakdown(trace, request.steps)}

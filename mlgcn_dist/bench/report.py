@@ -19,7 +19,9 @@ def format_report(report: dict) -> str:
     layout = "channels_last" if setting["channels_last"] else "NCHW"
     mode = "eager"
     if setting["compile"]:
-        mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
+        extras = [setting["compile_mode"]] if setting["compile_mode"] != "default" else []
+        extras += ["C++ wrapper"] if setting.get("compile_cpp_wrapper") else []  # reports before it lack the key
+        mode = f"compile ({', '.join(extras)})" if extras else "compile"
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
@@ -125,7 +127,34 @@ def profile_lines(phases: dict[str, dict]) -> list[str]:
         loop = _cell(host["loop_thread_ms"] if host else None, 12)
         backward = _cell(host["backward_thread_ms"], 10, none="in loop") if host else _cell(None, 10)
         lines.append(f"  {name:30s}{device}{loop}{backward}")
+    breakdowns = {name: p["host_ops"] for name, p in profiled.items() if p.get("host_ops")}
+    if breakdowns:
+        lines.append("host ms a step by outermost span (calls a step where more than one), and kernel launches a step:")
+        for name, ops in breakdowns.items():
+            lines.append(f"  {name}: {_breakdown(ops)}")
     return lines
+
+
+_AUTOGRAD_NODE = "autograd::engine::evaluate_function: "
+
+
+def _breakdown(ops: dict) -> str:
+    """One phase's :func:`~mlgcn_dist.bench.profiling.host_breakdown` on one line."""
+
+    def spans(rows: list[list]) -> str:
+        return ", ".join(f"{span.removeprefix(_AUTOGRAD_NODE)} {ms:.1f}" + (f" (x{calls:.0f})" if calls > 1 else "")
+                         for span, ms, calls in rows)
+
+    parts = [f"loop: {spans(ops['loop'])}"]
+    if ops["backward"] is not None:
+        parts.append(f"backward: {spans(ops['backward'])}")
+    launches = ops["launches"]
+    counts = [f"loop {launches['loop']:.0f}"]
+    if launches["backward"] is not None:
+        counts.append(f"backward {launches['backward']:.0f}")
+    counts.append(f"other threads {launches['others']:.0f}")
+    parts.append(f"launches: {', '.join(counts)}")
+    return "; ".join(parts)
 
 
 def _cell(x: float | None, width: int, none: str = "n/a") -> str:

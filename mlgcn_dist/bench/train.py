@@ -4,6 +4,7 @@ ratios end to end / ceiling and end to end / reference."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -136,7 +137,9 @@ def _reference_phase(
 ) -> dict:
     with cuda_numerics(ORIGINAL_MLGCN):
         torch.manual_seed(cfg.train.seed)
-        step = TrainStep(build_model_for(cfg, info), cfg, ORIGINAL_MLGCN, device)
+        # The original stepped torch's default SGD, not the fused one optim.implementation=auto picks on CUDA.
+        original = replace(cfg, optim=replace(cfg.optim, implementation="foreach"))
+        step = TrainStep(build_model_for(cfg, info), original, ORIGINAL_MLGCN, device)
         # The original moved each batch inline (``input.cuda()``): no conversion ahead.
         profile = request_for(profiler, "reference")
         return _progress("reference", loader_phase(step, cfg, "cpu", steps, warmup, depth=0, profile=profile))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,19 +125,12 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-RESAMPLERS = ("grouped", "matmul")  # data.gpu_resample: how GpuAugment crops and resizes (see GpuAugment.apply)
-
-
 class GpuAugment:
-    """Encoded JPEGs -> normalised float [B, 3, size, size] on ``device``: batched decode (nvJPEG on CUDA), then
-    crop, resize, flip and normalise by one of :data:`RESAMPLERS`."""
+    """Encoded JPEGs -> normalised float [B, 3, size, size] on ``device``: batched decode (nvJPEG on CUDA)."""
 
-    def __init__(self, size: int, train: bool, resample: str = "grouped") -> None:
-        if resample not in RESAMPLERS:
-            raise ValueError(f"resample must be one of {RESAMPLERS}, got {resample!r}")
+    def __init__(self, size: int, train: bool) -> None:
         self.size = size
         self.train = train
-        self.resample = resample
         self._constants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decode_streams: dict[str, torch.cuda.Stream] = {}
 
@@ -209,18 +201,11 @@ class GpuAugment:
 
         Nothing here waits for the device (the index goes up from pinned memory, the normalisation constants
         are made once).
-
-        That is ``resample="grouped"``. Its torch calls grow with the crop sizes and the images (a stack, a
-        normalisation and a resize per size, a crop per image), and each is a moment when a helper thread takes
-        the GIL from the thread launching the training step. ``resample="matmul"`` makes a constant few: see
-        :meth:`_apply_matmul`.
         """
         device = torch.device(device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if not images:
             return torch.empty(0, 3, self.size, self.size, device=device).contiguous(memory_format=memory_format)
-        if self.resample == "matmul":
-            return self._apply_matmul(images, params, device).contiguous(memory_format=memory_format)
         scale, shift = self._normalisation(device)
         groups: dict[tuple[int, int], list[int]] = {}
         for i in sorted(range(len(params)), key=lambda i: params[i].flip):  # mirrored last within each group
@@ -246,29 +231,6 @@ class GpuAugment:
         out = torch.empty(batch.shape, device=device, memory_format=memory_format)
         return torch.index_select(batch, 0, index.to(device, non_blocking=True), out=out)
 
-    def _apply_matmul(self, images: list[torch.Tensor], params: list[CropParams], device: torch.device) -> torch.Tensor:
-        """The whole batch in a constant number of torch calls: the images padded into one tensor, normalised,
-        and resampled along each axis by a batched matrix product whose per-image weights hold the crop, the
-        resize and the flip: ``out = Wy @ x @ Wx^T``.
-
-        The weights are the filter torchvision's antialiased bilinear resize (and PIL's) uses, the triangle
-        stretched by the scale where a side shrinks, over the crop alone and normalised; on an enlarged side that
-        is plain bilinear. The same pixels as ``grouped`` to float rounding, for more device work: the products
-        run over the padded frames (64 images padded to 640 px, at 448: ~120 GFLOP), where ``grouped`` touches
-        each crop's pixels a few times.
-        """
-        padded = _pad_to_one_tensor(images)  # float [N, 3, H, W]
-        scale, shift = self._normalisation(device)
-        x = torch.addcmul(shift, padded, scale)  # bilinear weights sum to one: normalising first commutes
-        table = torch.tensor([[p.y, p.h, p.x, p.w, p.flip] for p in params], dtype=torch.float32)
-        if device.type == "cuda":
-            table = table.pin_memory()
-        y, h, x0, w, flip = table.to(device, non_blocking=True).unbind(1)
-        rows = _resample_weights(y, h, self.size, padded.shape[2])
-        cols = _resample_weights(x0, w, self.size, padded.shape[3])
-        cols = torch.where(flip.bool()[:, None, None], cols.flip(1), cols)  # a mirrored crop: output columns reversed
-        return rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)
-
     def antialiases(self, h: int, w: int) -> bool:
         """Whether an ``h x w`` crop is resized with antialiasing: where a side shrinks (see :meth:`apply`)."""
         return max(h, w) > self.size
@@ -282,36 +244,6 @@ class GpuAugment:
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             self._constants[key] = ((1.0 / (255.0 * std)).to(device), (-mean / std).to(device))
         return self._constants[key]
-
-
-def _pad_to_one_tensor(images: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 [3, H_i, W_i] images -> float [N, 3, max H, max W], zero beyond each image, in two torch calls (a
-    nested tensor is copied from the list and padded in C++); where the nested tensor cannot (a device or build
-    without its kernels: the prototype API has changed between releases), one copy per image."""
-    try:
-        with warnings.catch_warnings():  # "nested tensors are a prototype": the strided layout is the one that pads
-            warnings.simplefilter("ignore", UserWarning)
-            nested = torch.nested.as_nested_tensor(images, dtype=torch.float32)
-        return torch.nested.to_padded_tensor(nested, 0.0)
-    except (RuntimeError, NotImplementedError):
-        height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-        padded = images[0].new_zeros((len(images), 3, height, width), dtype=torch.float32)
-        for row, image in zip(padded, images):
-            row[:, : image.shape[1], : image.shape[2]] = image
-        return padded
-
-
-def _resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
-    """Per image, the [size, extent] matrix taking one axis of a padded frame to ``size`` outputs: torchvision's
-    antialiased bilinear filter (PIL's) for the crop ``[start, start + length)`` resized to ``size``, zero outside
-    the crop. float [N, size, extent] on the device of ``start``."""
-    scale = (length / size)[:, None, None]
-    support = scale.clamp(min=1.0)  # the triangle is stretched only where the side shrinks
-    centre = scale * (torch.arange(size, device=start.device, dtype=torch.float32) + 0.5)[None, :, None]
-    local = torch.arange(extent, device=start.device, dtype=torch.float32)[None, None, :] - start[:, None, None]
-    weights = (1.0 - ((local + 0.5 - centre) / support).abs()).clamp(min=0.0)
-    weights = weights * ((local >= 0) & (local < length[:, None, None]))
-    return weights / weights.sum(dim=2, keepdim=True)
 
 
 def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
