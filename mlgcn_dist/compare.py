@@ -60,6 +60,7 @@ class RunRecord:
     summary: dict[str, Any]  # best_mAP, best_CF1, best_OF1, best_epoch, img_per_s, world_size, ...
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # model|ema -> [(epoch, mAP)]
     requeue_pending: bool = False  # a preempted run directory's REQUEUE marker is still there
+    status: str = ""  # what its source alone tells (a run directory without summary.json), over run_status's
 
 
 def _curve(points: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
@@ -71,37 +72,70 @@ def _curve(points: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
 # -- local run directories ------------------------------------------------------------------------------------
 
 
-def _read_local_run(run_dir: Path) -> RunRecord:
+# The engine's Tracker writes summary.json as it starts; before that (the setup: data, model, resume checks, then
+# W&B's start) a run directory holds only the main process's .lock (RunLock, taken first) and, once set up,
+# config.yaml. The rest comes after summary.json: a run directory holding one of them had a summary, since removed.
+SETUP_FILES = (".lock", "config.yaml")
+PAST_SETUP = ("metrics.jsonl", "train_log.jsonl", "checkpoints")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a file only a run writes; a directory without any is someone else's."""
+    return any((path / name).exists() for name in ("summary.json", *SETUP_FILES, *PAST_SETUP))
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json, or for a run without one the config it saved (``{"config": ...}``; ``{}`` without either)."""
+    path = run_dir / "summary.json"
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run_dir / 'summary.json'}: not valid JSON ({err}); a run killed while writing it?") from err
+        if path.is_file():
+            return json.loads(path.read_text())
+        path = run_dir / "config.yaml"
+        return {"config": yaml.safe_load(path.read_text()) or {}} if path.is_file() else {}
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = path.suffix[1:].upper()
+        raise ValueError(f"{path}: not valid {kind} ({err}); a run killed while writing it?") from err
+
+
+def _status_without_summary(run_dir: Path) -> str:
+    if (run_dir / "summary.json").is_file():
+        return ""
+    if any((run_dir / name).exists() for name in PAST_SETUP):
+        return "no summary: removed after training began"
+    return "no summary: not past setup"
+
+
+def _read_local_run(run_dir: Path) -> RunRecord:
+    summary = _read_summary(run_dir)
+    config = flatten_config(summary.get("config", {}))
     evals = read_jsonl(run_dir / "metrics.jsonl")
     curves = {source: _curve((r["epoch"], (r.get(source) or {}).get("mAP")) for r in evals)
               for source in EVAL_SOURCES}
     return RunRecord(
-        name=summary.get("run_name") or run_dir.name,
+        name=summary.get("run_name") or config.get("train.run_name") or run_dir.name,
         source=str(run_dir),
-        config=flatten_config(summary.get("config", {})),
+        config=config,
         summary={k: v for k, v in summary.items() if k != "config"},
         curves={k: v for k, v in curves.items() if v},
         requeue_pending=(run_dir / "REQUEUE").is_file(),
+        status=_status_without_summary(run_dir),
     )
 
 
 def collect_local_runs(paths: list[Path]) -> list[RunRecord]:
-    """Each path is a run directory (holding summary.json) or a directory of run directories; a run reached
-    twice (``runs/a runs/a``, or ``runs/ runs/a``) is read once."""
+    """Each path is a run directory (:func:`is_run_dir`: one killed before it wrote summary.json counts too) or a
+    directory of run directories; a run reached twice (``runs/a runs/a``, or ``runs/ runs/a``) is read once."""
     run_dirs: dict[Path, Path] = {}  # resolved -> as given
     for path in map(Path, paths):
-        if (path / "summary.json").is_file():
+        if is_run_dir(path):
             run_dirs.setdefault(path.resolve(), path)
             continue
-        children = sorted(p for p in path.glob("*/summary.json")) if path.is_dir() else []
+        children = sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p)) if path.is_dir() else []
         if not children:
-            raise ValueError(f"{path}: no run found (expected summary.json in it or in its subdirectories)")
+            raise ValueError(f"{path}: no run found (expected summary.json, config.yaml or checkpoints/ in it or in "
+                             "its subdirectories)")
         for child in children:
-            run_dirs.setdefault(child.parent.resolve(), child.parent)
+            run_dirs.setdefault(child.resolve(), child)
     return [_read_local_run(run_dir) for run_dir in run_dirs.values()]
 
 
@@ -337,7 +371,9 @@ def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:
 
 def run_status(run: RunRecord) -> str:
     """finished, preempted (requeue pending while its REQUEUE marker is there), incomplete: epoch k of N (k epochs
-    evaluated; killed, or still running), or no data."""
+    evaluated; killed, or still running), no data, or what its source told (``RunRecord.status``)."""
+    if run.status:
+        return run.status
     if not (run.config or run.summary or run.curves):
         return "no data"
     # Before "preempted": W&B's summary of a resumed run merges its sessions', so an earlier preemption's flag stays.
@@ -424,8 +460,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", type=Path,
                         help="run directories, or directories holding run directories; a run given twice is listed "
                              "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
-                             "there), incomplete: epoch k of N (k epochs evaluated; killed, or still running), or no "
-                             "data (default: none)")
+                             "there), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no "
+                             "summary: not past setup (a run directory without summary.json: failed, killed or still "
+                             "starting before tracking began), or no data (default: none)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
                         help="also compare the runs of this W&B project, --filter applied by W&B (needs `wandb "
                              "login`; default: none)")

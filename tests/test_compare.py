@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_tracking import LABELS, fake_metrics, flush_wandb, record_run, wandb_env  # noqa: F401 (wandb_env: a fixture)
 
+from mlgcn_dist import engine as engine_module
 from mlgcn_dist.checkpoint import mark_requeue
 from mlgcn_dist.cli import main
 from mlgcn_dist.compare import (
@@ -29,8 +30,10 @@ from mlgcn_dist.compare import (
     with_distinct_names,
 )
 from mlgcn_dist.config import load_config
+from mlgcn_dist.engine import train
 from mlgcn_dist.tracking import Tracker
 
+REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What the engine's Trainer._finish adds to the summary of a run that trained to its end (a preemption does not).
 ENGINE_FINISH = {"global_batch": 16, "global_step": 20, "frequency_baseline_mAP": 17.2, "num_val_images": 12}
@@ -381,3 +384,62 @@ def test_every_compare_option_says_what_it_does_and_its_default():
     options = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
     assert [action.dest for action in options if "default" not in action.help] == []
     assert "(default: best_mAP)" in " ".join(parser.format_help().split())
+
+
+def train_until(root: Path, name: str, toy_root: Path, *overrides: str) -> Path:
+    """Start the engine on run directory ``root/name``; it is expected to stop in its setup (a failure standing
+    in for a kill there), before its Tracker writes summary.json."""
+    cfg = load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0", "train.epochs=3",
+                                                 "train.resume=none", f"train.output_dir={root / name}",
+                                                 f"train.run_name={name}", "log.wandb=disabled", *overrides])
+    with pytest.raises(SetupStopped):
+        train(cfg)
+    assert not (cfg.run_dir / "summary.json").exists()
+    return cfg.run_dir
+
+
+class SetupStopped(Exception):
+    pass
+
+
+def stop_setup(*args, **kwargs):
+    raise SetupStopped
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_run_stopped_in_setup_before_its_summary_is_listed_with_the_config_it_saved(toy_root, tmp_path,
+                                                                                     monkeypatch, capsys):
+    root = tmp_path / "runs"
+    monkeypatch.setattr(engine_module, "dataset_info", stop_setup)  # e.g. killed while reading the annotations
+    train_until(root, "no_config", toy_root)
+    monkeypatch.undo()
+    monkeypatch.setattr(Tracker, "_start_wandb", stop_setup)  # e.g. killed while W&B's start hung
+    for lr in ("0.3", "0.2"):
+        train_until(root, f"lr{lr}", toy_root, f"optim.lr={lr}")
+    capsys.readouterr()  # what the engine printed
+    assert main(["compare", str(root), "--sort", "name"]) == 0
+    assert table_rows(capsys.readouterr().out) == [
+        ["lr0.2", "optim.lr=0.2", "-", "-", "-", "-", "-", "no summary: not past setup"],
+        ["lr0.3", "optim.lr=0.3", "-", "-", "-", "-", "-", "no summary: not past setup"],
+        ["no_config", "-", "-", "-", "-", "-", "-", "no summary: not past setup"],
+    ]
+    (run,) = collect_local_runs([root / "lr0.3"])  # given itself, not through its parent
+    assert run.config["train.epochs"] == 3
+
+
+def test_a_directory_holding_nothing_a_run_writes_is_not_listed(runs_root):
+    (runs_root / "notes").mkdir()
+    (runs_root / "notes" / "todo.txt").write_text("compare lr 0.05 with 0.1\n")
+    (runs_root / "empty").mkdir()
+    assert sorted(run.name for run in collect_local_runs([runs_root])) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="notes: no run found"):
+        collect_local_runs([runs_root / "notes"])
+
+
+def test_a_run_whose_summary_was_removed_after_training_began_says_so_and_keeps_its_curve(tmp_path):
+    run_dir = train_session(tmp_path / "runs", "lost", epochs=8, evaluated=2, end="finished")
+    (run_dir / "summary.json").unlink()
+    (run,) = collect_local_runs([tmp_path / "runs"])
+    assert run.curves == {"model": [(0, 50.0), (1, 51.0)]}
+    assert table_rows(format_table([run], columns=("name", "status"))) == [
+        ["lost", "no summary: removed after training began"]]
