@@ -49,7 +49,8 @@ from mlgcn_dist.bench.train import (
 from mlgcn_dist.bench.window import LoaderQueue, peak_memory, time_training
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
-from mlgcn_dist.data.loader import build_train_loader, dataset_info
+from mlgcn_dist.data import loader as loader_module
+from mlgcn_dist.data.loader import bench_loader, build_train_loader, dataset_info
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.engine import build_model_for
 
@@ -507,6 +508,26 @@ def test_bench_loader_command_writes_its_json(tmp_path: Path):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 * 4 and result["images_per_s"] > 0 and result["decode"] == "cpu"
+
+
+@pytest.mark.parametrize("batches", [1, 2, 3, 5])
+def test_bench_loader_without_workers_times_the_reading_of_every_image_it_counts(tmp_path, monkeypatch, clock,
+                                                                                 batches):
+    """Reading a sample is all that takes time here (1 ms): the steady rate is 1,000 images/s whatever the window.
+    16 images in batches of 4: a shuffle buffer holding the whole pass read it during the untimed first batch, and
+    the next 3 batches came with no read at all (--batches 2: 0 s timed, reported as 0 images/s; a refill in the
+    window: 4 passes' worth of reads for 1 of images)."""
+    shards = make_toy_shards(tmp_path, images=16, size=32, workers=1, seed=0)
+    read_shard = loader_module._read_shard
+
+    def slow_read(*args, **kwargs):
+        for sample in read_shard(*args, **kwargs):
+            time.sleep(0.001)
+            yield sample
+
+    monkeypatch.setattr(loader_module, "_read_shard", slow_read)
+    result = bench_loader(shards, "gpu", workers=0, batches=batches, batch_size=4, image_size=32)
+    assert (result["images"], result["images_per_s"]) == (4 * batches, 1000.0)
 
 
 @pytest.fixture

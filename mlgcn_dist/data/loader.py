@@ -655,11 +655,17 @@ def bench_loader(
     """Images/s of the training loader over a pack (``mlgcn bench loader``), total and per worker process, in its
     steady state.
 
-    Untimed: the first round, a batch from every worker (start-up, shuffle-buffer fill). The workers make their
-    first batches side by side, so a clock started at the first one would count the others as made in no time
-    (15 workers, 70 batches: ~15% too fast). Timed: ``batches`` rounded up to whole rounds, so every worker makes
-    as many. With ``workers=0`` the loading runs in this process on one torch thread, as in a DataLoader worker:
-    the per-image tensor ops gain nothing from intra-op threads and lose much on a busy host.
+    Untimed: the first round, a batch from every worker (start-up). The workers make their first batches side by
+    side, so a clock started at the first one would count the others as made in no time (15 workers, 70 batches:
+    ~15% too fast). Timed: ``batches`` rounded up to whole rounds, so every worker makes as many. With
+    ``workers=0`` the loading runs in this process on one torch thread, as in a DataLoader worker: the per-image
+    tensor ops gain nothing from intra-op threads and lose much on a busy host.
+
+    No sample shuffle buffer (``data.shuffle_buffer=0``): it changes when a sample is read, not how many are or how
+    fast, and it reads unevenly: up to 100 samples of a pass before its first, then two per sample served, then none
+    while it empties at the pass's end. A pass no longer than the buffer (a toy set) is read whole by its first batch,
+    so a window of a few batches timed no read at all (62 images in batches of 8, --workers 0 --batches 2: 3x the
+    steady rate) or one pass's reads for a fraction of its images.
     """
     meta = read_meta(shards_dir)
     split = TRAINING_SPLIT[meta["dataset"]]
@@ -674,6 +680,7 @@ def bench_loader(
         batch_size=batch_size,
         workers=workers,
         steps_per_epoch=untimed + timed,
+        shuffle_buffer=0,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if workers == 0 else threads)
