@@ -20,6 +20,7 @@ import torch
 from mlgcn_dist.arguments import positive_int, probability
 from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key, validate
 from mlgcn_dist.data.records import LabelSpace
+from mlgcn_dist.errors import first_line
 from mlgcn_dist.files import write_text_atomic
 
 
@@ -50,7 +51,7 @@ def _read_checkpoint(path: str | Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {_first_line(err)})") from err
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {first_line(err)})") from err
         raise ValueError(
             f"{path}: not a readable PyTorch checkpoint: it holds objects beyond tensors, containers and numbers, "
             "which could run code as they load, so it is refused (an mlgcn-dist checkpoint written before "
@@ -60,7 +61,9 @@ def _read_checkpoint(path: str | Path) -> object:
     except FileNotFoundError:
         raise
     except (RuntimeError, EOFError, UnicodeDecodeError, OSError) as err:  # OSError: a zip cut short
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from err
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {first_line(err)})"
+        ) from err
 
 
 def _is_zip_or_pickle(path: str | Path) -> bool | None:
@@ -72,10 +75,6 @@ def _is_zip_or_pickle(path: str | Path) -> bool | None:
     except OSError:
         return None
     return (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")) if head else None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else ""
 
 
 def load_portable(path: Path) -> dict:
@@ -307,7 +306,7 @@ def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> tuple[
                 batch.append(transform(img.convert("RGB"), rng))
             read.append(path)
         except UNREADABLE_IMAGE_ERRORS as err:  # PIL's errors for a truncated file do not name it
-            unreadable[path] = _first_line(err)
+            unreadable[path] = first_line(err)
     logits = model(normalise(torch.stack(batch))).float() if batch else None
     return read, logits, unreadable
 

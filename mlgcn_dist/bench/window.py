@@ -12,6 +12,7 @@ import torch
 
 from mlgcn_dist.bench.profiling import ProfileRequest, profile_steps
 from mlgcn_dist.bench.step import TrainStep
+from mlgcn_dist.errors import first_line
 from mlgcn_dist.streams import running_on
 from mlgcn_dist.timing import DataStall, timed_next
 
@@ -164,7 +165,7 @@ def time_training(
             except (RuntimeError, OSError) as err:  # a diagnostic that fails (CUPTI, OOM, its trace file) must not
                 # cost the measured phase
                 profiled = {"trace": None, "steps": profile.steps, "device": None, "host": None,
-                            "error": f"{err}".splitlines()[0]}
+                            "error": first_line(err)}
     return {
         "steps": steps,
         "images": images,

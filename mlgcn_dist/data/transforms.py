@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mlgcn_dist.errors import first_line
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)  # ML-GCN's training scales
@@ -258,7 +260,7 @@ def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[
     try:
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), list(range(len(jpegs)))
     except RuntimeError as err:
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         logger.warning("batched JPEG decode on %s failed (%s); decoding one at a time", device, reason)
     images, kept = [], []
     for i, data in enumerate(jpegs):

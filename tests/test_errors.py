@@ -1,0 +1,17 @@
+"""The one-line report of an exception."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlgcn_dist.errors import first_line
+
+
+@pytest.mark.parametrize(("err", "line"), [
+    (RuntimeError("a zip cut short\n  at byte 12\n"), "a zip cut short"),
+    (ValueError("one line"), "one line"),
+    (RuntimeError(), ""),  # str(err) empty: nothing to split, no IndexError
+    (OSError(""), ""),
+])
+def test_first_line_is_the_messages_first_line_and_empty_for_an_empty_message(err, line):
+    assert first_line(err) == line
