@@ -44,6 +44,11 @@ class DataConfig:
     keep_empty: bool = False  # keep images without any annotation as all-negative samples
     max_bad_fraction: float = 0.01  # more skipped (corrupt) training samples than this fraction is an error
     worker_timeout_s: float = 600.0  # a loader worker that yields no batch this long fails the run (0: wait forever)
+    # How loader workers start. fork: the platform's own method (fork on Linux up to Python 3.13, spawn on macOS).
+    # forkserver and spawn start them from a process without the trainer's threads (prefetch, pinning), which a
+    # fork before CPython 3.11.10 can deadlock in (gh-112275), at the cost of a slower start (each worker imports
+    # torch, every epoch) and workers that inherit none of the trainer's in-memory state.
+    worker_start: str = "fork"
     steps_per_epoch: int = 0  # 0: dataset size / global batch
 
 
@@ -166,6 +171,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
     "data.decode": ("auto", "cpu", "gpu"),
+    "data.worker_start": ("fork", "forkserver", "spawn"),
     "graph.variant": ("original", "paper"),
     "model.head": ("gcn", "hgat", "hgat_fc", "linear"),
     "optim.lr_scaling": ("fixed", "linear"),

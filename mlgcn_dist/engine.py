@@ -316,7 +316,7 @@ class Trainer:
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
                         f"[{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
-        if warning := fork_warning(cfg.data.workers):
+        if warning := fork_warning(cfg.data.workers, cfg.data.worker_start):
             distributed.say(acc, warning)
         self.decode = resolve_decode(cfg, acc.device)
         gpu = self.decode == "gpu"

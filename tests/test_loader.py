@@ -603,7 +603,55 @@ def test_a_loader_worker_that_yields_nothing_within_data_worker_timeout_s_fails_
 
 
 def test_a_python_that_can_deadlock_a_forked_worker_is_warned_about_only_when_workers_are_forked():
-    assert "Python 3.11.7 can deadlock a data loader worker" in loader_module.fork_warning(4, (3, 11, 7))
-    assert loader_module.fork_warning(4, (3, 10, 14)) is not None
-    assert loader_module.fork_warning(0, (3, 11, 7)) is None  # no workers: nothing is forked
-    assert loader_module.fork_warning(4, (3, 11, 10)) is None and loader_module.fork_warning(4, (3, 12, 3)) is None
+    warning = loader_module.fork_warning(4, "fork", (3, 11, 7))
+    assert "Python 3.11.7 can deadlock a data loader worker" in warning and "data.worker_start=forkserver" in warning
+    assert loader_module.fork_warning(4, "fork", (3, 10, 14)) is not None
+    assert loader_module.fork_warning(0, "fork", (3, 11, 7)) is None  # no workers: nothing is forked
+    for start in ("forkserver", "spawn"):  # workers from a process without the trainer's threads
+        assert loader_module.fork_warning(4, start, (3, 11, 7)) is None
+    fixed = [loader_module.fork_warning(4, "fork", version) for version in ((3, 11, 10), (3, 12, 3))]
+    assert fixed == [None, None]
+
+
+def test_worker_start_fork_keeps_the_platforms_method_and_is_not_warned_about_where_that_method_is_spawn(
+    monkeypatch,
+):
+    """macOS starts workers with spawn by default; data.worker_start=fork leaves it so, and nothing is forked."""
+    monkeypatch.setattr(loader_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert loader_module.worker_context("fork") is None
+    assert loader_module.fork_warning(4, "fork", (3, 11, 7)) is None
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_worker_start_reaches_the_training_and_evaluation_loaders_that_have_workers(fmt, toy_root, shards):
+    def contexts(workers: int, start: str) -> list:
+        cfg = config(fmt, toy_root, shards, workers, worker_start=start)
+        train = build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode="cpu").loader
+        return [loader.multiprocessing_context for loader in (train, build_eval_loader(cfg, rank=0, world_size=1,
+                                                                                         decode="cpu"))]
+
+    for start in ("forkserver", "spawn"):
+        assert [context.get_start_method() for context in contexts(1, start)] == [start, start]
+        assert contexts(0, start) == [None, None]  # DataLoader refuses a context without workers
+    assert contexts(1, "fork") == [None, None]  # the platform's own method, as before data.worker_start
+
+
+def assert_same_batches(batches: list[dict], expected: list[dict]) -> None:
+    assert len(batches) == len(expected) > 0
+    for batch, want in zip(batches, expected):
+        assert batch["image_id"].tolist() == want["image_id"].tolist()
+        assert torch.equal(batch["image"], want["image"]) and torch.equal(batch["target"], want["target"])
+        assert (batch["n_bad"], batch["bad_ids"]) == (want["n_bad"], want["bad_ids"])
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+@pytest.mark.parametrize("start", ["forkserver", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_workers_started_by_forkserver_or_spawn_yield_the_batches_forked_workers_yield(start, fmt, toy_root, shards):
+    """Nothing the workers need is inherited: the datasets, worker_init_fn and collate reach them pickled, and
+    their seeds come from the loader, so training repeats its order and augmentation of a forked run exactly."""
+    forked, started = (config(fmt, toy_root, shards, workers=2, worker_start=s) for s in ("fork", start))
+    train = build_train_loader(started, rank=1, world_size=2, epoch=1, seed=3, decode="cpu")
+    assert train.loader.multiprocessing_context.get_start_method() == start
+    assert_same_batches(list(train), train_batches(forked, rank=1, world=2, epoch=1, seed=3))
+    evaluation = build_eval_loader(started, rank=1, world_size=2, decode="cpu")
+    assert_same_batches(list(evaluation), list(build_eval_loader(forked, rank=1, world_size=2, decode="cpu")))

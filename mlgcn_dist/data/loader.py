@@ -258,16 +258,34 @@ def _end_workers_at_exit() -> None:
     atexit.register(end_workers)
 
 
-def fork_warning(workers: int, version: tuple[int, ...] = tuple(sys.version_info[:3])) -> str | None:
+def worker_context(worker_start: str) -> str | None:
+    """The DataLoader's ``multiprocessing_context`` for ``data.worker_start``. fork passes none, the platform's own
+    method, as before the key existed: macOS keeps spawn (Python's choice there: a forked child can crash in system
+    libraries that started threads), and Linux from Python 3.14 its forkserver."""
+    return None if worker_start == "fork" else worker_start
+
+
+def forks_workers(worker_start: str) -> bool:
+    """Whether the loader's workers are forked: ``data.worker_start=fork`` where the method in effect is fork (a
+    start method set in this process, else the platform's default, the first one listed)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return worker_start == "fork" and method == "fork"
+
+
+def fork_warning(
+    workers: int, worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])
+) -> str | None:
     """A warning when this Python can deadlock a loader worker as it forks it, else None: a child forked while
     another thread holds the runtime's thread-state lock waits for it forever (CPython gh-112275, fixed in 3.11.10
-    and 3.12; 3.10 and earlier 3.11 releases have it). Seen here with 3.11.7, at an evaluation's first fork."""
-    if workers == 0 or version >= (3, 11, 10):
+    and 3.12; 3.10 and earlier 3.11 releases have it). Seen here with 3.11.7, at an evaluation's first fork.
+    Workers started by forkserver or spawn come from a process without the trainer's threads: no warning."""
+    if workers == 0 or not forks_workers(worker_start) or version >= (3, 11, 10):
         return None
     python = ".".join(map(str, version))
     return (f"warning: Python {python} can deadlock a data loader worker as it forks it (CPython gh-112275, fixed "
             "in 3.11.10 and 3.12): such a run stops with 'DataLoader timed out' after data.worker_timeout_s "
-            "instead of finishing; use a newer Python, or data.workers=0")
+            "instead of finishing; use a newer Python, data.worker_start=forkserver (workers start slower: each "
+            "imports torch) or data.workers=0")
 
 
 def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
@@ -284,6 +302,8 @@ def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> di
         # gh-112275, seen here with 3.11.7) would hang its trainer for good (the other ranks until
         # train.dist_timeout_s): the timeout turns that into an error the run can be resumed from.
         kwargs["timeout"] = data_cfg.worker_timeout_s
+        # DataLoader refuses a context without workers, hence only here.
+        kwargs["multiprocessing_context"] = worker_context(data_cfg.worker_start)
         _end_workers_at_exit()  # once per process (cached)
     return kwargs
 
