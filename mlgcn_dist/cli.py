@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         # (torch's) keep theirs.
         if args.command == "train" and "DataLoader timed out" in str(err):
             print(f"mlgcn train: a data loader worker yielded no batch within data.worker_timeout_s ({err}). A worker "
-                  "deadlocked while forking is one cause (CPython before 3.11.10, gh-112275: upgrade Python); a stalled "
+                  "deadlocked while forking is one cause (CPython before 3.11.10, gh-112275: upgrade Python or set "
+                  "data.worker_start=forkserver); a stalled "
                   "filesystem another. Resume with train.resume=auto.",
                   file=sys.stderr)
         if args.command == "train" or (isinstance(err, RuntimeError) and not _is_shard_error(err)):

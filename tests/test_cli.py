@@ -52,7 +52,8 @@ def test_a_loader_timeout_in_training_keeps_its_traceback_after_a_line_on_its_li
         main(["train", "--config", TOY_CONFIG])
     err = capsys.readouterr().err
     assert "a data loader worker yielded no batch within data.worker_timeout_s" in err
-    assert "CPython before 3.11.10, gh-112275" in err and "train.resume=auto" in err
+    assert "CPython before 3.11.10, gh-112275" in err and "data.worker_start=forkserver" in err
+    assert "train.resume=auto" in err
 
 
 def test_a_runtime_error_from_torch_in_a_tool_keeps_its_traceback(monkeypatch):
