@@ -46,8 +46,8 @@ class DataConfig:
     worker_timeout_s: float = 600.0  # a loader worker that yields no batch this long fails the run (0: wait forever)
     # How loader workers start. fork: the platform's own method (fork on Linux up to Python 3.13, spawn on macOS).
     # forkserver and spawn start them from a process without the trainer's threads (prefetch, pinning), which a
-    # fork before CPython 3.11.10 can deadlock in (gh-112275), at the cost of a slower start (each worker imports
-    # torch, every epoch) and workers that inherit none of the trainer's in-memory state.
+    # fork before CPython 3.11.10 can deadlock in (gh-112275); their workers inherit none of the trainer's memory.
+    # forkserver's server has torch imported (data/forkserver_preload.py); spawn's workers import it, every epoch.
     worker_start: str = "fork"
     steps_per_epoch: int = 0  # 0: dataset size / global batch
 

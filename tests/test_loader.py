@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data import loader as loader_module
 from mlgcn_dist.data.folder import read_split
@@ -655,3 +657,21 @@ def test_workers_started_by_forkserver_or_spawn_yield_the_batches_forked_workers
     assert_same_batches(list(train), train_batches(forked, rank=1, world=2, epoch=1, seed=3))
     evaluation = build_eval_loader(started, rank=1, world_size=2, decode="cpu")
     assert_same_batches(list(evaluation), list(build_eval_loader(forked, rank=1, world_size=2, decode="cpu")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_forkserver_workers_come_from_a_server_that_already_holds_torch_and_ignores_the_stop_signals(toy_root, shards):
+    """Forked from a preloaded forkserver, a worker starts without seconds of imports and cannot be ended by the
+    stop signals SLURM sends every process of a job before it reaches its worker_init_fn."""
+    cfg = config("wds", toy_root, shards, workers=1, worker_start="forkserver")
+    batches = iter(build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"))
+    next(batches)
+    worker = batches._workers[0].pid
+    server = int(next(line.split()[1] for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                      if line.startswith("PPid:")))
+    assert server != os.getpid()  # forked by the forkserver, not by this process
+    status = Path(f"/proc/{server}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    assert all(ignored & (1 << (sig - 1)) for sig in SAVING_STOP_SIGNALS)
+    assert "libtorch" in Path(f"/proc/{server}/maps").read_text()
+    batches._shutdown_workers()

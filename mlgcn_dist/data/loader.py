@@ -258,11 +258,23 @@ def _end_workers_at_exit() -> None:
     atexit.register(end_workers)
 
 
-def worker_context(worker_start: str) -> str | None:
+# What the forkserver imports before it forks a worker: torch, the loader, the stop signals ignored (see it).
+FORKSERVER_PRELOAD = "mlgcn_dist.data.forkserver_preload"
+
+
+def worker_context(worker_start: str) -> multiprocessing.context.BaseContext | None:
     """The DataLoader's ``multiprocessing_context`` for ``data.worker_start``. fork passes none, the platform's own
     method, as before the key existed: macOS keeps spawn (Python's choice there: a forked child can crash in system
-    libraries that started threads), and Linux from Python 3.14 its forkserver."""
-    return None if worker_start == "fork" else worker_start
+    libraries that started threads), and Linux from Python 3.14 its forkserver. forkserver preloads
+    :data:`FORKSERVER_PRELOAD` (a forkserver this process started earlier without it keeps what it has; a module
+    it cannot import, it skips). spawn starts each worker bare: seconds of imports, during which a stop signal
+    can still end it."""
+    if worker_start == "fork":
+        return None
+    context = multiprocessing.get_context(worker_start)
+    if worker_start == "forkserver":
+        context.set_forkserver_preload([FORKSERVER_PRELOAD])
+    return context
 
 
 def forks_workers(worker_start: str) -> bool:
@@ -284,8 +296,7 @@ def fork_warning(
     python = ".".join(map(str, version))
     return (f"warning: Python {python} can deadlock a data loader worker as it forks it (CPython gh-112275, fixed "
             "in 3.11.10 and 3.12): such a run stops with 'DataLoader timed out' after data.worker_timeout_s "
-            "instead of finishing; use a newer Python, data.worker_start=forkserver (workers start slower: each "
-            "imports torch) or data.workers=0")
+            "instead of finishing; use a newer Python, data.worker_start=forkserver or data.workers=0")
 
 
 def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
