@@ -17,8 +17,9 @@
 #                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
 #   compile_cppwrap     `compile` with train.compile_cpp_wrapper=true: Inductor launches the compiled kernels from
 #                       C++, without Python or the GIL per launch (run G: the step is host-bound; not in the default);
-#   compile_omp1        `compile` with OMP_NUM_THREADS=1, as torchrun gives each of several processes a node: the
-#                       trainer's CPU ops without 16 intra-op threads (not in the default);
+#   compile_threads16   `compile` with 16 intra-op threads (`--threads 16`), as every bench run A-G ran and
+#                       as a bare `python launch/train.py` runs, against the one thread `accelerate launch` gives a
+#                       GPU process, which the bench now takes by default (not in the default);
 #   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
 #                       default (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
@@ -108,8 +109,8 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_cppwrap) toy_ready; step bench_compile_cppwrap 360 "${bench[@]}" \
             --json "$OUT/bench_compile_cppwrap.json" --profile-dir "$WORK/profiles/compile_cppwrap" \
             "${overrides[@]}" train.compile=true train.compile_cpp_wrapper=true ;;
-        compile_omp1) toy_ready; step bench_compile_omp1 300 env OMP_NUM_THREADS=1 "${bench[@]}" \
-            --json "$OUT/bench_compile_omp1.json" --profile-dir "$WORK/profiles/compile_omp1" \
+        compile_threads16) toy_ready; step bench_compile_threads16 300 "${bench[@]}" --threads 16 \
+            --json "$OUT/bench_compile_threads16.json" --profile-dir "$WORK/profiles/compile_threads16" \
             "${overrides[@]}" train.compile=true ;;
         compile_foreach) toy_ready; step bench_compile_foreach 300 "${bench[@]}" \
             --json "$OUT/bench_compile_foreach.json" --profile-dir "$WORK/profiles/compile_foreach" \
@@ -123,7 +124,7 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_compile_nopin bench_compile_cppwrap bench_compile_omp1 \
+for name in bench_eager bench_compile bench_compile_nopin bench_compile_cppwrap bench_compile_threads16 \
     bench_compile_foreach bench_compile_b96 \
     bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }

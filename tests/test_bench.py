@@ -1020,3 +1020,42 @@ def test_bench_train_stopped_by_a_signal_removes_its_toy_set_and_exits_128_plus_
     assert "Traceback" not in err
     assert not list(tmp_path.glob("mlgcn-bench-*"))
 
+
+
+@pytest.mark.parametrize(("device", "environ", "threads"), [
+    ("cuda", {}, 1),  # accelerate launch's default for a GPU process (torchrun's with several a node)
+    ("cuda", {"OMP_NUM_THREADS": "4"}, 4),
+    ("cpu", {}, None),  # all the cores for one CPU process: torch's own default
+    ("cpu", {"OMP_NUM_THREADS": "2"}, 2),
+    ("cuda", {"OMP_NUM_THREADS": ""}, 1),
+])
+def test_the_bench_process_gets_the_intra_op_threads_accelerate_launch_gives_a_training_process(device, environ,
+                                                                                                  threads):
+    from mlgcn_dist.bench.cli import launcher_threads
+
+    assert launcher_threads(device, environ) == threads
+
+
+def test_bench_train_runs_with_the_threads_asked_for_and_restores_the_processs_after(monkeypatch, tmp_path):
+    from mlgcn_dist.bench import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: None)
+    monkeypatch.setattr(cli, "bench_train", lambda *args: seen.append(torch.get_num_threads()) or {"phases": {}})
+    monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
+    monkeypatch.setattr(cli, "format_report", lambda report: "")
+    before = torch.get_num_threads()
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--shards", str(tmp_path), "--json",
+            str(tmp_path / "train.json"), "train.device=cpu"]
+    assert main([*argv[:2], "--threads", str(before + 1), *argv[2:]]) == 0
+    assert main(argv) == 0  # on a CPU: torch's default, left alone
+    assert seen == [before + 1, before] and torch.get_num_threads() == before
+
+
+def test_the_reports_first_line_gives_the_intra_op_threads_the_steps_ran_with():
+    report = _bench_report()
+    assert "compile (reduce-overhead); 50 timed" in format_report(report).splitlines()[0]  # a report without them
+    report["intra_op_threads"] = 1
+    assert "compile (reduce-overhead), 1 intra-op thread; 50 timed" in format_report(report).splitlines()[0]
+    report["intra_op_threads"] = 16
+    assert ", 16 intra-op threads; " in format_report(report).splitlines()[0]

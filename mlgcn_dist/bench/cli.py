@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,6 +92,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=phase_names,
         help="only these end-to-end phases, comma-separated (default: all; e.g. e2e_decode_cpu,e2e_decode_gpu): "
         "the ceiling, its repeat and the reference always run",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="intra-op threads of this process (default: what `accelerate launch` gives a training process: "
+        "$OMP_NUM_THREADS if set, else 1 on a GPU; on a CPU, torch's own default)",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser(
@@ -179,7 +185,7 @@ def _run_train(args: argparse.Namespace) -> int:
             return 2
     print(describe_run(cfg, device, args, list(end_to_end)), flush=True)
     try:
-        with stop_signals_unwind():
+        with stop_signals_unwind(), intra_op_threads(args.threads or launcher_threads(device.type, os.environ)):
             report = _bench_train_on_shards(cfg, args)
     except StopSignal as stop:
         made = "; its temporary toy set is removed" if args.shards is None else ""
@@ -188,6 +194,30 @@ def _run_train(args: argparse.Namespace) -> int:
     print(format_report(report))
     _write_json(args.json, report)
     return 0
+
+
+def launcher_threads(device_type: str, environ: Mapping[str, str]) -> int | None:
+    """The intra-op threads a training process gets from ``accelerate launch`` (and torchrun with several
+    processes a node): ``OMP_NUM_THREADS`` where set, else 1 for a GPU process; None for a CPU one (Accelerate then
+    divides the cores between the processes: for one, all of them, as torch does by itself).
+
+    The bench measures the step as training runs it: 16 threads in a GPU process make every CPU op in it (pinning
+    a batch, the augment's index) wake threads that then spin for cores the step's launch threads need."""
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"])
+    return 1 if device_type == "cuda" else None
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside (None: left as they are), and restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:

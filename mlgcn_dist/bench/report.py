@@ -25,7 +25,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
-        f"{layout}, {mode}; "
+        f"{layout}, {mode}{_threads(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warmup (end to end: whole rounds of "
         f"{report['workers']} loader workers)",
         f"{'phase':30s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
@@ -155,6 +155,12 @@ def _breakdown(ops: dict) -> str:
     counts.append(f"other threads {launches['others']:.0f}")
     parts.append(f"launches: {', '.join(counts)}")
     return "; ".join(parts)
+
+
+def _threads(report: dict) -> str:
+    """The process's intra-op threads, as ", N intra-op threads" (reports before the key: nothing)."""
+    threads = report.get("intra_op_threads")
+    return "" if threads is None else f", {threads} intra-op thread{'s' if threads != 1 else ''}"
 
 
 def _cell(x: float | None, width: int, none: str = "n/a") -> str:

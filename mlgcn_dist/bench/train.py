@@ -175,6 +175,7 @@ def bench_train(
         "device": device_name,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
+        "intra_op_threads": torch.get_num_threads(),
         "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": info.num_classes},
         "batch_size": cfg.data.batch_size,
         "image_size": cfg.data.image_size,
