@@ -141,3 +141,27 @@ def test_auto_picks_fused_sgd_on_cuda_without_deepspeed_and_an_explicit_choice_w
 def test_an_unknown_optimizer_implementation_is_one_error_naming_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=r"optim\.implementation.*auto.*fused.*foreach"):
         load_config(None, ["optim.implementation=apex"])
+
+
+def test_fused_sgd_under_loss_scaling_unscaled_and_clipped_takes_the_same_steps():
+    """fp16's path (auto picks fused on CUDA; the CPU's GradScaler drives the same code): the gradients unscaled for
+    clipping, then the scaler's step, which a fused optimiser takes with the scale and the inf check itself."""
+
+    def train(implementation: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = TwoPart()
+        cfg = OptimConfig(lr=0.1, lrp=0.1, implementation=implementation)
+        opt = build_optimizer(model, cfg, cfg.lr)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            loss = model.head(model.backbone(torch.randn(2, 3, 6, 6)).amax(dim=(2, 3))).square().mean()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach() for p in model.parameters()]
+
+    for fused, default in zip(train("fused"), train("foreach")):
+        assert torch.allclose(fused, default, rtol=0, atol=1e-6)
