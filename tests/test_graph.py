@@ -113,6 +113,27 @@ def test_read_stats_refuses_a_pickle_that_holds_more_than_numpy_arrays(tmp_path)
         read_stats(path)
 
 
+def test_read_stats_names_any_bytes_that_are_no_pickle_as_such_whatever_the_unpickler_raises(tmp_path):
+    """Random bytes make the unpickler raise anything: a length read as 2**62 is a MemoryError (seen in CI), an
+    opcode's argument a KeyError or an OverflowError. Every one must be the error naming the file."""
+    path = tmp_path / "junk.bin"
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(300):
+        path.write_bytes(rng.integers(0, 256, size=int(rng.integers(1, 300)), dtype=np.uint8).tobytes())
+        try:
+            read_stats(path)
+        except ValueError as err:
+            assert str(err).startswith(f"{path}: ")
+            if err.__cause__ is not None:
+                kinds.add(type(err.__cause__).__name__)
+    assert len(kinds) >= 3  # the fuzzing reached more than the unpickler's own error
+    memory = tmp_path / "huge.bin"
+    memory.write_bytes(b"\x8e" + (2**62).to_bytes(8, "little"))  # BINBYTES8 of 2**62 bytes: a MemoryError
+    with pytest.raises(ValueError, match=r"huge\.bin: not a pickle of numpy arrays"):
+        read_stats(memory)
+
+
 def test_read_stats_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pkl"):
         read_stats(tmp_path / "nothere.pkl")

@@ -331,7 +331,7 @@ def _setup_error_case(case: str, tmp_path: Path, tiny_shards: Path) -> tuple[tup
     """Overrides whose file or value is found unusable while the run is set up (not at load time), and what the
     error says."""
     junk = tmp_path / "junk.bin"
-    junk.write_bytes(os.urandom(256))
+    junk.write_bytes(random.Random(0).randbytes(256))  # no file format: the same bytes in every run
     other_net = tmp_path / "other_net.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other_net)
     words = tmp_path / "glove.txt"
