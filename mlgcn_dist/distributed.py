@@ -39,6 +39,9 @@ class Topology:
     distributed_type: str
     per_device_batch: int
     grad_accum: int
+    # torch's intra-op threads in this process: `accelerate launch` gives a GPU process one (OMP_NUM_THREADS=1),
+    # a bare `python launch/train.py` one per core, which every CPU op in the trainer then wakes (README Performance).
+    intra_op_threads: int = 1
 
     @property
     def global_batch(self) -> int:
@@ -48,7 +51,8 @@ class Topology:
         return (
             f"{self.distributed_type} on {self.device}: world size {self.world_size}; global batch = "
             f"{self.per_device_batch} per device x {self.grad_accum} accumulation x {self.world_size} processes "
-            f"= {self.global_batch}"
+            f"= {self.global_batch}; {self.intra_op_threads} intra-op thread"
+            f"{'s' if self.intra_op_threads != 1 else ''} per process"
         )
 
 
@@ -238,6 +242,7 @@ def topology(accelerator: Accelerator, cfg: Config) -> Topology:
         device=str(accelerator.device),
         distributed_type=str(accelerator.distributed_type.value),
         per_device_batch=cfg.data.batch_size,
+        intra_op_threads=torch.get_num_threads(),
         grad_accum=cfg.train.grad_accum,
     )
 

@@ -129,3 +129,30 @@ def test_without_a_process_group_the_collectives_are_local():
     average_running_stats(model)
     assert model[1].running_mean.tolist() == [1.0, 2.0, 3.0]
     assert any_rank(True, CPU) is True and gather_objects(7) == [7]
+
+
+def test_the_start_line_gives_the_global_batch_and_each_processs_intra_op_threads():
+    """How many threads each process's CPU ops wake is printed with the global batch: `accelerate launch` gives a
+    GPU process one, a bare `python launch/train.py` one per core (README Performance, run G)."""
+    from dataclasses import replace
+
+    from mlgcn_dist.distributed import Topology, topology
+
+    topo = Topology(world_size=8, rank=0, local_rank=0, device="cuda:0", distributed_type="MULTI_GPU",
+                    per_device_batch=64, grad_accum=1, intra_op_threads=1)
+    assert topo.describe() == ("MULTI_GPU on cuda:0: world size 8; global batch = 64 per device x 1 accumulation x "
+                               "8 processes = 512; 1 intra-op thread per process")
+    assert replace(topo, intra_op_threads=16).describe().endswith("; 16 intra-op threads per process")
+
+    class OneProcess:  # the Accelerator's fields topology reads
+        num_processes, process_index, local_process_index, device = 1, 0, 0, CPU
+
+        class distributed_type:  # noqa: N801 (an enum member's shape)
+            value = "NO"
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        assert topology(OneProcess(), load_config(None, [])).intra_op_threads == before + 1
+    finally:
+        torch.set_num_threads(before)
