@@ -224,9 +224,26 @@ def compile_kwargs(mode: str, cpp_wrapper: bool = False) -> dict:
     """
     if not cpp_wrapper:
         return {"mode": mode}
+    _find_cpp_compiler()
     from torch._inductor import list_mode_options  # Inductor's own table of what each mode sets
 
     return {"options": {**list_mode_options(mode), "cpp_wrapper": True}}
+
+
+def _find_cpp_compiler() -> None:
+    """The C++ compiler the C++ wrapper is built with, looked up as Inductor looks it up, now: without one the first
+    compiled step fails, minutes into a run, once the model and data are set up."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch whose Inductor keeps it elsewhere: its own error at compile time says what lacks
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # Inductor's InvalidCxxCompiler, or whatever its search ran into
+        raise ConfigError(
+            f"train.compile_cpp_wrapper=true: Inductor finds no C++ compiler to build the wrapper with "
+            f"({type(err).__name__}); install g++ (or point CXX at one), or set train.compile_cpp_wrapper=false"
+        ) from err
 
 
 def uses_cuda_graphs(compiled: bool, compile_mode: str) -> bool:

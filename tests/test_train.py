@@ -344,6 +344,20 @@ def test_the_cpp_wrapper_reaches_accelerates_dynamo_plugin_as_inductor_options_h
     assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
 
 
+def test_a_cpp_wrapper_without_a_cpp_compiler_is_one_error_naming_the_key_before_the_run_is_set_up(
+        monkeypatch, toy_root, tmp_path):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    cfg = toy_config(toy_root, tmp_path, "train.compile=true", "train.compile_cpp_wrapper=true")
+    with pytest.raises(ConfigError, match=r"train\.compile_cpp_wrapper=true: Inductor finds no C\+\+ compiler .*"
+                                          r"install g\+\+ \(or point CXX at one\)"):
+        build_accelerator(resolve_precision(cfg, "cpu"))
+
+
 @pytest.mark.slow
 def test_a_model_compiled_with_the_cpp_wrapper_trains_to_the_eager_gradients_on_the_cpu():
     """The option is Inductor's, on every device: here its C++ wrapper around CPU kernels (on CUDA, around Triton
