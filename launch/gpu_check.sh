@@ -17,9 +17,10 @@
 #                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
 #   compile_cppwrap     `compile` with train.compile_cpp_wrapper=true: Inductor launches the compiled kernels from
 #                       C++, without Python or the GIL per launch (run G: the step is host-bound; not in the default);
-#   compile_threads16   `compile` with 16 intra-op threads (`--threads 16`), as every bench run A-G ran and
-#                       as a bare `python launch/train.py` runs, against the one thread `accelerate launch` gives a
-#                       GPU process, which the bench now takes by default (not in the default);
+#   compile_threads16   `compile` with each end-to-end phase run twice in a row (`--also-threads 16`): with the one
+#                       intra-op thread `accelerate launch` gives a GPU process (the bench's default now) and with
+#                       16, as every bench run A-G ran and a bare `python launch/train.py` runs; side by side in
+#                       one run, which separate runs cannot rank (run G); it replaces `compile` (not in the default);
 #   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
 #                       default (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
@@ -109,7 +110,7 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_cppwrap) toy_ready; step bench_compile_cppwrap 360 "${bench[@]}" \
             --json "$OUT/bench_compile_cppwrap.json" --profile-dir "$WORK/profiles/compile_cppwrap" \
             "${overrides[@]}" train.compile=true train.compile_cpp_wrapper=true ;;
-        compile_threads16) toy_ready; step bench_compile_threads16 300 "${bench[@]}" --threads 16 \
+        compile_threads16) toy_ready; step bench_compile_threads16 360 "${bench[@]}" --also-threads 16 \
             --json "$OUT/bench_compile_threads16.json" --profile-dir "$WORK/profiles/compile_threads16" \
             "${overrides[@]}" train.compile=true ;;
         compile_foreach) toy_ready; step bench_compile_foreach 300 "${bench[@]}" \

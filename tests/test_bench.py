@@ -866,8 +866,8 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
 
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
-    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, only: benched.append(
-        (cfg, steps, warmup, profiler, only)) or {"phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, only, also_threads: benched.append(
+        (cfg, steps, warmup, profiler, only, also_threads)) or {"phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -875,8 +875,9 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
             str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
             "--json", str(out), "data.workers=3"]
     assert main(argv) == 0
-    [(cfg, steps, warmup, profiler, only)] = benched
+    [(cfg, steps, warmup, profiler, only, also_threads)] = benched
     assert (steps, warmup, profiler.steps, profiler.out_dir, only) == (5, 3, 4, tmp_path / "profiles", None)
+    assert also_threads is None
     assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
     assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
 
@@ -1059,3 +1060,46 @@ def test_the_reports_first_line_gives_the_intra_op_threads_the_steps_ran_with():
     assert "compile (reduce-overhead), 1 intra-op thread; 50 timed" in format_report(report).splitlines()[0]
     report["intra_op_threads"] = 16
     assert ", 16 intra-op threads; " in format_report(report).splitlines()[0]
+
+
+def test_also_threads_runs_each_end_to_end_phase_again_right_after_it_at_that_many_intra_op_threads(monkeypatch,
+                                                                                                 toy_root):
+    """Two settings of the process side by side in one run: separate runs minutes apart spread by 30% (run G)."""
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.device_prefetch=0"])
+    before = torch.get_num_threads()
+    ran = []
+
+    def loader_phase(step, cfg, decode, steps, warmup, depth=None, stream=None, profile=None, **options):
+        ran.append((profile.trace.name.removesuffix(".json.gz"), torch.get_num_threads()))
+        return {"decode_on": decode}
+
+    monkeypatch.setattr(train, "loader_phase", loader_phase)
+    monkeypatch.setattr(train, "synthetic_phase", lambda *_: {})
+    monkeypatch.setattr(train, "_progress", lambda name, result: result)
+    monkeypatch.setattr(train, "forward_flops_per_image", lambda *args, **kwargs: 1.0)
+    cpu = torch.device("cpu")
+    end_to_end = train.with_thread_variants(end_to_end_phases(cfg, cpu), before + 1)
+    phases, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, StepProfiler(Path("p"), 1),
+                                         end_to_end)
+    assert ran == [("e2e_decode_cpu", before), (f"e2e_decode_cpu_threads{before + 1}", before + 1),
+                   ("e2e_decode_gpu", before), (f"e2e_decode_gpu_threads{before + 1}", before + 1)]
+    assert torch.get_num_threads() == before
+    variant = phases[f"e2e_decode_gpu_threads{before + 1}"]
+    assert variant["intra_op_threads"] == before + 1 and variant["decode_on"] == f"gpu, {before + 1} intra-op threads"
+    assert phases["e2e_decode_gpu"]["intra_op_threads"] == before and phases["e2e_decode_gpu"]["decode_on"] == "gpu"
+    assert train.with_thread_variants({"e2e_decode_cpu": {"decode": "cpu"}}, None) == {"e2e_decode_cpu": {"decode": "cpu"}}
+
+
+def test_bench_train_passes_also_threads_on_after_checking_the_phases_it_follows(monkeypatch, tmp_path, capsys):
+    from mlgcn_dist.bench import cli
+
+    benched = []
+    monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: None)
+    monkeypatch.setattr(cli, "bench_train", lambda *args: benched.append(args) or {"phases": {}})
+    monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
+    monkeypatch.setattr(cli, "format_report", lambda report: "")
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--shards", str(tmp_path), "--json",
+            str(tmp_path / "train.json"), "--phases", "e2e_decode_gpu", "--also-threads", "16", "train.device=cpu"]
+    assert main(argv) == 0
+    assert benched[0][4:] == (["e2e_decode_gpu"], 16)
+    assert "phases ceiling, e2e_decode_gpu, e2e_decode_gpu_threads16, ceiling_repeat" in capsys.readouterr().out

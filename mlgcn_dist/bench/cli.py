@@ -18,6 +18,7 @@ from mlgcn_dist.arguments import non_negative_int, positive_int
 from mlgcn_dist.bench.decode import add_decode_arguments, run_decode_bench
 from mlgcn_dist.bench.profiling import StepProfiler
 from mlgcn_dist.bench.report import format_report
+from mlgcn_dist.bench.step import intra_op_threads
 from mlgcn_dist.bench.train import (
     batches_per_phase,
     bench_device,
@@ -27,6 +28,7 @@ from mlgcn_dist.bench.train import (
     make_toy_shards,
     point_config_at_shards,
     select_phases,
+    with_thread_variants,
 )
 from mlgcn_dist.config import Config, DataConfig, load_config
 from mlgcn_dist.data.loader import bench_loader
@@ -98,6 +100,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="intra-op threads of this process (default: what `accelerate launch` gives a training process: "
         "$OMP_NUM_THREADS if set, else 1 on a GPU; on a CPU, torch's own default)",
+    )
+    p.add_argument(
+        "--also-threads",
+        type=positive_int,
+        help="run each end-to-end phase a second time right after it with this many intra-op threads (named "
+        "<phase>_threads<N>): the two settings compared within one run, where separate runs spread widely "
+        "(default: once each)",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser(
@@ -174,7 +183,8 @@ def stop_signals_unwind() -> Iterator[None]:
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = bench_device(cfg)
-    end_to_end = select_phases(end_to_end_phases(cfg, device), args.phases)  # a wrong name fails before any work
+    # A wrong name fails before any work.
+    end_to_end = with_thread_variants(select_phases(end_to_end_phases(cfg, device), args.phases), args.also_threads)
     if args.profile_dir is not None:  # made now: a path it cannot be would fail only after the first phase
         try:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -208,18 +218,6 @@ def launcher_threads(device_type: str, environ: Mapping[str, str]) -> int | None
     return 1 if device_type == "cuda" else None
 
 
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` inside (None: left as they are), and restored after."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:
     """bench_train on ``--shards``, or on a toy set made in a temporary directory, removed however this ends."""
     with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
@@ -229,7 +227,7 @@ def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:
         profiler = None if args.profile_dir is None else StepProfiler(args.profile_dir, args.profile_steps)
         profiled = 0 if profiler is None else profiler.steps
         point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup, profiled))
-        report = bench_train(cfg, args.steps, args.warmup, profiler, args.phases)
+        report = bench_train(cfg, args.steps, args.warmup, profiler, args.phases, args.also_threads)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
     return report

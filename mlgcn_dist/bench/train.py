@@ -17,6 +17,7 @@ from mlgcn_dist.bench.step import (
     TrainStep,
     cuda_numerics,
     forward_flops_per_image,
+    intra_op_threads,
     peak_tflops,
     run_setting,
 )
@@ -94,6 +95,19 @@ def select_phases(phases: dict[str, dict], wanted: list[str] | None) -> dict[str
     return {name: how for name, how in phases.items() if name in wanted}
 
 
+def with_thread_variants(phases: dict[str, dict], threads: int | None) -> dict[str, dict]:
+    """``phases``, each followed by the same phase at ``threads`` intra-op threads (``<name>_threads<N>``) when
+    ``threads`` is given: two settings of the process compared within one run, side by side, where two runs
+    minutes apart on one machine differed by 30% (README Performance, run G)."""
+    if threads is None:
+        return phases
+    variants: dict[str, dict] = {}
+    for name, how in phases.items():
+        variants[name] = how
+        variants[f"{name}_threads{threads}"] = {**how, "threads": threads}
+    return variants
+
+
 def _configured_phases(
     cfg: Config,
     info: DatasetInfo,
@@ -123,10 +137,14 @@ def _configured_phases(
             options = dict(how)
             decode = options.pop("decode")
             on = side_stream(device, not cfg.train.side_stream) if options.pop("other_stream", False) else stream
+            threads = options.pop("threads", None)
             profile = request_for(profiler, name)
-            phases[name] = _progress(
-                name, loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
-            )
+            with intra_op_threads(threads):
+                result = loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
+            result["intra_op_threads"] = torch.get_num_threads() if threads is None else threads
+            if threads is not None:
+                result["decode_on"] += f", {threads} intra-op thread{'s' if threads != 1 else ''}"
+            phases[name] = _progress(name, result)
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
     return phases, forward_flops
@@ -146,13 +164,19 @@ def _reference_phase(
 
 
 def bench_train(
-    cfg: Config, steps: int, warmup: int, profiler: StepProfiler | None = None, only: list[str] | None = None
+    cfg: Config,
+    steps: int,
+    warmup: int,
+    profiler: StepProfiler | None = None,
+    only: list[str] | None = None,
+    also_threads: int | None = None,
 ) -> dict:
-    """Every phase on ``cfg.data.shards`` (of the end-to-end ones, ``only`` those named, when given); returns the
-    report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each training phase ends with that many steps under
-    torch.profiler (their device timeline in ``profile``)."""
+    """Every phase on ``cfg.data.shards`` (of the end-to-end ones, ``only`` those named, when given, each followed
+    by itself at ``also_threads`` intra-op threads when given); returns the report (see :mod:`mlgcn_dist.bench`).
+    With ``profiler``, each training phase ends with that many steps under torch.profiler (their device timeline in
+    ``profile``)."""
     device = bench_device(cfg)
-    end_to_end = select_phases(end_to_end_phases(cfg, device), only)
+    end_to_end = with_thread_variants(select_phases(end_to_end_phases(cfg, device), only), also_threads)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data)
     phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
