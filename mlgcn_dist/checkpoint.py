@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from mlgcn_dist.config import ConfigError
-from mlgcn_dist.errors import first_line
+from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import replaced_atomically, write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -302,8 +302,8 @@ class CheckpointManager:
             self.accelerator.load_state(str(path))
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
             # What a file cut short or garbled raises (torch.load: RuntimeError from its zip reader).
-            raise ConfigError(f"train.resume: checkpoint {path} could not be loaded ({type(err).__name__}: "
-                              f"{first_line(err)}); if it is damaged, {_OLDER_ONE}") from err
+            raise ConfigError(f"train.resume: checkpoint {path} could not be loaded ({one_line(err)}); if it is "
+                              f"damaged, {_OLDER_ONE}") from err
         # load_state restores Accelerate's micro-batch counter, which places each optimiser step (every
         # grad_accum-th micro-batch). A checkpoint is taken only between optimiser steps, so the next micro-batch
         # begins an accumulation, whatever train.grad_accum the run that saved it had.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mlgcn_dist.config import ConfigError, GraphConfig
-from mlgcn_dist.errors import first_line
+from mlgcn_dist.errors import one_line
 
 # The globals a pickle of plain numpy arrays refers to, under numpy 1.x (numpy.core) and 2.x (numpy._core), for
 # pickle protocols 2 to 5. Anything else in a statistics or embedding pickle is refused.
@@ -48,7 +48,7 @@ def _load_numpy_pickle(path: str | Path) -> object:
         try:
             return _NumpyOnlyUnpickler(f).load()
         except Exception as err:  # bytes that are no pickle raise anything: a length read as 2**62 is a MemoryError
-            raise ValueError(f"{path}: not a pickle of numpy arrays ({type(err).__name__}: {first_line(err)})") from err
+            raise ValueError(f"{path}: not a pickle of numpy arrays ({one_line(err)})") from err
 
 
 def label_stats(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import torch
 from mlgcn_dist.arguments import positive_int, probability
 from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key, validate
 from mlgcn_dist.data.records import LabelSpace
-from mlgcn_dist.errors import first_line
+from mlgcn_dist.errors import first_line, one_line
 from mlgcn_dist.files import write_text_atomic
 
 
@@ -62,7 +62,7 @@ def _read_checkpoint(path: str | Path) -> object:
         raise
     except (RuntimeError, EOFError, UnicodeDecodeError, OSError) as err:  # OSError: a zip cut short
         raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {first_line(err)})"
+            f"{path}: not a readable PyTorch checkpoint ({one_line(err)})"
         ) from err
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mlgcn_dist.config import Config, ConfigError, LogConfig, TrainConfig
-from mlgcn_dist.errors import first_line
+from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import write_text_atomic
 
 # Metrics of AveragePrecisionMeter.compute() reported next to the best mAP (as best_<name>).
@@ -340,8 +340,8 @@ class Tracker:
             call(self._run)
         except Exception as err:  # whatever W&B raises: the run must go on to its checkpoint
             self._run = None
-            print(f"W&B {what} failed ({type(err).__name__}: {first_line(err)}); W&B logging is off for the rest of "
-                  f"this run, its files in {self.run_dir} go on", file=sys.stderr, flush=True)
+            print(f"W&B {what} failed ({one_line(err)}); W&B logging is off for the rest of this run, its files in "
+                  f"{self.run_dir} go on", file=sys.stderr, flush=True)
             import wandb
 
             try:  # now, or W&B's exit hook fails the same way at exit, with a traceback

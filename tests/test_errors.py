@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlgcn_dist.errors import first_line
+from mlgcn_dist.errors import first_line, one_line
 
 
 @pytest.mark.parametrize(("err", "line"), [
@@ -15,3 +15,8 @@ from mlgcn_dist.errors import first_line
 ])
 def test_first_line_is_the_messages_first_line_and_empty_for_an_empty_message(err, line):
     assert first_line(err) == line
+
+
+def test_one_line_is_the_type_and_the_messages_first_line():
+    assert one_line(RuntimeError("a zip cut short\n  at byte 12")) == "RuntimeError: a zip cut short"
+    assert one_line(MemoryError()) == "MemoryError: "
