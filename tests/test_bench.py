@@ -866,8 +866,8 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
 
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
-    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, only, also_threads: benched.append(
-        (cfg, steps, warmup, profiler, only, also_threads)) or {"phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end: benched.append(
+        (cfg, steps, warmup, profiler, end_to_end)) or {"phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -875,9 +875,9 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
             str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
             "--json", str(out), "data.workers=3"]
     assert main(argv) == 0
-    [(cfg, steps, warmup, profiler, only, also_threads)] = benched
-    assert (steps, warmup, profiler.steps, profiler.out_dir, only) == (5, 3, 4, tmp_path / "profiles", None)
-    assert also_threads is None
+    [(cfg, steps, warmup, profiler, end_to_end)] = benched
+    assert (steps, warmup, profiler.steps, profiler.out_dir) == (5, 3, 4, tmp_path / "profiles")
+    assert end_to_end == end_to_end_phases(cfg, torch.device("cpu"))  # every phase, once each
     assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
     assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
 
@@ -1101,5 +1101,6 @@ def test_bench_train_passes_also_threads_on_after_checking_the_phases_it_follows
     argv = ["bench", "train", "--config", "configs/toy.yaml", "--shards", str(tmp_path), "--json",
             str(tmp_path / "train.json"), "--phases", "e2e_decode_gpu", "--also-threads", "16", "train.device=cpu"]
     assert main(argv) == 0
-    assert benched[0][4:] == (["e2e_decode_gpu"], 16)
+    end_to_end = benched[0][4]
+    assert end_to_end == {"e2e_decode_gpu": {"decode": "gpu"}, "e2e_decode_gpu_threads16": {"decode": "gpu", "threads": 16}}
     assert "phases ceiling, e2e_decode_gpu, e2e_decode_gpu_threads16, ceiling_repeat" in capsys.readouterr().out

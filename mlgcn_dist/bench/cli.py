@@ -196,7 +196,7 @@ def _run_train(args: argparse.Namespace) -> int:
     print(describe_run(cfg, device, args, list(end_to_end)), flush=True)
     try:
         with stop_signals_unwind(), intra_op_threads(args.threads or launcher_threads(device.type, os.environ)):
-            report = _bench_train_on_shards(cfg, args)
+            report = _bench_train_on_shards(cfg, args, end_to_end)
     except StopSignal as stop:
         made = "; its temporary toy set is removed" if args.shards is None else ""
         print(f"mlgcn bench train: stopped by {signal.Signals(stop.signum).name}{made}", file=sys.stderr)
@@ -218,7 +218,7 @@ def launcher_threads(device_type: str, environ: Mapping[str, str]) -> int | None
     return 1 if device_type == "cuda" else None
 
 
-def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:
+def _bench_train_on_shards(cfg: Config, args: argparse.Namespace, end_to_end: dict[str, dict]) -> dict:
     """bench_train on ``--shards``, or on a toy set made in a temporary directory, removed however this ends."""
     with tempfile.TemporaryDirectory(prefix="mlgcn-bench-") as tmp:
         shards = args.shards or make_toy_shards(
@@ -227,7 +227,7 @@ def _bench_train_on_shards(cfg: Config, args: argparse.Namespace) -> dict:
         profiler = None if args.profile_dir is None else StepProfiler(args.profile_dir, args.profile_steps)
         profiled = 0 if profiler is None else profiler.steps
         point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup, profiled))
-        report = bench_train(cfg, args.steps, args.warmup, profiler, args.phases, args.also_threads)
+        report = bench_train(cfg, args.steps, args.warmup, profiler, end_to_end)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
     return report

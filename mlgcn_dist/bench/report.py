@@ -160,7 +160,12 @@ def _breakdown(ops: dict) -> str:
 def _threads(report: dict) -> str:
     """The process's intra-op threads, as ", N intra-op threads" (reports before the key: nothing)."""
     threads = report.get("intra_op_threads")
-    return "" if threads is None else f", {threads} intra-op thread{'s' if threads != 1 else ''}"
+    return "" if threads is None else f", {threads_phrase(threads)}"
+
+
+def threads_phrase(threads: int) -> str:
+    """"1 intra-op thread", "16 intra-op threads"."""
+    return f"{threads} intra-op thread{'s' if threads != 1 else ''}"
 
 
 def _cell(x: float | None, width: int, none: str = "n/a") -> str:

@@ -11,6 +11,7 @@ import torch
 
 from mlgcn_dist.bench.phases import data_path_phase, loader_phase, synthetic_phase
 from mlgcn_dist.bench.profiling import StepProfiler, request_for
+from mlgcn_dist.bench.report import threads_phrase
 from mlgcn_dist.bench.step import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
@@ -141,9 +142,9 @@ def _configured_phases(
             profile = request_for(profiler, name)
             with intra_op_threads(threads):
                 result = loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
-            result["intra_op_threads"] = torch.get_num_threads() if threads is None else threads
+                result["intra_op_threads"] = torch.get_num_threads()
             if threads is not None:
-                result["decode_on"] += f", {threads} intra-op thread{'s' if threads != 1 else ''}"
+                result["decode_on"] += f", {threads_phrase(threads)}"
             phases[name] = _progress(name, result)
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
@@ -168,15 +169,14 @@ def bench_train(
     steps: int,
     warmup: int,
     profiler: StepProfiler | None = None,
-    only: list[str] | None = None,
-    also_threads: int | None = None,
+    end_to_end: dict[str, dict] | None = None,
 ) -> dict:
-    """Every phase on ``cfg.data.shards`` (of the end-to-end ones, ``only`` those named, when given, each followed
-    by itself at ``also_threads`` intra-op threads when given); returns the report (see :mod:`mlgcn_dist.bench`).
-    With ``profiler``, each training phase ends with that many steps under torch.profiler (their device timeline in
-    ``profile``)."""
+    """Every phase on ``cfg.data.shards``: the ceiling, the ``end_to_end`` phases (default: every one of
+    :func:`end_to_end_phases`; the CLI passes those ``--phases`` and ``--also-threads`` make), its repeat and the
+    reference; returns the report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each training phase ends with
+    that many steps under torch.profiler (their device timeline in ``profile``)."""
     device = bench_device(cfg)
-    end_to_end = with_thread_variants(select_phases(end_to_end_phases(cfg, device), only), also_threads)
+    end_to_end = end_to_end_phases(cfg, device) if end_to_end is None else end_to_end
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data)
     phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
