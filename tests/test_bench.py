@@ -1104,3 +1104,34 @@ def test_bench_train_passes_also_threads_on_after_checking_the_phases_it_follows
     end_to_end = benched[0][4]
     assert end_to_end == {"e2e_decode_gpu": {"decode": "gpu"}, "e2e_decode_gpu_threads16": {"decode": "gpu", "threads": 16}}
     assert "phases ceiling, e2e_decode_gpu, e2e_decode_gpu_threads16, ceiling_repeat" in capsys.readouterr().out
+
+
+def test_bench_train_stopped_while_python_wraps_the_signal_in_an_error_of_its_own_still_cleans_up_and_exits_128_plus_it(
+        monkeypatch, tmp_path, capsys):
+    """Seen in CI: a Ctrl-C landed while PIL defined its plugin classes as it saved the first toy JPEG, and Python
+    turned the StopSignal raised in __set_name__ into "RuntimeError: Error calling __set_name__", a traceback and
+    exit 1."""
+    import os
+    import signal
+
+    from mlgcn_dist.bench import cli
+
+    class Descriptor:
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs between two bytecodes of this frame
+                pass
+
+    def make_toy_shards(workdir, *args):
+        (workdir / "toy").mkdir()
+        type("Plugin", (), {"attribute": Descriptor()})
+        return workdir
+
+    monkeypatch.setattr(cli, "make_toy_shards", make_toy_shards)
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--json", str(tmp_path / "b.json"), "train.device=cpu"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "mlgcn bench train: stopped by SIGTERM; its temporary toy set is removed")
+    assert not list(tmp_path.glob("mlgcn-bench-*"))
+    assert cli.stop_signal_behind(RuntimeError("no signal")) is None

@@ -180,6 +180,19 @@ def stop_signals_unwind() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def stop_signal_behind(err: BaseException) -> StopSignal | None:
+    """The :class:`StopSignal` ``err`` is, or was raised from or while handling; else None. Python wraps what a
+    signal handler raises inside some hooks in an error of its own: a class body's ``__set_name__`` (PIL defines
+    its image plugins' classes when it first saves a JPEG) turns it into a RuntimeError."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, StopSignal):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = bench_device(cfg)
@@ -197,7 +210,10 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         with stop_signals_unwind(), intra_op_threads(args.threads or launcher_threads(device.type, os.environ)):
             report = _bench_train_on_shards(cfg, args, end_to_end)
-    except StopSignal as stop:
+    except BaseException as err:
+        stop = stop_signal_behind(err)
+        if stop is None:
+            raise
         made = "; its temporary toy set is removed" if args.shards is None else ""
         print(f"mlgcn bench train: stopped by {signal.Signals(stop.signum).name}{made}", file=sys.stderr)
         return 128 + stop.signum
