@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -657,6 +658,51 @@ def test_workers_started_by_forkserver_or_spawn_yield_the_batches_forked_workers
     assert_same_batches(list(train), train_batches(forked, rank=1, world=2, epoch=1, seed=3))
     evaluation = build_eval_loader(started, rank=1, world_size=2, decode="cpu")
     assert_same_batches(list(evaluation), list(build_eval_loader(forked, rank=1, world_size=2, decode="cpu")))
+
+
+_BLOCKED_AT_WORKER_START: list[int] = []  # set in a forked worker by _record_the_mask_then_init
+
+
+def _record_the_mask_then_init(worker_id: int) -> None:
+    _BLOCKED_AT_WORKER_START[:] = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    loader_module._init_worker(worker_id)
+
+
+class _WorkerSignalState(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        stop = [int(s) for s in SAVING_STOP_SIGNALS]
+        now = {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])}
+        yield {"blocked_at_start": [s for s in stop if s in _BLOCKED_AT_WORKER_START],
+               "blocked_now": [s for s in stop if s in now],
+               "ignored": [s for s in stop if signal.getsignal(s) == signal.SIG_IGN]}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_loader_workers_start_with_the_stop_signals_blocked_and_unblock_them_once_ignored():
+    """So a stop signal that reaches a worker before its worker_init_fn waits for it, and is then dropped; the
+    trainer's own block ends as its workers are started."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = loader_module.StopSafeDataLoader(_WorkerSignalState(), batch_size=None, num_workers=1,
+                                              worker_init_fn=_record_the_mask_then_init)
+    batches = iter(loader)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    (state,) = list(batches)
+    stop = [int(s) for s in SAVING_STOP_SIGNALS]
+    assert state == {"blocked_at_start": stop, "blocked_now": [], "ignored": stop}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize("start", ["fork", "forkserver", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_stop_signals_sent_to_starting_workers_do_not_end_them(start, toy_root, shards):
+    """SLURM signals every process of a job step and Ctrl-C the whole process group, workers that are still
+    starting included (a spawned one imports for seconds): each still yields its batches, as unsignalled."""
+    cfg = config("wds", toy_root, shards, workers=2, worker_start=start)
+    batches = iter(build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"))
+    for worker in batches._workers:  # started, not yet through their worker_init_fn (surely not when spawned)
+        for sig in SAVING_STOP_SIGNALS:
+            os.kill(worker.pid, sig)
+    unsignalled = build_eval_loader(config("wds", toy_root, shards, workers=2), rank=0, world_size=1, decode="cpu")
+    assert_same_batches(list(batches), list(unsignalled))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")

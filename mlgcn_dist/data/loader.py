@@ -38,6 +38,7 @@ import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -238,9 +239,46 @@ def _leave_stop_signals_to_the_trainer() -> None:
     Ctrl-C reaches the terminal's whole process group. PyTorch ends a worker on a SIGTERM from anyone but its
     trainer, and the trainer then fails on the lost worker instead of finishing its step and saving. Ignored, the
     workers go on until the trainer is done with its loader, which ends them with a sentinel, or they see it gone
-    (their watchdog); one still alive when the trainer exits is ended by :func:`_end_workers_at_exit`."""
+    (their watchdog); one still alive when the trainer exits is ended by :func:`_end_workers_at_exit`.
+
+    A worker starts with these signals blocked (:class:`StopSafeDataLoader`): one that came before this point is
+    pending, and dropped here, once ignored, as they are unblocked."""
     for sig in SAVING_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SAVING_STOP_SIGNALS)
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """The stop signals held back from this thread inside, and from the processes it starts there (a blocked
+    signal stays blocked across fork and exec); one that comes meanwhile is delivered as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold back with
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SAVING_STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class StopSafeDataLoader(DataLoader):
+    """A DataLoader whose workers a stop signal cannot end before their worker_init_fn ignores it.
+
+    Until then a worker runs on the signal dispositions it started with, the trainer's (forked) or Python's
+    (spawned, through seconds of imports), then PyTorch's worker handlers: SIGTERM ends it, SIGINT raises
+    KeyboardInterrupt. A scancel or Ctrl-C in that window ended a worker (a test sees it happen to forked ones
+    too), and the trainer then failed on it instead of saving, or waited data.worker_timeout_s for it. So
+    the workers are started with the signals blocked, and unblock them once ignored
+    (:func:`_leave_stop_signals_to_the_trainer`). The trainer's own share of the block lasts as long as starting
+    the workers, and a signal it holds back is delivered after."""
+
+    def __iter__(self) -> Iterator:
+        if self.num_workers == 0:
+            return super().__iter__()
+        with _stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
+            return super().__iter__()
 
 
 @lru_cache(maxsize=1)  # registers its hook once
@@ -267,8 +305,8 @@ def worker_context(worker_start: str) -> multiprocessing.context.BaseContext | N
     method, as before the key existed: macOS keeps spawn (Python's choice there: a forked child can crash in system
     libraries that started threads), and Linux from Python 3.14 its forkserver. forkserver preloads
     :data:`FORKSERVER_PRELOAD` (a forkserver this process started earlier without it keeps what it has; a module
-    it cannot import, it skips). spawn starts each worker bare: seconds of imports, during which a stop signal
-    can still end it."""
+    it cannot import, it skips). spawn starts each worker bare: seconds of imports (through which
+    :class:`StopSafeDataLoader` holds the stop signals back)."""
     if worker_start == "fork":
         return None
     context = multiprocessing.get_context(worker_start)
@@ -632,7 +670,7 @@ def build_train_loader(
             shuffle_buffer=data_cfg.shuffle_buffer,
             decoder=SampleDecoder(len(meta["label_names"]), transform),
         )
-        return TrainLoader(DataLoader(stream, batch_size=None, **kwargs), steps)
+        return TrainLoader(StopSafeDataLoader(stream, batch_size=None, **kwargs), steps)
     index = _folder_split(data_cfg, data_cfg.train_split)
     if len(index) == 0:
         raise ValueError(f"{data_cfg.root}: split '{data_cfg.train_split}' holds no images")
@@ -640,7 +678,7 @@ def build_train_loader(
     dataset = FolderDataset(index, transform, raw=decode == "gpu", seed=seed)
     dataset.set_epoch(epoch)
     indices = epoch_indices(len(index), rank, world_size, seed, epoch, steps * data_cfg.batch_size)
-    loader = DataLoader(
+    loader = StopSafeDataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=indices, drop_last=True, collate_fn=collate, **kwargs
     )
     return TrainLoader(loader, steps)
@@ -661,11 +699,11 @@ def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decod
             batch_size=batch_size,
             decoder=SampleDecoder(len(meta["label_names"]), transform),
         )
-        return DataLoader(stream, batch_size=None, **kwargs)
+        return StopSafeDataLoader(stream, batch_size=None, **kwargs)
     index = _folder_split(data_cfg, data_cfg.val_split)
     dataset = FolderDataset(index, transform, raw=decode == "gpu")
     indices = list(_part(len(index), rank, world_size))
-    return DataLoader(
+    return StopSafeDataLoader(
         dataset, batch_size=batch_size, sampler=indices, drop_last=False, collate_fn=collate, **kwargs
     )
 
