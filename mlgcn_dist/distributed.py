@@ -24,6 +24,7 @@ from accelerate.utils import (
 )
 
 from mlgcn_dist.config import Config, ConfigError
+from mlgcn_dist.threads import threads_phrase
 
 _DTYPES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -51,8 +52,7 @@ class Topology:
         return (
             f"{self.distributed_type} on {self.device}: world size {self.world_size}; global batch = "
             f"{self.per_device_batch} per device x {self.grad_accum} accumulation x {self.world_size} processes "
-            f"= {self.global_batch}; {self.intra_op_threads} intra-op thread"
-            f"{'s' if self.intra_op_threads != 1 else ''} per process"
+            f"= {self.global_batch}; {threads_phrase(self.intra_op_threads)} per process"
         )
 
 

@@ -18,7 +18,6 @@ from mlgcn_dist.arguments import non_negative_int, positive_int
 from mlgcn_dist.bench.decode import add_decode_arguments, run_decode_bench
 from mlgcn_dist.bench.profiling import StepProfiler
 from mlgcn_dist.bench.report import format_report
-from mlgcn_dist.bench.step import intra_op_threads
 from mlgcn_dist.bench.train import (
     batches_per_phase,
     bench_device,
@@ -32,6 +31,7 @@ from mlgcn_dist.bench.train import (
 )
 from mlgcn_dist.config import Config, DataConfig, load_config
 from mlgcn_dist.data.loader import bench_loader
+from mlgcn_dist.threads import intra_op_threads
 
 DEFAULT_LOADER_BATCHES = 20
 # What bench_loader's workers each keep in flight: it builds its loader with DataConfig's default.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlgcn_dist.threads import threads_phrase
+
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
@@ -163,11 +165,6 @@ def _threads(report: dict) -> str:
     return "" if threads is None else f", {threads_phrase(threads)}"
 
 
-def threads_phrase(threads: int) -> str:
-    """"1 intra-op thread", "16 intra-op threads"."""
-    return f"{threads} intra-op thread{'s' if threads != 1 else ''}"
-
-
 def _cell(x: float | None, width: int, none: str = "n/a") -> str:
     return f"{none:>{width}s}" if x is None else f"{x:{width}.1f}"
 
@@ -180,4 +177,3 @@ def _ahead(phase: dict) -> str:
     depth = phase.get("device_prefetch")
     ahead = "" if not depth else f", {depth} batches ahead"
     return ahead + (", steps on a side stream" if phase["train_stream"] == "side" else "")
-

@@ -68,18 +68,6 @@ def run_setting(cfg: Config, device: torch.device) -> Setting:
     )
 
 
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` inside (None: left as they are), and restored after."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def peak_tflops(device_name: str, numerics: str) -> float | None:
     """Dense peak TFLOP/s of a known GPU at ``numerics`` (bf16, fp16, tf32, fp32); None if unknown or CPU."""
     for key, peaks in PEAK_TFLOPS.items():

@@ -11,14 +11,12 @@ import torch
 
 from mlgcn_dist.bench.phases import data_path_phase, loader_phase, synthetic_phase
 from mlgcn_dist.bench.profiling import StepProfiler, request_for
-from mlgcn_dist.bench.report import threads_phrase
 from mlgcn_dist.bench.step import (
     ORIGINAL_MLGCN,
     TRAIN_FLOPS_PER_FORWARD,
     TrainStep,
     cuda_numerics,
     forward_flops_per_image,
-    intra_op_threads,
     peak_tflops,
     run_setting,
 )
@@ -29,6 +27,7 @@ from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.engine import build_model_for
 from mlgcn_dist.streams import side_stream
+from mlgcn_dist.threads import intra_op_threads, threads_phrase
 
 
 def _progress(name: str, result: dict) -> dict:

@@ -59,6 +59,7 @@ from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.graph import label_stats, read_stats
+from mlgcn_dist.threads import intra_op_threads
 
 # Distinct first words keep the seed streams of different purposes apart (see _seed).
 _SEED_SHARD_ORDER, _SEED_WORKER, _SEED_LOADER, _SEED_PERMUTATION, _SEED_DEVICE_AUGMENT = 1, 2, 3, 4, 5
@@ -751,9 +752,7 @@ def bench_loader(
         steps_per_epoch=untimed + timed,
         shuffle_buffer=0,
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if workers == 0 else threads)
-    try:
+    with intra_op_threads(1 if workers == 0 else None):
         iterator = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode=decode))
         for _ in range(untimed):
             next(iterator)
@@ -763,8 +762,6 @@ def bench_loader(
             images += len(batch["image_id"])
             n_bad += batch["n_bad"]
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     rate = images / seconds if seconds > 0 else 0.0
     return {
         "shards": str(shards_dir),
