@@ -84,29 +84,26 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in ("summary.json", *SETUP_FILES, *PAST_SETUP))
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    """summary.json, or for a run without one the config it saved (``{"config": ...}``; ``{}`` without either)."""
+def _read_summary(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """summary.json, else the config the run saved (``{"config": ...}``; ``{}`` without it); and the status that
+    tells a run without a summary apart ("" with one). summary.json is looked for once: a run starting now could
+    write it between two looks, and be listed with its config alone and no status."""
     path = run_dir / "summary.json"
     try:
         if path.is_file():
-            return json.loads(path.read_text())
+            return json.loads(path.read_text()), ""
         path = run_dir / "config.yaml"
-        return {"config": yaml.safe_load(path.read_text()) or {}} if path.is_file() else {}
+        saved = {"config": yaml.safe_load(path.read_text()) or {}} if path.is_file() else {}
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         kind = path.suffix[1:].upper()
         raise ValueError(f"{path}: not valid {kind} ({err}); a run killed while writing it?") from err
-
-
-def _status_without_summary(run_dir: Path) -> str:
-    if (run_dir / "summary.json").is_file():
-        return ""
     if any((run_dir / name).exists() for name in PAST_SETUP):
-        return "no summary: removed after training began"
-    return "no summary: not past setup"
+        return saved, "no summary: removed after training began"
+    return saved, "no summary: not past setup"
 
 
 def _read_local_run(run_dir: Path) -> RunRecord:
-    summary = _read_summary(run_dir)
+    summary, status = _read_summary(run_dir)
     config = flatten_config(summary.get("config", {}))
     evals = read_jsonl(run_dir / "metrics.jsonl")
     curves = {source: _curve((r["epoch"], (r.get(source) or {}).get("mAP")) for r in evals)
@@ -118,7 +115,7 @@ def _read_local_run(run_dir: Path) -> RunRecord:
         summary={k: v for k, v in summary.items() if k != "config"},
         curves={k: v for k, v in curves.items() if v},
         requeue_pending=(run_dir / "REQUEUE").is_file(),
-        status=_status_without_summary(run_dir),
+        status=status,
     )
 
 
