@@ -106,13 +106,12 @@ def host_timeline(trace: dict, steps: int) -> dict | None:
     (autograd runs a CUDA backward on a device thread of its own; on the CPU, in the caller's: None). Under
     torch.compile the compiled regions' spans include their Python wrappers, so a wrapper that waits for the GIL
     shows as a longer span. None when the trace holds no ops."""
-    threads = _launch_threads(trace)
-    if threads is None:
+    host = _host_events(trace)
+    if host is None:
         return None
-    ops, loop, backward = threads
     return {
-        "loop_thread_ms": union_ms(ops[loop]) / steps,
-        "backward_thread_ms": None if backward is None else union_ms(ops[backward]) / steps,
+        "loop_thread_ms": union_ms(host.ops[host.loop]) / steps,
+        "backward_thread_ms": None if host.backward is None else union_ms(host.ops[host.backward]) / steps,
     }
 
 
@@ -122,26 +121,16 @@ def host_breakdown(trace: dict, steps: int, top: int = 4) -> dict | None:
     kernel launches (CUDA runtime and driver calls) of the loop's thread, the backward's and every other thread
     together (the prefetch helper's). Which part of a host-bound step to shorten, and whether a phase slowed one
     part or all of them. None when the trace holds no ops."""
-    threads = _launch_threads(trace)
-    if threads is None:
+    host = _host_events(trace)
+    if host is None:
         return None
-    _, loop, backward = threads
-    spans: dict[object, list[dict]] = {}
-    launches: dict[object, int] = {}
-    for event in trace.get("traceEvents", []):
-        if event.get("ph") != "X":
-            continue
-        category, tid = event.get("cat"), event.get("tid")
-        if category in ("cpu_op", "user_annotation"):
-            spans.setdefault(tid, []).append(event)
-        elif category in ("cuda_runtime", "cuda_driver") and "Launch" in str(event.get("name", "")):
-            launches[tid] = launches.get(tid, 0) + 1
-    others = sum(n for tid, n in launches.items() if tid not in (loop, backward))
+    loop, backward = host.loop, host.backward
+    others = sum(n for tid, n in host.launches.items() if tid not in (loop, backward))
     return {
-        "loop": _outermost(spans.get(loop, []), steps, top),
-        "backward": None if backward is None else _outermost(spans.get(backward, []), steps, top),
-        "launches": {"loop": launches.get(loop, 0) / steps,
-                     "backward": None if backward is None else launches.get(backward, 0) / steps,
+        "loop": _outermost(host.spans.get(loop, []), steps, top),
+        "backward": None if backward is None else _outermost(host.spans.get(backward, []), steps, top),
+        "launches": {"loop": host.launches.get(loop, 0) / steps,
+                     "backward": None if backward is None else host.launches.get(backward, 0) / steps,
                      "others": others / steps},
     }
 
@@ -164,31 +153,50 @@ def _outermost(events: list[dict], steps: int, top: int) -> list[list]:
     return [[name, total[name] / 1000 / steps, calls[name] / steps] for name in ranked]
 
 
-def _launch_threads(trace: dict) -> tuple[dict[object, list[tuple[float, float]]], object, object] | None:
-    """The ops' intervals per thread, the loop's thread (the one that steps the optimizer, else the one with the
-    most time inside ops) and autograd's backward thread where it is another one (else None); None when the
-    trace holds no ops."""
+@dataclass
+class _HostEvents:
+    """A trace's host side, read in one pass: the ops' intervals per thread, the spans (ops and annotations) per
+    thread, the kernel launches per thread, the loop's thread and the backward's (None where it is the loop's)."""
+
+    ops: dict[object, list[tuple[float, float]]]
+    spans: dict[object, list[dict]]
+    launches: dict[object, int]
+    loop: object
+    backward: object
+
+
+def _host_events(trace: dict) -> _HostEvents | None:
+    """The trace's :class:`_HostEvents`. The loop's thread is the one that steps the optimizer, else the one with
+    the most time inside ops; autograd's backward thread, the other one that runs most autograd nodes (a few may
+    run on the loop's). None when the trace holds no ops."""
     ops: dict[object, list[tuple[float, float]]] = {}
-    backward_nodes: dict[object, int] = {}  # autograd nodes run per thread (a few may run on the loop's)
+    spans: dict[object, list[dict]] = {}
+    launches: dict[object, int] = {}
+    backward_nodes: dict[object, int] = {}
     loop = None
     for event in trace.get("traceEvents", []):
         if event.get("ph") != "X":
             continue
-        name, tid = str(event.get("name", "")), event.get("tid")
-        if name.startswith("Optimizer.step") and event.get("cat") == "user_annotation":  # not its device copy
-            loop = tid
-        if event.get("cat") == "cpu_op":
+        name, tid, category = str(event.get("name", "")), event.get("tid"), event.get("cat")
+        if category == "user_annotation":
+            spans.setdefault(tid, []).append(event)
+            if name.startswith("Optimizer.step"):  # not its device copy (gpu_user_annotation)
+                loop = tid
+        elif category == "cpu_op":
+            spans.setdefault(tid, []).append(event)
             start = float(event["ts"])
             ops.setdefault(tid, []).append((start, start + float(event.get("dur", 0.0))))
             if name.startswith("autograd::engine::evaluate_function"):
                 backward_nodes[tid] = backward_nodes.get(tid, 0) + 1
+        elif category in ("cuda_runtime", "cuda_driver") and "Launch" in name:
+            launches[tid] = launches.get(tid, 0) + 1
     if not ops:
         return None
     if loop not in ops:  # no optimizer step recorded: the thread with the most time inside ops
         loop = max(ops, key=lambda tid: union_ms(ops[tid]))
     backward_nodes.pop(loop, None)
     backward = max(backward_nodes, key=backward_nodes.__getitem__, default=None)
-    return ops, loop, backward
+    return _HostEvents(ops, spans, launches, loop, backward)
 
 
 def profile_steps(run: Callable[[], object], request: ProfileRequest, device: torch.device) -> dict:
