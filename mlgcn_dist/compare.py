@@ -457,7 +457,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", type=Path,
                         help="run directories, or directories holding run directories; a run given twice is listed "
                              "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
-                             "there), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no "
+                             "there; a W&B run, which holds no marker, says preempted), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no "
                              "summary: not past setup (a run directory without summary.json: failed, killed or still "
                              "starting before tracking began), or no data (default: none)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
