@@ -2,12 +2,13 @@
 forks the first one.
 
 Each worker is then forked with torch and the loader already imported (a worker started bare spends seconds
-importing them, at every loader start), and ignores the trainer's stop signals from its first instruction: a
-SIGTERM from SLURM in those seconds would otherwise end it, and the trainer would fail on the lost worker instead
-of saving. The forkserver itself runs no thread of the trainer's, so forking it cannot deadlock the way forking
-the trainer can (CPython gh-112275). It ignores the stop signals too; it ends with the trainer (its pipe closes).
+importing them, at every loader start), and with the trainer's stop signals ignored and blocked until its
+worker_init_fn: a SIGTERM from SLURM before then would otherwise end it, and the trainer would fail on the lost
+worker instead of saving. The forkserver itself runs no thread of the trainer's, so forking it cannot deadlock the
+way forking the trainer can (CPython gh-112275). The stop signals cannot end it either; it ends with the trainer
+(its pipe closes).
 """
 
-from mlgcn_dist.data.loader import _leave_stop_signals_to_the_trainer
+from mlgcn_dist.data.loader import _serve_workers_with_stop_signals_held
 
-_leave_stop_signals_to_the_trainer()
+_serve_workers_with_stop_signals_held()

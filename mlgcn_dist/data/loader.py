@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -250,6 +251,17 @@ def _leave_stop_signals_to_the_trainer() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SAVING_STOP_SIGNALS)
 
 
+def _serve_workers_with_stop_signals_held() -> None:
+    """The forkserver's: the stop signals ignored, and blocked, so each worker it forks starts with them blocked
+    as a worker the trainer starts does (:class:`StopSafeDataLoader`). Ignoring them is not enough: PyTorch's
+    worker loop sets a SIGTERM handler of its own before the worker_init_fn, which ends a worker on a SIGTERM
+    from anyone but its parent (for a forkserver's worker, the server)."""
+    for sig in SAVING_STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_BLOCK, SAVING_STOP_SIGNALS)
+
+
 @contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """The stop signals held back from this thread inside, and from the processes it starts there (a blocked
@@ -268,16 +280,22 @@ class StopSafeDataLoader(DataLoader):
     """A DataLoader whose workers a stop signal cannot end before their worker_init_fn ignores it.
 
     Until then a worker runs on the signal dispositions it started with, the trainer's (forked) or Python's
-    (spawned, through seconds of imports), then PyTorch's worker handlers: SIGTERM ends it, SIGINT raises
-    KeyboardInterrupt. A scancel or Ctrl-C in that window ended a worker (a test sees it happen to forked ones
-    too), and the trainer then failed on it instead of saving, or waited data.worker_timeout_s for it. So
-    the workers are started with the signals blocked, and unblock them once ignored
+    (spawned, through seconds of imports), and from its worker loop's start on PyTorch's SIGTERM handler, which
+    ends it on a SIGTERM its parent did not send. A scancel or Ctrl-C in that window ended a worker (forked,
+    spawned or forkserver's: a test sees each), and the trainer then failed on it instead of saving, or waited
+    data.worker_timeout_s for it. So the workers are started with the signals blocked (a forkserver keeps them
+    blocked for its workers: :func:`_serve_workers_with_stop_signals_held`) and unblock them once ignored
     (:func:`_leave_stop_signals_to_the_trainer`). The trainer's own share of the block lasts as long as starting
     the workers, and a signal it holds back is delivered after."""
 
     def __iter__(self) -> Iterator:
         if self.num_workers == 0:
             return super().__iter__()
+        context = self.multiprocessing_context
+        if (context.get_start_method() if context is not None else _default_start_method()) != "fork":
+            # The workers' queues need multiprocessing's resource tracker. Started inside the block, it would end
+            # it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after (bpo-33613).
+            resource_tracker.ensure_running()
         with _stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
             return super().__iter__()
 
@@ -297,7 +315,7 @@ def _end_workers_at_exit() -> None:
     atexit.register(end_workers)
 
 
-# What the forkserver imports before it forks a worker: torch, the loader, the stop signals ignored (see it).
+# What the forkserver imports before it forks a worker: torch, the loader, the stop signals held (see it).
 FORKSERVER_PRELOAD = "mlgcn_dist.data.forkserver_preload"
 
 
@@ -319,8 +337,13 @@ def worker_context(worker_start: str) -> multiprocessing.context.BaseContext | N
 def forks_workers(worker_start: str) -> bool:
     """Whether the loader's workers are forked: ``data.worker_start=fork`` where the method in effect is fork (a
     start method set in this process, else the platform's default, the first one listed)."""
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    return worker_start == "fork" and method == "fork"
+    return worker_start == "fork" and _default_start_method() == "fork"
+
+
+def _default_start_method() -> str:
+    """The start method a process gets without a context: one set in this process, else the platform's default
+    (the first one listed)."""
+    return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
 
 
 def fork_warning(
