@@ -660,6 +660,46 @@ def test_workers_started_by_forkserver_or_spawn_yield_the_batches_forked_workers
     assert_same_batches(list(evaluation), list(build_eval_loader(forked, rank=1, world_size=2, decode="cpu")))
 
 
+_TRAINER_WITH_FORKSERVER_WORKERS = """
+import os, sys, time
+from mlgcn_dist.config import DataConfig
+from mlgcn_dist.data.loader import build_eval_loader
+cfg = DataConfig(dataset="coco", format="wds", shards=sys.argv[1], image_size=32, batch_size=4, workers=2,
+                 pin_memory=False, worker_start="forkserver", prefetch_factor=1)
+batches = iter(build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"))
+next(batches)
+print(*[worker.pid for worker in batches._workers], flush=True)
+time.sleep(600)  # killed here, its workers alive and waiting to be asked for more
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_forkserver_workers_and_their_server_end_with_a_trainer_killed_outright(shards):
+    """A forkserver's workers are the server's children, and the server lives while they do: PyTorch's watchdog,
+    which ends a worker whose parent is gone, kept them all alive after a SIGKILLed trainer, for good."""
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER_WITH_FORKSERVER_WORKERS, str(shards)],
+                               stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in trainer.stdout.readline().split()]
+    server = psutil.Process(workers[0]).ppid()
+    assert len(workers) == 2 and server != trainer.pid
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 30
+    while any(map(_alive, [*workers, server])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in [*workers, server] if _alive(pid)]
+    for pid in left:  # not to leave them to the next tests
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
 _BLOCKED_AT_WORKER_START: list[int] = []  # set in a forked worker by _record_the_mask_then_init
 
 

@@ -30,11 +30,14 @@ import io
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
+import os
 import random
 import re
 import signal
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -227,8 +230,10 @@ def _worker() -> tuple[int, int]:
 
 def _init_worker(worker_id: int) -> None:
     """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker);
-    the stop signals left to the trainer (:func:`_leave_stop_signals_to_the_trainer`)."""
+    the stop signals left to the trainer (:func:`_leave_stop_signals_to_the_trainer`); a worker whose parent is
+    not its trainer ends with the trainer (:func:`_end_with_the_trainer`)."""
     _leave_stop_signals_to_the_trainer()
+    _end_with_the_trainer()
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)
@@ -249,6 +254,25 @@ def _leave_stop_signals_to_the_trainer() -> None:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # POSIX
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SAVING_STOP_SIGNALS)
+
+
+def _end_with_the_trainer() -> None:
+    """In a forkserver's worker, a thread that ends the worker once its trainer is gone.
+
+    PyTorch's worker loop ends a worker whose parent process is gone, and a forkserver's worker is the server's
+    child, not the trainer's. The server in turn lives while any of its workers does (each holds its "alive"
+    pipe), so a trainer killed outright (SIGKILL, the out-of-memory killer, a timeout) left its workers and the
+    server waiting for each other for good, shards open. multiprocessing gives the worker a sentinel of the
+    process that started it, the trainer, which becomes ready as that process ends."""
+    trainer = multiprocessing.parent_process()
+    if trainer is None or trainer.pid == os.getppid():  # forked or spawned by the trainer: PyTorch watches it
+        return
+
+    def end_with_it() -> None:
+        multiprocessing.connection.wait([trainer.sentinel])
+        os._exit(1)  # nobody reads the status: the trainer is gone
+
+    threading.Thread(target=end_with_it, name="mlgcn-trainer-watch", daemon=True).start()
 
 
 def _serve_workers_with_stop_signals_held() -> None:
