@@ -316,7 +316,8 @@ class StopSafeDataLoader(DataLoader):
         if self.num_workers == 0:
             return super().__iter__()
         context = self.multiprocessing_context
-        if (context.get_start_method() if context is not None else _default_start_method()) != "fork":
+        method = context.get_start_method() if context is not None else _default_start_method()
+        if method != "fork" and hasattr(signal, "pthread_sigmask"):  # POSIX, where the tracker runs and blocks
             # The workers' queues need multiprocessing's resource tracker. Started inside the block, it would end
             # it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after (bpo-33613).
             resource_tracker.ensure_running()
