@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import process_alive
+
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN_DIR = Path("/run/munge")
 MUNGE_PID_FILE = MUNGE_RUN_DIR / "munged.pid"
@@ -139,18 +141,9 @@ def _stop_by_pid_file(pid_file: Path, timeout: float = 15.0) -> None:
     except (OSError, ValueError, IndexError):
         return
     try:
-        wait_until(lambda: not _alive(pid), timeout, f"pid {pid} ({pid_file.name}) to exit")
+        wait_until(lambda: not process_alive(pid), timeout, f"pid {pid} ({pid_file.name}) to exit")
     except TimeoutError:
         os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    # A daemon's parent is init, which in a container may never reap it: a zombie counts as gone.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _munge_works() -> bool:

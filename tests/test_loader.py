@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 import webdataset as wds
-from conftest import timed_worker_loader
+from conftest import process_alive, timed_worker_loader
 from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -673,13 +673,6 @@ time.sleep(600)  # killed here, its workers alive and waiting to be asked for mo
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.slow
 def test_forkserver_workers_and_their_server_end_with_a_trainer_killed_outright(shards):
     """A forkserver's workers are the server's children, and the server lives while they do: PyTorch's watchdog,
@@ -692,9 +685,9 @@ def test_forkserver_workers_and_their_server_end_with_a_trainer_killed_outright(
     trainer.kill()
     trainer.wait()
     deadline = time.monotonic() + 30
-    while any(map(_alive, [*workers, server])) and time.monotonic() < deadline:
+    while any(map(process_alive, [*workers, server])) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [pid for pid in [*workers, server] if _alive(pid)]
+    left = [pid for pid in [*workers, server] if process_alive(pid)]
     for pid in left:  # not to leave them to the next tests
         os.kill(pid, signal.SIGKILL)
     assert not left
