@@ -239,6 +239,10 @@ def _init_worker(worker_id: int) -> None:
     np.random.seed(worker_seed % 2**32)
 
 
+# Whether signals can be blocked (POSIX): a blocked one waits until it is unblocked.
+_MASKABLE = hasattr(signal, "pthread_sigmask")
+
+
 def _leave_stop_signals_to_the_trainer() -> None:
     """A worker goes on through the signals that ask its trainer to stop (they are the trainer's business).
 
@@ -250,10 +254,7 @@ def _leave_stop_signals_to_the_trainer() -> None:
 
     A worker starts with these signals blocked (:class:`StopSafeDataLoader`): one that came before this point is
     pending, and dropped here, once ignored, as they are unblocked."""
-    for sig in SAVING_STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # POSIX
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SAVING_STOP_SIGNALS)
+    _ignore_stop_signals_then(signal.SIG_UNBLOCK)
 
 
 def _end_with_the_trainer() -> None:
@@ -280,17 +281,23 @@ def _serve_workers_with_stop_signals_held() -> None:
     as a worker the trainer starts does (:class:`StopSafeDataLoader`). Ignoring them is not enough: PyTorch's
     worker loop sets a SIGTERM handler of its own before the worker_init_fn, which ends a worker on a SIGTERM
     from anyone but its parent (for a forkserver's worker, the server)."""
+    _ignore_stop_signals_then(signal.SIG_BLOCK)
+
+
+def _ignore_stop_signals_then(mask: int) -> None:
+    """The stop signals ignored, then blocked or unblocked (``mask``: SIG_BLOCK, SIG_UNBLOCK) where signals can be
+    masked."""
     for sig in SAVING_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # POSIX
-        signal.pthread_sigmask(signal.SIG_BLOCK, SAVING_STOP_SIGNALS)
+    if _MASKABLE:
+        signal.pthread_sigmask(mask, SAVING_STOP_SIGNALS)
 
 
 @contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """The stop signals held back from this thread inside, and from the processes it starts there (a blocked
     signal stays blocked across fork and exec); one that comes meanwhile is delivered as the block ends."""
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold back with
+    if not _MASKABLE:  # nothing to hold back with
         yield
         return
     before = signal.pthread_sigmask(signal.SIG_BLOCK, SAVING_STOP_SIGNALS)
@@ -317,7 +324,7 @@ class StopSafeDataLoader(DataLoader):
             return super().__iter__()
         context = self.multiprocessing_context
         method = context.get_start_method() if context is not None else _default_start_method()
-        if method != "fork" and hasattr(signal, "pthread_sigmask"):  # POSIX, where the tracker runs and blocks
+        if method != "fork" and _MASKABLE:  # POSIX, where the tracker runs and blocks
             # The workers' queues need multiprocessing's resource tracker. Started inside the block, it would end
             # it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after (bpo-33613).
             resource_tracker.ensure_running()
