@@ -743,8 +743,8 @@ batches._shutdown_workers()
 def test_the_first_spawned_worker_of_a_process_starts_with_the_stop_signals_blocked_too(shards):
     """The first loader with spawned (or forkserver) workers starts multiprocessing's resource tracker, which
     blocks SIGINT and SIGTERM for its own start and unblocks them after (bpo-33613): started inside the loader's
-    block, it ended the block for the workers (seen: 1 in 8 runs of the test below lost a worker, always the
-    first loader's). A fresh interpreter, so that no tracker runs yet."""
+    block, it ended the block for the workers (seen: a script signalling starting workers lost one in 1 of 8 and
+    1 of 16 loaders, always its first). A fresh interpreter, so that no tracker runs yet."""
     out = subprocess.run([sys.executable, "-c", _FIRST_SPAWNED_WORKERS_MASK, str(shards)], capture_output=True,
                          text=True, check=True, timeout=300).stdout
     assert all(int(out) & (1 << (sig - 1)) for sig in SAVING_STOP_SIGNALS)
