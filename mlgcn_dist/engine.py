@@ -46,11 +46,11 @@ from mlgcn_dist.data.loader import (
     build_train_loader,
     dataset_info,
     device_augment_rng,
-    fork_warning,
 )
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.data.transforms import GpuAugment, to_device
+from mlgcn_dist.data.workers import fork_warning
 from mlgcn_dist.ema import ModelEMA
 from mlgcn_dist.files import write_text_atomic
 from mlgcn_dist.graph import build_graph_inputs

@@ -30,6 +30,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, DataConfig
 from mlgcn_dist.data import loader as loader_module
+from mlgcn_dist.data import workers as workers_module
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import (
     SampleDecoder,
@@ -596,7 +597,7 @@ def test_a_loader_worker_that_yields_nothing_within_data_worker_timeout_s_fails_
 ):
     """Seen with Python 3.11.7: a worker deadlocked while forking, its trainer waited forever, and under DDP every
     rank with it."""
-    monkeypatch.setattr(loader_module, "_init_worker", _a_worker_that_never_yields)  # forked workers inherit it
+    monkeypatch.setattr(loader_module, "init_worker", _a_worker_that_never_yields)  # forked workers inherit it
     loader = build_train_loader(config(fmt, toy_root, shards, workers=1, worker_timeout_s=2), rank=0, world_size=1,
                                 epoch=0, seed=0, decode="cpu")
     start = time.monotonic()
@@ -606,13 +607,13 @@ def test_a_loader_worker_that_yields_nothing_within_data_worker_timeout_s_fails_
 
 
 def test_a_python_that_can_deadlock_a_forked_worker_is_warned_about_only_when_workers_are_forked():
-    warning = loader_module.fork_warning(4, "fork", (3, 11, 7))
+    warning = workers_module.fork_warning(4, "fork", (3, 11, 7))
     assert "Python 3.11.7 can deadlock a data loader worker" in warning and "data.worker_start=forkserver" in warning
-    assert loader_module.fork_warning(4, "fork", (3, 10, 14)) is not None
-    assert loader_module.fork_warning(0, "fork", (3, 11, 7)) is None  # no workers: nothing is forked
+    assert workers_module.fork_warning(4, "fork", (3, 10, 14)) is not None
+    assert workers_module.fork_warning(0, "fork", (3, 11, 7)) is None  # no workers: nothing is forked
     for start in ("forkserver", "spawn"):  # workers from a process without the trainer's threads
-        assert loader_module.fork_warning(4, start, (3, 11, 7)) is None
-    fixed = [loader_module.fork_warning(4, "fork", version) for version in ((3, 11, 10), (3, 12, 3))]
+        assert workers_module.fork_warning(4, start, (3, 11, 7)) is None
+    fixed = [workers_module.fork_warning(4, "fork", version) for version in ((3, 11, 10), (3, 12, 3))]
     assert fixed == [None, None]
 
 
@@ -620,9 +621,9 @@ def test_worker_start_fork_keeps_the_platforms_method_and_is_not_warned_about_wh
     monkeypatch,
 ):
     """macOS starts workers with spawn by default; data.worker_start=fork leaves it so, and nothing is forked."""
-    monkeypatch.setattr(loader_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
-    assert loader_module.worker_context("fork") is None
-    assert loader_module.fork_warning(4, "fork", (3, 11, 7)) is None
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert workers_module.worker_context("fork") is None
+    assert workers_module.fork_warning(4, "fork", (3, 11, 7)) is None
 
 
 @pytest.mark.parametrize("fmt", ["folder", "wds"])
@@ -698,7 +699,7 @@ _BLOCKED_AT_WORKER_START: list[int] = []  # set in a forked worker by _record_th
 
 def _record_the_mask_then_init(worker_id: int) -> None:
     _BLOCKED_AT_WORKER_START[:] = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
-    loader_module._init_worker(worker_id)
+    workers_module.init_worker(worker_id)
 
 
 class _WorkerSignalState(torch.utils.data.IterableDataset):
@@ -715,7 +716,7 @@ def test_loader_workers_start_with_the_stop_signals_blocked_and_unblock_them_onc
     """So a stop signal that reaches a worker before its worker_init_fn waits for it, and is then dropped; the
     trainer's own block ends as its workers are started."""
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    loader = loader_module.StopSafeDataLoader(_WorkerSignalState(), batch_size=None, num_workers=1,
+    loader = workers_module.StopSafeDataLoader(_WorkerSignalState(), batch_size=None, num_workers=1,
                                               worker_init_fn=_record_the_mask_then_init)
     batches = iter(loader)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -9,6 +9,7 @@ way forking the trainer can (CPython gh-112275). The stop signals cannot end it 
 (its pipe closes).
 """
 
-from mlgcn_dist.data.loader import _serve_workers_with_stop_signals_held
+import mlgcn_dist.data.loader  # noqa: F401  (what its workers run, imported once here)
+from mlgcn_dist.data.workers import serve_workers_with_stop_signals_held
 
-_serve_workers_with_stop_signals_held()
+serve_workers_with_stop_signals_held()
