@@ -163,16 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         # a tool (a file that is not a checkpoint, image or run directory, a filter that does not parse, a damaged
         # shard) is one message naming the file or option; a traceback would bury that. Other RuntimeErrors
         # (torch's) keep theirs.
-        if args.command == "train" and "DataLoader timed out" in str(err):
-            print(f"mlgcn train: a data loader worker yielded no batch within data.worker_timeout_s ({err}). A worker "
-                  "deadlocked while forking is one cause (CPython before 3.11.10, gh-112275: upgrade Python or set "
-                  "data.worker_start=forkserver); a stalled "
-                  "filesystem another. Resume with train.resume=auto.",
-                  file=sys.stderr)
+        if args.command == "train" and (hint := _data_worker_hint(err)):
+            print(f"mlgcn train: {hint}", file=sys.stderr)
         if args.command == "train" or (isinstance(err, RuntimeError) and not _is_shard_error(err)):
             raise
         print(f"mlgcn {args.command}: {err}", file=sys.stderr)
         return 2
+
+
+def _data_worker_hint(err: BaseException) -> str | None:
+    """A line on the likely causes of a data loader worker's failure, printed before its traceback; else None."""
+    if "DataLoader timed out" in str(err):
+        return (f"a data loader worker yielded no batch within data.worker_timeout_s ({err}). A worker deadlocked "
+                "while forking is one cause (CPython before 3.11.10, gh-112275: upgrade Python or set "
+                "data.worker_start=forkserver); a stalled filesystem another. Resume with train.resume=auto.")
+    if "DataLoader worker (pid" in str(err):  # PyTorch's "exited unexpectedly", "is killed by signal: Killed."
+        return (f"a data loader worker died ({err}). The out-of-memory killer is the usual cause (the kernel log "
+                "says so, and SLURM's job log an oom-kill event): fewer data.workers, a smaller "
+                "data.prefetch_factor or more memory per task. Resume with train.resume=auto.")
+    return None
 
 
 def _is_shard_error(err: RuntimeError) -> bool:

@@ -56,6 +56,19 @@ def test_a_loader_timeout_in_training_keeps_its_traceback_after_a_line_on_its_li
     assert "train.resume=auto" in err
 
 
+@pytest.mark.parametrize("message", ["DataLoader worker (pid(s) 4242) exited unexpectedly",
+                                     "DataLoader worker (pid 4242) is killed by signal: Killed. "])
+def test_a_dead_loader_worker_in_training_keeps_its_traceback_after_a_line_on_its_likely_cause(
+    message, monkeypatch, capsys
+):
+    monkeypatch.setattr("mlgcn_dist.engine.train", raising(RuntimeError(message)))
+    with pytest.raises(RuntimeError, match="4242"):
+        main(["train", "--config", TOY_CONFIG])
+    err = capsys.readouterr().err
+    assert f"a data loader worker died ({message})" in err and "out-of-memory killer" in err
+    assert "data.workers" in err and "train.resume=auto" in err
+
+
 def test_a_runtime_error_from_torch_in_a_tool_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("mlgcn_dist.inference.run_evaluate", raising(RuntimeError("CUDA error: an illegal access")))
     with pytest.raises(RuntimeError, match="CUDA error"):

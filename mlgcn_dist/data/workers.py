@@ -2,14 +2,16 @@
 
 A loader worker must outlive the stop signals meant for its trainer (SLURM signals every process of a job step,
 Ctrl-C the terminal's process group) from the instant it starts, must end when its trainer does however that one
-ends. :class:`StopSafeDataLoader` (every loader the package builds) and :func:`init_worker` (their worker_init_fn)
-keep those promises for each way of starting workers (``data.worker_start``: fork, forkserver, spawn);
-:mod:`mlgcn_dist.data.forkserver_preload` is the forkserver's share.
+ends, and must not keep its trainer waiting when it dies itself. :class:`StopSafeDataLoader` (every loader the
+package builds) and :func:`init_worker` (their worker_init_fn) keep those promises for each way of starting workers
+(``data.worker_start``: fork, forkserver, spawn); :mod:`mlgcn_dist.data.forkserver_preload` is the forkserver's
+share.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -17,6 +19,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -25,6 +28,7 @@ from multiprocessing import resource_tracker
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 
@@ -131,6 +135,65 @@ class StopSafeDataLoader(DataLoader):
             resource_tracker.ensure_running()
         with _stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
             return super().__iter__()
+
+    def _get_iterator(self) -> Iterator:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _WorkersWatched(self)
+
+
+# How long a trainer waiting for a batch goes without looking whether its workers are alive.
+_WORKERS_LOOKED_AT_EVERY_S = 1.0
+
+
+class _WorkersWatched(_MultiProcessingDataLoaderIter):
+    """PyTorch's iterator over its workers' batches, which notices a dead worker within a second or so however the
+    workers were started.
+
+    A forked or spawned worker is the trainer's child, and its death fails the trainer's next wait for a batch at
+    once (PyTorch's SIGCHLD handler). A forkserver's worker is the server's child: no signal comes, and PyTorch,
+    given a timeout (``data.worker_timeout_s``), looks at its workers only when that expires. A forkserver worker
+    killed (by the out-of-memory killer, say) before it yielded cost the whole timeout, 600 s by default; one killed
+    while it handed a batch over failed the trainer with a ConnectionResetError from multiprocessing's descriptor
+    sharing rather than naming the worker. Here the wait for a batch looks at the workers every
+    :data:`_WORKERS_LOOKED_AT_EVERY_S` (as PyTorch's own does every 5 s without a timeout), and a broken handover
+    waits that long for the worker that broke it to be seen gone. The error is PyTorch's own, naming the worker."""
+
+    def _get_data(self):
+        deadline = time.monotonic() + self._timeout if self._timeout > 0 else math.inf
+        while (left := deadline - time.monotonic()) > 0:
+            if self._pin_memory and not self._pin_memory_thread.is_alive():
+                self._raise_if_a_worker_died(None)  # the likelier cause: a broken handover ends the thread
+                raise RuntimeError("Pin memory thread exited unexpectedly")
+            got, data = self._try_get_data(min(left, _WORKERS_LOOKED_AT_EVERY_S))
+            if got:
+                return data
+        raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
+
+    def _try_get_data(self, timeout: float = _WORKERS_LOOKED_AT_EVERY_S) -> tuple[bool, object]:
+        try:
+            return super()._try_get_data(timeout)  # raises itself on a worker it sees dead
+        except (ConnectionError, EOFError) as handover:
+            # A batch's tensors come as file descriptors, each fetched from the worker that holds it: a worker that
+            # died in between fails the fetch before its death can be seen.
+            self._raise_if_a_worker_died(handover)
+            raise
+
+    def _raise_if_a_worker_died(self, cause: BaseException | None) -> None:
+        """PyTorch's error for the workers seen dead within :data:`_WORKERS_LOOKED_AT_EVERY_S`, if any."""
+        deadline = time.monotonic() + _WORKERS_LOOKED_AT_EVERY_S
+        while True:
+            dead = [i for i, w in enumerate(self._workers) if self._workers_status[i] and not w.is_alive()]
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not dead:
+            return
+        for i in dead:
+            self._mark_worker_as_unavailable(i)
+        pids = ", ".join(str(self._workers[i].pid) for i in dead)
+        raise RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly") from cause
 
 
 @lru_cache(maxsize=1)  # registers its hook once
