@@ -42,7 +42,7 @@ class Topology:
     grad_accum: int
     # torch's intra-op threads in this process: `accelerate launch` gives a GPU process one (OMP_NUM_THREADS=1),
     # a bare `python launch/train.py` one per core, which every CPU op in the trainer then wakes (README Performance).
-    intra_op_threads: int = 1
+    intra_op_threads: int
 
     @property
     def global_batch(self) -> int:
