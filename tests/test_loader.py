@@ -80,8 +80,7 @@ def config(fmt: str, toy_root: Path, shards: Path, workers: int = 0, **overrides
         image_size=32,
         batch_size=BATCH,
         workers=workers,
-        pin_memory=False,
-        **{"shuffle_buffer": 16, **overrides},
+        **{"shuffle_buffer": 16, "pin_memory": False, **overrides},
     )
 
 
@@ -694,14 +693,18 @@ def test_forkserver_workers_and_their_server_end_with_a_trainer_killed_outright(
     assert not left
 
 
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("when", ["before_its_first_batch", "after_its_first_batch"])
-def test_a_killed_forkserver_worker_fails_the_epoch_within_seconds_naming_it(when, toy_root, shards):
+def test_a_killed_forkserver_worker_fails_the_epoch_within_seconds_naming_it(when, pinned, toy_root, shards):
     """A forkserver's worker is the server's child, so no SIGCHLD tells the trainer it died (a forked or spawned
     worker's death fails the next wait at once). PyTorch, given a timeout, looked at its workers only when it
     expired: 40 s of a 40 s timeout for one killed before its first batch. One killed later failed the epoch with a
     ConnectionResetError or an EOFError, which name no worker (5 of 8 tries), as its next batch's tensors could no
-    longer be fetched from it."""
-    cfg = config("wds", toy_root, shards, workers=2, worker_start="forkserver", worker_timeout_s=120)
+    longer be fetched from it. Pinned (CUDA), that error ends PyTorch's pinning thread, which PyTorch, given a
+    timeout, does not look at while it waits."""
+    cfg = config("wds", toy_root, shards, workers=2, worker_start="forkserver", worker_timeout_s=120,
+                 pin_memory=pinned)
     batches = iter(build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"))  # 4 batches a worker
     victim = batches._workers[0].pid
     if when == "after_its_first_batch":
