@@ -28,7 +28,7 @@ from multiprocessing import resource_tracker
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter  # private: torch is pinned exactly
 
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 
