@@ -986,6 +986,36 @@ def test_a_run_that_fails_with_data_workers_running_exits_instead_of_waiting_for
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("worker_start", ["fork", "forkserver"])
+def test_a_loader_worker_killed_mid_run_fails_it_at_once_naming_the_worker_and_its_likely_cause(
+    worker_start, tiny_toy, tmp_path
+):
+    """The out-of-memory killer picks a large process, a data worker among them: the user reads that a worker died,
+    which, why it likely did and how to go on, before PyTorch's traceback. (How fast a forkserver's worker's death is
+    seen, which is not the trainer's child, L::test_a_killed_forkserver_worker_fails_the_epoch_within_seconds_naming_it
+    proves: here, killed while it hands batches over, it was seen at once before too.)"""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
+                                             "data.workers=2", f"data.worker_start={worker_start}")]
+    proc = start(cmd, log)
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
+        worker = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "pt_data_worker")
+        killed_at = time.monotonic()
+        worker.kill()
+        proc.wait(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "mlgcn train: a data loader worker died (DataLoader worker (pid" in text and str(worker.pid) in text
+    assert "out-of-memory killer" in text and "train.resume=auto" in text
+    assert took < 30
+
+
+@pytest.mark.slow
 def test_sigusr2_to_every_process_of_a_run_prints_the_trainers_stacks_and_training_goes_on(tiny_toy, tmp_path):
     """How to see where a hung run waits (`scancel --signal=USR2 <job>`): no process of the run ends on it."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
