@@ -693,8 +693,8 @@ def test_forkserver_workers_and_their_server_end_with_a_trainer_killed_outright(
     assert not left
 
 
-@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("when", ["before_its_first_batch", "after_its_first_batch"])
 def test_a_killed_forkserver_worker_fails_the_epoch_within_seconds_naming_it(when, pinned, toy_root, shards):
     """A forkserver's worker is the server's child, so no SIGCHLD tells the trainer it died (a forked or spawned
