@@ -93,7 +93,7 @@ overrides=(model.pretrained=none graph.embeddings=onehot log.wandb=disabled data
 for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
     case $check in
         pytest) step pytest_gpu 240 "$PY" -m pytest -m gpu -v -s -p no:cacheprovider -rA \
-            tests/test_gpu.py tests/test_transforms.py tests/test_streams.py ;;
+            tests/test_gpu.py tests/test_transforms.py tests/test_streams.py tests/test_loader.py ;;
         eager) toy_ready; step bench_eager 210 "${bench[@]}" --json "$OUT/bench_eager.json" \
             --profile-dir "$WORK/profiles/eager" "${overrides[@]}" train.compile=false ;;
         compile) toy_ready; step bench_compile 300 "${bench[@]}" --json "$OUT/bench_compile.json" \
