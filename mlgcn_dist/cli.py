@@ -176,7 +176,8 @@ def _data_worker_hint(err: BaseException) -> str | None:
     if "DataLoader timed out" in str(err):
         return (f"a data loader worker yielded no batch within data.worker_timeout_s ({err}). A worker deadlocked "
                 "while forking is one cause (CPython before 3.11.10, gh-112275: upgrade Python or set "
-                "data.worker_start=forkserver); a stalled filesystem another. Resume with train.resume=auto.")
+                "data.worker_start=forkserver, or auto, which chooses it there); a stalled filesystem another. Resume "
+                "with train.resume=auto.")
     if "DataLoader worker (pid" in str(err):  # PyTorch's "exited unexpectedly", "is killed by signal: Killed."
         return (f"a data loader worker died ({err}). The out-of-memory killer is the usual cause (the kernel log "
                 "says so, and SLURM's job log an oom-kill event): fewer data.workers, a smaller "

@@ -48,7 +48,8 @@ class DataConfig:
     # forkserver and spawn start them from a process without the trainer's threads (prefetch, pinning), which a
     # fork before CPython 3.11.10 can deadlock in (gh-112275); their workers inherit none of the trainer's memory.
     # forkserver's server has torch imported (data/forkserver_preload.py); spawn's workers import it, every epoch.
-    worker_start: str = "fork"
+    # auto: fork, except forkserver where fork would fork the workers on such a Python.
+    worker_start: str = "auto"
     steps_per_epoch: int = 0  # 0: dataset size / global batch
 
 
@@ -171,7 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
     "data.decode": ("auto", "cpu", "gpu"),
-    "data.worker_start": ("fork", "forkserver", "spawn"),
+    "data.worker_start": ("auto", "fork", "forkserver", "spawn"),
     "graph.variant": ("original", "paper"),
     "model.head": ("gcn", "hgat", "hgat_fc", "linear"),
     "optim.lr_scaling": ("fixed", "linear"),

@@ -74,11 +74,11 @@ def test_value_outside_choices_lists_them():
 
 
 def test_an_unknown_worker_start_is_one_error_naming_the_key_and_the_start_methods(tmp_path):
-    with pytest.raises(ConfigError, match="'data.worker_start' must be one of fork, forkserver, spawn; got 'threads'"):
+    with pytest.raises(ConfigError, match="'data.worker_start' must be one of auto, fork, forkserver, spawn; got 'threads'"):
         load_config(None, ["data.worker_start=threads"])
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  worker_start: thread\n")
-    with pytest.raises(ConfigError, match=f"{path}: 'data.worker_start' must be one of fork, forkserver, spawn"):
+    with pytest.raises(ConfigError, match=f"{path}: 'data.worker_start' must be one of auto, fork, forkserver, spawn"):
         load_config(path)
     assert [load_config(None, [f"data.worker_start={s}"]).data.worker_start for s in ("forkserver", "spawn")] == [
         "forkserver", "spawn"]

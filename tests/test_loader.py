@@ -555,8 +555,9 @@ def test_bench_loader_reports_the_workers_steady_rate_not_the_burst_of_their_fir
 def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_the_job(fmt, toy_root, shards):
     """scancel, preemption and --signal=USR1 reach the workers too; PyTorch ends a worker on a SIGTERM its main
     process did not send, and the trainer then failed on the lost worker instead of finishing its step and saving."""
-    loader = build_train_loader(config(fmt, toy_root, shards, workers=2), rank=0, world_size=1, epoch=0, seed=0,
-                                decode="cpu")
+    # Forked, the workers are this process's children (the other start methods: the tests further down).
+    loader = build_train_loader(config(fmt, toy_root, shards, workers=2, worker_start="fork"), rank=0, world_size=1,
+                                epoch=0, seed=0, decode="cpu")
     before = {child.pid for child in psutil.Process().children()}
     batches = iter(loader)
     next(batches)
@@ -568,19 +569,20 @@ def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_th
     assert 1 + sum(1 for _ in batches) == len(loader)
 
 
-def test_a_process_that_fails_with_its_loader_workers_running_exits(toy_root, shards, tmp_path):
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_a_process_that_fails_with_its_loader_workers_running_exits(start, toy_root, shards, tmp_path):
     """An error raised while a loader is alive keeps it in the traceback until the interpreter exits, where
     multiprocessing ends the workers with SIGTERM, which they ignore, and then waits for them: it waited forever."""
     script = tmp_path / "fails.py"
     script.write_text(
-        "import sys\n"
         "from mlgcn_dist.config import DataConfig\n"
         "from mlgcn_dist.data.loader import build_train_loader\n"
-        f"cfg = DataConfig(dataset='coco', format='wds', root={str(toy_root)!r}, shards={str(shards)!r}, image_size=32,"
-        " batch_size=4, workers=2, pin_memory=False)\n"
-        "batches = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode='cpu'))\n"
-        "next(batches)\n"
-        "raise RuntimeError('the training step failed')\n"
+        "if __name__ == '__main__':  # a forkserver's worker imports this file\n"
+        f"    cfg = DataConfig(dataset='coco', format='wds', root={str(toy_root)!r}, shards={str(shards)!r},"
+        f" image_size=32, batch_size=4, workers=2, pin_memory=False, worker_start={start!r})\n"
+        "    batches = iter(build_train_loader(cfg, rank=0, world_size=1, epoch=0, seed=0, decode='cpu'))\n"
+        "    next(batches)\n"
+        "    raise RuntimeError('the training step failed')\n"
     )
     failed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "the training step failed" in failed.stderr
@@ -623,6 +625,30 @@ def test_worker_start_fork_keeps_the_platforms_method_and_is_not_warned_about_wh
     monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert workers_module.worker_context("fork") is None
     assert workers_module.fork_warning(4, "fork", (3, 11, 7)) is None
+
+
+def test_worker_start_auto_forks_the_workers_except_on_a_python_that_can_deadlock_a_forked_one(monkeypatch):
+    """Seen here with Python 3.11.7: the demo's evaluation hung in one of two fresh clones, a worker deadlocked
+    inside its own fork (gh-112275). auto then starts the workers from a forkserver, and says so once."""
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    assert workers_module.resolve_worker_start("auto", (3, 11, 7)) == "forkserver"
+    assert workers_module.resolve_worker_start("auto", (3, 10, 14)) == "forkserver"
+    assert [workers_module.resolve_worker_start("auto", v) for v in ((3, 11, 10), (3, 12, 3))] == ["fork", "fork"]
+    assert workers_module.resolve_worker_start("fork", (3, 11, 7)) == "fork"  # asked for: kept, and warned about
+    note = workers_module.auto_start_note(4, "auto", (3, 11, 7))
+    assert "loader workers start from a forkserver, as Python 3.11.7 can deadlock a worker it forks" in note
+    assert workers_module.fork_warning(4, "auto", (3, 11, 7)) is None
+    assert workers_module.auto_start_note(4, "auto", (3, 12, 3)) is None  # forked, as fork would: nothing to say
+    assert workers_module.auto_start_note(0, "auto", (3, 11, 7)) is None  # no workers
+    assert workers_module.auto_start_note(4, "fork", (3, 11, 7)) is None  # fork_warning's case
+
+
+def test_worker_start_auto_keeps_the_platforms_method_where_that_method_is_not_fork(monkeypatch):
+    """macOS spawns its workers: nothing is forked, so auto has nothing to avoid."""
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert workers_module.resolve_worker_start("auto", (3, 11, 7)) == "fork"  # the platform's own method
+    assert workers_module.worker_context("auto") is None
+    assert workers_module.auto_start_note(4, "auto", (3, 11, 7)) is None
 
 
 @pytest.mark.parametrize("fmt", ["folder", "wds"])

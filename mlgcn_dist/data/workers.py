@@ -215,13 +215,24 @@ def end_workers_at_exit() -> None:
 FORKSERVER_PRELOAD = "mlgcn_dist.data.forkserver_preload"
 
 
+def resolve_worker_start(worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])) -> str:
+    """``data.worker_start`` with ``auto`` made concrete: fork, except forkserver where fork would fork the workers
+    on a Python that can deadlock a worker as it forks it (:func:`fork_warning`). Seen on this project's machines
+    (Python 3.11.7): the demo's evaluation hung in one of two fresh clones, a worker waiting forever inside its own
+    fork while its rank, and the other rank in a collective, waited for it."""
+    if worker_start != "auto":
+        return worker_start
+    return "forkserver" if _fork_can_deadlock(version) and forks_workers("fork") else "fork"
+
+
 def worker_context(worker_start: str) -> multiprocessing.context.BaseContext | None:
-    """The DataLoader's ``multiprocessing_context`` for ``data.worker_start``. fork passes none, the platform's own
-    method, as before the key existed: macOS keeps spawn (Python's choice there: a forked child can crash in system
-    libraries that started threads), and Linux from Python 3.14 its forkserver. forkserver preloads
-    :data:`FORKSERVER_PRELOAD` (a forkserver this process started earlier without it keeps what it has; a module
-    it cannot import, it skips). spawn starts each worker bare: seconds of imports (through which
+    """The DataLoader's ``multiprocessing_context`` for ``data.worker_start`` (``auto`` resolved first). fork passes
+    none, the platform's own method, as before the key existed: macOS keeps spawn (Python's choice there: a forked
+    child can crash in system libraries that started threads), and Linux from Python 3.14 its forkserver.
+    forkserver preloads :data:`FORKSERVER_PRELOAD` (a forkserver this process started earlier without it keeps what
+    it has; a module it cannot import, it skips). spawn starts each worker bare: seconds of imports (through which
     :class:`StopSafeDataLoader` holds the stop signals back)."""
+    worker_start = resolve_worker_start(worker_start)
     if worker_start == "fork":
         return None
     context = multiprocessing.get_context(worker_start)
@@ -249,9 +260,25 @@ def fork_warning(
     another thread holds the runtime's thread-state lock waits for it forever (CPython gh-112275, fixed in 3.11.10
     and 3.12; 3.10 and earlier 3.11 releases have it). Seen here with 3.11.7, at an evaluation's first fork.
     Workers started by forkserver or spawn come from a process without the trainer's threads: no warning."""
-    if workers == 0 or not forks_workers(worker_start) or version >= (3, 11, 10):
+    if workers == 0 or not forks_workers(worker_start) or not _fork_can_deadlock(version):
         return None
     python = ".".join(map(str, version))
     return (f"warning: Python {python} can deadlock a data loader worker as it forks it (CPython gh-112275, fixed "
             "in 3.11.10 and 3.12): such a run stops with 'DataLoader timed out' after data.worker_timeout_s "
-            "instead of finishing; use a newer Python, data.worker_start=forkserver or data.workers=0")
+            "instead of finishing; use a newer Python, data.worker_start=forkserver (the default, auto, chooses it "
+            "here) or data.workers=0")
+
+
+def auto_start_note(workers: int, worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])) -> str | None:
+    """A line saying how ``data.worker_start=auto`` starts the workers, when it does not fork them as the key's
+    other default would; else None."""
+    if workers == 0 or worker_start != "auto" or resolve_worker_start(worker_start, version) == "fork":
+        return None
+    python = ".".join(map(str, version))
+    return (f"data.worker_start=auto: loader workers start from a forkserver, as Python {python} can deadlock a "
+            "worker it forks (CPython gh-112275, fixed in 3.11.10 and 3.12)")
+
+
+def _fork_can_deadlock(version: tuple[int, ...]) -> bool:
+    """Whether this Python can deadlock a child forked while another thread starts or ends (CPython gh-112275)."""
+    return version < (3, 11, 10)
