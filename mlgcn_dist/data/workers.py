@@ -11,6 +11,7 @@ share.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -46,6 +47,10 @@ def init_worker(worker_id: int) -> None:
 
 # Whether signals can be blocked (POSIX): a blocked one waits until it is unblocked.
 _MASKABLE = hasattr(signal, "pthread_sigmask")
+# What a worker starts with blocked, until it has its own answer to them: the stop signals (ignored), and SIGUSR2,
+# on which the trainer prints its stacks (engine.train) and which ends a process without that answer. SLURM sends
+# each to every process of a job step (`scancel --signal=USR2`).
+_HELD_SIGNALS = (*SAVING_STOP_SIGNALS, signal.SIGUSR2) if _MASKABLE else SAVING_STOP_SIGNALS
 
 
 def _leave_stop_signals_to_the_trainer() -> None:
@@ -57,8 +62,13 @@ def _leave_stop_signals_to_the_trainer() -> None:
     workers go on until the trainer is done with its loader, which ends them with a sentinel, or they see it gone
     (their watchdog); one still alive when the trainer exits is ended by :func:`end_workers_at_exit`.
 
+    A SIGUSR2 prints the worker's stacks, as the trainer's (a forked worker inherits the trainer's answer; a
+    forkserver's or spawned one had none, and ended on it).
+
     A worker starts with these signals blocked (:class:`StopSafeDataLoader`): one that came before this point is
-    pending, and dropped here, once ignored, as they are unblocked."""
+    pending, and dropped here, once ignored, as they are unblocked (a SIGUSR2 is answered)."""
+    if _MASKABLE and sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     _ignore_stop_signals_then(signal.SIG_UNBLOCK)
 
 
@@ -95,17 +105,18 @@ def _ignore_stop_signals_then(mask: int) -> None:
     for sig in SAVING_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if _MASKABLE:
-        signal.pthread_sigmask(mask, SAVING_STOP_SIGNALS)
+        signal.pthread_sigmask(mask, _HELD_SIGNALS)
 
 
 @contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """The stop signals held back from this thread inside, and from the processes it starts there (a blocked
-    signal stays blocked across fork and exec); one that comes meanwhile is delivered as the block ends."""
+    """The stop signals and SIGUSR2 (:data:`_HELD_SIGNALS`) held back from this thread inside, and from the
+    processes it starts there (a blocked signal stays blocked across fork and exec); one that comes meanwhile is
+    delivered as the block ends."""
     if not _MASKABLE:  # nothing to hold back with
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, SAVING_STOP_SIGNALS)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         yield
     finally:
@@ -130,9 +141,12 @@ class StopSafeDataLoader(DataLoader):
         context = self.multiprocessing_context
         method = context.get_start_method() if context is not None else _default_start_method()
         if method != "fork" and _MASKABLE:  # POSIX, where the tracker runs and blocks
-            # The workers' queues need multiprocessing's resource tracker. Started inside the block, it would end
-            # it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after (bpo-33613).
-            resource_tracker.ensure_running()
+            # The workers' queues need multiprocessing's resource tracker. Started inside the workers' block, it
+            # would end it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after
+            # (bpo-33613). Started in a block of its own, it keeps SIGUSR1 and SIGUSR2 blocked (it ignores SIGINT
+            # and SIGTERM only), which SLURM sends every process of the step and which would end it.
+            with _stop_signals_blocked():
+                resource_tracker.ensure_running()
         with _stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
             return super().__iter__()
 
