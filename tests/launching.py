@@ -97,7 +97,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, proc: subprocess.Pop
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank (torchrun starts its workers in their own process groups)."""
+    """SIGKILL the launcher and every rank (torchrun starts its workers in their own process groups); nothing to do
+    for a launcher that already ended."""
+    if proc.poll() is not None:
+        return
     victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
     for victim in victims:
         victim.kill()

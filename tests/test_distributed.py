@@ -200,8 +200,7 @@ def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(tiny_
             child.send_signal(signal.SIGUSR1)  # what SLURM's --signal delivers to the job's tasks
         out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        kill_tree(proc)
     assert "exitcode: 75" in out or "exitcode  : 75" in out or proc.returncode == 75, out[-4000:]
     assert (run_dir / "REQUEUE").is_file()
     assert list((run_dir / "checkpoints").glob("step-*"))
