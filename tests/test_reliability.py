@@ -879,8 +879,7 @@ def test_kill_9_at_a_random_point_then_resume_auto_ends_equal_to_an_uninterrupte
         status = launcher.wait(timeout=60)
         assert status != 0, log.read_text()[-3000:]
     finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
+        kill_tree(launcher)
     complete = complete_checkpoints(run_dir / "checkpoints")
     if victim == "all_ranks_while_saving":
         assert partial.exists() and partial not in complete
@@ -920,8 +919,7 @@ def test_a_hung_rank_makes_the_others_exit_within_train_dist_timeout_s_and_the_l
         status = launcher.wait(timeout=60)
         launcher_exit = time.monotonic() - hung_at
     finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
+        kill_tree(launcher)
     assert timeout_s - 1 <= rank_0_exit < timeout_s + 10
     assert status != 0 and launcher_exit < timeout_s + 30 + 15
     assert f"Timed out waiting {timeout_s * 1000}ms" in log.read_text()
@@ -968,8 +966,7 @@ def test_sigterm_to_every_process_as_scancel_sends_it_or_ctrl_c_saves_with_loade
                 process.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        kill_tree(proc)
     output = log.read_text()
     signal_name = "SIGINT" if stop == "ctrl_c" else "SIGTERM"
     assert re.search(rf"signal {signal_name}: saved \S+/step-\d+", output) and "Traceback" not in output, output[-3000:]
@@ -986,6 +983,15 @@ def test_a_run_that_fails_with_data_workers_running_exits_instead_of_waiting_for
     assert failed.returncode == 1 and "NonFiniteLossError" in failed.stderr, failed.stderr[-3000:]
 
 
+def start_a_long_run_with_two_workers(toy: Path, tmp_path: Path, worker_start: str) -> tuple:
+    """A training run of minutes with 2 data workers started by ``worker_start``, in the background: (process, run
+    directory, log)."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, TRAIN, *overrides(toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
+                                             "data.workers=2", f"data.worker_start={worker_start}")]
+    return start(cmd, log), run_dir, log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("worker_start", ["fork", "forkserver"])
 def test_a_loader_worker_killed_mid_run_fails_it_at_once_naming_the_worker_and_its_likely_cause(
@@ -995,10 +1001,7 @@ def test_a_loader_worker_killed_mid_run_fails_it_at_once_naming_the_worker_and_i
     which, why it likely did and how to go on, before PyTorch's traceback. (How fast a forkserver's worker's death is
     seen, which is not the trainer's child, L::test_a_killed_forkserver_worker_fails_the_epoch_within_seconds_naming_it
     proves: here, killed while it hands batches over, it was seen at once before too.)"""
-    run_dir, log = tmp_path / "run", tmp_path / "run.log"
-    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
-                                             "data.workers=2", f"data.worker_start={worker_start}")]
-    proc = start(cmd, log)
+    proc, run_dir, log = start_a_long_run_with_two_workers(tiny_toy, tmp_path, worker_start)
     try:
         wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
         worker = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "pt_data_worker")
@@ -1007,8 +1010,7 @@ def test_a_loader_worker_killed_mid_run_fails_it_at_once_naming_the_worker_and_i
         proc.wait(timeout=60)
         took = time.monotonic() - killed_at
     finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        kill_tree(proc)
     text = log.read_text()
     assert proc.returncode == 1, text[-3000:]
     assert "mlgcn train: a data loader worker died (DataLoader worker (pid" in text and str(worker.pid) in text
@@ -1025,10 +1027,7 @@ def test_sigusr2_to_every_process_of_a_run_prints_the_trainers_stacks_and_traini
     forkserver the run has two more processes, the server and multiprocessing's resource tracker, and its workers
     do not inherit the trainer's answer to SIGUSR2: the server and the workers ended on it, failing the run (seen
     in CI once auto chose forkserver)."""
-    run_dir, log = tmp_path / "run", tmp_path / "run.log"
-    cmd = [sys.executable, TRAIN, *overrides(tiny_toy, run_dir, "train.epochs=5", "data.steps_per_epoch=1000",
-                                             "data.workers=2", f"data.worker_start={worker_start}")]
-    proc = start(cmd, log)
+    proc, run_dir, log = start_a_long_run_with_two_workers(tiny_toy, tmp_path, worker_start)
     try:
         wait_for(lambda: logged_steps(run_dir) >= 2, 120, proc)
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -1041,8 +1040,7 @@ def test_sigusr2_to_every_process_of_a_run_prints_the_trainers_stacks_and_traini
         assert "_train_batches" in log.read_text()  # the trainer's own stack, down to the training loop
         assert [p.pid for p in tree if not process_alive(p.pid)] == []  # every process the signal reached
     finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        kill_tree(proc)
 
 
 class _TouchesAFileWhenUnpickled:
