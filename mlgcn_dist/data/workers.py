@@ -267,6 +267,9 @@ def _default_start_method() -> str:
     return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
 
 
+_GH_112275 = "CPython gh-112275, fixed in 3.11.10 and 3.12"  # the bug a fork on an older Python can hit
+
+
 def fork_warning(
     workers: int, worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])
 ) -> str | None:
@@ -277,20 +280,21 @@ def fork_warning(
     if workers == 0 or not forks_workers(worker_start) or not _fork_can_deadlock(version):
         return None
     python = ".".join(map(str, version))
-    return (f"warning: Python {python} can deadlock a data loader worker as it forks it (CPython gh-112275, fixed "
-            "in 3.11.10 and 3.12): such a run stops with 'DataLoader timed out' after data.worker_timeout_s "
-            "instead of finishing; use a newer Python, data.worker_start=forkserver (the default, auto, chooses it "
-            "here) or data.workers=0")
+    return (f"warning: Python {python} can deadlock a data loader worker as it forks it ({_GH_112275}): such a run "
+            "stops with 'DataLoader timed out' after data.worker_timeout_s instead of finishing; use a newer Python, "
+            "data.worker_start=forkserver (the default, auto, chooses it here) or data.workers=0")
 
 
-def auto_start_note(workers: int, worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])) -> str | None:
+def auto_start_note(
+    workers: int, worker_start: str, version: tuple[int, ...] = tuple(sys.version_info[:3])
+) -> str | None:
     """A line saying how ``data.worker_start=auto`` starts the workers, when it does not fork them as the key's
     other default would; else None."""
     if workers == 0 or worker_start != "auto" or resolve_worker_start(worker_start, version) == "fork":
         return None
     python = ".".join(map(str, version))
     return (f"data.worker_start=auto: loader workers start from a forkserver, as Python {python} can deadlock a "
-            "worker it forks (CPython gh-112275, fixed in 3.11.10 and 3.12)")
+            f"worker it forks ({_GH_112275})")
 
 
 def _fork_can_deadlock(version: tuple[int, ...]) -> bool:
