@@ -5,6 +5,7 @@ Torch-free on purpose: ``mlgcn compare`` and the packer use it without importing
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,32 @@ def replaced_atomically(path: Path, mode: str = "w", tmp: Path | None = None) ->
             fh.flush()
             os.fsync(fh.fileno())  # the rename must not reach the disk before the data does
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a closed file's data to disk (what a library wrote through a handle of its own)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the files created and renamed in ``path`` durable: on POSIX a rename reaches the disk with its
+    directory, so a crash right after ``os.replace`` could otherwise leave the old name."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # Some filesystems (certain network and FUSE ones) refuse fsync on a directory: they persist renames by
+        # their own rules, and nothing better can be done here.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str, tmp: Path | None = None) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from mlgcn_dist.config import ConfigError, GraphConfig
 from mlgcn_dist.errors import one_line
+from mlgcn_dist.files import replaced_atomically, write_text_atomic
 
 # The globals a pickle of plain numpy arrays refers to, under numpy 1.x (numpy.core) and 2.x (numpy._core), for
 # pickle protocols 2 to 5. Anything else in a statistics or embedding pickle is refused.
@@ -88,7 +89,7 @@ def read_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def write_stats(path: str | Path, nums: np.ndarray, adj: np.ndarray) -> None:
     """Write the ML-GCN statistics pickle (protocol 3, as the original files)."""
     nums, adj = _check_stats(nums, adj, str(path))
-    with Path(path).open("wb") as f:
+    with replaced_atomically(Path(path), "wb") as f:
         pickle.dump({"nums": nums, "adj": adj}, f, protocol=3)
 
 
@@ -98,7 +99,7 @@ def write_stats_json(path: str | Path, nums: np.ndarray, adj: np.ndarray, label_
     if len(label_names) != nums.shape[0]:
         raise ValueError(f"{path}: {len(label_names)} label names for statistics of {nums.shape[0]} labels")
     payload = {"label_names": list(label_names), "nums": nums.tolist(), "adj": adj.tolist()}
-    Path(path).write_text(json.dumps(payload, indent=1))
+    write_text_atomic(Path(path), json.dumps(payload, indent=1))
 
 
 def gen_A(nums: np.ndarray, adj: np.ndarray, t: float, p: float, variant: str = "original") -> np.ndarray:

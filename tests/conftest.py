@@ -4,6 +4,7 @@ test pictures and their JPEG bytes."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -143,6 +144,17 @@ def jpeg(img: Image.Image, subsampling: int | None = None) -> torch.Tensor:
     options = {} if subsampling is None else {"subsampling": subsampling}
     img.save(buffer, "JPEG", quality=90, **options)
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def drop_category(root: Path, split: str, name: str) -> None:
+    """Remove category ``name`` and its annotations from a COCO split's annotation file: a split whose label
+    space lacks one of the other split's labels."""
+    path = root / "annotations" / f"instances_{split}2014.json"
+    data = json.loads(path.read_text())
+    (dropped,) = [c["id"] for c in data["categories"] if c["name"] == name]
+    data["categories"] = [c for c in data["categories"] if c["id"] != dropped]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != dropped]
+    path.write_text(json.dumps(data))
 
 
 class TimedWorkerBatches(IterableDataset):

@@ -68,15 +68,23 @@ def test_corrupt_image_on_the_cpu_path_gives_n_bad_1_and_the_rest_of_the_batch(s
     assert torch.equal(batch["target"], torch.from_numpy(small_index.targets()[[i for i in range(8) if i != 2]]))
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "png", "huge"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "huge"])
 def test_corrupt_image_on_the_raw_path_gives_n_bad_1_after_device_decode(small_index, damage):
-    """Unreadable or non-JPEG files fail in the worker; a truncated JPEG only when decoded (in to_device)."""
+    """Unreadable files fail in the worker, a truncated JPEG too (nvJPEG would fill it in), as on the CPU path."""
     _damage(small_index.records[2].path, damage)
     dataset = FolderDataset(small_index, None, raw=True)
+    assert dataset[2] == Skipped(small_index.records[2].image_id)
     batch = collate([dataset[i] for i in range(len(dataset))])
     images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=False), random.Random(0), False)
     assert batch["n_bad"] == 1 and images.shape[0] == targets.shape[0] == 7
     assert 2 not in ids.tolist() and ids.tolist() == [r.image_id for i, r in enumerate(small_index.records) if i != 2]
+
+
+def test_a_png_under_a_jpeg_name_is_scored_on_the_raw_path_as_on_the_cpu_path(small_index):
+    _damage(small_index.records[2].path, "png")
+    for dataset in (FolderDataset(small_index, None, raw=True), FolderDataset(small_index, CpuTransform(32, False))):
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        assert batch["n_bad"] == 0 and batch["image_id"].tolist() == [r.image_id for r in small_index.records]
 
 
 def test_collate_counts_every_bad_sample_and_names_those_whose_image_id_is_known():
@@ -122,7 +130,7 @@ def test_folder_dataset_needs_a_transform_unless_raw(small_index):
 
 def _damage(path: str, how: str) -> None:
     """Make one image file unreadable: deleted, overwritten with garbage, cut in half, declaring a size past PIL's
-    decompression-bomb limit, or (raw path) a PNG."""
+    decompression-bomb limit, or (readable) a PNG."""
     file = Path(path)
     if how == "missing":
         file.unlink()
@@ -130,7 +138,7 @@ def _damage(path: str, how: str) -> None:
         declare_huge_size(file)
     elif how == "garbage":
         file.write_bytes(b"\x00garbage" * 50)
-    elif how == "png":  # a readable picture, but not a JPEG: the device decoder cannot take it
+    elif how == "png":  # a readable picture, but not a JPEG: the device decoder is given it re-encoded
         with Image.open(file) as img:
             img.load()
         img.save(file, "PNG")

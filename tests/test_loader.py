@@ -5,10 +5,12 @@ Ranks are simulated in one process: each rank's loader is built with its rank nu
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,7 @@ import psutil
 import pytest
 import torch
 import webdataset as wds
-from conftest import process_alive, timed_worker_loader
+from conftest import drop_category, jpeg, photo, process_alive, timed_worker_loader
 from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -320,8 +322,75 @@ def test_gpu_decode_carries_the_original_jpeg_bytes(fmt, train, toy_root, shards
         batches = list(build_eval_loader(cfg, rank=0, world_size=1, decode="gpu"))
     assert "image" not in batches[0]
     for batch in batches:
-        for image_id, jpeg in zip(batch["image_id"].tolist(), batch["jpeg"]):
-            assert jpeg.dtype == torch.uint8 and jpeg.numpy().tobytes() == by_id[image_id]
+        for image_id, data in zip(batch["image_id"].tolist(), batch["jpeg"]):
+            assert data.dtype == torch.uint8 and data.numpy().tobytes() == by_id[image_id]
+
+
+def test_the_gpu_path_fixes_or_skips_the_shard_images_the_device_would_decode_wrong(toy_root, copied_shards):
+    """Shards packed before the packer re-encoded such files, or written by other tools: a grayscale JPEG with 2x2
+    sampling (nvJPEG misreads it) reaches the device re-encoded, a truncated one (nvJPEG fills it in) is skipped,
+    as the CPU path does."""
+    changed = {}
+
+    def damage(position, sample):
+        if position in (0, 1):
+            odd = jpeg(photo(mode="L"), subsampling=2).numpy().tobytes()
+            sample["jpg"] = odd if position == 0 else sample["jpg"][: len(sample["jpg"]) // 2]
+            changed[position] = int(sample["__key__"])
+
+    rewrite_shard(copied_shards / "coco-val-000000.tar", damage)
+    batches = list(build_eval_loader(config("wds", toy_root, copied_shards), rank=0, world_size=1, decode="gpu"))
+    given = {i: bytes(j.numpy()) for b in batches for i, j in zip(b["image_id"].tolist(), b["jpeg"])}
+    with Image.open(io.BytesIO(given[changed[0]])) as fixed:
+        assert fixed.layer[0][1:3] == (1, 1)
+    assert changed[1] not in given and [i for b in batches for i in b["bad_ids"]] == [changed[1]]
+
+
+@pytest.mark.parametrize("labels", ["missing", 3, "3"])
+def test_a_sample_json_without_a_list_of_labels_is_an_error_naming_shard_and_key(toy_root, copied_shards, labels):
+    keys = []
+
+    def bad_labels(position, sample):
+        if position == 0:
+            info = json.loads(sample["json"])
+            info.pop("labels") if labels == "missing" else info.update(labels=labels)
+            sample["json"] = json.dumps(info).encode()
+            keys.append(sample["__key__"])
+
+    rewrite_shard(copied_shards / "coco-val-000000.tar", bad_labels)
+    with pytest.raises(ValueError, match=rf"coco-val-000000.tar: sample '{keys[0]}': bad .json: expected 'labels'"):
+        eval_ids(config("wds", toy_root, copied_shards), world=1)
+
+
+@pytest.mark.parametrize(
+    "edit, names",
+    [
+        (lambda m: m["splits"]["val"].pop("shards"), "split 'val'"),
+        (lambda m: m["splits"]["val"]["shards"][0].pop("count"), "split 'val' shard 0"),
+        (lambda m: m.update(splits=[m["splits"]]), "'splits'"),
+        (lambda m: m.update(label_names="person"), "'label_names'"),
+        (lambda m: m.update(stats={"split": "train"}), "'stats'"),
+    ],
+)
+def test_a_meta_json_of_another_shape_is_a_config_error_naming_the_part(copied_shards, edit, names):
+    meta = read_meta(copied_shards)
+    edit(meta)
+    (copied_shards / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"meta.json: {re.escape(names)}: expected .*not a meta.json written by"):
+        read_meta(copied_shards)
+
+
+def test_data_keep_empty_must_match_what_the_pack_was_made_with(toy_root, shards):
+    with pytest.raises(ConfigError, match=r"packed without the images that have no annotation .* "
+                                          r"data.keep_empty=true: set data.keep_empty=false or pack again with"):
+        dataset_info(config("wds", toy_root, shards, keep_empty=True))
+
+
+def test_folder_splits_with_different_label_spaces_are_a_config_error_naming_both_files(toy_root, tmp_path):
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    drop_category(root, "val", "bicycle")
+    with pytest.raises(ConfigError, match=r"instances_train2014.json and .*instances_val2014.json list different"):
+        dataset_info(config("folder", root, tmp_path / "no-shards"))
 
 
 @pytest.mark.parametrize("fmt", ["wds", "folder"])

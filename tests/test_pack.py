@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import drop_category, photo
 from PIL import Image
 
 from mlgcn_dist.data import pack
@@ -185,13 +186,18 @@ def test_interrupted_pack_leaves_nothing_that_looks_complete(toy_root, tmp_path,
         read_meta(out)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
 def test_a_pack_whose_meta_json_cannot_reach_the_disk_leaves_no_meta_json(toy_root, tmp_path, monkeypatch):
     out = tmp_path / "shards"
 
-    def disk_full(fd):
-        raise OSError(28, "No space left on device")
+    real_fsync = os.fsync
 
-    monkeypatch.setattr(os, "fsync", disk_full)  # meta.json is the one file the packer syncs before renaming
+    def disk_full_at_meta_json(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("meta.json.partial"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_meta_json)
     with pytest.raises(OSError, match="No space left"):
         pack_dataset("coco", toy_root, out, ["val"], shard_count=2)
     assert sorted(p.name for p in out.glob("*.tar")) == ["coco-val-000000.tar", "coco-val-000001.tar"]
@@ -272,6 +278,51 @@ def test_broken_images_are_skipped_and_png_or_cmyk_reencoded_and_all_listed(tmp_
     nums, _ = read_stats(tmp_path / "shards" / "coco_adj.pkl")  # statistics of the packed images only
     kept = [r for r in records if r.image_id not in skipped]
     assert nums.sum() == sum(len(r.labels) for r in kept)
+
+
+def test_a_grayscale_jpeg_nvjpeg_would_misread_is_stored_with_1x1_sampling_and_listed_as_converted(tmp_path):
+    root = tmp_path / "toy"
+    make_toy(root, train=6, val=2, size=32, seed=1)
+    odd = read_split("coco", root, "train").records[0]
+    photo(mode="L").save(odd.path, "JPEG", quality=90, subsampling=2)
+    meta = pack_dataset("coco", root, tmp_path / "shards", ["train"], shard_count=1)
+    (converted,) = meta["splits"]["train"]["converted"]
+    assert converted["image_id"] == odd.image_id and converted["detail"].startswith("JPEG L with 2x2 sampling")
+    samples = {s["__key__"]: s for s in plain_wds_samples(shard_paths(tmp_path / "shards", meta, "train"))}
+    with Image.open(io.BytesIO(samples[str(odd.image_id)]["jpg"])) as stored:
+        assert (stored.format, stored.mode, stored.layer[0][1:3]) == ("JPEG", "L", (1, 1))
+
+
+def test_splits_with_different_label_spaces_are_refused_naming_both_annotation_files(tmp_path):
+    root = tmp_path / "toy"
+    make_toy(root, train=6, val=4, size=32, seed=1)
+    drop_category(root, "val", "bicycle")  # every val label after it would shift down by one
+    with pytest.raises(
+        ValueError,
+        match=r"instances_train2014.json and .*instances_val2014.json list different label spaces "
+        r"\(only in 'train': \['bicycle'\]; only in 'val': \[\]\)",
+    ):
+        pack_dataset("coco", root, tmp_path / "shards", ["train", "val"], shard_count=1)
+    assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
+def test_every_file_a_pack_writes_reaches_the_disk_before_meta_json_names_it(toy_root, tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "shards"
+    meta = pack_dataset("coco", toy_root, out, ["train", "val"], shard_count=2)
+    meta_at = synced.index(str(out / "meta.json.partial"))
+    shards = [str(out / s["file"]) + ".partial" for split in meta["splits"].values() for s in split["shards"]]
+    stats = [p for p in synced if Path(p).name.startswith((".coco_adj.pkl.tmp", ".coco_adj.json.tmp"))]
+    assert set(shards) <= set(synced[:meta_at]) and len(stats) == 2 and all(synced.index(p) < meta_at for p in stats)
+    assert str(out) in synced[:meta_at]  # the shards' renames are in the directory before meta.json is
+    assert synced[-1] == str(out)  # and meta.json's own rename
 
 
 def test_voc_packs_trainval_statistics_and_difficult_labels(voc_root, voc_labels, tmp_path):

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,7 +23,6 @@ from mlgcn_dist.data.transforms import (
     CpuTransform,
     CropParams,
     GpuAugment,
-    device_decodable_jpeg,
     fixed_offsets,
     normalise,
     sample_crop,
@@ -235,21 +235,6 @@ def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
     tensor, kept = GpuAugment(32, train=False)([data], "cpu", random.Random(0))
     assert cpu.shape == (3, 32, 32) and tensor.shape == (1, 3, 32, 32) and kept == [0]
     assert (cpu - tensor[0]).abs().max() <= TOLERANCE
-
-
-def test_device_decodable_jpeg_reencodes_only_grayscale_files_with_2x2_sampling():
-    odd = jpeg(photo(mode="L"), subsampling=2).numpy().tobytes()
-    fixed = device_decodable_jpeg(odd)
-    assert fixed != odd and decoded_pil(torch.frombuffer(bytearray(fixed), dtype=torch.uint8)).layer[0][1:3] == (1, 1)
-    before = np.asarray(Image.open(io.BytesIO(odd)), dtype=int)
-    after = np.asarray(Image.open(io.BytesIO(fixed)), dtype=int)
-    assert np.abs(after - before).mean() < 1.5  # one quality-95 re-encoding
-    for normal in (jpeg(photo(mode="L")), jpeg(photo()), jpeg(photo(mode="CMYK"))):
-        assert device_decodable_jpeg(normal.numpy().tobytes()) == normal.numpy().tobytes()
-    png = io.BytesIO()
-    photo().save(png, "PNG")
-    with pytest.raises(ValueError, match="PNG file"):
-        device_decodable_jpeg(png.getvalue())
 
 
 # ---------------------------------------------------------------- to_device

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mlgcn_dist.data.coco import read_coco
+from mlgcn_dist.data.coco import coco_paths, read_coco
+from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
-from mlgcn_dist.data.transforms import CpuTransform, device_decodable_jpeg
+from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.data.voc import read_voc
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,35 @@ def read_split(dataset: str, root: str | Path, split: str, keep_empty: bool = Fa
     if dataset == "voc":
         return read_voc(root, split)
     raise ValueError(f"unknown dataset {dataset!r}: expected 'coco' or 'voc'")
+
+
+def check_same_label_space(reference: SplitIndex, other: SplitIndex, root: str | Path) -> None:
+    """``other``'s labels are ``reference``'s, in the same order, or a ValueError naming both splits' sources.
+
+    Each split's label indices come from its own annotations (COCO: its ``categories``); a split listing one
+    category more or less would shift every label after it, and score the wrong label without an error.
+    """
+    if other.labels.names == reference.labels.names:
+        return
+    first, second = set(reference.labels.names), set(other.labels.names)
+    if first == second:
+        what = "the same labels in another order"
+    else:
+        what = (
+            f"only in '{reference.split}': {sorted(first - second)}; "
+            f"only in '{other.split}': {sorted(second - first)}"
+        )
+    raise ValueError(
+        f"{_split_source(reference, root)} and {_split_source(other, root)} list different label spaces ({what}): "
+        f"label indices would mean other labels in split '{other.split}' than in '{reference.split}'; give both "
+        f"splits the same categories"
+    )
+
+
+def _split_source(index: SplitIndex, root: str | Path) -> str:
+    if index.dataset == "coco":
+        return str(coco_paths(root, index.split)[0])
+    return f"{index.dataset} split '{index.split}' under {root}"
 
 
 class FolderDataset(torch.utils.data.Dataset):

@@ -48,7 +48,8 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from mlgcn_dist.config import ConfigError, DataConfig
-from mlgcn_dist.data.folder import FolderDataset, collate, read_split
+from mlgcn_dist.data.folder import FolderDataset, check_same_label_space, collate, read_split
+from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
 from mlgcn_dist.data.transforms import CpuTransform
@@ -115,6 +116,7 @@ def read_meta(shards_dir: str | Path) -> dict:
         raise ConfigError(
             f"{path}: missing key(s) {', '.join(missing_keys)}; not a meta.json written by mlgcn pack"
         )
+    _check_meta_structure(meta, path)
     for split, body in meta["splits"].items():
         for shard in body["shards"]:
             if not (Path(shards_dir) / shard["file"]).is_file():
@@ -123,6 +125,40 @@ def read_meta(shards_dir: str | Path) -> dict:
                     f"{path}, is missing"
                 )
     return meta
+
+
+def _check_meta_structure(meta: dict, path: Path) -> None:
+    """The parts of meta.json the loaders read, each of the type the packer writes, or a ConfigError naming it."""
+
+    def fail(where: str, expected: str) -> None:
+        raise ConfigError(f"{path}: {where}: expected {expected}; not a meta.json written by mlgcn pack")
+
+    for key in ("label_names", "supercategories"):
+        if not isinstance(meta[key], list) or not all(isinstance(name, str) for name in meta[key]):
+            fail(f"'{key}'", "a list of strings")
+    if len(meta["supercategories"]) != len(meta["label_names"]):
+        fail("'supercategories'", f"one per label ({len(meta['label_names'])})")
+    if not isinstance(meta["splits"], dict):
+        fail("'splits'", "an object of split name -> {shards, count}")
+    for split, body in meta["splits"].items():
+        shards = body.get("shards") if isinstance(body, dict) else None
+        if not isinstance(shards, list):
+            fail(f"split '{split}'", "an object with 'shards' (a list) and 'count'")
+        for i, shard in enumerate(shards):
+            if not (
+                isinstance(shard, dict)
+                and isinstance(shard.get("file"), str)
+                and isinstance(shard.get("count"), int)
+                and shard["count"] >= 0
+            ):
+                fail(f"split '{split}' shard {i}", "an object with 'file' (a file name) and 'count' (an integer >= 0)")
+        if not isinstance(body.get("count"), int):
+            fail(f"split '{split}' 'count'", "an integer")
+    stats = meta.get("stats")
+    if stats is not None and not (
+        isinstance(stats, dict) and all(isinstance(stats.get(k), str) for k in ("split", "pickle"))
+    ):
+        fail("'stats'", "null or an object with 'split' and 'pickle' (strings)")
 
 
 def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]:
@@ -142,6 +178,15 @@ def _checked_meta(data_cfg: DataConfig) -> dict:
         raise ConfigError(
             f"{Path(data_cfg.shards) / META_FILE}: shards of '{meta['dataset']}' but "
             f"data.dataset={data_cfg.dataset}"
+        )
+    # The pack decided which images exist; a setting that says otherwise would change the mAP's images unseen.
+    packed_empty = meta.get("config", {}).get("keep_empty", False)
+    if data_cfg.dataset == "coco" and packed_empty != data_cfg.keep_empty:
+        raise ConfigError(
+            f"{Path(data_cfg.shards) / META_FILE}: packed {'with' if packed_empty else 'without'} the images that "
+            f"have no annotation (mlgcn pack --keep-empty) but data.keep_empty={str(data_cfg.keep_empty).lower()}: "
+            f"set data.keep_empty={str(packed_empty).lower()} or pack again "
+            f"{'without' if packed_empty else 'with'} --keep-empty"
         )
     return meta
 
@@ -181,10 +226,14 @@ def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
         names, supers = meta["label_names"], meta["supercategories"]
         num_train, num_val = counts.get(data_cfg.train_split, 0), counts.get(data_cfg.val_split, 0)
     elif data_cfg.format == "folder":
-        train = _folder_split(data_cfg, data_cfg.train_split)
+        train, val = _folder_split(data_cfg, data_cfg.train_split), _folder_split(data_cfg, data_cfg.val_split)
+        try:
+            check_same_label_space(train, val, data_cfg.root)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         nums, adj = label_stats(train.targets())
         names, supers = train.labels.names, train.labels.supercategories
-        num_train, num_val = len(train), len(_folder_split(data_cfg, data_cfg.val_split))
+        num_train, num_val = len(train), len(val)
     else:
         raise ValueError(f"data.format must be 'wds' or 'folder', got {data_cfg.format!r}")
     return DatasetInfo(list(names), list(supers), len(names), nums, adj, num_train, num_val)
@@ -394,19 +443,26 @@ class SampleDecoder:
         if "jpg" not in sample:
             return Skipped(image_id)
         data = sample["jpg"]
-        if self.transform is None:
-            payload = {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
-        else:
-            try:
+        try:
+            if self.transform is None:
+                # Packs fix such files since the packer does (pack.jpeg_bytes); earlier packs may hold them.
+                payload = {"jpeg": torch.frombuffer(bytearray(device_decodable_jpeg(data)), dtype=torch.uint8)}
+            else:
                 with Image.open(io.BytesIO(data)) as img:
                     rgb = img.convert("RGB")  # decodes fully: a truncated JPEG fails here
-            except UNREADABLE_IMAGE_ERRORS:
-                return Skipped(image_id)
-            payload = {"image": self.transform(rgb, rng)}
+                payload = {"image": self.transform(rgb, rng)}
+        except UNREADABLE_IMAGE_ERRORS:
+            return Skipped(image_id)
         return {**payload, "target": target, "image_id": image_id}
 
     def target(self, info: dict, sample: dict) -> torch.Tensor:
-        labels, difficult = info.get("labels", []), info.get("difficult", [])
+        labels, difficult = info.get("labels"), info.get("difficult", [])
+        if not isinstance(labels, list) or not isinstance(difficult, list):
+            raise ValueError(
+                f"{sample.get('__url__')}: sample '{sample.get('__key__')}': bad .json: expected 'labels' (and, "
+                f"if present, 'difficult') to be lists of label indices, found labels={labels!r}, "
+                f"difficult={difficult!r}"
+            )
         bad = [i for i in (*labels, *difficult) if not (isinstance(i, int) and 0 <= i < self.num_classes)]
         if bad:
             raise ValueError(

@@ -1,9 +1,9 @@
 """Pack a COCO/VOC split into WebDataset tar shards plus ``meta.json`` (``mlgcn pack``).
 
-One sample per image: key ``str(image_id)``, ``.jpg`` = the original file's bytes untouched (only CMYK JPEGs and
-other formats are re-encoded to RGB JPEG, and listed as "converted"), ``.json`` = image id, file name, size, label
-indices and difficult indices. Records come from the same readers as ``format=folder`` (``folder.read_split``), so a
-toy set and the real datasets pack by one code path.
+One sample per image: key ``str(image_id)``, ``.jpg`` = the original file's bytes untouched (CMYK JPEGs and
+other formats are re-encoded to RGB JPEG, grayscale JPEGs with other than 1x1 sampling with 1x1, each listed as
+"converted"), ``.json`` = image id, file name, size, label indices and difficult indices. Records come from the
+same readers as ``format=folder`` (``folder.read_split``), so a toy set and the real datasets pack by one code path.
 
 Completeness is visible from the file names alone: a shard is written as ``<name>.partial`` and renamed when
 closed, and ``meta.json`` is written last (atomically), so a killed pack never looks complete.
@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from mlgcn_dist import __version__
 from mlgcn_dist.arguments import positive_int
-from mlgcn_dist.data.folder import read_split
+from mlgcn_dist.data.folder import check_same_label_space, read_split
+from mlgcn_dist.data.jpeg import encoded, nvjpeg_misreads
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, ImageRecord, SplitIndex
-from mlgcn_dist.files import write_text_atomic
+from mlgcn_dist.files import fsync_directory, fsync_file, write_text_atomic
 from mlgcn_dist.graph import label_stats, write_stats, write_stats_json
 
 PACKER_VERSION = 1
@@ -57,7 +58,8 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 _SHARD_NAME = re.compile(r"^[a-z0-9]+-[A-Za-z0-9_]+-\d{6}\.tar(\.partial)?$")
-# Image modes a JPEG may keep untouched: every decoder we use (PIL, nvJPEG via torchvision) reads them as RGB.
+# Image modes a JPEG may keep untouched: every decoder we use (PIL, nvJPEG via torchvision) reads them as RGB,
+# nvJPEG a grayscale one only with 1x1 sampling (jpeg.nvjpeg_misreads).
 _JPEG_MODES_KEPT = ("RGB", "L")
 _PROGRESS_EVERY = 16  # images between progress reports from a worker process
 
@@ -100,21 +102,22 @@ def jpeg_bytes(path: str) -> tuple[bytes, str | None]:
     """The bytes to store for one image and why it was re-encoded (None: the original file, untouched).
 
     The image is fully decoded so that a truncated or corrupt file is caught here, once, rather than in every
-    training epoch. Raises :class:`UndecodableImage` when PIL cannot read it.
+    training epoch. What a decoder of ours would read otherwise than PIL (:mod:`mlgcn_dist.data.jpeg`) is
+    re-encoded, so the shards need no fixing on the GPU path. Raises :class:`UndecodableImage` when PIL cannot
+    read it.
     """
     data = Path(path).read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if nvjpeg_misreads(img):
+                sampling = "x".join(map(str, img.layer[0][1:3]))
+                return encoded(img), f"JPEG L with {sampling} sampling re-encoded with 1x1 (nvJPEG misreads it)"
             if img.format == "JPEG" and img.mode in _JPEG_MODES_KEPT:
                 return data, None
-            reason = f"{img.format} {img.mode} re-encoded to RGB JPEG"
-            rgb = img.convert("RGB")
+            return encoded(img.convert("RGB")), f"{img.format} {img.mode} re-encoded to RGB JPEG"
     except UNREADABLE_IMAGE_ERRORS as err:
         raise UndecodableImage(f"{path}: cannot decode image ({err})") from err
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=95)
-    return out.getvalue(), reason
 
 
 def sample_json(record: ImageRecord) -> dict:
@@ -166,6 +169,7 @@ def pack_shard(task: ShardTask, report: Callable[[int], object]) -> dict:
                 }
                 writer.write(sample)
                 image_ids.append(record.image_id)
+        fsync_file(Path(partial))  # meta.json, written last and durably, must not list a shard still in memory
         os.replace(partial, task.path)
     finally:
         if os.path.exists(partial):
@@ -301,6 +305,9 @@ def pack_dataset(
     out = Path(out)
     # Read every annotation file before touching the output: a wrong root fails without side effects.
     indexes = [read_split(dataset, root, split, keep_empty=keep_empty) for split in splits]
+    reference = next((i for i in indexes if i.split == TRAINING_SPLIT[dataset]), indexes[0])
+    for index in indexes:
+        check_same_label_space(reference, index, root)  # meta.json holds one label space for every split
     for index in indexes:
         if not index.records:
             hint = "check --root and that the images are in place" if index.skipped else "its annotations list no image"
@@ -317,7 +324,7 @@ def pack_dataset(
         if index.split == TRAINING_SPLIT[dataset]:
             packed_ids = {i for r in split_results for i in r["image_ids"]}
             stats = _write_label_stats(dataset, index, packed_ids, out)
-    labels = indexes[0].labels
+    labels = reference.labels
     meta = {
         "dataset": dataset,
         "packer_version": PACKER_VERSION,
@@ -337,6 +344,7 @@ def pack_dataset(
         "stats": stats,
         "pack_seconds": round(time.monotonic() - started, 1),
     }
+    fsync_directory(out)  # the shards' renames before the meta.json that lists them
     write_text_atomic(out / META_FILE, json.dumps(meta, indent=1), tmp=out / (META_FILE + PARTIAL_SUFFIX))
     return meta
 

@@ -10,15 +10,16 @@ commutes with it).
 
 Both paths draw their parameters from :func:`crop_params`, so a given ``random.Random`` state gives the same crop on
 either path. Bilinear downscaling is antialiased on both (PIL always antialiases; the tensor path asks
-``interpolate`` for it where a side shrinks; on an enlarged side the filter is plain bilinear either way), so the paths agree to about one grey level (PIL rounds to uint8 after each resampling pass).
-The decoders themselves differ for 4:2:0 colour JPEGs (most photos): libjpeg-turbo (PIL) interpolates the chroma
-planes, nvJPEG does not, which moves pixels by a few grey levels at colour edges (measured on an H200: mean 0.8
-grey levels on the toy scenes after augmentation, 3.3 on chroma noise); 4:4:4 and grayscale files decode identically.
+``interpolate`` for it where a side shrinks; on an enlarged side the filter is plain bilinear either way), so the
+paths agree to about one grey level (PIL rounds to uint8 after each resampling pass). The decoders themselves
+differ for 4:2:0 colour JPEGs (most photos): libjpeg-turbo (PIL) interpolates the chroma planes, nvJPEG does not,
+which moves pixels by a few grey levels at colour edges (measured on an H200: mean 0.8 grey levels on the toy scenes
+after augmentation, 3.3 on chroma noise); 4:4:4 and grayscale files decode identically. The files the decoders
+would read otherwise (truncated, misread, not JPEG) are made alike before decoding: :mod:`mlgcn_dist.data.jpeg`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from dataclasses import dataclass
@@ -271,24 +272,6 @@ def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[
             images.append(image)
             kept.append(i)
     return images, kept
-
-
-def device_decodable_jpeg(data: bytes) -> bytes:
-    """``data`` as is, or re-encoded when nvJPEG would silently mis-decode it; for files bound for GpuAugment.
-
-    nvJPEG (torchvision 0.26 + CUDA 13 on an H200) decodes a grayscale JPEG whose single component declares 2x2
-    sampling factors into wrong pixels (up to 114 grey levels off) without raising; libjpeg-turbo reads it right.
-    Such a file is re-encoded (quality 95, 1x1 sampling). A non-JPEG file raises ValueError (device decoding reads
-    JPEG only), an unreadable header OSError.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format != "JPEG":
-            raise ValueError(f"{im.format} file, but device decoding reads JPEG only")
-        if len(im.layer) == 1 and tuple(im.layer[0][1:3]) != (1, 1):
-            buffer = io.BytesIO()
-            im.save(buffer, "JPEG", quality=95)
-            return buffer.getvalue()
-    return data
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
