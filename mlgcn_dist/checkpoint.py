@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 
 from mlgcn_dist.config import ConfigError
 from mlgcn_dist.errors import one_line
-from mlgcn_dist.files import replaced_atomically, write_text_atomic
+from mlgcn_dist.files import fsync_directory, fsync_tree, replaced_atomically, write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _REPLACED = ".replaced-"  # a step-* directory moved aside while a save of the same step is renamed in
@@ -53,9 +53,11 @@ class TrainState:
     best_metric: float = float("-inf")
     best_epoch: int = -1
     best_source: str = ""
-    # Throughput over the whole run, resumes included (per process: every process trains as many images).
+    # Throughput over the whole run, resumes included: every rank's images (resumes on other process counts too).
     trained_images: int = 0
     train_seconds: float = 0.0
+    # False for a checkpoint saved before trained_images counted every rank's images (it held rank 0's).
+    images_of_all_ranks: bool = True
     bad_samples: int = 0  # training images skipped as unreadable, all ranks, resumes included
     # The epoch's layout when saved: a resume with another one rescales the schedule (Trainer).
     steps_per_epoch: int = 0  # optimiser steps
@@ -66,8 +68,17 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        self.images_of_all_ranks = False  # unless the checkpoint says so: an older one counted rank 0's images
         for key, value in state.items():
             setattr(self, key, value)
+
+    def count_images_of_all_ranks(self, world_size: int) -> None:
+        """Bring an older checkpoint's ``trained_images`` (rank 0's alone) to every rank's, taking this session's
+        ``world_size`` for its run's process count: exact when the run that saved it had as many processes (what
+        the throughput of such a resume assumed before)."""
+        if not self.images_of_all_ranks:
+            self.trained_images *= world_size
+            self.images_of_all_ranks = True
 
 
 class CheckpointError(RuntimeError):
@@ -189,10 +200,10 @@ _DEEPSPEED_STATE = "pytorch_model"
 _DDP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def check_resume_launcher(path: Path, deepspeed: bool) -> None:
+def check_resume_launcher(path: Path, deepspeed: bool, world_size: int) -> None:
     """DeepSpeed and DDP save the training state in different files: resuming one's checkpoint under the other
     fails deep inside with an unrelated error (a bare AssertionError, a missing pytorch_model.bin), so say so first;
-    likewise for a DDP checkpoint that lost its weights."""
+    likewise for a DDP checkpoint that lost its weights, and for a ZeRO checkpoint of another process count."""
     saved_by_deepspeed = (path / _DEEPSPEED_STATE).is_dir()
     if saved_by_deepspeed != deepspeed:
         saved, running = ("DeepSpeed", "DDP") if saved_by_deepspeed else ("DDP", "DeepSpeed")
@@ -201,7 +212,18 @@ def check_resume_launcher(path: Path, deepspeed: bool) -> None:
             f"under {saved} (the launcher config and train.deepspeed it was trained with), or start afresh with "
             "train.resume=none and another train.output_dir (its best.pt and last.pt evaluate either way)"
         )
-    if not deepspeed and not any((path / name).is_file() for name in _DDP_WEIGHTS):
+    if deepspeed:
+        # One optimiser-state partition per data-parallel rank; DeepSpeed cannot partition them anew for another
+        # count (without its elastic or universal checkpoints) and says so only after the model and data are set up.
+        saved_ranks = len(list((path / _DEEPSPEED_STATE).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if saved_ranks and saved_ranks != world_size:
+            raise ConfigError(
+                f"train.resume: checkpoint {path} was saved by DeepSpeed ZeRO on {saved_ranks} processes and this "
+                f"run has {world_size}: DeepSpeed cannot partition its optimiser state anew for another process "
+                f"count. Resume on {saved_ranks} processes, or start afresh with train.resume=none and another "
+                "train.output_dir (its best.pt and last.pt evaluate on any count)"
+            )
+    elif not any((path / name).is_file() for name in _DDP_WEIGHTS):
         raise ConfigError(f"train.resume: checkpoint {path} has lost its weights ({' or '.join(_DDP_WEIGHTS)}): "
                           f"{_OLDER_ONE}")
 
@@ -261,6 +283,9 @@ class CheckpointManager:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the directory is published
             if acc.is_main_process:
+                # Accelerate and DeepSpeed write without fsync: after a power loss the directory could otherwise
+                # count as complete (train_state.json is fsynced) with its weights or optimiser state lost.
+                fsync_tree(tmp)
                 # train_state.json is the last file written: its presence inside a step-* directory is what
                 # `resolve_resume` and humans check.
                 record = {"state": state.state_dict(), "config": config, "label_names": list(label_names),
@@ -271,6 +296,7 @@ class CheckpointManager:
                     shutil.rmtree(aside, ignore_errors=True)
                     os.replace(final, aside)  # still counted (complete_checkpoints) until the new one is in
                 os.replace(tmp, final)
+                fsync_directory(self.dir)
                 shutil.rmtree(aside, ignore_errors=True)
                 self._rotate()
         except Exception as err:
@@ -309,9 +335,11 @@ class CheckpointManager:
         # begins an accumulation, whatever train.grad_accum the run that saved it had.
         self.accelerator.step = 0
 
-    def save_portable(self, name: str, payload: dict) -> None:
+    def save_portable(self, name: str, payload: dict) -> Path:
+        """Write ``name`` (the main process; the others write nothing) and return its path."""
         if self.accelerator.is_main_process:
             atomic_torch_save(payload, self.dir / name)
+        return self.dir / name
 
 
 class RunLock:

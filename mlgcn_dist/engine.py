@@ -82,6 +82,16 @@ def build_model_for(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
     return build_model(cfg.model, info.num_classes, adj=adj, embeddings=embeddings, groups=groups)
 
 
+def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, out of its DDP/DeepSpeed and torch.compile wrappers; the prepared model is left as it is.
+
+    ``keep_torch_compile=False``, not Accelerate's default: to keep the compiled wrapper, Accelerate puts the bare
+    module in place of the DDP one inside it (``_orig_mod``), and the prepared model then hides its DDP wrapper:
+    ``accumulate`` finds no ``no_sync`` (DDP all-reduces every micro-batch of an accumulation) and the weights'
+    names gain an ``_orig_mod.`` prefix."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -257,7 +267,7 @@ class Trainer:
             check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
             check_resume_ema(self.last_ckpt, cfg.train.ema_decay)
             check_resume_model(self.last_ckpt, cfg.to_dict()["model"])
-            check_resume_launcher(self.last_ckpt, distributed.is_deepspeed(acc))
+            check_resume_launcher(self.last_ckpt, distributed.is_deepspeed(acc), self.topo.world_size)
         loader_len = len(self._train_loader(epoch=0, decode="cpu"))
         if loader_len < cfg.train.grad_accum:
             raise ConfigError(
@@ -327,7 +337,9 @@ class Trainer:
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0  # this rank's, this session's
-        self._bad_before = self.state.bad_samples  # all ranks', up to the checkpoint resumed from
+        # All ranks', up to the checkpoint resumed from; this session's are summed onto them (_count_across_ranks).
+        self.state.count_images_of_all_ranks(self.topo.world_size)
+        self._bad_before, self._images_before = self.state.bad_samples, self.state.trained_images
         self.throughput: list[float] = []
 
     def _train_loader(self, epoch: int, decode: str):
@@ -400,13 +412,17 @@ class Trainer:
         state.data_order = order
 
     def _save(self) -> None:
-        """A full-state checkpoint (every rank), with the run's count of skipped training images brought up to
-        date: the ranks' counts of this session summed onto the count the run resumed with."""
-        self._count_bad_samples()
+        """A full-state checkpoint (every rank), with the run's counts of trained and skipped images brought up
+        to date."""
+        self._count_across_ranks()
         self.last_ckpt = self.ckpt.save(self.state, self.cfg.to_dict(), self.info.label_names)
 
-    def _count_bad_samples(self) -> None:
-        self.state.bad_samples = self._bad_before + sum(distributed.gather_objects(self.bad_samples))
+    def _count_across_ranks(self) -> None:
+        """The run's trained and skipped images: every rank's counts of this session summed onto the counts the
+        run resumed with (a collective; the training loop counts on the host, each rank its own)."""
+        per_rank = distributed.gather_objects((self.seen_samples, self.bad_samples))
+        self.state.trained_images = self._images_before + sum(seen for seen, _ in per_rank)
+        self.state.bad_samples = self._bad_before + sum(bad for _, bad in per_rank)
 
     def _steps_spent(self) -> bool:
         """Whether ``train.max_steps`` (0: no limit) optimiser steps are done."""
@@ -453,8 +469,7 @@ class Trainer:
                     break
                 window.data_wait += waited
                 self.bad_samples += int(batch.get("n_bad", 0))  # read after to_device: it adds device-side drops
-                self.seen_samples += len(image_ids)
-                state.trained_images += len(image_ids)
+                self.seen_samples += len(image_ids)  # the images trained: the run's count sums the ranks'
                 if len(image_ids):
                     loss = self._train_step(images, targets)
                     # Summed on the device: no host sync in the hot loop, only at logging intervals.
@@ -475,7 +490,7 @@ class Trainer:
                     self.scheduler.step()
                 state.global_step += 1
                 if self.ema is not None:
-                    self.ema.update(acc.unwrap_model(self.model))
+                    self.ema.update(bare_model(acc, self.model))
                 if state.global_step % cfg.train.log_every == 0:
                     self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
                     loss_sum.zero_()
@@ -577,7 +592,7 @@ class Trainer:
 
     def _sync_buffers(self) -> None:
         """The same normalisation statistics on every rank, the EMA's too, before an evaluation or a save."""
-        models = [self.accelerator.unwrap_model(self.model)] + ([self.ema.module] if self.ema is not None else [])
+        models = [bare_model(self.accelerator, self.model)] + ([self.ema.module] if self.ema is not None else [])
         distributed.average_running_stats(*models)
 
     def _evaluate_and_keep_best(self, epoch: int) -> None:
@@ -591,7 +606,8 @@ class Trainer:
         distributed.say(acc, format_metrics_table(self.results))
         payload = _portable_payload(self.cfg, acc, self.model, self.ema, self.info, state, epoch, self.results)
         if improved:
-            self.ckpt.save_portable("best.pt", payload)
+            best = self.ckpt.save_portable("best.pt", payload)
+            self.tracker.log_checkpoint(best, epoch, is_best=True)  # log.log_artifact; the main process's alone
         self.ckpt.save_portable("last.pt", payload)
 
     def _preempted(self) -> None:
@@ -613,14 +629,13 @@ class Trainer:
         windows."""
         state = self.state
         return {
-            "img_per_s": state.trained_images * self.topo.world_size / state.train_seconds
-            if state.train_seconds else None,
+            "img_per_s": state.trained_images / state.train_seconds if state.train_seconds else None,
             "img_per_s_window_median": float(np.median(self.throughput)) if self.throughput else None,
         }
 
     def _finish(self) -> dict:
         acc, state, results = self.accelerator, self.state, self.results
-        self._count_bad_samples()
+        self._count_across_ranks()
         summary = {
             "finished": True,  # what `mlgcn compare` reads as the run's status (a preempted run says "preempted")
             "best_mAP": state.best_metric,
@@ -660,7 +675,10 @@ class Trainer:
 
 
 def _evaluate_all(cfg, accelerator, model, ema, decode, augment) -> dict[str, dict]:
-    models = {"model": accelerator.unwrap_model(model)}
+    # The bare module, eagerly, as the EMA is: not the compiled DDP forward (evaluation batches are uneven across
+    # ranks, and a DDP forward may start a collective a rank with fewer never joins), and no second compiled graph
+    # (eval-mode BatchNorm, the last batch's shape) built on every rank for a pass a fraction of an epoch long.
+    models = {"model": bare_model(accelerator, model)}
     if ema is not None:
         models["ema"] = ema.module
     results = {}
@@ -678,7 +696,7 @@ def _portable_payload(
     """best.pt / last.pt: the weights, what rebuilds the model, and the evaluation of ``epoch`` (the one in
     progress when train.max_steps stopped inside it)."""
     return {
-        "model": accelerator.get_state_dict(model),
+        "model": _model_state_dict(accelerator, model),
         "ema": ema.module.state_dict() if ema is not None else None,
         "config": cfg.to_dict(),
         "label_names": info.label_names,
@@ -690,6 +708,15 @@ def _portable_payload(
         "global_step": state.global_step,
         "metrics": {n: {k: float(r[k]) for k in METRIC_KEYS} for n, r in results.items()},
     }
+
+
+def _model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under the bare module's names (no ``module.``/``_orig_mod.`` prefix), on every rank."""
+    if distributed.is_deepspeed(accelerator):
+        # ZeRO-3 holds a shard of each weight per rank: get_state_dict gathers them (every rank must call it).
+        # DeepSpeed compiles inside its engine, in place: no torch.compile wrapper, no prefix.
+        return accelerator.get_state_dict(model)
+    return bare_model(accelerator, model).state_dict()
 
 
 def _check_bad_fraction(cfg: Config, bad: int, seen: int) -> None:

@@ -37,6 +37,19 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path``, then every directory from the deepest up: what other code wrote there
+    (a library's checkpoint files) is on disk before ``path`` is published by a rename."""
+    directories = [path]
+    for entry in sorted(path.rglob("*")):
+        if entry.is_dir():
+            directories.append(entry)
+        elif entry.is_file():
+            fsync_file(entry)
+    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+        fsync_directory(directory)
+
+
 def fsync_directory(path: Path) -> None:
     """Make the files created and renamed in ``path`` durable: on POSIX a rename reaches the disk with its
     directory, so a crash right after ``os.replace`` could otherwise leave the old name."""

@@ -7,6 +7,7 @@ the AP meter is gathered, each image counted once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -100,6 +101,7 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     state = payload["ema"] if weights == "ema" else payload["model"]
     if state is None:
         raise ValueError("this checkpoint holds no EMA weights (trained with train.ema_decay=0); use --weights model")
+    state = _without_compile_prefix(state)
     if "head.adj" in state and "head.embeddings" in state:
         # The GCN's graph inputs are buffers of its saved weights: evaluating needs neither the graph.stats nor the
         # graph.embeddings file of the training machine.
@@ -110,7 +112,10 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     else:  # the other heads take no graph inputs
         adj = embeddings = None
     groups = LabelSpace(names, payload["supercategories"]).groups()
-    model = build_model(cfg.model, len(names), adj=adj, embeddings=embeddings, groups=groups)
+    # Every weight comes from the checkpoint: the backbone's initial ones (model.pretrained: ImageNet's, a
+    # download, or a file of the training machine) would only be overwritten.
+    arch = dataclasses.replace(cfg.model, pretrained="none")
+    model = build_model(arch, len(names), adj=adj, embeddings=embeddings, groups=groups)
     if "A" not in payload:
         model.load_state_dict(state)
         return model.eval()
@@ -122,6 +127,15 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     load_fitting(model, state, misfit,
                  ignored=lambda key: key in ("head.adj", "head.embeddings") or key.endswith("num_batches_tracked"))
     return model.eval()
+
+
+def _without_compile_prefix(state: dict) -> dict:
+    """A state dict under the bare module's names: best.pt/last.pt of a train.compile=true run saved before
+    2026-11-27 name every weight ``_orig_mod.<name>`` (torch.compile's wrapper)."""
+    prefix = "_orig_mod."
+    if not state or not all(key.startswith(prefix) for key in state):
+        return state
+    return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
 def _config_for(payload: dict, args: argparse.Namespace) -> Config:

@@ -16,10 +16,12 @@ from mlgcn_dist.checkpoint import (
     PreemptionHandler,
     RunLock,
     TrainState,
+    check_resume_launcher,
     complete_checkpoints,
     mark_requeue,
     resolve_resume,
 )
+from mlgcn_dist.config import ConfigError
 
 
 def checkpoint_dir(path: Path, step: int, saved_at: float, epoch: int = 0) -> Path:
@@ -82,11 +84,31 @@ def test_an_explicit_resume_path_is_used_as_given_when_complete_and_refused_with
 def test_train_state_round_trips_every_field_through_the_json_a_checkpoint_holds():
     saved = TrainState(epoch=3, step_in_epoch=5, global_step=41, best_metric=61.5, best_epoch=2, best_source="ema",
                        trained_images=1312, train_seconds=12.5, bad_samples=2, steps_per_epoch=12, micro_batches=24,
-                       data_order="2 processes x 4 data workers, 24 batches of 32, shuffle buffer 1000")
+                       data_order="2 processes x 4 data workers, 24 batches of 32, shuffle buffer 1000",
+                       images_of_all_ranks=False)
     assert all(getattr(saved, f.name) != f.default for f in dataclasses.fields(TrainState))  # every field set
     loaded = TrainState()
     loaded.load_state_dict(json.loads(json.dumps(saved.state_dict())))
     assert loaded == saved
+
+
+def test_an_older_checkpoints_image_count_of_rank_0_alone_is_taken_once_for_each_process_of_the_resume():
+    """Checkpoints saved before 2026-11-27 counted rank 0's images in trained_images (the run's img_per_s then
+    multiplied them by the resumed session's process count)."""
+    older = TrainState(trained_images=640).state_dict()
+    del older["images_of_all_ranks"]
+    state = TrainState()
+    state.load_state_dict(older)
+    state.count_images_of_all_ranks(world_size=2)
+    state.count_images_of_all_ranks(world_size=2)
+    assert (state.trained_images, state.images_of_all_ranks) == (1280, True)
+
+
+def test_a_checkpoints_image_count_of_every_rank_stays_as_saved_whatever_the_resumes_process_count():
+    state = TrainState()
+    state.load_state_dict(json.loads(json.dumps(TrainState(trained_images=640).state_dict())))
+    state.count_images_of_all_ranks(world_size=4)
+    assert state.trained_images == 640
 
 
 # ------------------------------------------------------------------------------------- lock, preemption
@@ -148,3 +170,15 @@ def test_a_plain_process_whose_parent_changes_is_not_stopped(handler, monkeypatc
 def test_the_requeue_marker_holds_the_reason(tmp_path):
     mark_requeue(tmp_path, "preempted at step 40; checkpoint step-00000040")
     assert (tmp_path / "REQUEUE").read_text() == "preempted at step 40; checkpoint step-00000040\n"
+
+
+def test_a_zero_checkpoint_resumes_only_on_the_process_count_that_saved_it(tmp_path):
+    state = tmp_path / "step-00000002" / "pytorch_model"
+    state.mkdir(parents=True)
+    for rank in range(2):
+        (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    check_resume_launcher(state.parent, deepspeed=True, world_size=2)
+    for world_size in (1, 4):
+        with pytest.raises(ConfigError, match=rf"saved by DeepSpeed ZeRO on 2 processes and this run has "
+                                              rf"{world_size}: .*Resume on 2 processes"):
+            check_resume_launcher(state.parent, deepspeed=True, world_size=world_size)

@@ -129,6 +129,22 @@ def test_deepspeed_in_bf16_feeds_its_bf16_model_bf16_images_in_training_and_eval
     assert summary(run_dir)["final"]["model"]["mAP"] > 0 and summary(run_dir)["final"]["ema"]["mAP"] > 0
 
 
+def test_a_deepspeed_resume_on_another_process_count_is_one_message_naming_both_counts_before_training(
+    tiny_toy, tmp_path
+):
+    """ZeRO partitions the optimiser state per process and cannot partition it anew: DeepSpeed said so with a
+    ZeRORuntimeException once the model and data were set up, in every rank's traceback."""
+    run_dir, zero2 = tmp_path / "zero2", f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}"
+    check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, zero2, "data.steps_per_epoch=2"))))
+    (step,) = sorted((run_dir / "checkpoints").glob("step-*"))
+    proc = run(torchrun_cmd(1, overrides(tiny_toy, run_dir, zero2, "data.steps_per_epoch=2", "train.epochs=2",
+                                         "train.resume=auto")))
+    assert proc.returncode != 0
+    assert (f"train.resume: checkpoint {step} was saved by DeepSpeed ZeRO on 2 processes and this run has 1"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "ZeRORuntimeException" not in proc.stderr and "epoch 1" not in proc.stderr
+
+
 def test_evaluation_is_identical_on_one_two_and_three_processes_and_counts_each_image_once(tiny_toy, tmp_path):
     run_dir = tmp_path / "trained"
     check(run(torchrun_cmd(1, overrides(tiny_toy, run_dir))))
@@ -208,3 +224,78 @@ def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(tiny_
     resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=1", "train.resume=auto"))))
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "REQUEUE").exists()
+
+
+def eager_compile_kwargs(cfg) -> dict:
+    """Accelerate's keywords for train.compile=true with dynamo's "eager" backend: the model is wrapped as for
+    Inductor (torch.compile's OptimizedModule around the DDP one), without Inductor's C++ compile (half a minute
+    for the toy model on this CPU)."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    return {"dynamo_plugin": TorchDynamoPlugin(backend="eager")} if cfg.train.compile else {"dynamo_backend": "no"}
+
+
+def train_counting_allreducing_micro_batches(args: list[str]) -> None:
+    """`mlgcn train` compiled eagerly, printing how many of its micro-batches all-reduced their gradients (DDP's
+    communication hook ran in their backward). Run in each process of a launch (see the test below)."""
+    from accelerate import Accelerator
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from mlgcn_dist import distributed, engine
+    from mlgcn_dist.cli import main
+
+    distributed._compile_kwargs = eager_compile_kwargs
+    reduced: list[bool] = []  # per micro-batch
+    prepare, train_step = Accelerator.prepare, engine.Trainer._train_step
+
+    def hook(process_group, bucket):
+        reduced[-1] = True
+        return allreduce_hook(process_group, bucket)
+
+    def prepare_with_hook(self, *objects):
+        prepared = prepare(self, *objects)
+        prepared[0]._orig_mod.register_comm_hook(None, hook)  # the DDP module inside the compiled wrapper
+        return prepared
+
+    def counted_step(self, *step_args, **kwargs):
+        reduced.append(False)
+        return train_step(self, *step_args, **kwargs)
+
+    Accelerator.prepare, engine.Trainer._train_step = prepare_with_hook, counted_step
+    status = main(["train", *args])
+    print(f"ALLREDUCED {sum(reduced)} OF {len(reduced)} MICRO-BATCHES", flush=True)
+    sys.exit(status)
+
+
+def test_a_compiled_ddp_run_all_reduces_once_per_accumulation_and_saves_the_bare_models_weight_names(tiny_toy,
+                                                                                                   tmp_path):
+    """Accelerate's unwrap_model keeps the compiled wrapper by default by putting the bare module in place of the
+    DDP one inside it: the engine's first unwrap (the EMA's update) hid DDP's no_sync from `accumulate`, and every
+    micro-batch all-reduced (3 of 4 here), while best.pt's names gained an `_orig_mod.` prefix."""
+    script = tmp_path / "train_counting.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport test_distributed\n"
+                      "test_distributed.train_counting_allreducing_micro_batches(sys.argv[1:])\n")
+    run_dir = tmp_path / "compiled"
+    args = overrides(tiny_toy, run_dir, "train.compile=true", "train.grad_accum=2", "train.epochs=2",
+                     "train.ema_decay=0.9")
+    cmd = [*torchrun_cmd(2, [])[:-1], str(script), *args]
+    out = check(run(cmd)).stdout
+    steps = summary(run_dir)["global_step"]
+    assert steps >= 2
+    assert re.findall(r"ALLREDUCED (\d+) OF (\d+)", out) == [(str(steps), str(2 * steps))] * 2
+    names = list(torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=True)["model"])
+    assert names and not [name for name in names if name.startswith(("_orig_mod.", "module."))]
+
+
+def test_a_resume_on_fewer_processes_counts_every_images_of_both_sessions_in_the_runs_img_per_s(tiny_toy, tmp_path):
+    """The run's img_per_s is its images over its time: it counted rank 0's images and multiplied them by the
+    resumed session's process count, so a run trained on 2 processes and resumed on 1 lost half of its first
+    session's images."""
+    run_dir = tmp_path / "run"
+    check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, "data.steps_per_epoch=2"))))
+    check(run(torchrun_cmd(1, overrides(tiny_toy, run_dir, "data.steps_per_epoch=2", "train.epochs=2",
+                                        "train.resume=auto"))))
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "train_state.json").read_text())["state"]
+    assert state["trained_images"] == 2 * 2 * 8 + 2 * 8  # 2 steps on 2 processes, then 2 on 1; batches of 8
+    assert summary(run_dir)["img_per_s"] == pytest.approx(state["trained_images"] / state["train_seconds"])

@@ -13,11 +13,28 @@ from accelerate.state import AcceleratorState
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.engine import train
+from mlgcn_dist.models.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def train_briefly(toy_root: Path, out: Path, *extra: str) -> Path:
+    """A toy run of one epoch of two steps, without an EMA."""
+    train(load_config(REPO / "configs/toy.yaml", [
+        f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "data.steps_per_epoch=2", "train.epochs=1",
+        "train.resume=none", f"train.output_dir={out}", "log.wandb=disabled", "train.ema_decay=0", *extra,
+    ]))
+    AcceleratorState._reset_state(reset_partial_state=True)  # an in-process evaluation follows
+    return out
+
+
+def evaluated_map(checkpoint: Path, tmp_path: Path) -> float:
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--metrics-out", str(out)]) == 0
+    return json.loads(out.read_text())["mAP"]
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +222,45 @@ def test_evaluate_from_another_directory_than_trainings_says_how_to_point_at_the
     err = capsys.readouterr().err
     assert (f"data.root data/no_such_toy does not exist (relative to {Path.cwd()}); run where training ran or pass "
             "data.root=<path>") in err
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_compiled_runs_best_pt_holds_the_bare_models_weight_names_and_evaluates_to_the_map_training_logged(
+    backend, toy_root, tmp_path, monkeypatch
+):
+    """train.compile=true; "eager": wrapped as for Inductor, compiled with dynamo's eager backend (no C++ compile,
+    which takes half a minute here). best.pt held the compiled wrapper's names (`_orig_mod.backbone...`), which
+    `mlgcn evaluate` refused."""
+    from test_distributed import eager_compile_kwargs
+
+    from mlgcn_dist import distributed
+
+    if backend == "eager":
+        monkeypatch.setattr(distributed, "_compile_kwargs", eager_compile_kwargs)
+    run = train_briefly(toy_root, tmp_path / "compiled", "train.compile=true")
+    best = torch.load(run / "checkpoints/best.pt", map_location="cpu", weights_only=True)
+    assert best["model"] and not [name for name in best["model"] if name.startswith("_orig_mod.")]
+    assert evaluated_map(run, tmp_path) == pytest.approx(best["metrics"]["model"]["mAP"], abs=1e-6)
+
+
+def test_a_checkpoint_saved_with_the_compiled_wrappers_weight_names_still_evaluates(run_dir, tmp_path):
+    """What train.compile=true runs saved before 2026-11-27: every weight named `_orig_mod.<name>`."""
+    payload = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=True)
+    payload["model"] = {f"_orig_mod.{name}": value for name, value in payload["model"].items()}
+    torch.save(payload, tmp_path / "best.pt")
+    assert evaluated_map(tmp_path / "best.pt", tmp_path) == pytest.approx(payload["metrics"]["model"]["mAP"],
+                                                                          abs=1e-6)
+
+
+def test_evaluate_and_predict_need_not_the_pretrained_weights_training_started_from(toy_root, tmp_path, capsys):
+    """model.pretrained only initialises training (a file of the training machine here; imagenet is a download of
+    170 MB): every weight is in the checkpoint. Evaluate and predict rebuilt the backbone with it."""
+    initial = tmp_path / "initial.pth"
+    torch.save(build_backbone("cifar_resnet_tiny")[0].state_dict(), initial)
+    run = train_briefly(toy_root, tmp_path / "run", f"model.pretrained={initial}")
+    initial.unlink()
+    best = torch.load(run / "checkpoints/best.pt", map_location="cpu", weights_only=True)
+    assert evaluated_map(run, tmp_path) == pytest.approx(best["metrics"]["model"]["mAP"], abs=1e-6)
+    image = sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", str(run), str(image)]) == 0
+    assert "top-3:" in capsys.readouterr().out

@@ -142,9 +142,13 @@ def test_the_skipped_training_images_of_every_rank_and_every_resume_add_up_in_th
     assert whole >= 2  # 16 batches of 8: the damaged image is met in more than one pass
     train(tiny_config(tiny_toy, tmp_path / "split", *run, "train.max_steps=9"))
     assert train(tiny_config(tiny_toy, tmp_path / "split", *run, "train.resume=auto"))["bad_samples"] == whole
-    # Another rank's count is summed in (one process here: its gather of training counts is stood in for).
-    monkeypatch.setattr("mlgcn_dist.distributed.gather_objects",
-                        lambda mine: [mine, 3] if isinstance(mine, int) else [mine])
+    # Another rank's count is summed in (one process here: its gather of the training counts, images trained and
+    # skipped, is stood in for: another rank that trained as many and skipped 3).
+    def with_another_rank(mine):
+        training_counts = isinstance(mine, tuple) and all(isinstance(n, int) for n in mine)
+        return [mine, (mine[0], 3)] if training_counts else [mine]
+
+    monkeypatch.setattr("mlgcn_dist.distributed.gather_objects", with_another_rank)
     assert train(tiny_config(tiny_toy, tmp_path / "ranks", *run))["bad_samples"] == whole + 3
 
 

@@ -211,6 +211,25 @@ def test_checkpoint_is_logged_as_a_file_reference_artifact(tmp_path, wandb_env):
     assert [entry.ref for entry in artifact.manifest.contents] == [checkpoint.resolve().as_uri()]
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_training_run_with_log_artifact_logs_its_best_pt_as_a_reference_artifact(toy_root, tmp_path, wandb_env):
+    """log.log_artifact=true was read by nothing: the engine never logged a checkpoint."""
+    from mlgcn_dist.engine import train
+
+    run_dir = tmp_path / "run"
+    train(load_config(Path(__file__).resolve().parents[1] / "configs/toy.yaml", [
+        f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "data.steps_per_epoch=2", "train.epochs=1",
+        f"train.output_dir={run_dir}", "train.resume=none", "train.ema_decay=0", "log.wandb=offline",
+        "log.log_artifact=true",
+    ]))
+    flush_wandb()
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    logged = {(tuple(sorted(r.artifact.aliases)), tuple(entry.ref for entry in r.artifact.manifest.contents))
+              for r in read_wandb_records(wandb_file)
+              if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"}
+    assert logged == {(("best", "epoch-0", "latest"), ((run_dir / "checkpoints/best.pt").as_uri(),))}
+
+
 def test_git_state_outside_a_git_checkout_is_none(tmp_path):
     assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
 
