@@ -432,11 +432,22 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
     assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's auto, on the CPU
 
 
+@pytest.mark.parametrize("platform, unit", [("linux", 1024), ("darwin", 1)])
+def test_the_cpu_peak_memory_is_in_bytes_whatever_unit_the_platform_gives_ru_maxrss_in(platform, unit, monkeypatch):
+    import resource
+    import sys
+
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: type("Usage", (), {"ru_maxrss": 5000})())
+    assert peak_memory(torch.device("cpu"))["peak_mem_bytes"] == 5000 * unit
+
+
 def test_peak_tflops_are_looked_up_by_device_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835.5
     assert peak_tflops("NVIDIA H200", "fp16") == 989.4
+    assert peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
     assert peak_tflops("cpu", "fp32") is None
     assert ORIGINAL_MLGCN.numerics == "fp32"

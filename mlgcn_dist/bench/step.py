@@ -16,12 +16,13 @@ from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, looked up by the first key contained in
-# torch.cuda.get_device_name ("H100 PCIe" and "H100 NVL" before "H100", whose numbers are the SXM part's; NVL: per
-# GPU). fp32: CUDA cores.
+# torch.cuda.get_device_name ("H100 PCIe", "H100 NVL" and "H200 NVL" before "H100" and "H200", whose numbers are the
+# SXM parts'; NVL: per GPU). fp32: CUDA cores.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
     "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }

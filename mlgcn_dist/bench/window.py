@@ -4,6 +4,7 @@ data wait and stall, divergence, peak memory), with the loader's warm-up queue d
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -34,8 +35,10 @@ def peak_memory(device: torch.device) -> dict:
             "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device),
             "peak_mem_kind": "cuda_max_allocated",
         }
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
     return {
-        "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
         "peak_mem_reserved_bytes": None,
         "peak_mem_kind": "process_max_rss",
     }
@@ -119,6 +122,10 @@ def time_training(
     device = step.device
     step.restart()
     if device.type == "cuda":
+        # The reset sets each peak to the current value: the cached blocks of earlier phases would otherwise count
+        # in this phase's reserved peak.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     source = iter(batches)
     watch = DivergenceWatch(device)
