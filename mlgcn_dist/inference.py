@@ -299,11 +299,15 @@ def _write_scores(path: Path, meter) -> None:
             fh.write(json.dumps({"image_id": image_id, "scores": scores, "target": target}) + "\n")
 
 
+PREDICT_BATCH = 16  # images decoded and run at once: memory stays that of one batch whatever the number of files
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> tuple[list[str], torch.Tensor | None,
-                                                                                   dict[str, str]]:
-    """Label logits [N, C] of the image files that can be read (evaluation transform: plain resize, normalise):
-    those paths, their logits (None when none could be read) and, per file that could not, why."""
+def predict(model: torch.nn.Module, image_size: int, paths: list[str], batch_size: int = PREDICT_BATCH
+            ) -> tuple[list[str], torch.Tensor | None, dict[str, str]]:
+    """Label logits [N, C] of the image files that can be read (evaluation transform: plain resize, normalise),
+    run ``batch_size`` files at a time: those paths, their logits (None when none could be read) and, per file
+    that could not, why."""
     import random
 
     from PIL import Image
@@ -313,16 +317,19 @@ def predict(model: torch.nn.Module, image_size: int, paths: list[str]) -> tuple[
 
     transform = CpuTransform(image_size, train=False)
     rng = random.Random(0)
-    read, batch, unreadable = [], [], {}
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                batch.append(transform(img.convert("RGB"), rng))
-            read.append(path)
-        except UNREADABLE_IMAGE_ERRORS as err:  # PIL's errors for a truncated file do not name it
-            unreadable[path] = first_line(err)
-    logits = model(normalise(torch.stack(batch))).float() if batch else None
-    return read, logits, unreadable
+    read, logits, unreadable = [], [], {}
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start : start + batch_size]:
+            try:
+                with Image.open(path) as img:
+                    batch.append(transform(img.convert("RGB"), rng))
+                read.append(path)
+            except UNREADABLE_IMAGE_ERRORS as err:  # PIL's errors for a truncated file do not name it
+                unreadable[path] = first_line(err)
+        if batch:
+            logits.append(model(normalise(torch.stack(batch))).float())
+    return read, (torch.cat(logits) if logits else None), unreadable
 
 
 def run_predict(args: argparse.Namespace) -> int:

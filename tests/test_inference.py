@@ -193,6 +193,22 @@ def test_predict_lists_exactly_the_labels_at_or_above_the_threshold_given(run_di
     assert f"above 0.30: {names[2]} 0.400, {names[5]} 0.350\n" in capsys.readouterr().out
 
 
+def test_predict_runs_a_few_images_at_a_time_and_gives_each_the_logits_of_one_run_over_all(run_dir, toy_root):
+    """Every file stacked into one batch held them all in memory: thousands of 448 px images would not fit."""
+    from mlgcn_dist.config import config_from_dict
+    from mlgcn_dist.inference import load_portable, model_from_payload, predict
+
+    payload = load_portable(run_dir / "checkpoints" / "last.pt")
+    model = model_from_payload(payload, config_from_dict(payload["config"]))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    paths = [str(p) for p in sorted((toy_root / "val2014").glob("*.jpg"))[:7]]
+    read, logits, unreadable = predict(model, 32, paths, batch_size=3)
+    assert seen == [3, 3, 1] and read == paths and not unreadable
+    _, whole, _ = predict(model, 32, paths, batch_size=len(paths))
+    torch.testing.assert_close(logits, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_predict_names_each_unreadable_image_prints_the_others_and_exits_2(run_dir, toy_root, tmp_path, capsys):
     """PIL's errors for a truncated JPEG ("Truncated File Read") do not name the file."""
     good = sorted((toy_root / "val2014").glob("*.jpg"))[0]
