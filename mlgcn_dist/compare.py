@@ -41,10 +41,9 @@ DECIMAL_COLUMNS = frozenset(SUMMARY_COLUMNS) - {"procs"}  # shown with two decim
 TEXT_COLUMNS = ("name", "config", "status")  # sorted ascending, as config values are
 # Keys that differ between any two runs by construction: they would fill the config column with noise.
 IDENTITY_KEYS = frozenset({"train.run_name", "train.output_dir", "log.run_id"})
-# Written into the summary (summary.json, and W&B's) only by the engine's Trainer._finish: the per-evaluation
-# summaries of the tracker and the summary of a preemption lack them. "finished" since 2026-11-27; runs finished
-# before it are known by the label-frequency baseline, which only the finish writes.
-FINISHED_KEYS = ("finished", "frequency_baseline_mAP")
+# The SLURM script's markers in a run directory, and what each tells of a preempted run: REQUEUE, the trainers' ask
+# to be requeued, is renamed by the script when SLURM ended the job instead (scancel, preemption, time limit).
+REQUEUE_MARKERS = {"REQUEUE": "requeue pending", "REQUEUE.terminated": "job ended"}
 
 _WANDB_FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 _BLOCK_SIZE = 32 * 1024
@@ -59,7 +58,7 @@ class RunRecord:
     config: dict[str, Any]  # flattened "section.key" -> value
     summary: dict[str, Any]  # best_mAP, best_CF1, best_OF1, best_epoch, img_per_s, world_size, ...
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # model|ema -> [(epoch, mAP)]
-    requeue_pending: bool = False  # a preempted run directory's REQUEUE marker is still there
+    requeue: str = ""  # what a preempted run directory's marker tells (REQUEUE_MARKERS); "" without one
     status: str = ""  # what its source alone tells (a run directory without summary.json), over run_status's
 
 
@@ -114,7 +113,7 @@ def _read_local_run(run_dir: Path) -> RunRecord:
         config=config,
         summary={k: v for k, v in summary.items() if k != "config"},
         curves={k: v for k, v in curves.items() if v},
-        requeue_pending=(run_dir / "REQUEUE").is_file(),
+        requeue=next((told for name, told in REQUEUE_MARKERS.items() if (run_dir / name).is_file()), ""),
         status=status,
     )
 
@@ -359,6 +358,8 @@ def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:
         return run.name
     if column == "config":
         return " ".join(f"{k}={_format_value(run.config[k])}" for k in diff_keys if k in run.config)
+    if column == "img_per_s":
+        return run_img_per_s(run.summary)
     if column in SUMMARY_COLUMNS:
         return run.summary.get(SUMMARY_COLUMNS[column])
     if column == "status":
@@ -366,18 +367,36 @@ def _cell(run: RunRecord, column: str, diff_keys: list[str]) -> Any:
     return _value(run, column)
 
 
+def run_img_per_s(summary: dict[str, Any]) -> Any:
+    """The run's img_per_s (every image over the epochs' wall time), which the engine writes next to
+    ``img_per_s_window_median``. A summary with img_per_s alone holds the logging windows' median under that name
+    (the tracker's before 2026-11-27, of a killed or running run; the engine's before 2026-11-26): a higher rate that
+    would not compare with the others, so None."""
+    return summary.get("img_per_s") if "img_per_s_window_median" in summary else None
+
+
+def is_finished(summary: dict[str, Any]) -> bool:
+    """The engine's ``finished``, which the tracker sets False in W&B's summary at every session's start (W&B keeps
+    summary keys across sessions); a summary without it is of a run from before 2026-11-27, finished when it holds
+    the label-frequency baseline that only the engine's finish writes."""
+    if "finished" in summary:
+        return bool(summary["finished"])
+    return "frequency_baseline_mAP" in summary
+
+
 def run_status(run: RunRecord) -> str:
-    """finished, preempted (requeue pending while its REQUEUE marker is there), incomplete: epoch k of N (k epochs
-    evaluated; killed, or still running), no data, or what its source told (``RunRecord.status``)."""
+    """finished, preempted (requeue pending while its REQUEUE marker is there, job ended once the SLURM script
+    renamed it), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no data, or what its
+    source told (``RunRecord.status``)."""
     if run.status:
         return run.status
     if not (run.config or run.summary or run.curves):
         return "no data"
-    # Before "preempted": W&B's summary of a resumed run merges its sessions', so an earlier preemption's flag stays.
-    if any(key in run.summary for key in FINISHED_KEYS):
+    # Before "preempted": a W&B run finished before 2026-11-27 after a preemption still holds that session's flag.
+    if is_finished(run.summary):
         return "finished"
     if run.summary.get("preempted"):
-        return "preempted (requeue pending)" if run.requeue_pending else "preempted"
+        return f"preempted ({run.requeue})" if run.requeue else "preempted"
     # The last evaluated epoch: metrics.jsonl or W&B history, else the last "epoch" W&B keeps in its summary.
     last = max((points[-1][0] for points in run.curves.values()), default=run.summary.get("epoch"))
     evaluated = int(last) + 1 if isinstance(last, (int, float)) else "?"
@@ -390,13 +409,25 @@ def _sort_runs(runs: list[RunRecord], column: str, diff_keys: list[str]) -> list
     if column not in known:
         raise ValueError(f"--sort '{column}': not a column ({', '.join(DEFAULT_COLUMNS)}), config key or summary key")
     descending = column not in TEXT_COLUMNS and not any(column in run.config for run in runs)
-    present = [r for r in runs if _cell(r, column, diff_keys) is not None]
-    missing = [r for r in runs if _cell(r, column, diff_keys) is None]
+    present = [r for r in runs if _sort_value(_cell(r, column, diff_keys)) is not None]
+    missing = [r for r in runs if _sort_value(_cell(r, column, diff_keys)) is None]
     try:
-        ordered = sorted(present, key=lambda r: _cell(r, column, diff_keys), reverse=descending)
+        ordered = sorted(present, key=lambda r: _sort_value(_cell(r, column, diff_keys)), reverse=descending)
     except TypeError:  # values of mixed types (e.g. a key whose type changed between versions)
         ordered = sorted(present, key=lambda r: str(_cell(r, column, diff_keys)), reverse=descending)
     return ordered + missing
+
+
+# The aggregates W&B keeps as a metric's summary when define_metric(summary=...) names them.
+_WANDB_METRIC_SUMMARIES = frozenset({"min", "max", "mean", "last", "first", "best"})
+
+
+def _sort_value(value: Any) -> Any:
+    """``value``, or the number of a W&B metric summary of one aggregate: val/mAP is {"max": 61.2}
+    (the tracker's define_metric(summary="max")), and dicts would sort by their text, 9.5 above 10.0."""
+    if isinstance(value, dict) and len(value) == 1 and set(value) <= _WANDB_METRIC_SUMMARIES:
+        return next(iter(value.values()))
+    return value
 
 
 def format_table(runs: list[RunRecord], sort_by: str = "best_mAP",
@@ -457,9 +488,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", type=Path,
                         help="run directories, or directories holding run directories; a run given twice is listed "
                              "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
-                             "there; a W&B run, which holds no marker, says preempted), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no "
-                             "summary: not past setup (a run directory without summary.json: failed, killed or still "
-                             "starting before tracking began), or no data (default: none)")
+                             "there; job ended: SLURM ended the job instead, resubmit with train.output_dir=<run dir>; "
+                             "a W&B run, which holds no marker, says preempted), incomplete: epoch k of N (k epochs "
+                             "evaluated; killed, or still running), no summary: not past setup (a run directory "
+                             "without summary.json: failed, killed or still starting before tracking began), or no "
+                             "data (default: none)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
                         help="also compare the runs of this W&B project, --filter applied by W&B (needs `wandb "
                              "login`; default: none)")

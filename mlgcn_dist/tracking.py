@@ -6,18 +6,22 @@ Files in the run directory (main process only; every other rank's :class:`Tracke
   "per_class_ap": {label: AP}, "per_class_ap_ema": {...}}``; NaN (a class without positives) is written as null.
 - ``train_log.jsonl``: one line per :meth:`Tracker.log_step` ``{"step", "time", **values}``.
 - ``summary.json``: best mAP over the model and its EMA (``best_mAP``, ``best_epoch``, ``best_step``,
-  ``best_source``, ``best_CF1``, ...), the last evaluation (``final``), ``img_per_s``, ``world_size``, the resolved
-  config, git commit, system, and whatever :meth:`Tracker.finish` passes (its values win). Rewritten atomically after
+  ``best_source``, ``best_CF1``, ...), the last evaluation (``final``), ``img_per_s_window_median`` (of the logged
+  ``train/img_per_s``), ``world_size``, the resolved config, git commit, system, and whatever :meth:`Tracker.finish`
+  passes (its values win: the engine's ``img_per_s``, ``finished`` or ``preempted``). Rewritten atomically after
   every evaluation, so a crashed run still has one.
 
 A requeued job appends to the same run directory: an evaluation or step logged again (the checkpoint was older than
 the last lines) replaces the lines at and after it, so the files describe one consistent history.
 
 W&B mode: ``log.wandb`` decides; its default ``auto`` takes ``WANDB_MODE`` when that is set, else disabled (a cluster
-can switch tracking on without editing configs; an explicit ``disabled`` stays off). A default value yields to the
-environment for project, entity, group, job type,
-run name and run id against ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE``,
-``WANDB_NAME`` and ``WANDB_RUN_ID``; ``WANDB_DIR``, when set, replaces the run directory as W&B's directory.
+can switch tracking on without editing configs; an explicit ``disabled`` stays off). ``WANDB_MODE=offline`` or
+``disabled`` also turns a config's ``online`` down (the switch of compute nodes without internet or a ``wandb login``,
+and wandb's own), said once; an explicit ``offline`` or ``disabled`` stays. A W&B that fails to start, or fails
+later, is off for the rest of the run, said once; the run's files go on. A default value yields to the environment for
+project, entity, group, job type, run name and run id against ``WANDB_PROJECT``, ``WANDB_ENTITY``,
+``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE``, ``WANDB_NAME`` and ``WANDB_RUN_ID``; ``WANDB_DIR``, when set, replaces the
+run directory as W&B's directory.
 The config goes to W&B nested by section (shown and filtered there as ``optim.lr``): flat keys containing dots
 cannot be filtered through ``wandb.Api().runs(filters=...)`` (wandb/wandb#3087).
 No environment variable is ever written to the config, the summary or the logs.
@@ -49,17 +53,24 @@ THROUGHPUT_KEY = "train/img_per_s"
 # WANDB_MODE values wandb accepts, mapped onto this project's three modes.
 _WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
                        "disabled": "disabled"}
+# Summary keys a session's end writes (Trainer._finish, Trainer._preempted). W&B keeps summary keys across the
+# sessions of a resumed run, so each session starts by clearing them: a session that then crashes must not read as
+# the previous one's end ("preempted", with its img_per_s; or "finished", for a finished run given more epochs).
+SESSION_END_KEYS = {"finished": False, "preempted": False, "img_per_s": None}
 
 
 def resolve_wandb_mode(configured: str, environ: dict[str, str]) -> str:
-    """``log.wandb``, or for ``auto`` WANDB_MODE (its aliases mapped) when set, else ``disabled``."""
-    if configured != "auto":
+    """``log.wandb``; for ``auto`` and ``online``, WANDB_MODE (aliases mapped) when set, else ``disabled`` and
+    ``online``. Only ``online`` needs a server and a login, which a node may lack: an explicit ``offline`` or
+    ``disabled`` stays (tests ask for offline runs under launch/test.sh's WANDB_MODE=disabled)."""
+    if configured in ("offline", "disabled"):
         return configured
     if "WANDB_MODE" not in environ:
-        return "disabled"
+        return "disabled" if configured == "auto" else configured
     value = environ["WANDB_MODE"].strip().lower()
     if value not in _WANDB_MODE_ALIASES:
-        raise ConfigError(f"WANDB_MODE={value!r} (log.wandb=auto): expected one of {', '.join(_WANDB_MODE_ALIASES)}")
+        raise ConfigError(f"WANDB_MODE={value!r} (log.wandb={configured}): expected one of "
+                          f"{', '.join(_WANDB_MODE_ALIASES)}")
     return _WANDB_MODE_ALIASES[value]
 
 
@@ -202,7 +213,12 @@ class Tracker:
             **git_state(Path(__file__).resolve().parent),
             "system": dict(system or {}),
         }
-        self._run = self._start_wandb(self._previous_wandb_id() if resumed else "")
+        previous_id = self._previous_wandb_id() if resumed else ""
+        self._run = self._start_wandb(previous_id)
+        if self._run is None and previous_id:
+            # A session with W&B off still names the directory's W&B run, so the next session with W&B on continues
+            # it instead of opening another.
+            self._info["wandb_run_id"] = previous_id
         self._write_summary({})
 
     # -- W&B -------------------------------------------------------------------------------------------------
@@ -214,10 +230,24 @@ class Tracker:
             return ""
 
     def _start_wandb(self, previous_id: str) -> Any:
+        """The W&B run of this session, or None: disabled, or its start failed (said once; the files go on)."""
         environ = dict(os.environ)
-        mode = resolve_wandb_mode(self.cfg.log.wandb, environ)
+        configured = self.cfg.log.wandb
+        mode = resolve_wandb_mode(configured, environ)
+        if configured not in ("auto", mode):
+            print(f"W&B: WANDB_MODE={environ['WANDB_MODE']} in the environment turns log.wandb={configured} into "
+                  f"{mode}", flush=True)
         if mode == "disabled":
             return None
+        try:
+            run = self._init_wandb(mode, previous_id, environ)
+        except Exception as err:  # no login (UsageError), no network (CommError), ...: W&B only holds a copy
+            self._turn_wandb_off("start", err)
+            return None
+        self._info["wandb_run_id"] = run.id
+        return run
+
+    def _init_wandb(self, mode: str, previous_id: str, environ: dict[str, str]) -> Any:
         import wandb  # only here: a disabled run must not pay for (or depend on) importing wandb
 
         log, defaults = self.cfg.log, LogConfig()
@@ -245,7 +275,7 @@ class Tracker:
         for prefix in EVAL_SOURCES.values():
             run.define_metric(f"{prefix}/*", step_metric="epoch")
             run.define_metric(f"{prefix}/mAP", step_metric="epoch", summary="max")
-        self._info["wandb_run_id"] = run.id
+        run.summary.update(SESSION_END_KEYS)
         return run
 
     def _wandb_eval_payload(self, epoch: int, results: dict[str, dict]) -> dict[str, Any]:
@@ -340,14 +370,17 @@ class Tracker:
             call(self._run)
         except Exception as err:  # whatever W&B raises: the run must go on to its checkpoint
             self._run = None
-            print(f"W&B {what} failed ({one_line(err)}); W&B logging is off for the rest of this run, its files in "
-                  f"{self.run_dir} go on", file=sys.stderr, flush=True)
+            self._turn_wandb_off(what, err)
+
+    def _turn_wandb_off(self, what: str, err: Exception) -> None:
+        print(f"W&B {what} failed ({one_line(err)}); W&B logging is off for the rest of this run, its files in "
+              f"{self.run_dir} go on", file=sys.stderr, flush=True)
+        try:  # now, or W&B's exit hook fails the same way at exit, with a traceback
             import wandb
 
-            try:  # now, or W&B's exit hook fails the same way at exit, with a traceback
-                wandb.teardown()
-            except Exception:  # a service already gone
-                pass
+            wandb.teardown()
+        except Exception:  # a service already gone, or no wandb to import
+            pass
 
     def _write_summary(self, extra: dict) -> dict[str, Any]:
         last = self._evals.records[-1] if self._evals.records else {}
@@ -355,7 +388,9 @@ class Tracker:
         summary = {
             **best_summary(self._evals.records),
             "final": {k: last[k] for k in ("epoch", *EVAL_SOURCES) if k in last},
-            "img_per_s": statistics.median(throughput) if throughput else None,
+            # Not img_per_s: that is the whole run's images over its epochs' time, which only the engine's finish
+            # and preemption know; the windows' median is higher (no loader start-up) and would not compare with it.
+            "img_per_s_window_median": statistics.median(throughput) if throughput else None,
             **self._info,
             "config": self.cfg.to_dict(),
             **extra,

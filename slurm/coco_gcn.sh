@@ -121,7 +121,7 @@ launch_flags+=(${MLGCN_LAUNCH_FLAGS:-})
 # started with USR1 ignored; the trainers install their own handler. On SIGTERM the launcher forwards SIGTERM and
 # waits this long before SIGKILL; SLURM's own KillWait/GraceTime is then the real bound.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
-rm -f "$run_dir/REQUEUE" # only a marker written by this launch may requeue the job
+rm -f "$run_dir/REQUEUE" "$run_dir/REQUEUE.terminated" # only a marker written by this launch may requeue the job
 
 echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${nodes} node(s) x ${gpus}: ${hosts[*]}"
 echo "[slurm] run dir $run_dir; rendezvous ${hosts[0]}:$port; $(date -Is)"
@@ -153,6 +153,13 @@ if [[ -f "$run_dir/REQUEUE" && "$terminated" == 0 ]]; then
     echo "[slurm] $(cat "$run_dir/REQUEUE"); requeueing job $SLURM_JOB_ID; $(date -Is)"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+if [[ -f "$run_dir/REQUEUE" ]]; then
+    # SLURM ends this job (and requeues it only under PreemptMode=REQUEUE, whose restart removes the marker): a
+    # REQUEUE left here would read "requeue pending" forever (mlgcn compare). Its checkpoint stays for a resubmission
+    # with train.output_dir=$run_dir (train.resume=auto reads the checkpoints, not the marker).
+    mv -f "$run_dir/REQUEUE" "$run_dir/REQUEUE.terminated"
+    echo "[slurm] job $SLURM_JOB_ID terminated by SLURM: not requeued by this script; $run_dir/REQUEUE.terminated"
 fi
 echo "[slurm] training exited with status $status; $(date -Is)"
 exit "$status"

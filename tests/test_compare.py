@@ -36,13 +36,17 @@ from mlgcn_dist.tracking import Tracker
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What the engine's Trainer._finish adds to the summary of a run that trained to its end (a preemption does not).
-ENGINE_FINISH = {"global_batch": 16, "global_step": 20, "frequency_baseline_mAP": 17.2, "num_val_images": 12}
+ENGINE_FINISH = {"finished": True, "global_batch": 16, "global_step": 20, "frequency_baseline_mAP": 17.2,
+                 "num_val_images": 12, "img_per_s": 90.0, "img_per_s_window_median": 100.0}
 
 
 def finish_as_the_engine_does(run_dir: Path) -> None:
-    """``record_run`` finishes the Tracker only; the engine's finish also writes ENGINE_FINISH."""
+    """``record_run`` finishes the Tracker only; the engine's finish also writes ENGINE_FINISH, the run's img_per_s
+    here its one window's."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    (run_dir / "summary.json").write_text(json.dumps({**summary, **ENGINE_FINISH}))
+    window = summary["img_per_s_window_median"]
+    (run_dir / "summary.json").write_text(json.dumps({**summary, **ENGINE_FINISH, "img_per_s": window,
+                                                      "img_per_s_window_median": window}))
 
 
 @pytest.fixture
@@ -59,21 +63,26 @@ def runs_root(tmp_path: Path) -> Path:
     return root
 
 
-def train_session(root: Path, name: str, epochs: int, evaluated: int, end: str, first_epoch: int = 0) -> Path:
+def train_session(root: Path, name: str, epochs: int, evaluated: int, end: str, first_epoch: int = 0,
+                  wandb: str = "disabled") -> Path:
     """One training session on run directory ``root/name`` as the engine leaves it: REQUEUE removed at the start,
-    an evaluation per epoch from ``first_epoch``, then ``end``: "finished" (Trainer._finish), "preempted"
-    (SIGTERM/USR1: the REQUEUE marker, then a summary flagged preempted) or "killed" (kill -9: nothing more)."""
+    a logged step (120 img/s) and an evaluation per epoch from ``first_epoch``, then ``end``: "finished"
+    (Trainer._finish), "preempted" (SIGTERM/USR1: the REQUEUE marker, then a summary flagged preempted with the run's
+    img_per_s) or "killed" (kill -9: nothing more; W&B's files are flushed all the same)."""
     cfg = load_config(None, [f"train.run_name={name}", f"train.output_dir={root / name}", f"train.epochs={epochs}",
-                             "log.wandb=disabled"])
+                             f"log.wandb={wandb}"])
     (cfg.run_dir / "REQUEUE").unlink(missing_ok=True)
     tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=first_epoch > 0)
     for epoch in range(first_epoch, first_epoch + evaluated):
+        tracker.log_step(10 * epoch + 5, {"train/img_per_s": 120.0})
         tracker.log_eval(epoch, 10 * epoch + 10, {"model": fake_metrics(50.0 + epoch)})
     if end == "finished":
         tracker.finish(ENGINE_FINISH)
     elif end == "preempted":
         mark_requeue(cfg.run_dir, "preempted at step 25")
-        tracker.finish({"preempted": True, "global_step": 25, "img_per_s": 100.0})
+        tracker.finish({"preempted": True, "global_step": 25, "img_per_s": 100.0, "img_per_s_window_median": 120.0})
+    if wandb != "disabled":
+        flush_wandb()
     return cfg.run_dir
 
 
@@ -329,12 +338,81 @@ def test_the_status_column_tells_finished_preempted_and_killed_runs_apart(tmp_pa
 
 
 def test_a_wandb_run_finished_after_a_preemption_reads_finished_though_its_summary_keeps_the_preempted_flag():
-    """W&B's summary of a resumed run is the sessions' updates merged: the first session's "preempted" stays."""
-    runs = [record("resumed", {"train.epochs": 8}, preempted=True, **ENGINE_FINISH),
-            record("resumed_now", {"train.epochs": 8}, preempted=True, finished=True),  # the engine since 2026-11-27
+    """W&B's summary of a resumed run is the sessions' updates merged: a first session's "preempted" stayed in runs
+    whose sessions did not clear it at their start (before 2026-11-27; before "finished", the label-frequency
+    baseline told a finished run)."""
+    runs = [record("resumed", {"train.epochs": 8}, preempted=True, frequency_baseline_mAP=17.2),
+            record("resumed_now", {"train.epochs": 8}, preempted=True, finished=True),
             record("preempted", {"train.epochs": 8}, preempted=True, epoch=2)]
     assert table_rows(format_table(runs, sort_by="status", columns=("name", "status"))) == [
         ["resumed", "finished"], ["resumed_now", "finished"], ["preempted", "preempted"]]
+
+
+def test_a_finished_flag_a_session_cleared_at_its_start_is_not_finished_though_an_older_finishs_baseline_stays():
+    """A finished W&B run given more epochs (resume=auto): its new session sets finished=False, and the summary still
+    holds the first finish's frequency_baseline_mAP."""
+    runs = [record("extended", {"train.epochs": 12}, finished=False, preempted=False, frequency_baseline_mAP=17.2,
+                   epoch=9)]
+    assert table_rows(format_table(runs, columns=("name", "status"))) == [["extended", "incomplete: epoch 10 of 12"]]
+
+
+@pytest.mark.usefixtures("wandb_env")
+@pytest.mark.parametrize(("first_end", "first_epochs"), [("preempted", 8), ("finished", 4)])
+def test_a_resumed_session_that_crashes_reads_incomplete_in_wandb_as_in_its_run_directory(tmp_path, monkeypatch,
+                                                                                         first_end, first_epochs):
+    """W&B keeps summary keys across the sessions of a resumed run: one preempted, resumed, then killed read
+    "preempted" with the first session's img_per_s; one finished, given more epochs, then killed read "finished"."""
+    root = tmp_path / "runs"
+    sessions = [(first_epochs, 4, first_end, 0), (8, 1, "killed", 4)]
+    for index, (epochs, evaluated, end, first_epoch) in enumerate(sessions):
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"w{index}"))  # sessions apart, whatever second they start in
+        train_session(root, "r", epochs, evaluated, end, first_epoch, wandb="offline")
+    (from_wandb,) = collect_offline_wandb_runs(tmp_path / "w0", tmp_path / "w1")
+    (from_dir,) = collect_local_runs([root])
+    for run in (from_wandb, from_dir):
+        assert table_rows(format_table([run], columns=("name", "img_per_s", "status"))) == [
+            ["r", "-", "incomplete: epoch 5 of 8"]], run.source
+
+
+def test_a_preempted_run_whose_job_slurm_ended_reads_job_ended_instead_of_requeue_pending(tmp_path):
+    """scancel, or a preemption that cancels, after the trainers asked for a requeue: slurm/coco_gcn.sh renames REQUEUE
+    (tests/test_slurm.py), which no requeued job would remove. A resubmission resumes and reads as any run."""
+    root = tmp_path / "runs"
+    for name in ("pending", "ended", "resubmitted"):
+        train_session(root, name, epochs=8, evaluated=3, end="preempted")
+    for name in ("ended", "resubmitted"):
+        (root / name / "REQUEUE").rename(root / name / "REQUEUE.terminated")
+    train_session(root, "resubmitted", epochs=8, evaluated=1, end="killed", first_epoch=3)
+    rows = table_rows(format_table(collect_local_runs([root]), sort_by="name", columns=("name", "status")))
+    assert dict(rows) == {"pending": "preempted (requeue pending)", "ended": "preempted (job ended)",
+                          "resubmitted": "incomplete: epoch 4 of 8"}
+
+
+def test_img_per_s_is_the_engines_whole_run_rate_and_a_summary_with_the_windows_median_alone_shows_none(tmp_path):
+    """The tracker wrote the logging windows' median as img_per_s on every rewrite, the engine's finish the run's
+    images over its epochs' time (loader start-ups included): a killed or running run showed the higher window rate
+    beside finished runs' whole-run rates. An old summary.json holds the windows' median alone, as img_per_s."""
+    root = tmp_path / "runs"
+    train_session(root, "finished", epochs=2, evaluated=2, end="finished")
+    train_session(root, "preempted", epochs=8, evaluated=2, end="preempted")
+    train_session(root, "killed", epochs=8, evaluated=2, end="killed")
+    old = train_session(root, "old_killed", epochs=8, evaluated=2, end="killed")
+    summary = json.loads((old / "summary.json").read_text())
+    summary["img_per_s"] = summary.pop("img_per_s_window_median")
+    (old / "summary.json").write_text(json.dumps(summary))
+    rows = table_rows(format_table(collect_local_runs([root]), sort_by="img_per_s", columns=("name", "img_per_s")))
+    assert rows == [["preempted", "100.00"], ["finished", "90.00"], ["killed", "-"], ["old_killed", "-"]]
+
+
+@pytest.mark.usefixtures("wandb_env")
+def test_sorting_by_a_wandb_metric_kept_as_its_max_orders_runs_by_the_number(tmp_path):
+    """define_metric(summary="max") makes W&B keep val/mAP as {"max": x}, which sorted by its text: 9.5 above 10."""
+    for name, value in (("nine", 9.5), ("ten", 10.0), ("eleven", 11.0)):
+        record_run(tmp_path / "runs", name, [(value, None)], wandb="offline")
+    runs = collect_offline_wandb_runs(tmp_path / "runs")
+    assert {run.name: run.summary["val/mAP"] for run in runs} == {"nine": {"max": 9.5}, "ten": {"max": 10},
+                                                                  "eleven": {"max": 11}}
+    assert [row[0] for row in table_rows(format_table(runs, sort_by="val/mAP"))] == ["eleven", "ten", "nine"]
 
 
 WANDB_FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)  # all a W&B run killed before its first record holds

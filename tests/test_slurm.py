@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster, wait_until
 
+from mlgcn_dist.compare import collect_local_runs, run_status
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "coco_gcn.sh"
 SINGLE_NODE_SCRIPT = REPO / "slurm" / "single_node.sh"
@@ -46,6 +48,8 @@ if [[ -n "${STUB_MARKER:-}" ]]; then
   for arg in "$@"; do case "$arg" in train.output_dir=*) dir="${arg#*=}" ;; esac; done
   mkdir -p "$dir" && echo preempted > "$dir/REQUEUE"
 fi
+# Like scancel, which SIGTERMs the batch shell too: the shell is the parent of srun (this stub's parent).
+[[ -z "${STUB_TERM_BATCH:-}" ]] || kill -TERM "$(cut -d' ' -f4 /proc/$PPID/stat)"
 exit "${STUB_EXIT:-0}"
 """
 
@@ -157,13 +161,30 @@ def test_requeues_and_exits_zero_when_the_trainer_left_the_requeue_marker(fake_j
 
 
 def test_failure_without_marker_propagates_and_a_stale_marker_is_ignored(fake_job, tmp_path):
-    stale = tmp_path / "runs" / "toy-4242" / "REQUEUE"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("from an earlier launch\n")
+    run_dir = tmp_path / "runs" / "toy-4242"
+    run_dir.mkdir(parents=True)
+    for stale in ("REQUEUE", "REQUEUE.terminated"):
+        (run_dir / stale).write_text("from an earlier launch\n")
     done, log = fake_job("configs/toy.yaml", STUB_EXIT="3")
     assert done.returncode == 3
     assert not (log / "requeued").exists()
-    assert not stale.exists()
+    assert not list(run_dir.glob("REQUEUE*"))
+
+
+def test_a_job_slurm_ends_is_not_requeued_and_its_marker_is_renamed_for_a_resubmission_to_resume(fake_job, tmp_path):
+    """scancel (or a preemption that cancels) signals the batch shell too: SLURM ends the job, so the script must not
+    requeue it, and a REQUEUE left behind read "preempted (requeue pending)" in `mlgcn compare` for good."""
+    run_dir = tmp_path / "runs" / "toy-4242"
+    done, log = fake_job("configs/toy.yaml", STUB_MARKER="1", STUB_TERM_BATCH="1", STUB_EXIT="1")
+    assert done.returncode == 1, done.stderr
+    assert not (log / "requeued").exists()
+    assert not (run_dir / "REQUEUE").exists() and (run_dir / "REQUEUE.terminated").read_text() == "preempted\n"
+    assert "job 4242 terminated by SLURM: not requeued" in done.stdout
+    # A new job pointed at the directory resumes there (checkpoints, not markers, tell train.resume=auto).
+    done, log = fake_job("configs/toy.yaml", f"train.output_dir={run_dir}", SLURM_JOB_ID="4243")
+    assert done.returncode == 0, done.stderr
+    assert {"train.resume=auto", f"train.output_dir={run_dir}"} <= set(_launch_args(log, 0))
+    assert not list(run_dir.glob("REQUEUE*"))
 
 
 def test_marker_is_looked_for_in_the_output_dir_the_user_chose(fake_job, tmp_path):
@@ -342,6 +363,10 @@ def test_sigusr1_saves_requeues_and_resumes_until_scancel_ends_the_job(slurm, to
     slurm.cancel(job)
     info = slurm.wait_job(job, ENDED, timeout=60)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "2"), toy_jobs.log(job)[-3000:]
-    assert (toy_jobs.run_dir(job) / "REQUEUE").exists()
+    # The trainers' ask to be requeued, renamed: SLURM ended the job, and `mlgcn compare` says so.
+    assert not (toy_jobs.run_dir(job) / "REQUEUE").exists()
+    assert (toy_jobs.run_dir(job) / "REQUEUE.terminated").exists()
+    (run,) = collect_local_runs([toy_jobs.run_dir(job)])
+    assert run_status(run) == "preempted (job ended)"
     assert toy_jobs.log(job).count(f"requeueing job {job}") == 2
     assert "training exited with status" in toy_jobs.log(job).rsplit("resumed from", 1)[1]

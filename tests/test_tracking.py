@@ -14,6 +14,7 @@ from mlgcn_dist.compare import collect_offline_wandb_runs, read_wandb_records
 from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.tracking import Tracker, git_state, resolve_wandb_mode
 
+REPO = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "person"]
 
 
@@ -86,7 +87,7 @@ def test_summary_holds_best_map_over_model_and_ema_with_config_and_throughput(tm
         56.0, 2, 30, "ema")
     assert summary["best_CF1"] == 60.0 and summary["best_OF1"] == 64.6
     assert summary["final"]["epoch"] == 2 and summary["final"]["model"]["mAP"] == 53.0
-    assert summary["img_per_s"] == 80.0 and summary["world_size"] == 4 and summary["run_name"] == "a"
+    assert summary["img_per_s_window_median"] == 80.0 and summary["world_size"] == 4 and summary["run_name"] == "a"
     assert summary["config"]["optim"]["lr"] == 0.05 and summary["system"]["device"] == "cpu"
     assert not list(run_dir.glob(".*.tmp*")), "atomic writes leave no temporary file behind"
 
@@ -158,18 +159,68 @@ def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
     ("auto", {}, "disabled"),
     ("auto", {"WANDB_MODE": "offline"}, "offline"),
     ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
-    ("disabled", {"WANDB_MODE": "offline"}, "disabled"),
-    ("offline", {"WANDB_MODE": "disabled"}, "offline"),
-    ("online", {"WANDB_MODE": "offline"}, "online"),
+    ("auto", {"WANDB_MODE": "online"}, "online"),
+    ("online", {}, "online"),
+    ("online", {"WANDB_MODE": "offline"}, "offline"),
+    ("online", {"WANDB_MODE": "disabled"}, "disabled"),
+    ("offline", {"WANDB_MODE": "disabled"}, "offline"),  # needs no server: launch/test.sh's WANDB_MODE leaves it
+    ("offline", {"WANDB_MODE": "online"}, "offline"),
+    ("disabled", {"WANDB_MODE": "online"}, "disabled"),
 ])
-def test_wandb_mode_from_config_wins_unless_it_is_auto_which_takes_wandb_mode_else_disabled(configured, environ,
-                                                                                         expected):
+def test_wandb_mode_in_the_environment_decides_for_auto_and_online_while_offline_and_disabled_stay(
+        configured, environ, expected):
     assert resolve_wandb_mode(configured, environ) == expected
 
 
-def test_unknown_wandb_mode_environment_value_is_a_config_error_naming_it():
-    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes'"):
-        resolve_wandb_mode("auto", {"WANDB_MODE": "sometimes"})
+@pytest.mark.parametrize("configured", ["auto", "online"])
+def test_unknown_wandb_mode_environment_value_is_a_config_error_naming_it(configured):
+    with pytest.raises(ConfigError, match=f"WANDB_MODE='sometimes' \\(log.wandb={configured}\\)"):
+        resolve_wandb_mode(configured, {"WANDB_MODE": "sometimes"})
+
+
+@pytest.mark.parametrize("environ_mode", ["offline", "disabled"])
+def test_a_config_that_says_online_starts_the_mode_wandb_mode_lowers_it_to_and_says_so_once(
+        tmp_path, wandb_env, monkeypatch, capsys, environ_mode):
+    """The shipped GPU configs say log.wandb=online; WANDB_MODE=offline|disabled is how a cluster without internet
+    or a login turns W&B down without editing them."""
+    monkeypatch.setenv("WANDB_MODE", environ_mode)
+    if environ_mode == "disabled":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would raise
+    cfg = load_config(REPO / "configs" / "coco_gcn.yaml", [f"train.output_dir={tmp_path / 'r'}"])
+    assert cfg.log.wandb == "online"
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_eval(0, 10, {"model": fake_metrics(50.0)})
+    tracker.finish({})
+    if environ_mode == "offline":
+        flush_wandb()
+    run_dir = cfg.run_dir
+    printed = capsys.readouterr().out
+    assert printed.count(f"W&B: WANDB_MODE={environ_mode} in the environment turns log.wandb=online into "
+                         f"{environ_mode}") == 1
+    assert len(list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))) == (environ_mode == "offline")
+    assert not list(run_dir.glob("wandb/run-*")), "no online run was started"
+    assert json.loads((run_dir / "summary.json").read_text())["best_mAP"] == 50.0
+
+
+def test_a_wandb_that_fails_to_start_is_off_for_the_run_with_one_message_and_the_run_files_go_on(
+        tmp_path, wandb_env, monkeypatch, capsys):
+    """What a shipped GPU config (log.wandb=online) met on a cluster without `wandb login`: wandb.init raised and
+    rank 0 crashed at start."""
+    import wandb
+
+    def init_without_a_login(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", init_without_a_login)
+    run_dir = record_run(tmp_path, "a", [(50.0, None), (55.0, None)], wandb="online")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert (f"W&B start failed (UsageError: No API key configured. Use `wandb login` to log in.); W&B logging is off "
+            f"for the rest of this run, its files in {run_dir} go on") in err
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (run_dir / "train_log.jsonl").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_mAP"] == 55.0 and "wandb_run_id" not in summary
 
 
 def test_offline_wandb_run_holds_map_history_top3_table_config_and_summary(tmp_path, wandb_env):
@@ -183,7 +234,7 @@ def test_offline_wandb_run_holds_map_history_top3_table_config_and_summary(tmp_p
     (run,) = collect_offline_wandb_runs(run_dir)
     assert run.name == "a" and run.config["optim.lr"] == 0.05 and run.config["runtime.world_size"] == 2
     assert run.summary["best_mAP"] == 55.0 and run.summary["best_source"] == "model"
-    assert run.summary["world_size"] == 2 and run.summary["img_per_s"] == 100.0
+    assert run.summary["world_size"] == 2 and run.summary["img_per_s_window_median"] == 100.0
     assert run.curves == {"model": [(0, 50.0), (1, 55.0)], "ema": [(0, 52.0), (1, 54.0)]}
     assert json.loads((run_dir / "summary.json").read_text())["wandb_run_id"] == "abc123"
 
@@ -289,6 +340,22 @@ def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_s
     assert session(False, "log.run_id=job-1236") == "job-1236"
 
 
+def test_a_resumed_session_with_wandb_off_keeps_the_wandb_run_its_directory_names_for_the_next_one(tmp_path,
+                                                                                                  wandb_env):
+    """A session with W&B off wrote no wandb_run_id, and the next session with W&B on opened a new W&B run."""
+    def session(mode: str, resumed: bool) -> str | None:
+        cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", f"log.wandb={mode}"])
+        Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=resumed).finish({})
+        if mode != "disabled":
+            flush_wandb()
+        return json.loads((cfg.run_dir / "summary.json").read_text()).get("wandb_run_id")
+
+    first = session("offline", resumed=False)
+    assert first and session("disabled", resumed=True) == first
+    assert session("offline", resumed=True) == first
+    assert {p.stem for p in (tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb")} == {f"run-{first}"}
+
+
 class _RunWhoseServiceIsGone:
     """A W&B run after its service process was killed (a scancel signals every process of the job)."""
 
@@ -296,6 +363,7 @@ class _RunWhoseServiceIsGone:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.summary: dict = {}  # written at the start, while the service still ran
 
     def define_metric(self, *args, **kwargs) -> None:
         pass
