@@ -148,6 +148,13 @@ while kill -0 "$srun_pid" 2>/dev/null; do # a trapped signal interrupted `wait`:
     status=0
     wait "$srun_pid" || status=$?
 done
+if ((status > 128)); then
+    # 128 + a signal's number from a `wait` a trap interrupted just as srun ended (so the loop never ran), or srun's
+    # own: bash keeps an ended child's status, and a `wait` now returns it (127: none kept, the status stands).
+    saved=0
+    wait "$srun_pid" || saved=$?
+    ((saved == 127)) || status=$saved
+fi
 
 if [[ -f "$run_dir/REQUEUE" && "$terminated" == 0 ]]; then
     echo "[slurm] $(cat "$run_dir/REQUEUE"); requeueing job $SLURM_JOB_ID; $(date -Is)"

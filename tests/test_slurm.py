@@ -50,7 +50,14 @@ if [[ -n "${STUB_MARKER:-}" ]]; then
 fi
 # Like scancel, which SIGTERMs the batch shell too: the shell is the parent of srun (this stub's parent).
 [[ -z "${STUB_TERM_BATCH:-}" ]] || kill -TERM "$(cut -d' ' -f4 /proc/$PPID/stat)"
+# USR1 to the batch shell as the last node ends (--signal=B:USR1 landing just as the step fails).
+[[ -z "${STUB_USR1_BATCH:-}" || $node != $((SLURM_NNODES - 1)) ]] || kill -USR1 "$(cut -d' ' -f4 /proc/$PPID/stat)"
 exit "${STUB_EXIT:-0}"
+"""
+# scancel stub: the batch shell's USR1 trap calls it; it takes a while, as a real one asking slurmctld does.
+FAKE_SCANCEL = """#!/usr/bin/env bash
+echo "$@" >> "$STUB_LOG/scancel"
+sleep 0.5
 """
 
 
@@ -67,6 +74,7 @@ def fake_job(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess,
     log.mkdir()
     _write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
     _write_exe(tmp_path / "bin" / "scontrol", FAKE_SCONTROL)
+    _write_exe(tmp_path / "bin" / "scancel", FAKE_SCANCEL)
     _write_exe(tmp_path / "venv" / "bin" / "accelerate", FAKE_ACCELERATE)
 
     def run(*args: str, script: Path = SCRIPT, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -169,6 +177,15 @@ def test_failure_without_marker_propagates_and_a_stale_marker_is_ignored(fake_jo
     assert done.returncode == 3
     assert not (log / "requeued").exists()
     assert not list(run_dir.glob("REQUEUE*"))
+
+
+def test_a_signal_to_the_batch_shell_as_the_step_ends_leaves_the_job_the_steps_exit_status(fake_job):
+    """The trap interrupts `wait`, which then returns 128 + the signal's number; srun ended meanwhile, so the loop
+    waiting on for it did not run, and the job failed with 138 instead of the step's 3."""
+    done, log = fake_job("configs/toy.yaml", STUB_USR1_BATCH="1", STUB_EXIT="3")
+    assert (log / "scancel").read_text().split() == ["--signal=USR1", "4242"]  # the trap ran
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    assert "training exited with status 3" in done.stdout
 
 
 def test_a_job_slurm_ends_is_not_requeued_and_its_marker_is_renamed_for_a_resubmission_to_resume(fake_job, tmp_path):
