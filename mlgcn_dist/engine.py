@@ -292,7 +292,8 @@ class Trainer:
         # Every optimiser step sees exactly grad_accum micro-batches; a remainder would leak into the next epoch.
         self.micro_batches = self.steps_per_epoch * cfg.train.grad_accum
         lr = scaled_lr(cfg.optim, self.topo.global_batch)
-        optimizer = build_optimizer(model, cfg.optim, lr, deepspeed=distributed.is_deepspeed(acc))
+        optimizer = build_optimizer(model, cfg.optim, lr, deepspeed=distributed.is_deepspeed(acc),
+                                    fp16=cfg.train.precision == "fp16")
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.input_dtype = distributed.input_dtype(self.model)
@@ -459,6 +460,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
         summed = 0  # micro-batches in loss_sum: a window that began in this epoch may be shorter than log_every
+        skipped = 0  # optimiser steps the fp16 loss scaler skipped since the last log (a host flag Accelerate reads)
         pending = 0  # micro-batches since the last log, stand-ins too: the same on every rank (a log reduces)
         used_lrs = group_lrs(self.optimizer)
         try:
@@ -486,7 +488,9 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 used_lrs = group_lrs(self.optimizer)  # what is logged: the scheduler now sets the next step's
-                if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skipped this step
+                if acc.optimizer_step_was_skipped:  # fp16: the loss or the gradients overflowed, no update
+                    skipped += 1
+                else:
                     self.scheduler.step()
                 state.global_step += 1
                 if self.ema is not None:
@@ -495,7 +499,8 @@ class Trainer:
                     self._log_window(bar, window, loss_sum, summed, nonfinite, image_ids, used_lrs)
                     loss_sum.zero_()
                     nonfinite.zero_()
-                    summed = pending = 0
+                    self.nonfinite_steps += skipped
+                    summed = pending = skipped = 0
                     if distributed.any_rank(self.preemption.stop_reason() is not None, acc.device):
                         return True
                 if self._steps_spent():
@@ -510,7 +515,8 @@ class Trainer:
         # Micro-batches after the last window that completed no optimiser step (a loader that ran short): a NaN
         # there must not reach the checkpoint saved next either.
         self._check_finite(int(nonfinite), image_ids)
-        self.nonfinite_steps += int(nonfinite)
+        self.nonfinite_steps += skipped
+        self._check_weights_finite()
         _check_bad_fraction(cfg, self.bad_samples, self.seen_samples)
         return False
 
@@ -561,7 +567,6 @@ class Trainer:
         totals = torch.stack([loss_sum.float(), nonfinite.float(), torch.tensor(float(summed), device=loss_sum.device)])
         loss_total, bad_total, summed_total = self.accelerator.reduce(totals, reduction="sum").tolist()
         self._check_finite(int(bad_total), image_ids)  # every rank stops together
-        self.nonfinite_steps += int(nonfinite)  # fp16's skipped steps, as this rank's scaler saw them
         if not summed_total:  # only stand-in steps (every image unreadable): no loss to log
             return
         mean_loss = loss_total / max(summed_total - bad_total, 1)
@@ -590,6 +595,18 @@ class Trainer:
                 f"last good checkpoint: {self.last_ckpt or 'none'}"
             )
 
+    def _check_weights_finite(self) -> None:
+        """Stop before evaluating or saving weights a non-finite gradient reached with a finite loss (a backward
+        overflow: the loss check cannot see it; clipping spreads it into every weight). One host read per epoch
+        and per preemption; every rank holds the same weights, so every rank stops."""
+        params = list(bare_model(self.accelerator, self.model).parameters())
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            state = self.state
+            raise NonFiniteLossError(
+                f"non-finite weights after step {state.global_step} (epoch {state.epoch}) with finite losses: a "
+                f"gradient overflowed in the backward pass; last good checkpoint: {self.last_ckpt or 'none'}"
+            )
+
     def _sync_buffers(self) -> None:
         """The same normalisation statistics on every rank, the EMA's too, before an evaluation or a save."""
         models = [bare_model(self.accelerator, self.model)] + ([self.ema.module] if self.ema is not None else [])
@@ -612,6 +629,7 @@ class Trainer:
 
     def _preempted(self) -> None:
         acc, state = self.accelerator, self.state
+        self._check_weights_finite()
         self._sync_buffers()
         self._save()
         if acc.is_main_process:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mlgcn_dist.config import OptimConfig
+from mlgcn_dist.config import ConfigError, OptimConfig
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -47,24 +47,32 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr
 
 
-def fused_sgd(implementation: str, device_type: str, deepspeed: bool = False) -> bool:
+def fused_sgd(implementation: str, device_type: str, deepspeed: bool = False, fp16: bool = False) -> bool:
     """Whether ``optim.implementation`` means torch's fused SGD for parameters on ``device_type``.
 
     auto picks it on CUDA, where a compiled step is launch-bound: the fused step is one kernel a parameter group
     and dtype where foreach makes a few per list, with their host work. Not under DeepSpeed, which steps the
-    optimiser on its own flattened partitions (foreach is what its runs were tested with), nor on other devices.
+    optimiser on its own flattened partitions (foreach is what its runs were tested with), nor on other devices,
+    nor in fp16: the fused step takes the loss scaler's overflow flag itself and skips on the device, so Accelerate,
+    which tells a skipped step by the scaler not calling ``step``, reads every step as taken and the LR schedule
+    would advance on the skipped ones (huggingface/accelerate#4242). config.validate refuses an explicit fused there.
     """
     if implementation == "auto":
-        return device_type == "cuda" and not deepspeed
+        return device_type == "cuda" and not deepspeed and not fp16
     return implementation == "fused"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, deepspeed: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, deepspeed: bool = False, fp16: bool = False
+                    ) -> torch.optim.Optimizer:
     """ML-GCN's SGD over :func:`param_groups`, fused or foreach as ``cfg.implementation`` says for the device the
-    model's parameters are on."""
+    model's parameters are on and the precision (``fp16``: loss-scaled)."""
+    if fp16 and cfg.implementation == "fused":
+        raise ConfigError("optim.implementation=fused with train.precision=fp16: the fused step skips overflowed "
+                          "steps where Accelerate cannot see it, and the LR schedule would advance on them "
+                          "(huggingface/accelerate#4242); use optim.implementation=auto or foreach")
     groups = param_groups(model, lr, cfg.lrp, cfg.weight_decay, cfg.no_decay_norm_bias)
     device_type = next(model.parameters()).device.type
-    fused = fused_sgd(cfg.implementation, device_type, deepspeed)
+    fused = fused_sgd(cfg.implementation, device_type, deepspeed, fp16)
     # fused=None leaves torch its default (foreach where the tensors allow it); the two flags are exclusive.
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            fused=True if fused else None)

@@ -138,6 +138,14 @@ def test_auto_picks_fused_sgd_on_cuda_without_deepspeed_and_an_explicit_choice_w
     assert fused_sgd(implementation, device, deepspeed) is fused
 
 
+def test_fp16_steps_with_foreach_sgd_whose_skipped_steps_accelerate_can_see():
+    """The fused step skips an overflowed fp16 step on the device, where Accelerate cannot see it: the LR schedule
+    advanced on skipped steps (huggingface/accelerate#4242)."""
+    assert fused_sgd("auto", "cuda", fp16=True) is False
+    with pytest.raises(ConfigError, match=r"optim\.implementation=fused with train\.precision=fp16"):
+        build_optimizer(nn.Linear(2, 2), load_config(None, ["optim.implementation=fused"]).optim, 0.1, fp16=True)
+
+
 def test_an_unknown_optimizer_implementation_is_one_error_naming_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=r"optim\.implementation.*auto.*fused.*foreach"):
         load_config(None, ["optim.implementation=apex"])

@@ -605,6 +605,32 @@ def test_an_infinite_loss_stops_the_run_as_a_nan_does_naming_its_step_before_any
     assert complete_checkpoints(run_dir / "checkpoints") == []
 
 
+@pytest.mark.parametrize("clip", ["10", "0"])
+def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_its_weights_are_evaluated_or_saved(
+        clip, monkeypatch, toy_root, tmp_path):
+    """A backward overflow with a finite loss (the loss check cannot see it): clipping spread the NaN into every
+    weight, which were evaluated and checkpointed, the step checkpoint named "last good" by the next epoch's
+    error. The epoch's last step here: sqrt'(0) makes the gradient NaN and adds 0 to the loss."""
+    real_build_loss = engine_module.build_loss
+
+    def gradient_turning_nan_at_step_3(cfg):
+        criterion, calls = real_build_loss(cfg), []
+
+        def loss(logits, targets):
+            calls.append(1)
+            value = criterion(logits, targets)
+            return value + torch.sqrt((logits - logits.detach()).abs().sum()) if len(calls) == 3 else value
+
+        return loss
+
+    monkeypatch.setattr(engine_module, "build_loss", gradient_turning_nan_at_step_3)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 3 \(epoch 0\) with finite losses"):
+        train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=3", f"optim.clip_grad={clip}"))
+    assert complete_checkpoints(run_dir / "checkpoints") == []
+    assert not (run_dir / "checkpoints" / "best.pt").exists() and not (run_dir / "checkpoints" / "last.pt").exists()
+
+
 def test_a_logging_windows_data_wait_adds_up_the_wait_for_each_of_its_batches(monkeypatch, toy_root, tmp_path):
     """Each batch is said to have kept the loop waiting 0.25 s: a window of 2 batches waited 0.5 s, not the last
     batch's 0.25 s (train/data_wait_frac is that over the window's time)."""

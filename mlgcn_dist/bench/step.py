@@ -107,7 +107,7 @@ class TrainStep:
         if setting.compile:
             self.forward = torch.compile(self.model, **compile_kwargs(setting.compile_mode, setting.compile_cpp_wrapper))
         self.cuda_graphs = uses_cuda_graphs(setting.compile, setting.compile_mode)
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr, fp16=setting.precision == "fp16")
         self.criterion = build_loss(cfg.optim)
         self.clip_grad = cfg.optim.clip_grad
         self.setting = setting
