@@ -180,7 +180,8 @@ def _checked_meta(data_cfg: DataConfig) -> dict:
             f"data.dataset={data_cfg.dataset}"
         )
     # The pack decided which images exist; a setting that says otherwise would change the mAP's images unseen.
-    packed_empty = meta.get("config", {}).get("keep_empty", False)
+    packed_config = meta.get("config")
+    packed_empty = packed_config.get("keep_empty", False) if isinstance(packed_config, dict) else False
     if data_cfg.dataset == "coco" and packed_empty != data_cfg.keep_empty:
         raise ConfigError(
             f"{Path(data_cfg.shards) / META_FILE}: packed {'with' if packed_empty else 'without'} the images that "
