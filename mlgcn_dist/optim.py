@@ -55,7 +55,7 @@ def fused_sgd(implementation: str, device_type: str, deepspeed: bool = False, fp
     optimiser on its own flattened partitions (foreach is what its runs were tested with), nor on other devices,
     nor in fp16: the fused step takes the loss scaler's overflow flag itself and skips on the device, so Accelerate,
     which tells a skipped step by the scaler not calling ``step``, reads every step as taken and the LR schedule
-    would advance on the skipped ones (huggingface/accelerate#4242). config.validate refuses an explicit fused there.
+    would advance on the skipped ones (huggingface/accelerate#4242). build_optimizer refuses an explicit fused there.
     """
     if implementation == "auto":
         return device_type == "cuda" and not deepspeed and not fp16

@@ -215,10 +215,10 @@ class Tracker:
         }
         previous_id = self._previous_wandb_id() if resumed else ""
         self._run = self._start_wandb(previous_id)
-        if self._run is None and previous_id:
-            # A session with W&B off still names the directory's W&B run, so the next session with W&B on continues
-            # it instead of opening another.
-            self._info["wandb_run_id"] = previous_id
+        # A session with W&B off still names the directory's W&B run, so the next session with W&B on continues it
+        # instead of opening another.
+        if run_id := self._run.id if self._run is not None else previous_id:
+            self._info["wandb_run_id"] = run_id
         self._write_summary({})
 
     # -- W&B -------------------------------------------------------------------------------------------------
@@ -240,12 +240,10 @@ class Tracker:
         if mode == "disabled":
             return None
         try:
-            run = self._init_wandb(mode, previous_id, environ)
+            return self._init_wandb(mode, previous_id, environ)
         except Exception as err:  # no login (UsageError), no network (CommError), ...: W&B only holds a copy
             self._turn_wandb_off("start", err)
             return None
-        self._info["wandb_run_id"] = run.id
-        return run
 
     def _init_wandb(self, mode: str, previous_id: str, environ: dict[str, str]) -> Any:
         import wandb  # only here: a disabled run must not pay for (or depend on) importing wandb
