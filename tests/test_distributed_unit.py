@@ -5,6 +5,7 @@ and on a faked second rank where only two ranks can show the difference."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlgcn_dist.config import load_config
+from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.distributed import any_rank, average_running_stats, deepspeed_config, gather_objects
 
 CPU = torch.device("cpu")
@@ -60,6 +61,29 @@ def test_under_accelerate_launch_without_train_deepspeed_the_launchers_json_is_r
 def test_under_accelerate_launch_without_any_json_the_launchers_zero_stage_is_used(no_launcher_env):
     no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
     assert deepspeed_config(load_config(None, []), world_size=1)["zero_optimization"] == {"stage": 1}
+
+
+@pytest.mark.parametrize("stage", [3, "3", None, True])
+def test_a_deepspeed_json_asking_for_zero3_or_no_stage_number_is_refused_naming_the_file(tmp_path, stage,
+                                                                                          no_launcher_env):
+    path = ds_json(tmp_path, zero_optimization={"stage": stage})
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: zero_optimization.stage must be 0, 1 or 2"):
+        deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=2)
+
+
+def test_accelerate_launch_asking_for_zero3_is_refused(no_launcher_env):
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="<accelerate launcher>: zero_optimization.stage must be 0, 1 or 2, got 3"):
+        deepspeed_config(load_config(None, []), world_size=1)
+
+
+@pytest.mark.usefixtures("no_launcher_env")
+def test_a_deepspeed_json_without_zero_optimization_or_with_a_stage_as_text_is_read_as_deepspeed_reads_it(tmp_path):
+    path = tmp_path / "no_zero.json"
+    path.write_text(json.dumps({"wall_clock_breakdown": False}))
+    assert "zero_optimization" not in deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=1)
+    path = ds_json(tmp_path, zero_optimization={"stage": "2"})
+    assert deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=1)["zero_optimization"]
 
 
 # ---------------------------------------------------------------------------------------- collectives

@@ -276,13 +276,16 @@ def test_more_skipped_samples_than_max_bad_fraction_stop_training(tiny_toy, shar
 # ----------------------------------------------------------------------------------------------- config
 
 
-IMPOSSIBLE = {  # case: (overrides, what the error says); {optimizer}/{scheduler}: a DeepSpeed JSON with that block
+IMPOSSIBLE = {  # case: (overrides, what the error says); {optimizer}/{scheduler}: a DeepSpeed JSON with that block,
+    # {zero3}: one asking for ZeRO stage 3
     # train.device=auto: the machine has no GPU (train.device=cpu would be refused at load time already).
     "fp16_without_a_gpu": (("train.device=auto", "train.precision=fp16"), "train.precision=fp16 needs a GPU"),
     "grad_accum_beyond_the_epoch": (("train.grad_accum=16",),
                                     r"7 micro-batch\(es\) per process, fewer than train.grad_accum=16"),
     "deepspeed_json_with_an_optimizer": (("train.deepspeed={optimizer}",), "remove the 'optimizer' block"),
     "deepspeed_json_with_a_scheduler": (("train.deepspeed={scheduler}",), "remove the 'scheduler' block"),
+    # ZeRO-3 crashed: with EMA at start (copying empty weight placeholders), without it at the first best.pt.
+    "deepspeed_zero3": (("train.deepspeed={zero3}",), "zero_optimization.stage must be 0, 1 or 2, got 3"),
 }
 
 
@@ -295,6 +298,8 @@ def test_an_impossible_combination_is_one_config_error_before_any_heavy_work(cas
     for block in ("optimizer", "scheduler"):
         deepspeed_json[block] = tmp_path / f"ds_{block}.json"
         deepspeed_json[block].write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW"}}))
+    deepspeed_json["zero3"] = tmp_path / "ds_zero3.json"
+    deepspeed_json["zero3"].write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     monkeypatch.setattr("mlgcn_dist.engine.build_model_for", _heavy_work_started)
     with pytest.raises(ConfigError, match=message):
         train(tiny_config(tiny_toy, tmp_path / "run", *(o.format(**deepspeed_json) for o in overrides)))
