@@ -124,7 +124,7 @@ class TrainConfig:
     # DeepSpeed takes its bucket sizes from its JSON (configs/deepspeed/).
     ddp_bucket_mb: int = 25
     sync_bn: bool = False
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels (cuBLAS workspace fixed, no cuDNN autotuning, no TF32)
     ema_decay: float = 0.0  # 0 disables the EMA model
     resume: str = "auto"  # auto | none | /path/to/checkpoint
     keep_checkpoints: int = 2

@@ -195,6 +195,10 @@ def _configure_determinism(cfg: Config, rank: int) -> None:
     # (seed, epoch) inside the loader and does not depend on these RNGs.
     set_seed(cfg.train.seed + rank)
     if cfg.train.deterministic:
+        # cuBLAS picks among reduction orders unless its workspace is fixed; read at the first matmul, so setting it
+        # here (before the model runs) is in time. warn_only: an op without a deterministic CUDA kernel (torch lists
+        # them) warns, naming itself, instead of stopping the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():

@@ -429,6 +429,22 @@ def test_ddp_gets_gradient_bucket_views_the_configured_bucket_size_and_no_unused
     assert ddp.get("find_unused_parameters", False) is False
 
 
+@pytest.mark.parametrize("preset", [None, ":16:8"])
+def test_deterministic_mode_fixes_the_cublas_workspace_unless_the_user_did(preset, monkeypatch, toy_root, tmp_path):
+    """Without CUBLAS_WORKSPACE_CONFIG cuBLAS may reduce in another order each run, and torch only warns."""
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        engine_module._configure_determinism(toy_config(toy_root, tmp_path, "train.deterministic=true"), rank=0)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (preset or ":4096:8")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def test_a_run_with_auto_precision_records_the_precision_it_ran_in(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.precision=auto", "train.epochs=1", "data.steps_per_epoch=2"))
