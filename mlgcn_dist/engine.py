@@ -50,7 +50,7 @@ from mlgcn_dist.data.loader import (
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.data.transforms import GpuAugment, to_device
-from mlgcn_dist.data.workers import auto_start_note, fork_warning
+from mlgcn_dist.data.workers import worker_start_line
 from mlgcn_dist.ema import ModelEMA
 from mlgcn_dist.files import write_text_atomic
 from mlgcn_dist.graph import build_graph_inputs
@@ -331,9 +331,7 @@ class Trainer:
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
                         f"[{cfg.optim.lr_scaling} rule], backbone lr x lrp {cfg.optim.lrp:g})")
-        if line := fork_warning(cfg.data.workers, cfg.data.worker_start) or auto_start_note(
-            cfg.data.workers, cfg.data.worker_start
-        ):
+        if line := worker_start_line(cfg.data.workers, cfg.data.worker_start):
             distributed.say(acc, line)
         self.decode = resolve_decode(cfg, acc.device)
         gpu = self.decode == "gpu"

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mlgcn_dist import engine as engine_module
 from mlgcn_dist.checkpoint import PreemptionHandler, RunLock, complete_checkpoints
 from mlgcn_dist.config import ConfigError, load_config
+from mlgcn_dist.data.workers import worker_start_line
 from mlgcn_dist.distributed import (
     build_accelerator,
     compile_kwargs,
@@ -443,6 +444,17 @@ def test_deterministic_mode_fixes_the_cublas_workspace_unless_the_user_did(prese
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+@pytest.mark.parametrize("start", ["auto", "fork"])
+def test_a_run_with_loader_workers_says_how_they_start_where_this_python_could_deadlock_a_forked_one(
+    start, toy_root, tmp_path, capsys
+):
+    train(toy_config(toy_root, tmp_path / "run", "data.workers=1", f"data.worker_start={start}", "train.epochs=1",
+                     "data.steps_per_epoch=1"))
+    out = capsys.readouterr().out
+    line = worker_start_line(1, start)  # None on a Python with CPython gh-112275 fixed: nothing to say
+    assert (line in out) if line else "gh-112275" not in out
 
 
 def test_a_run_with_auto_precision_records_the_precision_it_ran_in(toy_root, tmp_path):

@@ -297,6 +297,11 @@ def auto_start_note(
             f"worker it forks ({_GH_112275})")
 
 
+def worker_start_line(workers: int, worker_start: str) -> str | None:
+    """What a run says of how its loader workers start: :func:`fork_warning`, else :func:`auto_start_note`."""
+    return fork_warning(workers, worker_start) or auto_start_note(workers, worker_start)
+
+
 def _fork_can_deadlock(version: tuple[int, ...]) -> bool:
     """Whether this Python can deadlock a child forked while another thread starts or ends (CPython gh-112275)."""
     return version < (3, 11, 10)
