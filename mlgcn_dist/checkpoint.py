@@ -215,7 +215,8 @@ def check_resume_launcher(path: Path, deepspeed: bool, world_size: int) -> None:
     if deepspeed:
         # One optimiser-state partition per data-parallel rank; DeepSpeed cannot partition them anew for another
         # count (without its elastic or universal checkpoints) and says so only after the model and data are set up.
-        saved_ranks = len(list((path / _DEEPSPEED_STATE).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        # In bf16 the files are named bf16_zero_pp_rank_*.
+        saved_ranks = len(list((path / _DEEPSPEED_STATE).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
         if saved_ranks and saved_ranks != world_size:
             raise ConfigError(
                 f"train.resume: checkpoint {path} was saved by DeepSpeed ZeRO on {saved_ranks} processes and this "

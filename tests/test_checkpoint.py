@@ -172,11 +172,12 @@ def test_the_requeue_marker_holds_the_reason(tmp_path):
     assert (tmp_path / "REQUEUE").read_text() == "preempted at step 40; checkpoint step-00000040\n"
 
 
-def test_a_zero_checkpoint_resumes_only_on_the_process_count_that_saved_it(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "bf16_"])  # ZeRO-1/2 in bf16 names its partitions bf16_zero_pp_rank_*
+def test_a_zero_checkpoint_resumes_only_on_the_process_count_that_saved_it(prefix, tmp_path):
     state = tmp_path / "step-00000002" / "pytorch_model"
     state.mkdir(parents=True)
     for rank in range(2):
-        (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+        (state / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
     check_resume_launcher(state.parent, deepspeed=True, world_size=2)
     for world_size in (1, 4):
         with pytest.raises(ConfigError, match=rf"saved by DeepSpeed ZeRO on 2 processes and this run has "
