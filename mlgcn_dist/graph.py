@@ -11,10 +11,14 @@ config cannot run code when it is loaded.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import pickle
-from collections.abc import Iterator
+import zlib
+from collections import Counter
+from collections.abc import Container, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -137,40 +141,124 @@ def gen_adj(A: torch.Tensor) -> torch.Tensor:
     return torch.matmul(torch.matmul(A, D).t(), D)
 
 
-def _read_word_vectors(path: Path, words: set[str]) -> dict[str, np.ndarray]:
-    """The vectors of ``words`` from a GloVe text file, reading only as far as needed (GloVe files are GBs)."""
-    found: dict[str, np.ndarray] = {}
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            word, _, values = line.rstrip("\n").partition(" ")
-            # A word repeated in the file keeps its first vector.
-            if word not in words or word in found:
-                continue
-            try:
-                vector = np.array(values.split(), dtype=np.float32)
-            except ValueError:
-                continue  # glove.840B has a few tokens that contain spaces: they are not label words
-            found[word] = vector
-            if len(found) == len(words):
-                break
+# GloVe files are also passed around compressed (fastText's .vec.gz; GloVe itself ships glove.6B.zip). The first
+# bytes tell, whatever the file is named: read as text, either gives no label word at all.
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+# A label word the file lacks may be spelled by words it has ("diningtable"); parts of one letter are not admitted,
+# since GloVe has every letter as a word and would spell nearly anything.
+_MIN_PART_LETTERS = 2
+
+
+def _open_word_vector_text(path: Path) -> TextIO:
+    with path.open("rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head.startswith(_ZIP_MAGIC):
+        raise ValueError(f"{path}: a zip archive, not a word-vector text file: unzip it and name one of its .txt files")
+    if head.startswith(_GZIP_MAGIC):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def _spelling_parts(word: str) -> set[str]:
+    """``word`` and every run of its letters that could be one word of a split of it."""
+    n = len(word)
+    return {word} | {word[i:j] for i in range(n) for j in range(i + _MIN_PART_LETTERS, n + 1)}
+
+
+def _read_word_vectors(path: Path, words: set[str]) -> dict[str, tuple[int, np.ndarray]]:
+    """Line number and vector of each of ``words`` and of the words that could spell them, from a GloVe text file
+    (plain or gzip). Only those are kept, and reading stops once every one of ``words`` itself is found: GloVe
+    files are GBs. A word of ``words`` that the file lacks makes it read to the end, for its spelling parts."""
+    wanted = set().union(*map(_spelling_parts, words))
+    found: dict[str, tuple[int, np.ndarray]] = {}
+    exact_left = len(words)
+    with _open_word_vector_text(path) as f:
+        try:
+            for line_number, line in enumerate(f, start=1):
+                word, _, values = line.rstrip("\n").partition(" ")
+                # A word repeated in the file keeps its first vector.
+                if word not in wanted or word in found:
+                    continue
+                try:
+                    vector = np.array(values.split(), dtype=np.float32)
+                except ValueError:
+                    continue  # glove.840B has a few tokens that contain spaces: they are not label words
+                found[word] = (line_number, vector)
+                exact_left -= word in words
+                if not exact_left:
+                    break
+        except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # only the gzip reader raises these
+            raise ValueError(f"{path}: a damaged gzip file ({one_line(err)})") from err
     return found
 
 
-def _glove_embeddings(path: Path, label_names: list[str]) -> np.ndarray:
-    """A label's vector is the mean of its words' vectors ("baseball bat" = mean of "baseball" and "bat")."""
-    label_words = [name.split() for name in label_names]
-    found = _read_word_vectors(path, {w for words in label_words for w in words})
-    missing = sorted({w for words in label_words for w in words} - found.keys())
+def _split_into_known_words(word: str, known: Container[str]) -> list[str] | None:
+    """``word`` as two or more ``known`` words of two letters or more that spell it, or None. Of several splits
+    the one with the fewest words wins, then the one with the longest first word, then longest second, ...
+    (tvmonitor: tv + monitor, not t + v + monitor; carpets: carp + ets over car + pets)."""
+    n = len(word)
+    # best[i]: the winning split of word[i:] into known words (no split needed at the end, none found: None).
+    best: list[list[str] | None] = [None] * n + [[]]
+    for i in range(n - 1, -1, -1):
+        for j in range(n, i + _MIN_PART_LETTERS - 1, -1):  # longest first word first: it wins a tie
+            rest = best[j]
+            if rest is None or word[i:j] not in known or (i == 0 and j == n):
+                continue
+            if best[i] is None or len(rest) + 1 < len(best[i]):
+                best[i] = [word[i:j], *rest]
+    return best[0]
+
+
+def _words_spelling(path: Path, label_words: set[str], found: Container[str]) -> dict[str, list[str]]:
+    """The file's words that stand for each label word: itself when the file has it, else a split of it."""
+    spelling = {w: [w] if w in found else _split_into_known_words(w, found) for w in sorted(label_words)}
+    missing = [w for w, parts in spelling.items() if parts is None]
     if missing:
-        raise ValueError(f"{path}: no vector for the word(s) {', '.join(missing)} (needed by the label names)")
-    dims = {v.shape[0] for v in found.values()}
-    if len(dims) != 1:
-        raise ValueError(f"{path}: word vectors of different lengths {sorted(dims)}")
-    return np.stack([np.mean([found[w] for w in words], axis=0) for words in label_words]).astype(np.float32)
+        raise ValueError(
+            f"{path}: no vector for the word(s) {', '.join(missing)} (needed by the label names), nor for two or "
+            "more words that spell them joined"
+        )
+    return spelling
+
+
+def _check_one_length(path: Path, vectors: dict[str, tuple[int, np.ndarray]]) -> None:
+    """All ``vectors`` have the length most of them have; the others are named with their line."""
+    lengths = Counter(vector.shape[0] for _, vector in vectors.values())
+    if len(lengths) == 1:
+        return
+    common = lengths.most_common(1)[0][0]
+    odd = sorted((line, word, v.shape[0]) for word, (line, v) in vectors.items() if v.shape[0] != common)
+    listed = ", ".join(f"'{word}' (line {line}) has {length} value(s)" for line, word, length in odd)
+    raise ValueError(f"{path}: word vectors of different lengths: {listed}, the others {common}")
+
+
+def _glove_embeddings(path: Path, label_names: list[str]) -> np.ndarray:
+    """A label's vector is the mean of its words' vectors ("baseball bat" = mean of "baseball" and "bat"). A label
+    word the file lacks counts as the words that spell it, if the file has them (VOC's "diningtable" = "dining" and
+    "table"; see :func:`_split_into_known_words`)."""
+    label_words = [name.split() for name in label_names]
+    wanted = {w for words in label_words for w in words}
+    found = _read_word_vectors(path, wanted)
+    spelling = _words_spelling(path, wanted, found)
+    used = {part for parts in spelling.values() for part in parts}
+    _check_one_length(path, {word: found[word] for word in used})
+    rows = [[found[part][1] for w in words for part in spelling[w]] for words in label_words]
+    return np.stack([np.mean(row, axis=0) for row in rows]).astype(np.float32)
+
+
+def _check_finite(path: Path, vectors: np.ndarray, label_names: list[str]) -> None:
+    # The GCN head would refuse them too, but as a traceback that names neither the file nor the label.
+    bad = [f"'{name}' (row {i})" for i, name in enumerate(label_names) if not np.isfinite(vectors[i]).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{path}: the vector of label(s) {', '.join(bad[:5])}{more} holds NaN or infinite values")
 
 
 def load_embeddings(spec: str, label_names: list[str]) -> np.ndarray:
-    """Label embeddings [C, d] float32: "onehot", an ML-GCN word-vector pickle (.pkl/.pickle), or a GloVe text file."""
+    """Label embeddings [C, d] float32: "onehot", an ML-GCN word-vector pickle (.pkl/.pickle), or a GloVe text file
+    (plain or gzip-compressed)."""
     num_classes = len(label_names)
     if spec == "onehot":
         return np.identity(num_classes, dtype=np.float32)
@@ -182,8 +270,11 @@ def load_embeddings(spec: str, label_names: list[str]) -> np.ndarray:
         if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.shape[0] != num_classes:
             shape = vectors.shape if isinstance(vectors, np.ndarray) else type(vectors).__name__
             raise ValueError(f"{path}: expected an array of shape ({num_classes}, d), one row per label; got {shape}")
-        return vectors.astype(np.float32)
-    return _glove_embeddings(path, label_names)
+        vectors = vectors.astype(np.float32)
+    else:
+        vectors = _glove_embeddings(path, label_names)
+    _check_finite(path, vectors, label_names)  # after the cast: a float64 beyond float32's range is inf by now
+    return vectors
 
 
 def build_graph_inputs(

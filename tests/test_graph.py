@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from conftest import reference_dir
 
-from mlgcn_dist.config import GraphConfig
+from mlgcn_dist.config import ConfigError, GraphConfig
 from mlgcn_dist.graph import (
     build_graph_inputs,
     gen_A,
@@ -240,6 +242,82 @@ def test_glove_text_error_lists_every_missing_word(tmp_path):
     glove = write_glove(tmp_path / "glove.txt", {"hair": [1, 2], "cat": [5, 6], "phone": [0, 1]})
     with pytest.raises(ValueError, match=r"glove\.txt.*cell, drier"):
         load_embeddings(str(glove), ["hair drier", "cat", "cell phone"])
+
+
+def test_a_glove_file_of_split_words_gives_joined_voc_names_the_mean_of_their_words(tmp_path):
+    """VOC names labels diningtable, pottedplant, tvmonitor; GloVe has dining, table, potted, plant, tv, monitor."""
+    rows = {"dining": [1, 2], "table": [3, 4], "potted": [0, 0], "plant": [2, 2], "tv": [4, 0], "monitor": [0, 4]}
+    glove = write_glove(tmp_path / "glove.txt", {**rows, "cat": [5, 6]})
+    vectors = load_embeddings(str(glove), ["diningtable", "pottedplant", "tvmonitor", "cat"])
+    np.testing.assert_allclose(vectors, [[2.0, 3.0], [1.0, 1.0], [2.0, 2.0], [5.0, 6.0]])
+
+
+def test_a_joined_label_word_that_the_file_has_keeps_its_own_vector_over_its_split(tmp_path):
+    glove = write_glove(tmp_path / "glove.txt", {"dining": [1, 2], "table": [3, 4], "diningtable": [7, 7]})
+    np.testing.assert_allclose(load_embeddings(str(glove), ["diningtable"]), [[7.0, 7.0]])
+
+
+def test_a_joined_word_with_several_splits_takes_the_fewest_words_then_the_longest_first_word(tmp_path):
+    rows = {"pot": [9, 9], "ted": [9, 9], "potted": [1, 1], "plant": [3, 3],  # potted+plant beats pot+ted+plant
+            "car": [9, 9], "pets": [9, 9], "carp": [2, 0], "ets": [0, 2]}  # carp+ets beats car+pets
+    glove = write_glove(tmp_path / "glove.txt", rows)
+    np.testing.assert_allclose(load_embeddings(str(glove), ["pottedplant", "carpets"]), [[2.0, 2.0], [1.0, 1.0]])
+
+
+def test_a_word_with_neither_a_vector_nor_a_split_into_words_of_two_letters_or_more_is_named_missing(tmp_path):
+    """Single letters are GloVe words too: splitting into them would give almost any word a meaningless vector."""
+    glove = write_glove(tmp_path / "glove.txt", {"dining": [1, 2], "x": [0, 1], "ray": [1, 0], "cat": [5, 6]})
+    with pytest.raises(ValueError, match=r"glove\.txt: no vector for the word\(s\) diningtable, xray "):
+        load_embeddings(str(glove), ["diningtable", "cat", "xray"])
+
+
+def test_a_word_vector_of_another_length_is_named_with_its_line(tmp_path):
+    glove = write_glove(tmp_path / "glove.txt", {"the": [0], "cat": [1, 2], "car": [3], "dog": [5, 6]})
+    with pytest.raises(ValueError, match=r"glove\.txt: .*'car' \(line 3\) has 1 value.* the others 2"):
+        load_embeddings(str(glove), ["cat", "car", "dog"])
+
+
+def test_a_gzip_compressed_glove_file_is_read_as_the_text_it_holds(tmp_path):
+    text = write_glove(tmp_path / "glove.txt", {"baseball": [1, 2], "bat": [3, 4], "cat": [5, 6]})
+    packed = tmp_path / "glove.txt.gz"
+    packed.write_bytes(gzip.compress(text.read_bytes()))
+    np.testing.assert_array_equal(load_embeddings(str(packed), ["baseball bat", "cat"]),
+                                  load_embeddings(str(text), ["baseball bat", "cat"]))
+
+
+def test_a_gzip_glove_file_cut_short_is_named_as_damaged_not_as_missing_words(tmp_path):
+    text = write_glove(tmp_path / "glove.txt", {f"w{i}": [i, i] for i in range(2000)} | {"cat": [5, 6]})
+    packed = tmp_path / "glove.txt.gz"
+    packed.write_bytes(gzip.compress(text.read_bytes())[:-100])
+    with pytest.raises(ValueError, match=r"glove\.txt\.gz: a damaged gzip file"):
+        load_embeddings(str(packed), ["cat"])
+
+
+def test_a_zipped_glove_file_whatever_its_name_is_refused_with_advice_to_unzip_it(tmp_path):
+    text = write_glove(tmp_path / "glove.6B.50d.txt", {"cat": [5, 6]})
+    archive = tmp_path / "glove.6B.txt"  # named like text: the first bytes tell
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(text, text.name)
+    with pytest.raises(ValueError, match=r"glove\.6B\.txt: a zip archive.*unzip"):
+        load_embeddings(str(archive), ["cat"])
+
+
+def test_non_finite_embeddings_name_the_file_and_the_labels_whose_vector_is_not_finite(tmp_path):
+    pickled = tmp_path / "vectors.pkl"
+    pickled.write_bytes(pickle.dumps(np.array([[0, 1], [np.nan, 1], [0, 1], [np.inf, 0]], dtype=np.float32)))
+    with pytest.raises(ValueError, match=r"vectors\.pkl: .*'dog' \(row 1\), 'cow' \(row 3\).*NaN or infinite"):
+        load_embeddings(str(pickled), ["cat", "dog", "car", "cow"])
+    glove = write_glove(tmp_path / "glove.txt", {"cat": [1, 2], "hot": ["nan", 0], "dog": [1, 1]})
+    with pytest.raises(ValueError, match=r"glove\.txt: .*'hot dog' \(row 1\).*NaN or infinite"):
+        load_embeddings(str(glove), ["cat", "hot dog"])
+
+
+def test_non_finite_embeddings_stop_graph_building_with_a_config_error_naming_graph_embeddings(tmp_path):
+    pickled = tmp_path / "vectors.pkl"
+    pickled.write_bytes(pickle.dumps(np.array([[0, 1], [1, np.nan]], dtype=np.float32)))
+    nums, adj = label_stats(np.array([[1, 1], [0, 1]]))
+    with pytest.raises(ConfigError, match=r"^graph\.embeddings: .*vectors\.pkl: .*'b' \(row 1\)"):
+        build_graph_inputs(GraphConfig(embeddings=str(pickled)), ["a", "b"], nums, adj)
 
 
 def test_load_embeddings_names_a_missing_file(tmp_path):
