@@ -7,11 +7,9 @@ Accelerator. Launch with ``accelerate launch`` or ``torchrun``; a plain ``python
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +22,11 @@ from accelerate.utils import (
 )
 
 from mlgcn_dist.config import Config, ConfigError
+from mlgcn_dist.deepspeed_config import (
+    deepspeed_config,
+    launcher_wants_deepspeed,
+    refuse_accelerate_fields_beside_a_deepspeed_json,
+)
 from mlgcn_dist.threads import threads_phrase
 
 _DTYPES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -106,72 +109,6 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _launcher_wants_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON with batch sizes, clipping and precision filled from our config.
-
-    The JSON file holds only what is DeepSpeed's own business (ZeRO stage, buckets); values that our config already
-    states are derived here so the two can never disagree. An optimizer or scheduler block is refused: ours are
-    defined in code so the per-group learning rates (backbone lr*lrp, head lr) survive. Launched by
-    ``accelerate launch`` with a DEEPSPEED config but no ``train.deepspeed``, the launcher's DeepSpeed config file
-    is read, else its ZeRO stage is used.
-    """
-    config_file = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config_file != "none":
-        path = Path(config_file)
-        if not path.is_file():
-            source = "train.deepspeed" if cfg.train.deepspeed else "the accelerate config's deepspeed_config_file"
-            raise ConfigError(f"{source}: DeepSpeed config not found: {path}")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON: {err}") from err
-    else:
-        path = Path("<accelerate launcher>")
-        ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
-    _refuse_zero3(ds, path)
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(
-                f"{path}: remove the '{key}' block: the optimiser and LR schedule are defined by the optim.* config "
-                "so that the backbone group keeps lr*lrp"
-            )
-    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    ds["gradient_clipping"] = cfg.optim.clip_grad
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
-    if cfg.train.precision in ("bf16", "fp16"):
-        # DeepSpeed runs the model in that dtype outright (no autocast) and casts only its parameters unless told:
-        # BatchNorm's running statistics and the GCN's graph must follow, or the first forward mixes dtypes.
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", cfg.train.precision)
-    # A non-DeepSpeed optimiser (torch SGD with two groups) under ZeRO needs this flag.
-    ds["zero_allow_untested_optimizer"] = True
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def _refuse_zero3(ds: dict, path: Path) -> None:
-    """ZeRO-3 partitions the weights themselves: the EMA copy, the finite-weight check and best.pt read whole
-    weights from the module, which under ZeRO-3 holds empty placeholders between forwards. On a 45M-parameter
-    model it would save ~0.2 GB of fp32 weights per GPU for an all-gather in every forward and backward, so it is
-    refused rather than supported (README, "Scaling on paper")."""
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if isinstance(stage, str) and stage.strip().isdigit():  # DeepSpeed's pydantic config reads "2" as 2
-        stage = int(stage)
-    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 2:
-        raise ConfigError(
-            f"{path}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}: ZeRO-3 partitions the weights, "
-            "which the EMA, the checkpoints' best.pt/last.pt and the finite-weight check read whole; use "
-            "configs/deepspeed/zero2.json (optimiser state and gradients partitioned)"
-        )
-
-
 def build_accelerator(cfg: Config) -> Accelerator:
     device = training_device(cfg)
     if cfg.train.precision == "auto":
@@ -188,8 +125,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
         ),
     ]
     kwargs: dict = {}
-    if cfg.train.deepspeed or _launcher_wants_deepspeed():
-        _refuse_accelerate_fields_beside_a_deepspeed_json()
+    if cfg.train.deepspeed or launcher_wants_deepspeed():
+        refuse_accelerate_fields_beside_a_deepspeed_json()
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
     else:
         # On a machine without CUDA/MPS, cpu=True is what makes several processes form one gloo group.
@@ -207,24 +144,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
         **_compile_kwargs(cfg),
         **kwargs,
     )
-
-
-# The fields of an accelerate config file's deepspeed section that Accelerate refuses next to a DeepSpeed JSON
-# (DeepSpeedPlugin._deepspeed_config_checks); `accelerate launch` lists the file's fields in ACCELERATE_CONFIG_DS_FIELDS.
-_FIELDS_A_DEEPSPEED_JSON_OWNS = frozenset({
-    "gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device", "offload_param_device",
-    "offload_param_nvme_path", "offload_optimizer_nvme_path", "zero3_save_16bit_model", "mixed_precision",
-})
-
-
-def _refuse_accelerate_fields_beside_a_deepspeed_json() -> None:
-    fields = set(os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")) & _FIELDS_A_DEEPSPEED_JSON_OWNS
-    if fields:
-        raise ConfigError(
-            f"the accelerate config file sets {', '.join(sorted(fields))}, which Accelerate refuses next to a "
-            "DeepSpeed config: remove them from it (the DeepSpeed JSON sets the stage, train.precision the precision, "
-            "train.grad_accum and optim.clip_grad the rest), as configs/accelerate/deepspeed_zero2.yaml does"
-        )
 
 
 def _compile_kwargs(cfg: Config) -> dict:

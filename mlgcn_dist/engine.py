@@ -491,6 +491,7 @@ class Trainer:
                     continue
                 used_lrs = group_lrs(self.optimizer)  # what is logged: the scheduler now sets the next step's
                 if acc.optimizer_step_was_skipped:  # fp16: the loss or the gradients overflowed, no update
+                    self._check_step_not_skipped()
                     skipped += 1
                 else:
                     self.scheduler.step()
@@ -595,6 +596,17 @@ class Trainer:
                 f"non-finite loss in {bad_steps} micro-batch(es) up to step {state.global_step} (epoch "
                 f"{state.epoch}); image ids of the last batch {image_ids.tolist() if image_ids is not None else []}; "
                 f"last good checkpoint: {self.last_ckpt or 'none'}"
+            )
+
+    def _check_step_not_skipped(self) -> None:
+        """Outside fp16 a step is skipped only by DeepSpeed ZeRO, for a gradient norm that is not finite: where DDP
+        would stop at the non-finite weights, ZeRO would go on skipping (a run of skipped steps "finished"). Every
+        rank reads the same all-reduced norm, so every rank stops here."""
+        if self.cfg.train.precision != "fp16":
+            state = self.state
+            raise NonFiniteLossError(
+                f"non-finite gradient at step {state.global_step + 1} (epoch {state.epoch}) with a finite loss: "
+                f"DeepSpeed skipped the update; last good checkpoint: {self.last_ckpt or 'none'}"
             )
 
     def _check_weights_finite(self) -> None:

@@ -38,18 +38,28 @@ from launching import (
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_toy, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_process_ddp_and_zero2_with_optimizer_offload_equal_one_process_with_the_same_global_batch(
+    tiny_toy, tmp_path
+):
+    """ZeRO-2 with its optimiser offloaded to the CPU trained with Adam (Accelerate swapped DeepSpeedCPUAdam in for
+    our SGD without a word): its weights now equal SGD's as DDP's do."""
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    one, ddp, zero2 = tmp_path / "one", tmp_path / "ddp", tmp_path / "zero2_offload"
     check(run(torchrun_cmd(1, overrides(tiny_toy, one, "data.batch_size=16"))))
-    check(run(torchrun_cmd(2, overrides(tiny_toy, two, "data.batch_size=8"))))
-    w1, w2 = weights(one), weights(two)
-    assert w1.keys() == w2.keys()
-    for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=f"parameter {key} differs")
-    assert summary(two)["world_size"] == 2 and summary(two)["global_batch"] == 16
-    # The logged loss is the global batch's, the mean over the processes (it was rank 0's own half).
-    losses = [[r["train/loss"] for r in train_log(run_dir)] for run_dir in (one, two)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    check(run(torchrun_cmd(2, overrides(tiny_toy, ddp, "data.batch_size=8"))))
+    check(run(torchrun_cmd(2, overrides(tiny_toy, zero2, "data.batch_size=8", f"train.deepspeed={offload}")),
+              timeout=600))
+    w1 = weights(one)
+    for two in (ddp, zero2):
+        w2 = weights(two)
+        assert w1.keys() == w2.keys()
+        for key in w1:
+            torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=f"{two.name}: {key} differs")
+        assert summary(two)["world_size"] == 2 and summary(two)["global_batch"] == 16
+        # The logged loss is the global batch's, the mean over the processes (it was rank 0's own half).
+        losses = [[r["train/loss"] for r in train_log(run_dir)] for run_dir in (one, two)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4), two.name
 
 
 def test_a_micro_batch_of_only_unreadable_images_on_one_rank_neither_hangs_nor_stops_ddp(tiny_toy, tmp_path):
@@ -127,6 +137,39 @@ def test_deepspeed_in_bf16_feeds_its_bf16_model_bf16_images_in_training_and_eval
                      "train.precision=bf16", "train.ema_decay=0.9", f"model.head={head}")
     check(run(torchrun_cmd(2, args), timeout=600))
     assert summary(run_dir)["final"]["model"]["mAP"] > 0 and summary(run_dir)["final"]["ema"]["mAP"] > 0
+
+
+# launch/train.py with the third micro-batch's loss finite and its gradient NaN: d sqrt(x)/dx at x = 0 is inf,
+# times the zero gradient of (logits - logits).
+NAN_GRADIENT_AT_THE_THIRD_CALL = """
+import sys
+import torch
+import mlgcn_dist.engine as engine
+from mlgcn_dist.cli import main
+real_build_loss = engine.build_loss
+def build_loss(cfg):
+    criterion, calls = real_build_loss(cfg), []
+    def loss(logits, targets):
+        calls.append(1)
+        value = criterion(logits, targets)
+        return value + torch.sqrt((logits - logits.detach()).abs().sum()) if len(calls) == 3 else value
+    return loss
+engine.build_loss = build_loss
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_a_zero2_run_as_it_stops_ddp(tiny_toy, tmp_path):
+    """ZeRO skips a step whose gradient norm is not finite: the run went on skipping (one NaN gradient every step
+    "finished" with no update applied and exit 0), where DDP stops at the non-finite weights."""
+    script, run_dir = tmp_path / "nan_gradient_train.py", tmp_path / "run"
+    script.write_text(NAN_GRADIENT_AT_THE_THIRD_CALL)
+    args = overrides(tiny_toy, run_dir, f"train.deepspeed={REPO / 'configs/deepspeed/zero2.json'}")
+    proc = run([*torchrun_cmd(2, args)[:-len(args) - 1], str(script), *args], timeout=600)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: non-finite gradient at step 3 (epoch 0) with a finite loss: DeepSpeed skipped " \
+           "the update; last good checkpoint: none" in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step-*"))
 
 
 def test_a_deepspeed_resume_on_another_process_count_is_one_message_naming_both_counts_before_training(

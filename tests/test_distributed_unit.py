@@ -1,89 +1,18 @@
-"""Distributed plumbing in one process: the DeepSpeed JSON derived from our config, and the collectives the training
-loop relies on (BatchNorm statistics averaged, a stop agreed on, objects gathered), on a real one-rank gloo group
-and on a faked second rank where only two ranks can show the difference."""
+"""Distributed plumbing in one process: the collectives the training loop relies on (BatchNorm statistics averaged,
+a stop agreed on, objects gathered), on a real one-rank gloo group and on a faked second rank where only two ranks
+can show the difference."""
 
 from __future__ import annotations
-
-import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlgcn_dist.config import ConfigError, load_config
-from mlgcn_dist.distributed import any_rank, average_running_stats, deepspeed_config, gather_objects
+from mlgcn_dist.config import load_config
+from mlgcn_dist.distributed import any_rank, average_running_stats, gather_objects
 
 CPU = torch.device("cpu")
-
-
-def ds_json(tmp_path: Path, **blocks) -> Path:
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **blocks}))
-    return path
-
-
-@pytest.fixture
-def no_launcher_env(monkeypatch):
-    """No `accelerate launch` DeepSpeed settings leak in from the environment."""
-    for key in ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
-
-
-# ------------------------------------------------------------------------------------------ DeepSpeed JSON
-
-
-@pytest.mark.usefixtures("no_launcher_env")
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-def test_deepspeed_json_takes_batch_sizes_clipping_and_precision_from_our_config_over_its_own(tmp_path, precision):
-    path = ds_json(tmp_path, gradient_clipping=1.0, train_batch_size=1, gradient_accumulation_steps=1,
-                   bf16={"enabled": precision != "bf16"})
-    cfg = load_config(None, [f"train.deepspeed={path}", "data.batch_size=8", "train.grad_accum=3",
-                             "optim.clip_grad=5.0", f"train.precision={precision}"])
-    ds = deepspeed_config(cfg, world_size=4)
-    assert ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["gradient_accumulation_steps"] == 3
-    assert ds["train_batch_size"] == 8 * 3 * 4  # the global batch: per device x accumulation x processes
-    assert ds["gradient_clipping"] == 5.0
-    assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
-    assert ds["zero_optimization"] == {"stage": 2}  # DeepSpeed's own business is kept as written
-
-
-def test_under_accelerate_launch_without_train_deepspeed_the_launchers_json_is_read(tmp_path, no_launcher_env):
-    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json(tmp_path, wall_clock_breakdown=True)))
-    ds = deepspeed_config(load_config(None, ["data.batch_size=4"]), world_size=2)
-    assert ds["wall_clock_breakdown"] is True and ds["train_batch_size"] == 8
-
-
-def test_under_accelerate_launch_without_any_json_the_launchers_zero_stage_is_used(no_launcher_env):
-    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
-    assert deepspeed_config(load_config(None, []), world_size=1)["zero_optimization"] == {"stage": 1}
-
-
-@pytest.mark.parametrize("stage", [3, "3", None, True])
-def test_a_deepspeed_json_asking_for_zero3_or_no_stage_number_is_refused_naming_the_file(tmp_path, stage,
-                                                                                          no_launcher_env):
-    path = ds_json(tmp_path, zero_optimization={"stage": stage})
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: zero_optimization.stage must be 0, 1 or 2"):
-        deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=2)
-
-
-def test_accelerate_launch_asking_for_zero3_is_refused(no_launcher_env):
-    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="<accelerate launcher>: zero_optimization.stage must be 0, 1 or 2, got 3"):
-        deepspeed_config(load_config(None, []), world_size=1)
-
-
-@pytest.mark.usefixtures("no_launcher_env")
-def test_a_deepspeed_json_without_zero_optimization_or_with_a_stage_as_text_is_read_as_deepspeed_reads_it(tmp_path):
-    path = tmp_path / "no_zero.json"
-    path.write_text(json.dumps({"wall_clock_breakdown": False}))
-    assert "zero_optimization" not in deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=1)
-    path = ds_json(tmp_path, zero_optimization={"stage": "2"})
-    assert deepspeed_config(load_config(None, [f"train.deepspeed={path}"]), world_size=1)["zero_optimization"]
 
 
 # ---------------------------------------------------------------------------------------- collectives
