@@ -27,14 +27,14 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from mlgcn_dist.config import ConfigError
+from mlgcn_dist.config import ConfigError, OptimConfig
 from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import fsync_directory, fsync_tree, replaced_atomically, write_text_atomic
 
@@ -230,6 +230,23 @@ def check_resume_launcher(path: Path, deepspeed: bool, world_size: int) -> None:
 
 
 _OLDER_ONE = "resume from an older checkpoint with train.resume=<its path>, or start afresh with train.resume=none"
+
+
+# What a resumed run takes from its checkpoint whatever this session's config says: the scheduler's base learning
+# rates (set by lr, lrp, lr_scaling and base_batch_size at the fresh start) and the optimiser's param groups
+# (momentum, weight decay).
+RESUMED_OPTIM_KEYS = ("lr", "lrp", "lr_scaling", "base_batch_size", "momentum", "weight_decay")
+
+
+def optim_as_resumed(path: Path | None, optim: OptimConfig) -> tuple[OptimConfig, list[str]]:
+    """``optim`` with the :data:`RESUMED_OPTIM_KEYS` the checkpoint recorded, so that the run's config.yaml,
+    summary and W&B config say what it trains with, and the keys asked for otherwise (``optim.lr=0.5 (checkpoint:
+    0.1)``)."""
+    saved = _saved_config(path, "optim") if path is not None else {}
+    kept = {key: saved[key] for key in RESUMED_OPTIM_KEYS if key in saved}
+    ignored = [f"optim.{key}={getattr(optim, key)} (checkpoint: {value})" for key, value in kept.items()
+               if getattr(optim, key) != value]
+    return replace(optim, **kept), ignored
 
 
 def saved_precision(path: Path | None) -> str | None:

@@ -36,6 +36,7 @@ from mlgcn_dist.checkpoint import (
     check_resume_precision,
     complete_checkpoints,
     mark_requeue,
+    optim_as_resumed,
     resolve_resume,
     saved_precision,
 )
@@ -244,6 +245,7 @@ class Trainer:
         last_ckpt = resolve_resume(cfg.train.resume, cfg.run_dir)
         resumed_precision = saved_precision(last_ckpt)
         cfg = distributed.resolve_precision(cfg, distributed.training_device(cfg), resumed_precision)
+        cfg.optim, ignored_optim = optim_as_resumed(last_ckpt, cfg.optim)  # cfg is resolve_precision's copy
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
         self.topo = distributed.topology(acc, cfg)
@@ -325,8 +327,12 @@ class Trainer:
             self._keep_the_schedule_on_its_epochs()
             distributed.say(acc, f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch "
                             f"{self.state.step_in_epoch}, step {self.state.global_step}; the checkpoint's base "
-                            "learning rates go on (this run's optim.lr, lrp and lr_scaling apply to a fresh start), on "
-                            "this run's schedule (optim.schedule, epoch_step, warmup_epochs)")
+                            "learning rates, momentum and weight decay go on (optim.lr, lrp, lr_scaling, "
+                            "base_batch_size, momentum and weight_decay apply to a fresh start), on this run's "
+                            "schedule (optim.schedule, epoch_step, warmup_epochs)")
+            if ignored_optim:
+                distributed.say(acc, f"train.resume: ignored {', '.join(ignored_optim)}; config.yaml records the "
+                                "checkpoint's values")
         self._warn_of_a_reordered_epoch(loader_len)
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "

@@ -169,6 +169,26 @@ def test_a_resume_keeps_the_checkpoints_base_learning_rates_on_this_runs_schedul
     assert [r["train/lr_head"] for r in logged] == pytest.approx(expected)
 
 
+def test_a_resumed_runs_config_records_the_checkpoints_optimiser_settings_it_trains_with_and_says_which_it_ignored(
+    toy_root, tmp_path, capsys
+):
+    """config.yaml (and with it summary, W&B and `mlgcn compare --filter`) said optim.lr=0.5 for a run that went on
+    at the checkpoint's 0.1; momentum and weight decay come with the optimiser's state as well."""
+    run_dir = tmp_path / "run"
+    run = ("train.epochs=2", "train.max_steps=3", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=1e-4")
+    train(toy_config(toy_root, run_dir, *run))
+    asked = ("train.resume=auto", "optim.lr=0.5", "optim.momentum=0.5", "optim.weight_decay=0.01",
+             "optim.schedule=cosine", "train.max_steps=4")
+    with built_trainer(toy_config(toy_root, run_dir, *run, *asked)) as trainer:
+        assert {g["momentum"] for g in trainer.optimizer.param_groups} == {0.9}
+        assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {1e-4}
+    assert ("train.resume: ignored optim.lr=0.5 (checkpoint: 0.1), optim.momentum=0.5 (checkpoint: 0.9), "
+            "optim.weight_decay=0.01 (checkpoint: 0.0001)") in capsys.readouterr().out
+    recorded = load_config(run_dir / "config.yaml").optim
+    assert (recorded.lr, recorded.momentum, recorded.weight_decay) == (0.1, 0.9, 1e-4)
+    assert recorded.schedule == "cosine"  # the schedule is this session's
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
