@@ -431,9 +431,11 @@ def test_dataset_info_refuses_a_pack_whose_statistics_are_of_another_split_namin
 
 
 def test_a_split_the_pack_does_not_hold_is_a_config_error_naming_the_packed_ones(toy_root, shards):
+    """dataset_info, which training reads first, said the unpacked split held no image."""
     cfg = config("wds", toy_root, shards, val_split="test")
-    with pytest.raises(ConfigError, match="no split 'test'; packed splits: train, val"):
-        build_eval_loader(cfg, rank=0, world_size=1, decode="cpu")
+    for read in (lambda: build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"), lambda: dataset_info(cfg)):
+        with pytest.raises(ConfigError, match="no split 'test'; packed splits: train, val"):
+            read()
 
 
 def test_a_training_split_without_samples_is_an_error_naming_it(toy_root, copied_shards):

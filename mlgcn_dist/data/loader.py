@@ -161,14 +161,17 @@ def _check_meta_structure(meta: dict, path: Path) -> None:
         fail("'stats'", "null or an object with 'split' and 'pickle' (strings)")
 
 
-def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]:
+def _packed_split(meta: dict, shards_dir: str | Path, split: str) -> dict:
     if split not in meta["splits"]:
         raise ConfigError(
             f"{Path(shards_dir) / META_FILE}: no split '{split}'; packed splits: {', '.join(meta['splits'])}"
         )
-    return [
-        Shard(str(Path(shards_dir) / s["file"]), int(s["count"])) for s in meta["splits"][split]["shards"]
-    ]
+    return meta["splits"][split]
+
+
+def _split_shards(meta: dict, shards_dir: str | Path, split: str) -> list[Shard]:
+    return [Shard(str(Path(shards_dir) / s["file"]), int(s["count"]))
+            for s in _packed_split(meta, shards_dir, split)["shards"]]
 
 
 def _checked_meta(data_cfg: DataConfig) -> dict:
@@ -223,9 +226,10 @@ def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
                 f"for {data_cfg.dataset}'s training split '{TRAINING_SPLIT[data_cfg.dataset]}')"
             )
         nums, adj = read_stats(Path(data_cfg.shards) / stats["pickle"])
-        counts = {name: body["count"] for name, body in meta["splits"].items()}
         names, supers = meta["label_names"], meta["supercategories"]
-        num_train, num_val = counts.get(data_cfg.train_split, 0), counts.get(data_cfg.val_split, 0)
+        # A split that was not packed is named as such (it read as one of no image).
+        num_train, num_val = (_packed_split(meta, data_cfg.shards, split)["count"]
+                              for split in (data_cfg.train_split, data_cfg.val_split))
     elif data_cfg.format == "folder":
         train, val = _folder_split(data_cfg, data_cfg.train_split), _folder_split(data_cfg, data_cfg.val_split)
         try:
