@@ -398,6 +398,8 @@ class RunLock:
 # Exit status of a run that stopped to be requeued (SLURM preemption or time limit): BSD's EX_TEMPFAIL.
 # Launchers (torchrun, accelerate) report any worker failure as 1, so the run also leaves a REQUEUE marker file.
 REQUEUE_EXIT_CODE = 75
+# Exit status of a run stopped by Ctrl-C, with a checkpoint and no REQUEUE marker: the shell's 128 + SIGINT.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 # What SLURM sends before preemption or the time limit (SIGUSR1 with --signal, SIGTERM otherwise and on scancel).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # What stops a run with a checkpoint: those, and Ctrl-C (:class:`PreemptionHandler`); its data workers ignore them.
@@ -419,7 +421,10 @@ class PreemptionHandler:
         self._launcher: int | None = None
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = signum
+        # The first signal says why: a SIGTERM after a Ctrl-C (a launcher or scheduler ending the run) keeps it
+        # a Ctrl-C, which asks for no requeue.
+        if self.requested is None:
+            self.requested = signum
 
     def _interrupt(self, signum: int, frame: object) -> None:
         """Ctrl-C stops the run as a preemption does, with a checkpoint; pressed again, at once, without one."""
@@ -436,6 +441,10 @@ class PreemptionHandler:
         self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         return self
+
+    def interrupted(self) -> bool:
+        """Whether the stop was asked for by Ctrl-C: the run stops with a checkpoint, not to be requeued."""
+        return self.requested == signal.SIGINT
 
     def stop_reason(self) -> str | None:
         """Why training should stop at this step boundary (a signal, the launcher's death), or None."""

@@ -386,7 +386,7 @@ def is_finished(summary: dict[str, Any]) -> bool:
 
 def run_status(run: RunRecord) -> str:
     """finished, preempted (requeue pending while its REQUEUE marker is there, job ended once the SLURM script
-    renamed it), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no data, or what its
+    renamed it), stopped (Ctrl-C), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no data, or what its
     source told (``RunRecord.status``)."""
     if run.status:
         return run.status
@@ -397,6 +397,8 @@ def run_status(run: RunRecord) -> str:
         return "finished"
     if run.summary.get("preempted"):
         return f"preempted ({run.requeue})" if run.requeue else "preempted"
+    if run.summary.get("stopped"):  # by Ctrl-C: saved, resumed by hand
+        return f"stopped ({run.summary['stopped']})"
     # The last evaluated epoch: metrics.jsonl or W&B history, else the last "epoch" W&B keeps in its summary.
     last = max((points[-1][0] for points in run.curves.values()), default=run.summary.get("epoch"))
     evaluated = int(last) + 1 if isinstance(last, (int, float)) else "?"
@@ -489,7 +491,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories, or directories holding run directories; a run given twice is listed "
                              "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
                              "there; job ended: SLURM ended the job instead, resubmit with train.output_dir=<run dir>; "
-                             "a W&B run, which holds no marker, says preempted), incomplete: epoch k of N (k epochs "
+                             "a W&B run, which holds no marker, says preempted), stopped (Ctrl-C): saved, to be resumed "
+                             "by hand, incomplete: epoch k of N (k epochs "
                              "evaluated; killed, or still running), no summary: not past setup (a run directory "
                              "without summary.json: failed, killed or still starting before tracking began), or no "
                              "data (default: none)")

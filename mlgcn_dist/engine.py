@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mlgcn_dist import distributed
 from mlgcn_dist.checkpoint import (
+    INTERRUPTED_EXIT_CODE,
     REQUEUE_EXIT_CODE,
     CheckpointManager,
     PreemptionHandler,
@@ -648,18 +649,26 @@ class Trainer:
         self.ckpt.save_portable("last.pt", payload)
 
     def _preempted(self) -> None:
+        """Save and exit: to be requeued after a preemption's signal (REQUEUE marker, exit 75); after a Ctrl-C
+        (rank 0's, the terminal's process group gets it), only to be resumed by hand (exit 130)."""
         acc, state = self.accelerator, self.state
         self._check_weights_finite()
         self._sync_buffers()
         self._save()
-        if acc.is_main_process:
+        interrupted = self.preemption.interrupted()
+        if acc.is_main_process and not interrupted:
             mark_requeue(self.run_dir, f"preempted at step {state.global_step}; checkpoint {self.last_ckpt}")
         acc.wait_for_everyone()  # no rank exits before the marker the SLURM script reads exists
         reason = self.preemption.stop_reason() or "stop requested by another process"
-        distributed.say(acc, f"{reason}: saved {self.last_ckpt}; exit {REQUEUE_EXIT_CODE} to be requeued")
-        self.tracker.finish({"preempted": True, "global_step": state.global_step, **self._throughput()})
+        if interrupted:
+            code, then = INTERRUPTED_EXIT_CODE, "train.resume=auto continues the run"
+        else:
+            code, then = REQUEUE_EXIT_CODE, "to be requeued"
+        distributed.say(acc, f"{reason}: saved {self.last_ckpt}; exit {code} {then}")
+        end = {"stopped": "Ctrl-C"} if interrupted else {"preempted": True}
+        self.tracker.finish({**end, "global_step": state.global_step, **self._throughput()})
         self._release()
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        raise SystemExit(code)
 
     def _throughput(self) -> dict:
         """img_per_s: every image trained (since the run began, resumes included) over the epochs' wall time,

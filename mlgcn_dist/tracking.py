@@ -56,7 +56,7 @@ _WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline"
 # Summary keys a session's end writes (Trainer._finish, Trainer._preempted). W&B keeps summary keys across the
 # sessions of a resumed run, so each session starts by clearing them: a session that then crashes must not read as
 # the previous one's end ("preempted", with its img_per_s; or "finished", for a finished run given more epochs).
-SESSION_END_KEYS = {"finished": False, "preempted": False, "img_per_s": None}
+SESSION_END_KEYS = {"finished": False, "preempted": False, "stopped": None, "img_per_s": None}
 
 
 def resolve_wandb_mode(configured: str, environ: dict[str, str]) -> str:

@@ -151,6 +151,22 @@ def test_ctrl_c_asks_for_a_saving_stop_and_a_second_ctrl_c_stops_at_once(handler
         os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_ctrl_c_stays_the_reason_when_a_sigterm_follows_and_is_no_preemption(handler, capfd):
+    """A SIGTERM after the Ctrl-C (a launcher or a scheduler ending the run) read as a preemption, to be requeued."""
+    handler.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert handler.stop_reason() == "signal SIGINT" and handler.interrupted()
+    capfd.readouterr()
+
+
+def test_a_preemption_signal_is_not_an_interruption(handler):
+    handler.install()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert handler.stop_reason() == "signal SIGUSR1" and not handler.interrupted()
+
+
 def test_a_worker_of_a_launcher_stops_when_the_launcher_is_gone_and_not_before(handler, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
     monkeypatch.setattr(os, "getppid", lambda: 4242)  # the launcher (pytest's own parent may be init already)

@@ -68,7 +68,8 @@ def train_session(root: Path, name: str, epochs: int, evaluated: int, end: str, 
     """One training session on run directory ``root/name`` as the engine leaves it: REQUEUE removed at the start,
     a logged step (120 img/s) and an evaluation per epoch from ``first_epoch``, then ``end``: "finished"
     (Trainer._finish), "preempted" (SIGTERM/USR1: the REQUEUE marker, then a summary flagged preempted with the run's
-    img_per_s) or "killed" (kill -9: nothing more; W&B's files are flushed all the same)."""
+    img_per_s), "ctrl_c" (saved, a summary flagged stopped, no marker) or "killed" (kill -9: nothing more; W&B's
+    files are flushed all the same)."""
     cfg = load_config(None, [f"train.run_name={name}", f"train.output_dir={root / name}", f"train.epochs={epochs}",
                              f"log.wandb={wandb}"])
     (cfg.run_dir / "REQUEUE").unlink(missing_ok=True)
@@ -81,6 +82,8 @@ def train_session(root: Path, name: str, epochs: int, evaluated: int, end: str, 
     elif end == "preempted":
         mark_requeue(cfg.run_dir, "preempted at step 25")
         tracker.finish({"preempted": True, "global_step": 25, "img_per_s": 100.0, "img_per_s_window_median": 120.0})
+    elif end == "ctrl_c":  # saved, no REQUEUE marker
+        tracker.finish({"stopped": "Ctrl-C", "global_step": 25, "img_per_s": 100.0})
     if wandb != "disabled":
         flush_wandb()
     return cfg.run_dir
@@ -386,6 +389,15 @@ def test_a_preempted_run_whose_job_slurm_ended_reads_job_ended_instead_of_requeu
     rows = table_rows(format_table(collect_local_runs([root]), sort_by="name", columns=("name", "status")))
     assert dict(rows) == {"pending": "preempted (requeue pending)", "ended": "preempted (job ended)",
                           "resubmitted": "incomplete: epoch 4 of 8"}
+
+
+def test_a_run_stopped_by_ctrl_c_reads_stopped_not_preempted_with_a_requeue_pending(tmp_path):
+    root = tmp_path / "runs"
+    train_session(root, "stopped", epochs=8, evaluated=2, end="ctrl_c")
+    train_session(root, "resumed", epochs=8, evaluated=2, end="ctrl_c")
+    train_session(root, "resumed", epochs=8, evaluated=1, end="killed", first_epoch=2)
+    rows = table_rows(format_table(collect_local_runs([root]), sort_by="name", columns=("name", "status")))
+    assert dict(rows) == {"stopped": "stopped (Ctrl-C)", "resumed": "incomplete: epoch 3 of 8"}
 
 
 def test_img_per_s_is_the_engines_whole_run_rate_and_a_summary_with_the_windows_median_alone_shows_none(tmp_path):

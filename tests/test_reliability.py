@@ -45,6 +45,7 @@ from launching import (
 from test_loader import rewrite_shard, truncate
 
 from mlgcn_dist.checkpoint import (
+    INTERRUPTED_EXIT_CODE,
     REQUEUE_EXIT_CODE,
     CheckpointError,
     CheckpointManager,
@@ -973,13 +974,17 @@ def test_sigterm_to_every_process_as_scancel_sends_it_or_ctrl_c_saves_with_loade
         for process in tree if stop == "sigterm_to_every_process" else []:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+        code = INTERRUPTED_EXIT_CODE if stop == "ctrl_c" else REQUEUE_EXIT_CODE
+        assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
     finally:
         kill_tree(proc)
     output = log.read_text()
     signal_name = "SIGINT" if stop == "ctrl_c" else "SIGTERM"
     assert re.search(rf"signal {signal_name}: saved \S+/step-\d+", output) and "Traceback" not in output, output[-3000:]
     assert list((run_dir / "checkpoints").glob("step-*"))
+    # Ctrl-C is no preemption: no REQUEUE marker asks the SLURM script for a requeue, compare says "stopped".
+    assert (run_dir / "REQUEUE").exists() is (stop != "ctrl_c")
+    assert summary(run_dir).get("stopped") == ("Ctrl-C" if stop == "ctrl_c" else None)
 
 
 @pytest.mark.slow
