@@ -738,6 +738,18 @@ def test_the_report_table_shows_each_phases_numbers_in_their_columns():
                          "decode 7.0 ms, augment 1.5 ms")
 
 
+@pytest.mark.parametrize("drift, warned", [(0.987, False), (1.2, False), (1 / 1.2, False), (1.3, True),
+                                           (1 / 6.9, True)])
+def test_the_report_warns_that_its_ratios_are_not_to_be_trusted_when_its_two_ceilings_differ_widely(drift, warned):
+    """Seen under load on 2 cores: the first ceiling at a seventh of its repeat, end to end printed at 3.6x it."""
+    report = _bench_report()
+    report["ceiling_drift"] = drift
+    warning = [line for line in format_report(report).splitlines() if line.startswith("warning: the two ceilings")]
+    assert bool(warning) is warned
+    if drift == 1 / 6.9:
+        assert warning[0].startswith("warning: the two ceilings differ by 6.9x: the machine was busy or throttled")
+
+
 def test_the_reports_first_line_names_the_cpp_wrapper_beside_the_compile_mode():
     setting = {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "default",
                "compile_cpp_wrapper": True}
