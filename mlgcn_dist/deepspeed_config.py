@@ -55,8 +55,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.clip_grad
     # "enabled" is ours; the rest of each block (loss-scale window, ...) stays the user's.
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {"initial_scale_power": 16, **ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
+    ds["bf16"] = {**_block(ds, "bf16", path), "enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {"initial_scale_power": 16, **_block(ds, "fp16", path), "enabled": cfg.train.precision == "fp16"}
     if cfg.train.precision in ("bf16", "fp16"):
         # DeepSpeed runs the model in that dtype outright (no autocast) and casts only its parameters unless told:
         # BatchNorm's running statistics and the GCN's graph must follow, or the first forward mixes dtypes.
@@ -169,6 +169,13 @@ def _check_launcher_flags(ds: dict, path: Path, cfg: Config) -> None:
         if given != configured:
             raise ConfigError(f"accelerate launch {flag} {os.environ[env]} disagrees with {ours}={configured}, which "
                               f"sets it for DeepSpeed: drop the flag, or set {ours}")
+
+
+def _block(ds: dict, key: str, path: Path) -> dict:
+    block = ds.get(key, {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: {key} must be an object (its 'enabled' is set from train.precision), got {block!r}")
+    return block
 
 
 def _get(block: dict, key: tuple[str, ...], default: object) -> object:

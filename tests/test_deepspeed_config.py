@@ -91,6 +91,7 @@ def test_a_deepspeed_json_asking_for_zero3_or_no_stage_number_is_refused_naming_
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, "zero_optimization.reduce_bucket_size is "
                                                                         "\"auto\", which Accelerate fills only"),
     ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "remove the 'optimizer' block"),
+    ({"zero_optimization": {"stage": 2}, "bf16": True}, "bf16 must be an object .*got True"),
 ])
 def test_a_deepspeed_json_deepspeed_would_refuse_late_or_without_naming_it_is_refused_naming_file_and_key(
     tmp_path, content, message
