@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from mlgcn_dist.config import ConfigError, OptimConfig
+from mlgcn_dist.config import SHAPING_MODEL_KEYS, ConfigError, OptimConfig
 from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import fsync_directory, fsync_tree, replaced_atomically, write_text_atomic
 
@@ -178,15 +178,11 @@ def _saved_train_config(path: Path) -> dict:
     return _saved_config(path, "train")
 
 
-# Model keys that change the shapes of the saved weights.
-_SHAPING_MODEL_KEYS = ("backbone", "head", "gcn_hidden", "hgat_reduce", "hgat_heads_dim")
-
-
 def check_resume_model(path: Path, model: dict) -> None:
     """A checkpoint of another architecture cannot be resumed: name the keys that differ, before any weights load
     (``load_state`` would list every mismatched tensor instead)."""
     saved = _saved_config(path, "model")
-    changed = [f"model.{key}={model[key]} (checkpoint: {saved[key]})" for key in _SHAPING_MODEL_KEYS
+    changed = [f"model.{key}={model[key]} (checkpoint: {saved[key]})" for key in SHAPING_MODEL_KEYS
                if key in saved and saved[key] != model[key]]
     if changed:
         raise ConfigError(

@@ -73,6 +73,10 @@ class ModelConfig:
     hgat_heads_dim: int = 256  # HGAT: per-label feature width inside the group heads
 
 
+# Model keys that change the shapes of the saved weights: a checkpoint loads only into a model built with its own.
+SHAPING_MODEL_KEYS = ("backbone", "head", "gcn_hidden", "hgat_reduce", "hgat_heads_dim")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 0.1  # head learning rate

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from mlgcn_dist.arguments import positive_int, probability
-from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config, set_key, validate
+from mlgcn_dist.config import (
+    SHAPING_MODEL_KEYS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    set_key,
+    validate,
+)
 from mlgcn_dist.data.records import LabelSpace
 from mlgcn_dist.errors import first_line, one_line
 from mlgcn_dist.files import write_text_atomic
@@ -117,16 +125,39 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
     arch = dataclasses.replace(cfg.model, pretrained="none")
     model = build_model(arch, len(names), adj=adj, embeddings=embeddings, groups=groups)
     if "A" not in payload:
-        model.load_state_dict(state)
+        # A --config or model.* overrides of another network than the checkpoint's: named, not torch's traceback.
+        load_fitting(model, state, _misfit(payload["config"].get("model") or {}, cfg))
         return model.eval()
     # An imported original checkpoint has no adjacency/embedding buffers: they come from our graph inputs. Any
     # other key missing or left over means the config describes another network (resnet50 against a ResNet-101
     # checkpoint would load a part of it and leave the rest random).
-    misfit = (f"the ML-GCN checkpoint does not fit model.backbone={cfg.model.backbone}, model.head={cfg.model.head}"
-              " (pass the backbone it was trained with: ML-GCN's is resnet101)")
-    load_fitting(model, state, misfit,
+    load_fitting(model, state, _import_misfit(state, model, cfg),
                  ignored=lambda key: key in ("head.adj", "head.embeddings") or key.endswith("num_batches_tracked"))
     return model.eval()
+
+
+def _misfit(saved: dict, cfg: Config) -> str:
+    changed = [f"model.{key}={getattr(cfg.model, key)} (checkpoint: {saved[key]})" for key in SHAPING_MODEL_KEYS
+               if key in saved and saved[key] != getattr(cfg.model, key)]
+    which = f" ({', '.join(changed)})" if changed else ""
+    return (f"the checkpoint does not fit the model of the config given{which}: evaluate it with its own config (no "
+            "--config, no model.* overrides)")
+
+
+def _import_misfit(state: dict, model: torch.nn.Module, cfg: Config) -> str:
+    """What to change when an original checkpoint does not fit: the word vectors or hidden width where its first
+    graph convolution differs (gc1.weight is [vector length, hidden]), else the backbone."""
+    theirs, ours = state.get("head.gc1.weight"), model.state_dict().get("head.gc1.weight")
+    hints = []
+    if theirs is not None and ours is not None and theirs.shape[0] != ours.shape[0]:
+        hints.append(f"its gc1 takes label vectors of length {theirs.shape[0]}, graph.embeddings="
+                     f"{cfg.graph.embeddings} gives {ours.shape[0]}: pass the word vectors it was trained with "
+                     "(ML-GCN's: the 300-d GloVe pickle)")
+    if theirs is not None and ours is not None and theirs.shape[1] != ours.shape[1]:
+        hints.append(f"its GCN's hidden width is {theirs.shape[1]}, model.gcn_hidden={cfg.model.gcn_hidden}")
+    hints = hints or ["pass the backbone it was trained with: ML-GCN's is resnet101"]
+    return (f"the ML-GCN checkpoint does not fit model.backbone={cfg.model.backbone}, model.head={cfg.model.head} "
+            f"({'; '.join(hints)})")
 
 
 def _without_compile_prefix(state: dict) -> dict:
@@ -223,7 +254,8 @@ def _imported_payload(args: argparse.Namespace) -> dict:
     if not args.config:
         raise ConfigError("--import-mlgcn needs --config (the original checkpoint stores no configuration)")
     cfg = load_config(args.config, args.overrides)
-    state, a_matrix = import_mlgcn_state_dict(_read_checkpoint(resolve_checkpoint(args.checkpoint)))
+    path = resolve_checkpoint(args.checkpoint)
+    state, a_matrix = import_mlgcn_state_dict(_read_checkpoint(path), f"{path} (ML-GCN checkpoint)")
     info = dataset_info(cfg.data)
     if tuple(a_matrix.shape) != (info.num_classes,) * 2:
         raise ConfigError(

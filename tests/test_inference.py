@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -134,6 +136,43 @@ def test_an_original_checkpoint_imported_with_another_backbone_is_refused_not_ha
                                                               "model.backbone=cifar_resnet18"]).to_yaml())
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     assert "does not fit model.backbone=cifar_resnet18" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, hint", [
+    ("graph.embeddings={vectors}", "its gc1 takes label vectors of length 12, graph.embeddings={vectors} gives 5: "
+                                   "pass the word vectors it was trained with"),
+    ("model.gcn_hidden=16", "its GCN's hidden width is 256, model.gcn_hidden=16"),
+], ids=["word_vectors", "hidden_width"])
+def test_an_original_checkpoint_that_does_not_fit_its_graph_convolution_names_the_key_to_change(
+    change, hint, run_dir, toy_root, tmp_path, capsys
+):
+    """The message named the backbone, which fitted, where the word vectors or the hidden width did not."""
+    ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
+    vectors = tmp_path / "vectors.pkl"
+    vectors.write_bytes(pickle.dumps(np.ones((12, 5), dtype=np.float32)))
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0",
+                                                              change.format(vectors=vectors)]).to_yaml())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert hint.format(vectors=vectors) in err and "resnet101" not in err
+
+
+def test_our_checkpoint_evaluated_with_a_config_of_another_model_names_the_keys_that_differ(run_dir, capsys):
+    """A --config or model.* override of another network than the checkpoint's: torch's load_state_dict traceback."""
+    assert main(["evaluate", "--checkpoint", str(run_dir), "model.gcn_hidden=16"]) == 2
+    err = capsys.readouterr().err
+    assert ("the checkpoint does not fit the model of the config given (model.gcn_hidden=16 (checkpoint: 256)): "
+            "evaluate it with its own config") in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_layout_given_as_an_original_one_is_named(run_dir, toy_root, tmp_path, capsys):
+    ckpt = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, ckpt)
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
+    assert f"{ckpt} (ML-GCN checkpoint): unexpected key 'conv1.weight'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["junk_checkpoint", "foreign_pickle", "not_an_image"])

@@ -32,20 +32,21 @@ def clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in obj.items()}
 
 
-def import_mlgcn_state_dict(state: Mapping) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def import_mlgcn_state_dict(state: Mapping, source: str = "ML-GCN checkpoint") -> tuple[dict[str, torch.Tensor],
+                                                                                        torch.Tensor]:
     """Convert a checkpoint of the original ML-GCN code (GCNResnet) to this package's ``gcn`` model keys.
 
     Original layout: ``features.0`` ... ``features.7`` (conv1, bn1, relu, maxpool, layer1-4 of the ResNet:
     the same indices as our ResNet backbones), ``gc1.weight`` [E, hidden], ``gc2.weight`` [hidden, F] and the
     re-weighted adjacency ``A`` [C, C] (a parameter there, normalised on every forward).
-    Returns ``(state_dict, A)``.
+    Returns ``(state_dict, A)``; ``source`` (the file) begins the messages of a checkpoint of another layout.
 
     ``A`` comes back separately because our model keeps only its normalised form, as a buffer: build the model
     with ``adj=graph.gen_adj(A)`` and the label embeddings, then ``model.load_state_dict(state_dict,
     strict=False)``; the only missing keys are then ``head.adj`` and ``head.embeddings`` (and BatchNorm
     ``num_batches_tracked`` counters for checkpoints from PyTorch < 0.4).
     """
-    weights = clean_state_dict(state, "ML-GCN checkpoint")
+    weights = clean_state_dict(state, source)
     converted: dict[str, torch.Tensor] = {}
     adjacency = None
     for key, value in weights.items():
@@ -57,12 +58,12 @@ def import_mlgcn_state_dict(state: Mapping) -> tuple[dict[str, torch.Tensor], to
             converted["head." + key] = value
         else:
             raise ValueError(
-                f"ML-GCN checkpoint: unexpected key '{key}'; "
+                f"{source}: unexpected key '{key}'; "
                 "expected features.*, gc1.*, gc2.* and A (GCNResnet)"
             )
     if adjacency is None:
         raise ValueError(
-            "ML-GCN checkpoint: no 'A' (the re-weighted adjacency) among its keys; is it a GCNResnet?"
+            f"{source}: no 'A' (the re-weighted adjacency) among its keys; is it a GCNResnet?"
         )
     return converted, adjacency
 
