@@ -13,11 +13,11 @@ are ``wandb.proto.wandb_internal_pb2.Record`` messages.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import json
 import math
+import re
 import struct
 import sys
 import warnings
@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from mlgcn_dist.config import Config
+from mlgcn_dist.config import Config, read_yaml_value
 from mlgcn_dist.tracking import EVAL_SOURCES, flatten_config, read_jsonl
 
 # Table columns: column name -> summary key it shows (name, config and status are computed from the run itself).
@@ -281,15 +281,16 @@ def parse_filters(items: list[str]) -> dict[str, Any]:
     return conditions
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
 def _filter_value(text: str) -> Any:
-    """``text`` typed as a training override types it: YAML, except that 1e-4 (a string in YAML 1.1, which wants a
-    dot in a float) is the number, as ``optim.weight_decay=1e-4`` sets it."""
-    value = yaml.safe_load(text) if text else text
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = float(value)
-            if math.isfinite(number):
-                return number
+    """``text`` typed as a training override types it: YAML (007 stays text, as for train.run_name=007), except
+    that 1e-4 (a string in YAML 1.1, which wants a dot in a float) is the number, as ``optim.weight_decay=1e-4`` sets
+    it."""
+    value = read_yaml_value(text) if text else text
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
     return value
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -269,6 +270,9 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and _YAML11_INT.fullmatch(value):
+            raise ConfigError(f"{source}: '{key}' expects a whole number in decimal digits, got {value!r} (YAML 1.1 "
+                              "would read 010 as octal 8, 0x10 as 16, 1:30 as 90, 1_000 as 1000)")
     elif kind is float:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # YAML 1.1 reads an exponent without a dot (1e-4) as text
@@ -280,16 +284,39 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # str(value) would be a different text: YAML reads 007 as 7, 0123 as 83 (octal), 1.10 as 1.1
+            # str(value) would be a different text: YAML reads 1.10 as 1.1, 1e3 as 1000.0
             raise ConfigError(f"{source}: '{key}' expects a string, got the number {value!r}: YAML reads unquoted "
-                              "digits as a number (007 as 7, 0123 as 83); quote the value")
+                              "digits as a number (1.10 as 1.1); quote the value")
     raise ConfigError(f"{source}: '{key}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+# What YAML 1.1 reads as an integer beyond plain decimal digits: octal, hexadecimal, binary, base 60, underscores.
+_YAML11_INT = re.compile(r"[-+]?(?:0[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+|[1-9][0-9_]*(?::[0-5]?[0-9])+|[0-9][0-9_]*)")
+
+
+class _DecimalIntLoader(yaml.SafeLoader):
+    """YAML's safe loader reading as integers only plain decimal digits: YAML 1.1 also reads 010 as octal 8, 0x10
+    as 16 and 1:30 as 90 (base 60), which would train 8 epochs for ``epochs: 010``. Those stay text, which an
+    integer key refuses (:func:`_coerce`) and a text key keeps as written."""
+
+
+_DecimalIntLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_DecimalIntLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                        list("-+0123456789"))
+
+
+def read_yaml_value(text: str) -> Any:
+    """A value written on a command line, read as the config reads YAML (integers in decimal digits only)."""
+    return yaml.load(text, Loader=_DecimalIntLoader)
 
 
 def _parse_yaml_value(text: str, key: str, source: str) -> Any:
     """A command-line value read as YAML (``[3,6]``, ``true``, ``0.05``); unparsable text names the key."""
     try:
-        return yaml.safe_load(text)
+        return read_yaml_value(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: '{key}' has a value that is not valid YAML: {text!r}") from err
 
@@ -338,7 +365,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(_DecimalIntLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently: a second
     ``optim:`` section would drop the first)."""
 

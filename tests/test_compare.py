@@ -155,6 +155,8 @@ def test_a_filter_value_in_exponent_notation_matches_as_the_same_override_would_
     runs = [record("a", {"optim.weight_decay": 1e-4, "optim.lr": 1e-3, "train.run_name": "1e-4x"})]
     assert [r.name for r in filter_runs(runs, parse_filters(["optim.weight_decay=1e-4", "optim.lr=1e-3"]))] == ["a"]
     assert parse_filters(["train.run_name=1e-4x", "model.head=gcn"]) == {"train.run_name": "1e-4x", "model.head": "gcn"}
+    # Leading zeros stay text, as train.run_name=007 sets it (YAML 1.1 read 007 as 7, the float fallback 7.0).
+    assert parse_filters(["train.run_name=007", "train.epochs=8"]) == {"train.run_name": "007", "train.epochs": 8}
 
 
 def test_runs_that_share_a_name_are_listed_with_where_they_were_read_from():

@@ -110,15 +110,37 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
 
 
 def test_an_unquoted_number_for_a_text_key_in_yaml_is_an_error_not_another_text(tmp_path):
-    """YAML reads run_name: 007 as 7 and 0123 as 83 (octal): saying so beats running under another name."""
+    """YAML reads run_name: 1.10 as 1.1: saying so beats running under another name. Digits with a leading zero,
+    which YAML 1.1 reads as octal (0123 as 83), stay the text written."""
     path = tmp_path / "cfg.yaml"
-    for value in ("007", "0123", "1.10"):
+    for value in ("1.10", "2.50"):
         path.write_text(f"train:\n  run_name: {value}\n")
         with pytest.raises(ConfigError, match=r"'train.run_name' expects a string, got the number .*quote the value"):
             load_config(path)
-    path.write_text("train:\n  run_name: '007'\n")
-    assert load_config(path).train.run_name == "007"
+    for value in ("007", "0123", "'007'"):
+        path.write_text(f"train:\n  run_name: {value}\n")
+        assert load_config(path).train.run_name == value.strip("'")
     assert load_config(None, ["train.run_name=007"]).train.run_name == "007"  # command-line text stays text
+
+
+@pytest.mark.parametrize("value", ["010", "0x10", "1:30", "1_000", "0b11"])
+@pytest.mark.parametrize("where", ["override", "yaml", "list"])
+def test_an_integer_written_otherwise_than_in_decimal_digits_is_refused_not_read_as_yaml_1_1_does(value, where,
+                                                                                                    tmp_path):
+    """YAML 1.1 read train.epochs=010 as 8 epochs, 0x10 as 16, 1:30 (base 60) as 90, silently."""
+    path = tmp_path / "cfg.yaml"
+    key = "optim.epoch_step" if where == "list" else "train.epochs"
+    path.write_text(f"train:\n  epochs: {value}\n")
+    with pytest.raises(ConfigError, match=rf"'{key}' expects a whole number in decimal digits, got '{value}'"):
+        if where == "yaml":
+            load_config(path)
+        else:
+            load_config(None, [f"{key}={f'[{value}]' if where == 'list' else value}"])
+
+
+def test_decimal_integers_with_a_sign_or_zero_are_read_as_numbers(tmp_path):
+    cfg = load_config(None, ["train.epochs=+5", "optim.epoch_step=[0,12]", "train.seed=0"])
+    assert (cfg.train.epochs, cfg.optim.epoch_step, cfg.train.seed) == (5, [0, 12], 0)
 
 
 @pytest.mark.parametrize("head", ["hgat", "hgat_fc"])
