@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from mlgcn_dist.config import Config, read_yaml_value
-from mlgcn_dist.tracking import EVAL_SOURCES, flatten_config, read_jsonl
+from mlgcn_dist.config import Config, flatten_config, read_yaml_value
+from mlgcn_dist.tracking import EVAL_SOURCES, read_jsonl
 
 # Table columns: column name -> summary key it shows (name, config and status are computed from the run itself).
 SUMMARY_COLUMNS = {"best_mAP": "best_mAP", "CF1": "best_CF1", "OF1": "best_OF1", "img_per_s": "img_per_s",

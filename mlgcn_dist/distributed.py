@@ -21,7 +21,7 @@ from accelerate.utils import (
     TorchDynamoPlugin,
 )
 
-from mlgcn_dist.config import Config, ConfigError
+from mlgcn_dist.config import Config, ConfigError, flatten_config
 from mlgcn_dist.deepspeed_config import (
     deepspeed_config,
     launcher_wants_deepspeed,
@@ -248,6 +248,33 @@ def say(accelerator: Accelerator, message: str) -> None:
     message about the whole run (a metrics table, the best mAP, a resume) is noise."""
     if accelerator.is_main_process:
         print(message, flush=True)
+
+
+# Keys a node may set for itself: where it finds its files, how it feeds its own GPUs, and logging (rank 0's).
+# Every other key changes what a rank computes: one launch of every node with the same config and overrides.
+NODE_LOCAL_KEYS = frozenset({
+    "data.root", "data.shards", "data.workers", "data.prefetch_factor", "data.pin_memory", "data.decode",
+    "data.device_prefetch", "data.worker_timeout_s", "data.worker_start", "graph.stats", "graph.embeddings",
+    "model.pretrained", "train.deepspeed", "train.side_stream",
+})
+
+
+def check_same_config(cfg: Config) -> None:
+    """Every rank runs the same config (the node-local keys aside), else a ConfigError on every rank naming the
+    keys that differ. A node started with another optim.lr trained other weights on its ranks, silently (the mAP
+    logged was rank 0's model, not the one saved); another data.batch_size hung the collectives until
+    train.dist_timeout_s, naming nothing."""
+    mine = {key: value for key, value in flatten_config(cfg.to_dict()).items()
+            if key not in NODE_LOCAL_KEYS and not key.startswith("log.")}
+    everyone = gather_objects(mine)
+    differing = sorted({key for other in everyone for key in mine if other.get(key) != mine[key]})
+    if differing:
+        listed = "; ".join(
+            f"{key}: " + ", ".join(f"rank {rank} {other.get(key)!r}" for rank, other in enumerate(everyone))
+            for key in differing[:5]
+        )
+        raise ConfigError(f"the ranks of this run were started with different configs ({listed}): start every node "
+                          "with the same config file and overrides")
 
 
 def gather_objects(obj: object) -> list:

@@ -249,6 +249,7 @@ class Trainer:
         cfg.optim, ignored_optim = optim_as_resumed(last_ckpt, cfg.optim)  # cfg is resolve_precision's copy
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
+        distributed.check_same_config(cfg)
         self.topo = distributed.topology(acc, cfg)
         self.run_dir = cfg.run_dir
         if acc.is_main_process:

@@ -98,18 +98,6 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def flatten_config(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of one metrics dict (per-class lists and nested dicts left out)."""
     return {k: v for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}

@@ -104,6 +104,25 @@ def test_two_nodes_on_loopback_train_together_and_the_runs_messages_are_printed_
     assert "best mAP" not in outputs[1] and "LR per group" not in outputs[1] and "OF1" not in outputs[1]
 
 
+def test_two_nodes_started_with_different_configs_both_stop_at_once_naming_the_key(tiny_toy, tmp_path):
+    """A node given another optim.lr trained other weights, silently; another data.batch_size hung until
+    train.dist_timeout_s (600 s by default) with a bare gloo timeout."""
+    run_dir, port, procs = tmp_path / "nodes", free_port(), []
+    for machine_rank, extra in ((0, "data.batch_size=8"), (1, "data.batch_size=4")):
+        cmd = accelerate_cmd(
+            2, overrides(tiny_toy, run_dir, extra, "train.dist_timeout_s=120"), "--multi_gpu", "--num_machines", "2",
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", port=port,
+        )
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=100)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode != 0
+        assert ("the ranks of this run were started with different configs (data.batch_size: rank 0 8, rank 1 4)"
+                in out), out[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("launcher", ["accelerate", "accelerate_config_file", "torchrun"])
 def test_deepspeed_zero2_through_accelerate_keeps_per_group_learning_rates(launcher, tiny_toy, tmp_path):
     """ZeRO-2 via `accelerate launch --use_deepspeed`, via the README's `accelerate launch --config_file

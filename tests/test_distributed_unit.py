@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlgcn_dist.config import load_config
-from mlgcn_dist.distributed import any_rank, average_running_stats, gather_objects
+from mlgcn_dist import distributed
+from mlgcn_dist.config import ConfigError, flatten_config, load_config
+from mlgcn_dist.distributed import any_rank, average_running_stats, check_same_config, gather_objects
 
 CPU = torch.device("cpu")
 
@@ -109,3 +110,24 @@ def test_the_start_line_gives_the_global_batch_and_each_processs_intra_op_thread
         assert topology(OneProcess(), load_config(None, [])).intra_op_threads == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ same config
+
+
+def test_ranks_started_with_different_configs_are_refused_naming_the_keys_and_each_ranks_value(monkeypatch):
+    mine = load_config(None, ["optim.lr=0.1"])
+    theirs = flatten_config(load_config(None, ["optim.lr=0.01", "data.batch_size=4"]).to_dict())
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, theirs])
+    with pytest.raises(ConfigError, match=r"started with different configs \(data.batch_size: rank 0 16, rank 1 4; "
+                                          r"optim.lr: rank 0 0.1, rank 1 0.01\): start every node with the same"):
+        check_same_config(mine)
+
+
+def test_node_local_keys_and_logging_may_differ_between_ranks(monkeypatch):
+    local = ["data.root=/scratch/node1/coco", "data.workers=2", "graph.embeddings=/local/glove.pkl",
+             "log.wandb=disabled", "data.decode=cpu"]
+    theirs = flatten_config(load_config(None, local).to_dict())
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, theirs])
+    check_same_config(load_config(None, []))
+
