@@ -25,6 +25,7 @@ from mlgcn_dist.config import (
     ConfigError,
     config_from_dict,
     load_config,
+    parse_overrides,
     set_key,
     validate,
 )
@@ -177,9 +178,8 @@ def _config_for(payload: dict, args: argparse.Namespace) -> Config:
         # The saved precision is what the training machine ran (a V100's fp16 cannot run on a CPU); evaluation has
         # no loss scaling to carry on, so it runs at this machine's precision unless an override sets one.
         cfg.train.precision = "auto"
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        set_key(cfg, key, value, f"override {item}")
+    for key, value in parse_overrides(args.overrides):  # read as training reads them
+        set_key(cfg, key, value, f"override {key}={value}")
     validate(cfg)
     _check_data_path(cfg)
     return cfg

@@ -448,6 +448,9 @@ def test_evaluate_validates_its_overrides_and_output_paths_before_any_evaluation
     monkeypatch.setattr("mlgcn_dist.engine.evaluate", _heavy_work_started)
     assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "data.batch_size=0"]) == 2
     assert "data.batch_size must be >= 1" in capsys.readouterr().err
+    # Overrides read as training reads them: a key without a value is a form error, not an empty value.
+    assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "data.workers"]) == 2
+    assert "override 'data.workers' is not of the form section.key=value" in capsys.readouterr().err
     missing = tmp_path / "no_such_dir" / "scores.jsonl"
     assert mlgcn(["evaluate", "--checkpoint", str(trained_run), "--scores-out", str(missing)]) == 2
     assert f"its directory {missing.parent} does not exist" in capsys.readouterr().err
