@@ -13,6 +13,7 @@ are ``wandb.proto.wandb_internal_pb2.Record`` messages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mlgcn_dist.config import Config, flatten_config, read_yaml_value
+from mlgcn_dist.config import Config, ConfigError, flatten_config, read_yaml_value, set_key
 from mlgcn_dist.tracking import EVAL_SOURCES, read_jsonl
 
 # Table columns: column name -> summary key it shows (name, config and status are computed from the run itself).
@@ -277,17 +278,22 @@ def parse_filters(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--filter '{item}': expected key=value, e.g. optim.lr=0.1")
-        conditions[key.strip()] = _filter_value(value)
+        conditions[key.strip()] = _filter_value(key.strip(), value)
     return conditions
 
 
 _EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
-def _filter_value(text: str) -> Any:
-    """``text`` typed as a training override types it: YAML (007 stays text, as for train.run_name=007), except
-    that 1e-4 (a string in YAML 1.1, which wants a dot in a float) is the number, as ``optim.weight_decay=1e-4`` sets
-    it."""
+def _filter_value(key: str, text: str) -> Any:
+    """``text`` as the training override ``key=text`` sets it (``optim.epoch_step=8`` is [8], ``optim.lr=1e-4``
+    the number, ``train.run_name=007`` the text); for a summary key, or a config key of another version, typed as
+    YAML, with 1e-4 (a string in YAML 1.1, which wants a dot in a float) the number."""
+    with contextlib.suppress(ConfigError):  # a key this version's config has not: typed below
+        probe = Config()
+        set_key(probe, key, text, f"--filter {key}={text}")
+        section, _, name = key.partition(".")
+        return getattr(getattr(probe, section), name)
     value = read_yaml_value(text) if text else text
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)

@@ -159,6 +159,15 @@ def test_a_filter_value_in_exponent_notation_matches_as_the_same_override_would_
     assert parse_filters(["train.run_name=007", "train.epochs=8"]) == {"train.run_name": "007", "train.epochs": 8}
 
 
+def test_a_filter_on_a_list_key_given_one_value_matches_the_list_the_same_override_sets():
+    """Training reads optim.epoch_step=8 as [8]; the filter read 8 and matched no run."""
+    runs = [record("a", {"optim.epoch_step": [8]}), record("b", {"optim.epoch_step": [8, 12]})]
+    assert [r.name for r in filter_runs(runs, parse_filters(["optim.epoch_step=8"]))] == ["a"]
+    assert [r.name for r in filter_runs(runs, parse_filters(["optim.epoch_step=[8,12]"]))] == ["b"]
+    # A key this version's config has not (a run of an older one), and summary keys: typed as YAML.
+    assert parse_filters(["optim.old_key=3", "best_mAP=50.5"]) == {"optim.old_key": 3, "best_mAP": 50.5}
+
+
 def test_runs_that_share_a_name_are_listed_with_where_they_were_read_from():
     runs = [RunRecord(name, source, {}, {}) for name, source in [("toy", "runs/a"), ("toy", "runs/b"), ("c", "runs/c")]]
     assert [r.name for r in with_distinct_names(runs)] == ["toy [runs/a]", "toy [runs/b]", "c"]
