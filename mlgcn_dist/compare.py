@@ -393,8 +393,8 @@ def is_finished(summary: dict[str, Any]) -> bool:
 
 def run_status(run: RunRecord) -> str:
     """finished, preempted (requeue pending while its REQUEUE marker is there, job ended once the SLURM script
-    renamed it), stopped (Ctrl-C), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no data, or what its
-    source told (``RunRecord.status``)."""
+    renamed it), stopped (Ctrl-C), incomplete: epoch k of N (k epochs evaluated; killed, or still running), no
+    data, or what its source told (``RunRecord.status``)."""
     if run.status:
         return run.status
     if not (run.config or run.summary or run.curves):
@@ -498,9 +498,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories, or directories holding run directories; a run given twice is listed "
                              "once. Each row's status: finished, preempted (requeue pending: its REQUEUE marker is "
                              "there; job ended: SLURM ended the job instead, resubmit with train.output_dir=<run dir>; "
-                             "a W&B run, which holds no marker, says preempted), stopped (Ctrl-C): saved, to be resumed "
-                             "by hand, incomplete: epoch k of N (k epochs "
-                             "evaluated; killed, or still running), no summary: not past setup (a run directory "
+                             "a W&B run, which holds no marker, says preempted), stopped (Ctrl-C): saved, to be "
+                             "resumed by hand, incomplete: epoch k of N (k epochs evaluated; killed, or still "
+                             "running), no summary: not past setup (a run directory "
                              "without summary.json: failed, killed or still starting before tracking began), or no "
                              "data (default: none)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",

@@ -33,10 +33,12 @@ _OUR_FLAGS = {  # flag: (environment variable, our key, how to read the flag)
 }
 
 # The fields of an accelerate config file's deepspeed section that Accelerate refuses next to a DeepSpeed JSON
-# (DeepSpeedPlugin._deepspeed_config_checks); `accelerate launch` lists the file's fields in ACCELERATE_CONFIG_DS_FIELDS.
+# (DeepSpeedPlugin._deepspeed_config_checks); `accelerate launch` lists the file's fields in
+# ACCELERATE_CONFIG_DS_FIELDS.
 _FIELDS_A_DEEPSPEED_JSON_OWNS = frozenset({
-    "gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device", "offload_param_device",
-    "offload_param_nvme_path", "offload_optimizer_nvme_path", "zero3_save_16bit_model", "mixed_precision",
+    "gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
+    "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path", "zero3_save_16bit_model",
+    "mixed_precision",
 })
 
 

@@ -139,7 +139,8 @@ def test_accelerate_launch_asking_for_zero3_or_weight_offload_is_refused(launche
     ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1", r"--zero_stage 1 disagrees with .*zero_optimization.stage: 2"),
     ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu",
      r"--offload_optimizer_device cpu disagrees with .*zero_optimization.offload_optimizer.device: none"),
-    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "--gradient_accumulation_steps 4 disagrees with train.grad_accum=1"),
+    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4",
+     "--gradient_accumulation_steps 4 disagrees with train.grad_accum=1"),
     ("ACCELERATE_GRADIENT_CLIPPING", "1.0", "--gradient_clipping 1.0 disagrees with optim.clip_grad=10.0"),
 ])
 def test_an_accelerate_launch_flag_that_disagrees_with_the_json_or_our_config_is_refused_not_ignored(
@@ -152,6 +153,7 @@ def test_an_accelerate_launch_flag_that_disagrees_with_the_json_or_our_config_is
 
 def test_accelerate_launch_flags_that_agree_with_the_json_and_our_config_are_fine(tmp_path, launcher):
     for env, value in (("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2"),
-                       ("ACCELERATE_GRADIENT_CLIPPING", "10.0"), ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")):
+                       ("ACCELERATE_GRADIENT_CLIPPING", "10.0"),
+                       ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")):
         launcher.setenv(env, value)
     assert filled(ds_json(tmp_path), "train.grad_accum=2", "optim.clip_grad=10")["zero_optimization"]["stage"] == 2

@@ -234,7 +234,7 @@ def test_an_epoch_trains_on_each_image_once_whatever_the_shards_per_rank_and_wor
     """One shard read by four workers, or three shards dealt to two ranks: nobody reads another's images, and
     the epoch's batches are distinct images (all but the remainder that does not fill a global batch)."""
     cfg = config("wds", toy_root, packs(shard_count), workers, shuffle_buffer=1000)
-    num_train = dataset_info(cfg).num_train
+    num_train = dataset_info(cfg, val=False).num_train  # a pack of the training split alone
     ids = [i for rank in range(world) for b in train_batches(cfg, rank, world) for i in b["image_id"].tolist()]
     assert len(ids) == (num_train // (BATCH * world)) * BATCH * world
     assert len(set(ids)) == len(ids)
@@ -436,6 +436,7 @@ def test_a_split_the_pack_does_not_hold_is_a_config_error_naming_the_packed_ones
     for read in (lambda: build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"), lambda: dataset_info(cfg)):
         with pytest.raises(ConfigError, match="no split 'test'; packed splits: train, val"):
             read()
+    assert dataset_info(cfg, val=False).num_val == 0  # the benchmark trains only
 
 
 def test_a_training_split_without_samples_is_an_error_naming_it(toy_root, copied_shards):

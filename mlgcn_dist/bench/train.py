@@ -177,7 +177,7 @@ def bench_train(
     device = bench_device(cfg)
     end_to_end = end_to_end_phases(cfg, device) if end_to_end is None else end_to_end
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    info = dataset_info(cfg.data)
+    info = dataset_info(cfg.data, val=False)  # training alone: a pack of the training split is enough
     phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)

@@ -213,8 +213,9 @@ def split_label_names(data_cfg: DataConfig, split: str) -> list[str]:
     return list(_folder_split(data_cfg, split).labels.names)
 
 
-def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
-    """Label space, training-split label statistics and split sizes, for either data format."""
+def dataset_info(data_cfg: DataConfig, val: bool = True) -> DatasetInfo:
+    """Label space, training-split label statistics and split sizes, for either data format. ``val=False``: the
+    validation split is not read (num_val 0), for work that trains only (the benchmark)."""
     if data_cfg.format == "wds":
         meta = _checked_meta(data_cfg)
         stats = meta.get("stats")
@@ -228,17 +229,21 @@ def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
         nums, adj = read_stats(Path(data_cfg.shards) / stats["pickle"])
         names, supers = meta["label_names"], meta["supercategories"]
         # A split that was not packed is named as such (it read as one of no image).
-        num_train, num_val = (_packed_split(meta, data_cfg.shards, split)["count"]
-                              for split in (data_cfg.train_split, data_cfg.val_split))
+        num_train = _packed_split(meta, data_cfg.shards, data_cfg.train_split)["count"]
+        num_val = _packed_split(meta, data_cfg.shards, data_cfg.val_split)["count"] if val else 0
     elif data_cfg.format == "folder":
-        train, val = _folder_split(data_cfg, data_cfg.train_split), _folder_split(data_cfg, data_cfg.val_split)
-        try:
-            check_same_label_space(train, val, data_cfg.root)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        train = _folder_split(data_cfg, data_cfg.train_split)
+        num_val = 0
+        if val:
+            val_split = _folder_split(data_cfg, data_cfg.val_split)
+            try:
+                check_same_label_space(train, val_split, data_cfg.root)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+            num_val = len(val_split)
         nums, adj = label_stats(train.targets())
         names, supers = train.labels.names, train.labels.supercategories
-        num_train, num_val = len(train), len(val)
+        num_train = len(train)
     else:
         raise ValueError(f"data.format must be 'wds' or 'folder', got {data_cfg.format!r}")
     return DatasetInfo(list(names), list(supers), len(names), nums, adj, num_train, num_val)
