@@ -18,6 +18,31 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
 
 
+def losses_changed_at_the_third_call(monkeypatch, change: Callable) -> None:
+    """The engine's loss function, with ``change(value, logits)`` in place of the third micro-batch's loss (in a
+    training process started by a test too: pass it ``pytest.MonkeyPatch()``)."""
+    from mlgcn_dist import engine
+
+    real_build_loss = engine.build_loss
+
+    def build_loss(cfg):
+        criterion, calls = real_build_loss(cfg), []
+
+        def loss(logits, targets):
+            calls.append(1)
+            value = criterion(logits, targets)
+            return change(value, logits) if len(calls) == 3 else value
+
+        return loss
+
+    monkeypatch.setattr(engine, "build_loss", build_loss)
+
+
+def nan_gradient_with_a_finite_loss(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The loss unchanged (plus 0) with a NaN gradient: sqrt'(0) is inf, times the zero gradient of logits - logits."""
+    return value + torch.sqrt((logits - logits.detach()).abs().sum())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

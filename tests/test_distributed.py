@@ -158,22 +158,14 @@ def test_deepspeed_in_bf16_feeds_its_bf16_model_bf16_images_in_training_and_eval
     assert summary(run_dir)["final"]["model"]["mAP"] > 0 and summary(run_dir)["final"]["ema"]["mAP"] > 0
 
 
-# launch/train.py with the third micro-batch's loss finite and its gradient NaN: d sqrt(x)/dx at x = 0 is inf,
-# times the zero gradient of (logits - logits).
-NAN_GRADIENT_AT_THE_THIRD_CALL = """
+# launch/train.py with the third micro-batch's loss finite and its gradient NaN.
+NAN_GRADIENT_AT_THE_THIRD_CALL = f"""
 import sys
-import torch
-import mlgcn_dist.engine as engine
+import pytest
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from launching import losses_changed_at_the_third_call, nan_gradient_with_a_finite_loss
 from mlgcn_dist.cli import main
-real_build_loss = engine.build_loss
-def build_loss(cfg):
-    criterion, calls = real_build_loss(cfg), []
-    def loss(logits, targets):
-        calls.append(1)
-        value = criterion(logits, targets)
-        return value + torch.sqrt((logits - logits.detach()).abs().sum()) if len(calls) == 3 else value
-    return loss
-engine.build_loss = build_loss
+losses_changed_at_the_third_call(pytest.MonkeyPatch(), nan_gradient_with_a_finite_loss)
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import train_log, weights
+from launching import losses_changed_at_the_third_call, nan_gradient_with_a_finite_loss, train_log, weights
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -632,23 +632,6 @@ def test_a_resumed_run_keeps_its_best_map_so_a_worse_epoch_after_the_resume_leav
 # --------------------------------------------------------------------------------- non-finite loss, throughput
 
 
-def losses_changed_at_the_third_call(monkeypatch, change) -> None:
-    """The engine's loss function, with ``change(value, logits)`` in place of the third micro-batch's loss."""
-    real_build_loss = engine_module.build_loss
-
-    def build_loss(cfg):
-        criterion, calls = real_build_loss(cfg), []
-
-        def loss(logits, targets):
-            calls.append(1)
-            value = criterion(logits, targets)
-            return change(value, logits) if len(calls) == 3 else value
-
-        return loss
-
-    monkeypatch.setattr(engine_module, "build_loss", build_loss)
-
-
 def test_an_infinite_loss_stops_the_run_as_a_nan_does_naming_its_step_before_any_checkpoint(monkeypatch, toy_root,
                                                                                             tmp_path):
     losses_changed_at_the_third_call(monkeypatch, lambda value, logits: value + float("inf"))
@@ -663,9 +646,8 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_its_weig
         clip, monkeypatch, toy_root, tmp_path):
     """A backward overflow with a finite loss (the loss check cannot see it): clipping spread the NaN into every
     weight, which were evaluated and checkpointed, the step checkpoint named "last good" by the next epoch's
-    error. The epoch's last step here: sqrt'(0) makes the gradient NaN and adds 0 to the loss."""
-    losses_changed_at_the_third_call(
-        monkeypatch, lambda value, logits: value + torch.sqrt((logits - logits.detach()).abs().sum()))
+    error. The epoch's last step here."""
+    losses_changed_at_the_third_call(monkeypatch, nan_gradient_with_a_finite_loss)
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 3 \(epoch 0\) with finite losses"):
         train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=3", f"optim.clip_grad={clip}"))
