@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from mlgcn_dist.config import SHAPING_MODEL_KEYS, ConfigError, OptimConfig
+from mlgcn_dist.config import ConfigError, OptimConfig, shaping_keys_that_differ
 from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import fsync_directory, fsync_tree, replaced_atomically, write_text_atomic
 
@@ -182,8 +182,7 @@ def check_resume_model(path: Path, model: dict) -> None:
     """A checkpoint of another architecture cannot be resumed: name the keys that differ, before any weights load
     (``load_state`` would list every mismatched tensor instead)."""
     saved = _saved_config(path, "model")
-    changed = [f"model.{key}={model[key]} (checkpoint: {saved[key]})" for key in SHAPING_MODEL_KEYS
-               if key in saved and saved[key] != model[key]]
+    changed = shaping_keys_that_differ(model, saved)
     if changed:
         raise ConfigError(
             f"train.resume: checkpoint {path} is of another model: {', '.join(changed)}; resume with the model it "

@@ -78,6 +78,13 @@ class ModelConfig:
 SHAPING_MODEL_KEYS = ("backbone", "head", "gcn_hidden", "hgat_reduce", "hgat_heads_dim")
 
 
+def shaping_keys_that_differ(model: dict, saved: dict) -> list[str]:
+    """The :data:`SHAPING_MODEL_KEYS` whose value in ``model`` (a config's model section) differs from a
+    checkpoint's ``saved`` one, as ``model.gcn_hidden=16 (checkpoint: 256)``."""
+    return [f"model.{key}={model[key]} (checkpoint: {saved[key]})" for key in SHAPING_MODEL_KEYS
+            if key in saved and saved[key] != model[key]]
+
+
 @dataclass
 class OptimConfig:
     lr: float = 0.1  # head learning rate

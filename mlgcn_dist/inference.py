@@ -20,13 +20,13 @@ import torch
 
 from mlgcn_dist.arguments import positive_int, probability
 from mlgcn_dist.config import (
-    SHAPING_MODEL_KEYS,
     Config,
     ConfigError,
     config_from_dict,
     load_config,
     parse_overrides,
     set_key,
+    shaping_keys_that_differ,
     validate,
 )
 from mlgcn_dist.data.records import LabelSpace
@@ -138,8 +138,7 @@ def model_from_payload(payload: dict, cfg: Config, weights: str = "model") -> to
 
 
 def _misfit(saved: dict, cfg: Config) -> str:
-    changed = [f"model.{key}={getattr(cfg.model, key)} (checkpoint: {saved[key]})" for key in SHAPING_MODEL_KEYS
-               if key in saved and saved[key] != getattr(cfg.model, key)]
+    changed = shaping_keys_that_differ(dataclasses.asdict(cfg.model), saved)
     which = f" ({', '.join(changed)})" if changed else ""
     return (f"the checkpoint does not fit the model of the config given{which}: evaluate it with its own config (no "
             "--config, no model.* overrides)")
