@@ -761,8 +761,9 @@ def _portable_payload(
 def _model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights under the bare module's names (no ``module.``/``_orig_mod.`` prefix), on every rank."""
     if distributed.is_deepspeed(accelerator):
-        # ZeRO-3 holds a shard of each weight per rank: get_state_dict gathers them (every rank must call it).
-        # DeepSpeed compiles inside its engine, in place: no torch.compile wrapper, no prefix.
+        # ZeRO-1/2 keep the weights as views into flat buffers: get_state_dict clones them (torch.save of a view
+        # writes its whole buffer). DeepSpeed compiles inside its engine, in place: no torch.compile wrapper, no
+        # prefix. (ZeRO-3, whose weights get_state_dict would gather, is refused: deepspeed_config.)
         return accelerator.get_state_dict(model)
     return bare_model(accelerator, model).state_dict()
 
