@@ -252,48 +252,21 @@ class Trainer:
         distributed.check_same_config(cfg)
         self.topo = distributed.topology(acc, cfg)
         self.run_dir = cfg.run_dir
+        self.last_ckpt = last_ckpt
         if acc.is_main_process:
             lock.acquire()
-            (self.run_dir / "REQUEUE").unlink(missing_ok=True)
-            distributed.say(acc, cfg.to_yaml())
-            distributed.say(acc, self.topo.describe())
-            if last_ckpt is None and complete_checkpoints(self.run_dir / "checkpoints"):
-                distributed.say(acc, f"train.resume={cfg.train.resume}: starting afresh in {self.run_dir}, whose "
-                                "checkpoints of an earlier run this run's saves replace (train.resume=auto would "
-                                "continue it)")
+            self._announce_start()
         _configure_determinism(cfg, acc.process_index)
 
         self.info = dataset_info(cfg.data)
         if self.info.num_val == 0:
             raise ConfigError(f"data.val_split={cfg.data.val_split!r} holds no image: evaluation would score nothing "
                               "(mAP NaN, no best.pt); point it at a split with images")
-        # Checked before the model is built: a resume on another label space, into fp16 from another precision or
-        # with the EMA model switched on or off, an epoch too short for one step.
-        self.last_ckpt = last_ckpt
-        if self.last_ckpt is not None:
-            check_resume_labels(self.last_ckpt, self.info.label_names)
-            check_resume_precision(self.last_ckpt, resumed_precision, cfg.train.precision)
-            check_resume_ema(self.last_ckpt, cfg.train.ema_decay)
-            check_resume_model(self.last_ckpt, cfg.to_dict()["model"])
-            check_resume_launcher(self.last_ckpt, distributed.is_deepspeed(acc), self.topo.world_size)
-        loader_len = len(self._train_loader(epoch=0, decode="cpu"))
-        if loader_len < cfg.train.grad_accum:
-            raise ConfigError(
-                f"an epoch holds {loader_len} micro-batch(es) per process, fewer than train.grad_accum="
-                f"{cfg.train.grad_accum}: no optimiser step could complete; lower train.grad_accum or "
-                "data.batch_size, or raise data.steps_per_epoch"
-            )
-        model = build_model_for(cfg, self.info)
-        if cfg.train.sync_bn and acc.num_processes > 1:
-            if acc.device.type == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:
-                distributed.say(acc, f"train.sync_bn ignored on {acc.device.type}: SyncBatchNorm runs on CUDA only "
-                                "(the running statistics are still averaged over the processes before each "
-                                "evaluation)")
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model = model.to(acc.device)
+        # Checked before the model is built: a resume the checkpoint cannot serve, an epoch too short for one step.
+        if last_ckpt is not None:
+            self._check_resume(resumed_precision)
+        loader_len = self._checked_epoch_length()
+        model = self._build_model()
         self.ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         self.steps_per_epoch = loader_len // cfg.train.grad_accum
@@ -327,14 +300,7 @@ class Trainer:
                                resumed=self.last_ckpt is not None)
         if self.last_ckpt is not None:
             self._keep_the_schedule_on_its_epochs()
-            distributed.say(acc, f"resumed from {self.last_ckpt}: epoch {self.state.epoch}, batch "
-                            f"{self.state.step_in_epoch}, step {self.state.global_step}; the checkpoint's base "
-                            "learning rates, momentum and weight decay go on (optim.lr, lrp, lr_scaling, "
-                            "base_batch_size, momentum and weight_decay apply to a fresh start), on this run's "
-                            "schedule (optim.schedule, epoch_step, warmup_epochs)")
-            if ignored_optim:
-                distributed.say(acc, f"train.resume: ignored {', '.join(ignored_optim)}; config.yaml records the "
-                                "checkpoint's values")
+            self._announce_resume(ignored_optim)
         self._warn_of_a_reordered_epoch(loader_len)
         self.state.steps_per_epoch, self.state.micro_batches = self.steps_per_epoch, self.micro_batches
         distributed.say(acc, f"LR per group: {group_lrs(self.optimizer)} (configured: head lr {lr:g} "
@@ -352,6 +318,64 @@ class Trainer:
         self.state.count_images_of_all_ranks(self.topo.world_size)
         self._bad_before, self._images_before = self.state.bad_samples, self.state.trained_images
         self.throughput: list[float] = []
+
+    def _announce_start(self) -> None:
+        """The main process clears a requeue marker of the session before and prints what this run is."""
+        acc, cfg = self.accelerator, self.cfg
+        (self.run_dir / "REQUEUE").unlink(missing_ok=True)
+        distributed.say(acc, cfg.to_yaml())
+        distributed.say(acc, self.topo.describe())
+        if self.last_ckpt is None and complete_checkpoints(self.run_dir / "checkpoints"):
+            distributed.say(acc, f"train.resume={cfg.train.resume}: starting afresh in {self.run_dir}, whose "
+                            "checkpoints of an earlier run this run's saves replace (train.resume=auto would "
+                            "continue it)")
+
+    def _check_resume(self, resumed_precision: str | None) -> None:
+        """Refuse, before any weights are built, a resume onto another label space or network, into fp16 from
+        another precision, with the EMA model switched on or off, or across launchers and partition counts."""
+        ckpt, cfg = self.last_ckpt, self.cfg
+        check_resume_labels(ckpt, self.info.label_names)
+        check_resume_precision(ckpt, resumed_precision, cfg.train.precision)
+        check_resume_ema(ckpt, cfg.train.ema_decay)
+        check_resume_model(ckpt, cfg.to_dict()["model"])
+        check_resume_launcher(ckpt, distributed.is_deepspeed(self.accelerator), self.topo.world_size)
+
+    def _checked_epoch_length(self) -> int:
+        """Micro-batches per epoch on this process; at least one optimiser step's worth."""
+        loader_len = len(self._train_loader(epoch=0, decode="cpu"))
+        if loader_len < self.cfg.train.grad_accum:
+            raise ConfigError(
+                f"an epoch holds {loader_len} micro-batch(es) per process, fewer than train.grad_accum="
+                f"{self.cfg.train.grad_accum}: no optimiser step could complete; lower train.grad_accum or "
+                "data.batch_size, or raise data.steps_per_epoch"
+            )
+        return loader_len
+
+    def _build_model(self) -> torch.nn.Module:
+        """The configured network on this process's device, in its memory format, BatchNorm synced if asked."""
+        acc, cfg = self.accelerator, self.cfg
+        model = build_model_for(cfg, self.info)
+        if cfg.train.sync_bn and acc.num_processes > 1:
+            if acc.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                distributed.say(acc, f"train.sync_bn ignored on {acc.device.type}: SyncBatchNorm runs on CUDA only "
+                                "(the running statistics are still averaged over the processes before each "
+                                "evaluation)")
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model.to(acc.device)
+
+    def _announce_resume(self, ignored_optim: list[str]) -> None:
+        state = self.state
+        distributed.say(self.accelerator, f"resumed from {self.last_ckpt}: epoch {state.epoch}, batch "
+                        f"{state.step_in_epoch}, step {state.global_step}; the checkpoint's base learning rates, "
+                        "momentum and weight decay go on (optim.lr, lrp, lr_scaling, base_batch_size, momentum and "
+                        "weight_decay apply to a fresh start), on this run's schedule (optim.schedule, epoch_step, "
+                        "warmup_epochs)")
+        if ignored_optim:
+            distributed.say(self.accelerator, f"train.resume: ignored {', '.join(ignored_optim)}; config.yaml "
+                            "records the checkpoint's values")
 
     def _train_loader(self, epoch: int, decode: str):
         return build_train_loader(self.cfg.data, rank=self.topo.rank, world_size=self.topo.world_size, epoch=epoch,
