@@ -626,7 +626,8 @@ def test_bench_loader_reports_the_workers_steady_rate_not_the_burst_of_their_fir
 @pytest.mark.parametrize("fmt", ["wds", "folder"])
 def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_the_job(fmt, toy_root, shards):
     """scancel, preemption and --signal=USR1 reach the workers too; PyTorch ends a worker on a SIGTERM its main
-    process did not send, and the trainer then failed on the lost worker instead of finishing its step and saving."""
+    process did not send, and the trainer then failed on the lost worker instead of finishing its step and
+    saving. --signal=USR2 asks every process for its stacks: a worker prints them and goes on."""
     # Forked, the workers are this process's children (the other start methods: the tests further down).
     loader = build_train_loader(config(fmt, toy_root, shards, workers=2, worker_start="fork"), rank=0, world_size=1,
                                 epoch=0, seed=0, decode="cpu")
@@ -636,7 +637,7 @@ def test_loader_workers_outlive_the_stop_signals_slurm_sends_every_process_of_th
     workers = [child for child in psutil.Process().children() if child.pid not in before]
     assert len(workers) == 2
     for worker in workers:
-        for sig in ("TERM", "USR1", "INT"):  # sent by another process, as SLURM's and the terminal's are
+        for sig in ("TERM", "USR1", "INT", "USR2"):  # from another process, as SLURM's and the terminal's
             subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
     assert 1 + sum(1 for _ in batches) == len(loader)
 
@@ -684,6 +685,7 @@ def test_a_python_that_can_deadlock_a_forked_worker_is_warned_about_only_when_wo
     assert "Python 3.11.7 can deadlock a data loader worker" in warning and "data.worker_start=forkserver" in warning
     assert workers_module.fork_warning(4, "fork", (3, 10, 14)) is not None
     assert workers_module.fork_warning(0, "fork", (3, 11, 7)) is None  # no workers: nothing is forked
+    assert workers_module.fork_warning(1, "fork", (3, 11, 7)) is not None
     for start in ("forkserver", "spawn"):  # workers from a process without the trainer's threads
         assert workers_module.fork_warning(4, start, (3, 11, 7)) is None
     fixed = [workers_module.fork_warning(4, "fork", version) for version in ((3, 11, 10), (3, 12, 3))]
@@ -713,6 +715,28 @@ def test_worker_start_auto_forks_the_workers_except_on_a_python_that_can_deadloc
     assert workers_module.auto_start_note(4, "auto", (3, 12, 3)) is None  # forked, as fork would: nothing to say
     assert workers_module.auto_start_note(0, "auto", (3, 11, 7)) is None  # no workers
     assert workers_module.auto_start_note(4, "fork", (3, 11, 7)) is None  # fork_warning's case
+    assert workers_module.auto_start_note(1, "auto", (3, 11, 7)) is not None
+    for start in ("forkserver", "spawn"):  # asked for by name: auto chose nothing
+        assert workers_module.auto_start_note(4, start, (3, 11, 7)) is None
+
+
+def test_a_run_states_the_fork_warning_or_else_the_auto_note_once(monkeypatch):
+    """What engine.train prints of how its workers start, on a Python that can deadlock a forked worker."""
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    monkeypatch.setattr(workers_module, "_fork_can_deadlock", lambda version: True)
+    assert "can deadlock a data loader worker" in workers_module.worker_start_line(4, "fork")
+    assert "loader workers start from a forkserver" in workers_module.worker_start_line(4, "auto")
+    assert workers_module.worker_start_line(4, "spawn") is workers_module.worker_start_line(0, "auto") is None
+
+
+def test_without_a_start_method_set_the_platforms_first_listed_one_is_in_effect(monkeypatch):
+    """Linux lists fork first (before Python 3.14), macOS spawn; whether workers are forked follows it."""
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda allow_none=False: None)
+    mp = workers_module.multiprocessing
+    linux, macos = ["fork", "spawn", "forkserver"], ["spawn", "fork", "forkserver"]
+    for methods, forked in ((linux, True), (macos, False)):
+        monkeypatch.setattr(mp, "get_all_start_methods", lambda methods=methods: methods)
+        assert workers_module.forks_workers("fork") is forked
 
 
 def test_worker_start_auto_keeps_the_platforms_method_where_that_method_is_not_fork(monkeypatch):
@@ -756,6 +780,35 @@ def test_workers_started_by_forkserver_or_spawn_yield_the_batches_forked_workers
     assert_same_batches(list(train), train_batches(forked, rank=1, world=2, epoch=1, seed=3))
     evaluation = build_eval_loader(started, rank=1, world_size=2, decode="cpu")
     assert_same_batches(list(evaluation), list(build_eval_loader(forked, rank=1, world_size=2, decode="cpu")))
+
+
+class _Worker:
+    def __init__(self, pid: int, alive: bool) -> None:
+        self.pid, self.alive = pid, alive
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+class _Watched:
+    """What _WorkersWatched reads of PyTorch's iterator: its workers and which of them it still waits for."""
+
+    def __init__(self, workers: list[_Worker], waited_for: list[bool]) -> None:
+        self._workers, self._workers_status = workers, waited_for
+
+    def _mark_worker_as_unavailable(self, i: int) -> None:
+        self._workers_status[i] = False
+
+
+def test_only_a_worker_still_waited_for_is_named_dead(monkeypatch):
+    """A worker whose share of an iterable dataset is done exits, and PyTorch stops waiting for it."""
+    monkeypatch.setattr(workers_module, "_WORKERS_LOOKED_AT_EVERY_S", 0.05)
+    raise_if_dead = workers_module._WorkersWatched._raise_if_a_worker_died
+    raise_if_dead(_Watched([_Worker(101, alive=False), _Worker(102, alive=True)], [False, True]), None)
+    watched = _Watched([_Worker(101, alive=False), _Worker(102, alive=False)], [False, True])
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) 102\) exited unexpectedly"):
+        raise_if_dead(watched, None)
+    assert watched._workers_status == [False, False]
 
 
 _TRAINER_WITH_FORKSERVER_WORKERS = """
@@ -827,14 +880,16 @@ class _WorkerSignalState(torch.utils.data.IterableDataset):
         stop = [int(s) for s in SAVING_STOP_SIGNALS]
         now = {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])}
         yield {"blocked_at_start": [s for s in stop if s in _BLOCKED_AT_WORKER_START],
+               "usr2_blocked_at_start": int(signal.SIGUSR2) in _BLOCKED_AT_WORKER_START,
                "blocked_now": [s for s in stop if s in now],
                "ignored": [s for s in stop if signal.getsignal(s) == signal.SIG_IGN]}
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 def test_loader_workers_start_with_the_stop_signals_blocked_and_unblock_them_once_ignored():
-    """So a stop signal that reaches a worker before its worker_init_fn waits for it, and is then dropped; the
-    trainer's own block ends as its workers are started."""
+    """So a stop signal that reaches a worker before its worker_init_fn waits for it, and is then dropped
+    (and a SIGUSR2, which ends a process that has no answer to it yet, is answered); the trainer's own block
+    ends as its workers are started."""
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     loader = workers_module.StopSafeDataLoader(_WorkerSignalState(), batch_size=None, num_workers=1,
                                               worker_init_fn=_record_the_mask_then_init)
@@ -842,19 +897,22 @@ def test_loader_workers_start_with_the_stop_signals_blocked_and_unblock_them_onc
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     (state,) = list(batches)
     stop = [int(s) for s in SAVING_STOP_SIGNALS]
-    assert state == {"blocked_at_start": stop, "blocked_now": [], "ignored": stop}
+    assert state == {"blocked_at_start": stop, "usr2_blocked_at_start": True, "blocked_now": [],
+                     "ignored": stop}
 
 
 _FIRST_SPAWNED_WORKERS_MASK = """
 import sys
+from multiprocessing import resource_tracker
 from pathlib import Path
 from mlgcn_dist.config import DataConfig
 from mlgcn_dist.data.loader import build_eval_loader
 cfg = DataConfig(dataset="coco", format="wds", shards=sys.argv[1], image_size=32, batch_size=4, workers=1,
                  pin_memory=False, worker_start="spawn")
 batches = iter(build_eval_loader(cfg, rank=0, world_size=1, decode="cpu"))
-status = Path(f"/proc/{batches._workers[0].pid}/status").read_text()  # still importing: seconds
-print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16))
+for pid in (batches._workers[0].pid, resource_tracker._resource_tracker._pid):  # the worker still imports
+    status = Path(f"/proc/{pid}/status").read_text()
+    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16))
 batches._shutdown_workers()
 """
 
@@ -865,10 +923,13 @@ def test_the_first_spawned_worker_of_a_process_starts_with_the_stop_signals_bloc
     """The first loader with spawned (or forkserver) workers starts multiprocessing's resource tracker, which
     blocks SIGINT and SIGTERM for its own start and unblocks them after (bpo-33613): started inside the loader's
     block, it ended the block for the workers (seen: a script signalling starting workers lost one in 1 of 8 and
-    1 of 16 loaders, always its first). A fresh interpreter, so that no tracker runs yet."""
+    1 of 16 loaders, always its first). The tracker itself keeps SIGUSR1 and SIGUSR2 blocked, which SLURM
+    sends every process of the step and which would end it. A fresh interpreter: no tracker runs yet."""
     out = subprocess.run([sys.executable, "-c", _FIRST_SPAWNED_WORKERS_MASK, str(shards)], capture_output=True,
                          text=True, check=True, timeout=300).stdout
-    assert all(int(out) & (1 << (sig - 1)) for sig in SAVING_STOP_SIGNALS)
+    worker, tracker = map(int, out.split())
+    assert all(worker & (1 << (sig - 1)) for sig in SAVING_STOP_SIGNALS)
+    assert all(tracker & (1 << (sig - 1)) for sig in (signal.SIGUSR1, signal.SIGUSR2))
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")

@@ -18,7 +18,16 @@ from PIL import Image
 from mlgcn_dist.data import pack
 from mlgcn_dist.data.folder import read_split
 from mlgcn_dist.data.loader import read_meta
-from mlgcn_dist.data.pack import add_pack_arguments, pack_dataset, parse_size, plan_shards, run_pack
+from mlgcn_dist.data.pack import (
+    ShardTask,
+    add_pack_arguments,
+    pack_dataset,
+    pack_shard,
+    parse_size,
+    plan_shards,
+    run_pack,
+    skip_reasons,
+)
 from mlgcn_dist.data.records import encode_target
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.graph import label_stats, read_stats
@@ -96,7 +105,10 @@ def test_meta_records_labels_splits_skips_and_the_pack_config(packed, toy_root):
     assert meta["dataset"] == "coco" and meta["packer_version"] == pack.PACKER_VERSION
     assert meta["label_names"] == index.labels.names
     assert meta["supercategories"] == index.labels.supercategories
-    assert meta["config"]["shard_count"] == 3 and meta["config"]["splits"] == ["train", "val"]
+    assert meta["config"] == {  # keep_empty: the loaders refuse a data.keep_empty other than the pack's
+        "root": str(Path(toy_root).resolve()), "splits": ["train", "val"], "shard_size": None,
+        "shard_count": 3, "workers": 1, "keep_empty": False,
+    }
     assert meta["splits"]["val"]["skipped"] == index.skipped  # images without annotations, from the reader
     assert meta["splits"]["val"]["converted"] == []
     assert "created" in meta
@@ -123,6 +135,15 @@ def test_rerun_over_an_existing_pack_is_refused_unless_overwrite(toy_root, tmp_p
     meta = pack_dataset("coco", toy_root, out, ["val"], shard_count=1, overwrite=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["coco-val-000000.tar"]
     assert read_meta(out)["splits"] == meta["splits"]
+
+
+def test_overwrite_without_the_training_split_leaves_no_statistics_of_the_old_pack(toy_root, tmp_path):
+    out = tmp_path / "shards"
+    pack_dataset("coco", toy_root, out, ["train"], shard_count=1)
+    assert (out / "coco_adj.pkl").exists() and (out / "coco_adj.json").exists()
+    meta = pack_dataset("coco", toy_root, out, ["val"], shard_count=1, overwrite=True)
+    assert meta["stats"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["coco-val-000000.tar", "meta.json"]
 
 
 def test_shard_count_splits_records_into_contiguous_near_equal_shards(toy_root, tmp_path):
@@ -157,11 +178,39 @@ def test_plan_shards_cuts_by_bytes_or_count_and_never_leaves_an_empty_shard():
     assert plan_shards([], None, 3) == [] == plan_shards([], 10, None)
 
 
+@pytest.mark.parametrize(("sizing", "message"), [
+    ({"shard_count": 0}, "must be positive"),
+    ({"shard_size": 0}, "must be positive"),
+    ({"shard_count": 2, "shard_size": 10**6}, "either shard_size or shard_count, not both"),
+])
+def test_pack_dataset_refuses_shard_sizing_it_cannot_honour(sizing, message, toy_root, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        pack_dataset("coco", toy_root, tmp_path / "shards", ["val"], **sizing)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_pack_progress_counts_each_image_once(toy_root, tmp_path):
+    records = read_split("coco", toy_root, "train").records
+    assert len(records) > 2 * pack._PROGRESS_EVERY  # reported in steps, and the rest at the end
+    reports: list[int] = []
+    pack_shard(ShardTask(str(tmp_path / "coco-train-000000.tar"), records), reports.append)
+    assert sum(reports) == len(records) and max(reports) <= pack._PROGRESS_EVERY
+
+
+def test_skip_reasons_counts_each_reason_most_frequent_first():
+    skipped = [{"reason": "missing_file"}, {"reason": "undecodable"}, {"reason": "undecodable"}]
+    assert skip_reasons(skipped) == "undecodable: 2, missing_file: 1"
+    assert skip_reasons([]) == "none"
+
+
 def test_parse_size_reads_decimal_and_binary_units_and_rejects_nonsense():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("1GB") == parse_size("1 gb") == 10**9
     assert parse_size("64MiB") == 64 * 2**20
     assert parse_size("4096") == 4096
+    assert [parse_size(f"2{unit}") for unit in ("B", "KB", "KiB", "GiB", "TB", "TiB")] == [
+        2, 2000, 2 * 2**10, 2 * 2**30, 2 * 10**12, 2 * 2**40]
+    assert parse_size("1.5GB") == 1_500_000_000
     for bad in ("", "MB", "5XB", "-1GB", "0MB"):
         with pytest.raises(ValueError, match="shard size"):
             parse_size(bad)
@@ -255,23 +304,25 @@ def test_broken_images_are_skipped_and_png_or_cmyk_reencoded_and_all_listed(tmp_
     root = tmp_path / "toy"
     make_toy(root, train=10, val=4, size=32, seed=1)
     records = read_split("coco", root, "train").records
-    corrupt, truncated, png, cmyk = records[:4]
+    corrupt, truncated, png, cmyk, cut_in_scan = records[:5]
     Path(corrupt.path).write_bytes(b"this is not an image")
     Path(truncated.path).write_bytes(Path(truncated.path).read_bytes()[:300])
+    data = Path(cut_in_scan.path).read_bytes()  # its header intact: PIL opens it, only decoding fails
+    Path(cut_in_scan.path).write_bytes(data[: len(data) * 3 // 4])
     Path(png.path).write_bytes(_png())
     Path(cmyk.path).write_bytes(_cmyk_jpeg())
     meta = pack_dataset("coco", root, tmp_path / "shards", ["train"], shard_count=2)
 
     split = meta["splits"]["train"]
     skipped = {s["image_id"] for s in split["skipped"] if s["reason"] == "undecodable"}
-    assert skipped == {corrupt.image_id, truncated.image_id}
+    assert skipped == {corrupt.image_id, truncated.image_id, cut_in_scan.image_id}
     assert {c["image_id"]: c["detail"].split()[:2] for c in split["converted"]} == {
         png.image_id: ["PNG", "RGB"],
         cmyk.image_id: ["JPEG", "CMYK"],
     }
-    assert split["count"] == len(records) - 2
+    assert split["count"] == len(records) - 3
     samples = {s["__key__"]: s for s in plain_wds_samples(shard_paths(tmp_path / "shards", meta, "train"))}
-    assert str(corrupt.image_id) not in samples and str(truncated.image_id) not in samples
+    assert not {str(r.image_id) for r in (corrupt, truncated, cut_in_scan)} & set(samples)
     for record in (png, cmyk):
         with Image.open(io.BytesIO(samples[str(record.image_id)]["jpg"])) as img:
             assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (24, 16))
@@ -280,17 +331,20 @@ def test_broken_images_are_skipped_and_png_or_cmyk_reencoded_and_all_listed(tmp_
     assert nums.sum() == sum(len(r.labels) for r in kept)
 
 
-def test_a_grayscale_jpeg_nvjpeg_would_misread_is_stored_with_1x1_sampling_and_listed_as_converted(tmp_path):
+def test_a_grayscale_jpeg_is_stored_untouched_with_1x1_sampling_and_re_encoded_to_it_otherwise(tmp_path):
+    """nvJPEG misreads grayscale JPEGs of other sampling (jpeg.nvjpeg_misreads), 1x1 ones it reads as PIL."""
     root = tmp_path / "toy"
     make_toy(root, train=6, val=2, size=32, seed=1)
-    odd = read_split("coco", root, "train").records[0]
+    odd, plain = read_split("coco", root, "train").records[:2]
     photo(mode="L").save(odd.path, "JPEG", quality=90, subsampling=2)
+    photo(mode="L").save(plain.path, "JPEG", quality=90)
     meta = pack_dataset("coco", root, tmp_path / "shards", ["train"], shard_count=1)
     (converted,) = meta["splits"]["train"]["converted"]
     assert converted["image_id"] == odd.image_id and converted["detail"].startswith("JPEG L with 2x2 sampling")
     samples = {s["__key__"]: s for s in plain_wds_samples(shard_paths(tmp_path / "shards", meta, "train"))}
     with Image.open(io.BytesIO(samples[str(odd.image_id)]["jpg"])) as stored:
         assert (stored.format, stored.mode, stored.layer[0][1:3]) == ("JPEG", "L", (1, 1))
+    assert samples[str(plain.image_id)]["jpg"] == Path(plain.path).read_bytes()
 
 
 def test_splits_with_different_label_spaces_are_refused_naming_both_annotation_files(tmp_path):
@@ -307,7 +361,9 @@ def test_splits_with_different_label_spaces_are_refused_naming_both_annotation_f
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
-def test_every_file_a_pack_writes_reaches_the_disk_before_meta_json_names_it(toy_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("splits", [["train", "val"], ["val"]])  # val alone: no statistics file syncs the dir
+def test_every_file_a_pack_writes_reaches_the_disk_before_meta_json_names_it(splits, toy_root, tmp_path,
+                                                                             monkeypatch):
     synced, real_fsync = [], os.fsync
 
     def recording_fsync(fd: int) -> None:
@@ -316,11 +372,13 @@ def test_every_file_a_pack_writes_reaches_the_disk_before_meta_json_names_it(toy
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     out = tmp_path / "shards"
-    meta = pack_dataset("coco", toy_root, out, ["train", "val"], shard_count=2)
+    meta = pack_dataset("coco", toy_root, out, splits, shard_count=2)
     meta_at = synced.index(str(out / "meta.json.partial"))
     shards = [str(out / s["file"]) + ".partial" for split in meta["splits"].values() for s in split["shards"]]
     stats = [p for p in synced if Path(p).name.startswith((".coco_adj.pkl.tmp", ".coco_adj.json.tmp"))]
-    assert set(shards) <= set(synced[:meta_at]) and len(stats) == 2 and all(synced.index(p) < meta_at for p in stats)
+    expected_stats = 2 if "train" in splits else 0
+    assert set(shards) <= set(synced[:meta_at]) and len(stats) == expected_stats
+    assert all(synced.index(p) < meta_at for p in stats)
     assert str(out) in synced[:meta_at]  # the shards' renames are in the directory before meta.json is
     assert synced[-1] == str(out)  # and meta.json's own rename
 
@@ -343,9 +401,14 @@ def test_missing_annotations_fail_naming_the_path_before_writing_anything(tmp_pa
     assert not (tmp_path / "shards").exists()
 
 
-def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
+def pack_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_pack_arguments(parser)
+    return parser
+
+
+def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
+    parser = pack_parser()
     out = tmp_path / "shards"
     args = parser.parse_args(
         [
@@ -355,7 +418,7 @@ def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
             "--out",
             str(out),
             "--split",
-            "val",
+            " val,",  # as typed: spaces and a trailing comma
             "--shard-size",
             "1MB",
             "--workers",
@@ -364,12 +427,23 @@ def test_cli_arguments_pack_and_report_each_split(toy_root, tmp_path, capsys):
     )
     assert args.shard_size == 10**6
     assert run_pack(args) == 0
-    assert "val: " in capsys.readouterr().out
+    assert capsys.readouterr().out == (
+        "val: 31 images in 1 shards, 1 skipped (no_annotations: 1), 0 converted\n"
+        f"wrote {out / 'meta.json'}\n"
+    )
     assert read_meta(out)["config"]["shard_size"] == 10**6
     with pytest.raises(SystemExit):
         parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "lots"])
     with pytest.raises(SystemExit):
         parser.parse_args(["coco", "--root", "r", "--out", "o", "--shard-size", "1GB", "--shard-count", "2"])
+
+
+def test_cli_packs_coco_train_and_val_when_no_split_is_given(toy_root, tmp_path):
+    out = tmp_path / "shards"
+    argv = ["coco", "--root", str(toy_root), "--out", str(out), "--shard-count", "1"]
+    args = pack_parser().parse_args(argv)
+    assert run_pack(args) == 0
+    assert list(read_meta(out)["splits"]) == ["train", "val"]
 
 
 def test_a_split_named_twice_is_refused_before_anything_is_written(toy_root, tmp_path):

@@ -74,9 +74,10 @@ def test_conversion_runs_depth_batches_ahead_of_the_consumer_and_no_further():
 
 def test_depth_zero_and_devices_without_thread_support_convert_inline():
     convert, threads = seeded_convert(0)
-    list(prefetch_to_device(numbered(3), convert, CPU, depth=0))
-    list(prefetch_to_device(numbered(3), convert, torch.device("mps"), depth=2))  # convert never touches mps
-    assert set(threads) == {threading.current_thread().name}
+    for device, depth in ((CPU, 0), (torch.device("mps"), 2)):  # convert never touches mps
+        pairs = prefetch_to_device(numbered(3), convert, device, depth=depth)
+        assert [batch["index"] for batch, _ in pairs] == [0, 1, 2]
+    assert threads == [threading.current_thread().name] * 6
 
 
 def test_a_mutation_of_the_batch_by_the_conversion_is_visible_when_it_is_yielded():

@@ -13,6 +13,7 @@ from mlgcn_dist.streams import running_on, side_stream
 def test_no_side_stream_off_cuda_or_when_disabled():
     assert side_stream(torch.device("cpu"), True) is None
     assert side_stream(torch.device("cpu"), False) is None
+    assert side_stream(torch.device("cuda"), False) is None  # disabled: no CUDA call, so none needed here
     with running_on(None):
         assert torch.ones(2).sum() == 2
 

@@ -96,6 +96,13 @@ def test_sample_crop_snaps_sides_less_than_3px_from_the_output_size_to_it(side, 
     assert (p.w, p.h) == (expected, expected)
 
 
+@pytest.mark.parametrize(("width", "height", "expected"), [(600, 446, (448, 446)), (446, 600, (446, 448))])
+def test_a_side_snapped_past_the_image_is_cut_back_to_it(width, height, expected):
+    # The shorter side, 2 px under the output size, snaps up to 448: more than the image holds.
+    p = sample_crop(width, height, 448, random.Random(0), scales=(1.0,))
+    assert (p.w, p.h) == expected and p.x + p.w <= width and p.y + p.h <= height
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 2000), st.integers(1, 2000), st.integers(1, 1024), st.integers(0, 2**32))
 def test_sample_crop_always_lies_inside_the_image(width, height, size, seed):
@@ -205,7 +212,7 @@ def test_batched_apply_writes_channels_last_when_asked_with_the_same_values():
     assert plain.is_contiguous() and packed.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, packed)
     empty = augment.apply([], [], "cpu", channels_last=True)
-    assert empty.shape == (0, 3, 48, 48)
+    assert empty.shape == (0, 3, 48, 48) and empty.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_batched_apply_resizes_once_per_crop_size_and_flips_once_per_batch():
@@ -269,6 +276,13 @@ def test_to_device_drops_an_undecodable_jpeg_with_its_target_and_counts_it():
     assert torch.equal(images, reference)
 
 
+def test_to_device_passes_on_a_jpeg_batch_whose_samples_all_failed_in_the_workers():
+    """torchvision's decode_jpeg refuses an empty list."""
+    batch = batch_of([])
+    images, _, ids = to_device(batch, "cpu", GpuAugment(32, train=True), random.Random(0), False)
+    assert images.shape == (0, 3, 32, 32) and ids.numel() == 0 and batch["n_bad"] == 1
+
+
 def test_to_device_normalises_a_cpu_transformed_uint8_batch_on_the_device():
     batch = {
         "image": torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8),
@@ -291,7 +305,8 @@ def test_normalise_uses_the_imagenet_mean_and_std_of_the_pretrained_backbones():
 
 
 def test_normalise_refuses_anything_but_uint8_rgb_batches():
-    for bad in (torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2, 1, 4, 4).byte()):
+    one_image = torch.zeros(3, 3, 4, dtype=torch.uint8)  # [3, H, W] with H = 3: its dim 1 looks like channels
+    for bad in (torch.zeros(2, 3, 4, 4), one_image, torch.zeros(2, 1, 4, 4).byte()):
         with pytest.raises(ValueError, match=r"expected uint8 images \[B, 3, H, W\]"):
             normalise(bad)
 
