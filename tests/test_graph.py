@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def test_label_stats_counts_images_and_pairs_of_a_hand_made_matrix():
     assert nums.dtype == np.int64 and adj.dtype == np.int64
     assert nums.tolist() == [3, 2, 2]  # the difficult (-1) entry is not counted
     assert adj.tolist() == [[0, 2, 2], [2, 0, 1], [2, 1, 0]]
+    with pytest.raises(ValueError, match=r"shape \[N, C\], got \(3,\)"):
+        label_stats(np.array([1, 0, 1]))
 
 
 def test_stats_pickle_round_trip_keeps_values_and_int64(tmp_path):
     nums, adj = label_stats(np.array([[1, 1, 0], [0, 1, 1], [1, 1, 1]]))
-    write_stats(tmp_path / "stats.pkl", nums, adj)
+    write_stats(tmp_path / "stats.pkl", nums.astype(np.int32), adj.astype(np.int32))  # written as int64
+    assert (tmp_path / "stats.pkl").read_bytes()[:2] == b"\x80\x03"  # pickle protocol 3, as ML-GCN's files
     read_nums, read_adj = read_stats(tmp_path / "stats.pkl")
     assert read_nums.dtype == np.int64 and read_adj.dtype == np.int64
     np.testing.assert_array_equal(read_nums, nums)
@@ -92,6 +96,22 @@ def test_stats_json_twin_lists_names_and_counts(tmp_path):
     write_stats_json(tmp_path / "stats.json", nums, adj, ["cat", "dog"])
     payload = json.loads((tmp_path / "stats.json").read_text())
     assert payload == {"label_names": ["cat", "dog"], "nums": [1, 2], "adj": [[0, 1], [1, 0]]}
+    with pytest.raises(ValueError, match=r"stats\.json: 3 label names for statistics of 2 labels"):
+        write_stats_json(tmp_path / "stats.json", nums, adj, ["cat", "dog", "cow"])
+
+
+@pytest.mark.parametrize("write", [
+    lambda path, nums, adj: write_stats(path, nums, adj),
+    lambda path, nums, adj: write_stats_json(path, nums, adj, ["a", "b"]),
+], ids=["pickle", "json"])
+def test_statistics_files_are_replaced_whole_so_a_reader_of_the_old_file_never_sees_a_mix(tmp_path, write):
+    path = tmp_path / "stats"
+    write(path, *label_stats(np.array([[1, 1], [0, 1]])))
+    old = path.read_bytes()
+    with path.open("rb") as reader:
+        write(path, *label_stats(np.array([[1, 0], [1, 1], [1, 1]])))
+        assert reader.read() == old
+    assert path.read_bytes() != old
 
 
 def test_read_stats_names_the_file_when_a_key_is_missing(tmp_path):
@@ -134,6 +154,16 @@ def test_read_stats_names_any_bytes_that_are_no_pickle_as_such_whatever_the_unpi
     memory.write_bytes(b"\x8e" + (2**62).to_bytes(8, "little"))  # BINBYTES8 of 2**62 bytes: a MemoryError
     with pytest.raises(ValueError, match=r"huge\.bin: not a pickle of numpy arrays"):
         read_stats(memory)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_read_stats_accepts_a_numpy_pickle_of_any_protocol_from_two_to_five(tmp_path, protocol):
+    nums, adj = label_stats(np.array([[1, 1, 0], [0, 1, 1]]))
+    path = tmp_path / "stats.pkl"
+    path.write_bytes(pickle.dumps({"nums": nums, "adj": adj}, protocol=protocol))
+    read_nums, read_adj = read_stats(path)
+    np.testing.assert_array_equal(read_nums, nums)
+    np.testing.assert_array_equal(read_adj, adj)
 
 
 def test_read_stats_names_a_missing_file(tmp_path):
@@ -194,8 +224,8 @@ def test_gen_A_counts_a_conditional_probability_equal_to_t_as_an_edge():
 
 def test_gen_A_gives_a_label_that_never_occurs_no_edges_instead_of_nan():
     nums, adj = np.array([0, 4, 4]), np.array([[0, 0, 0], [0, 0, 4], [0, 4, 0]])
-    for variant in ("original", "paper"):
-        A = gen_A(nums, adj, 0.4, 0.25, variant)
+    for variant, t in (("original", 0.4), ("paper", 0.4), ("original", 0.0)):  # t = 0 (allowed) makes 0 >= t
+        A = gen_A(nums, adj, t, 0.25, variant)
         assert np.isfinite(A).all()
         assert A[0, 1] == A[0, 2] == 0.0
         assert torch.isfinite(gen_adj(torch.from_numpy(A).float())).all()
@@ -214,8 +244,9 @@ def test_gen_A_rejects_an_unknown_variant_and_a_paper_p_of_one():
     nums, adj = np.array([2, 2]), np.array([[0, 1], [1, 0]])
     with pytest.raises(ValueError, match="unknown variant 'eq8'"):
         gen_A(nums, adj, 0.4, 0.25, variant="eq8")
-    with pytest.raises(ValueError, match="0 <= p < 1"):
-        gen_A(nums, adj, 0.4, 1.0, variant="paper")
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match="0 <= p < 1"):
+            gen_A(nums, adj, 0.4, p, variant="paper")
 
 
 def test_gen_adj_of_a_symmetric_matrix_is_symmetric_and_transposes_a_non_symmetric_one():
@@ -273,8 +304,42 @@ def test_a_word_with_neither_a_vector_nor_a_split_into_words_of_two_letters_or_m
 
 def test_a_word_vector_of_another_length_is_named_with_its_line(tmp_path):
     glove = write_glove(tmp_path / "glove.txt", {"the": [0], "cat": [1, 2], "car": [3], "dog": [5, 6]})
-    with pytest.raises(ValueError, match=r"glove\.txt: .*'car' \(line 3\) has 1 value.* the others 2"):
+    only_car = r"glove\.txt: word vectors of different lengths: 'car' \(line 3\) has 1 value\(s\), "
+    with pytest.raises(ValueError, match=only_car + "the others 2$"):
         load_embeddings(str(glove), ["cat", "car", "dog"])
+
+
+def test_a_word_the_labels_do_not_use_may_have_a_vector_of_another_length(tmp_path):
+    # "at" could spell part of "cat", but "cat" has its own vector: "at" is not used.
+    glove = write_glove(tmp_path / "glove.txt", {"at": [9], "cat": [1, 2], "dog": [5, 6]})
+    np.testing.assert_array_equal(load_embeddings(str(glove), ["cat", "dog"]), [[1, 2], [5, 6]])
+
+
+def test_a_word_repeated_in_the_file_keeps_its_first_vector(tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("cat 1 2\ncat 3 4\ndog 5 6\n")
+    np.testing.assert_array_equal(load_embeddings(str(glove), ["cat", "dog"]), [[1, 2], [5, 6]])
+
+
+def test_a_token_with_spaces_that_begins_with_a_label_word_is_skipped(tmp_path):
+    """glove.840B holds a few tokens with spaces in them: "cat" below is such a token's first word."""
+    glove = tmp_path / "glove.txt"
+    glove.write_text("cat in the hat 1 2\ncat 3 4\n")
+    np.testing.assert_array_equal(load_embeddings(str(glove), ["cat"]), [[3, 4]])
+
+
+def test_bytes_that_are_not_utf8_in_another_word_do_not_stop_the_reading(tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_bytes(b"caf\xe9 9 9\ncat 1 2\n")
+    np.testing.assert_array_equal(load_embeddings(str(glove), ["cat"]), [[1, 2]])
+
+
+def test_reading_stops_once_every_label_word_is_found(tmp_path):
+    """GloVe files are GBs: a gzip file damaged only after the label words loads, as it is not read there."""
+    text = write_glove(tmp_path / "glove.txt", {"cat": [5, 6]} | {f"w{i}": [i, i] for i in range(2000)})
+    packed = tmp_path / "glove.txt.gz"
+    packed.write_bytes(gzip.compress(text.read_bytes())[:-100])
+    np.testing.assert_array_equal(load_embeddings(str(packed), ["cat"]), [[5, 6]])
 
 
 def test_a_gzip_compressed_glove_file_is_read_as_the_text_it_holds(tmp_path):
@@ -326,13 +391,27 @@ def test_load_embeddings_names_a_missing_file(tmp_path):
 
 
 def test_onehot_embeddings_are_the_identity():
-    np.testing.assert_array_equal(load_embeddings("onehot", ["a", "b", "c"]), np.eye(3, dtype=np.float32))
+    onehot = load_embeddings("onehot", ["a", "b", "c"])
+    assert onehot.dtype == np.float32
+    np.testing.assert_array_equal(onehot, np.eye(3))
 
 
-def test_embedding_pickle_with_the_wrong_row_count_names_file_and_expected_shape(tmp_path):
+@pytest.mark.parametrize("shape", [(3, 4), (2,)])
+def test_embedding_pickle_of_another_shape_names_file_and_expected_shape(tmp_path, shape):
     path = tmp_path / "vectors.pkl"
-    path.write_bytes(pickle.dumps(np.zeros((3, 4), dtype=np.float32)))
-    with pytest.raises(ValueError, match=r"vectors\.pkl.*\(2, d\).*\(3, 4\)"):
+    path.write_bytes(pickle.dumps(np.zeros(shape, dtype=np.float32)))
+    with pytest.raises(ValueError, match=rf"vectors\.pkl.*\(2, d\).*{re.escape(str(shape))}"):
+        load_embeddings(str(path), ["cat", "dog"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_float64_embedding_pickle_is_cast_to_float32_and_a_value_beyond_its_range_is_refused(tmp_path):
+    path = tmp_path / "vectors.pkl"
+    path.write_bytes(pickle.dumps(np.array([[0.5, 1.0], [2.0, 3.0]])))
+    vectors = load_embeddings(str(path), ["cat", "dog"])
+    assert vectors.dtype == np.float32 and vectors.tolist() == [[0.5, 1.0], [2.0, 3.0]]
+    path.write_bytes(pickle.dumps(np.array([[0.5, 1.0], [1e300, 3.0]])))  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"'dog' \(row 1\) holds NaN or infinite"):
         load_embeddings(str(path), ["cat", "dog"])
 
 
@@ -382,6 +461,25 @@ def test_the_paper_variant_keeps_each_labels_self_weight_at_one_minus_p_even_whe
     off_diagonal = A - np.diag(np.diag(A))
     np.testing.assert_allclose(off_diagonal.sum(axis=1), [0.2, 0.2, 0.2, 0.0], rtol=1e-12, atol=0)
     np.testing.assert_allclose(off_diagonal[1], [0.1, 0.0, 0.1, 0.0], rtol=1e-12)
+
+
+def test_build_graph_inputs_honours_the_threshold_t():
+    nums, adj = label_stats(np.array([[1, 1], [1, 0]]))  # P(1 | 0) = 0.5, P(0 | 1) = 1
+    adjacency, _ = build_graph_inputs(GraphConfig(t=0.6), ["a", "b"], nums, adj)
+    torch.testing.assert_close(adjacency, gen_adj(torch.from_numpy(gen_A(nums, adj, 0.6, 0.25)).float()))
+    assert adjacency[1, 0] == 0 and adjacency[0, 1] > 0  # the 0 -> 1 edge is below t
+
+
+@pytest.mark.parametrize(("key", "fields"), [
+    ("graph.stats", lambda tmp: {"stats": str(tmp / "missing_stats.pkl")}),
+    ("graph.embeddings", lambda tmp: {"embeddings": str(tmp / "missing_glove.txt")}),
+    ("graph.p", lambda tmp: {"variant": "paper", "p": 1.0}),
+], ids=["stats", "embeddings", "p"])
+def test_an_unusable_graph_file_or_value_stops_graph_building_with_a_config_error_naming_its_key(
+        tmp_path, key, fields):
+    nums, adj = label_stats(np.array([[1, 1], [0, 1]]))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
+        build_graph_inputs(GraphConfig(**fields(tmp_path)), ["a", "b"], nums, adj)
 
 
 def test_build_graph_inputs_honours_the_paper_variant():

@@ -41,6 +41,13 @@ def test_asl_focuses_positives_and_clips_easy_negatives_on_hand_computed_values(
     assert loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_asl_focusing_weighs_a_positive_by_one_minus_its_probability():
+    loss = AsymmetricLoss(gamma_neg=0.0, gamma_pos=2.0, clip=0.0)
+    p = 1 / (1 + math.exp(-1.0))  # sigmoid(1)
+    expected = -((1 - p) ** 2) * math.log(p)
+    assert loss(torch.tensor([[1.0]]), torch.tensor([[1]])).item() == pytest.approx(expected)
+
+
 def test_asl_without_focusing_or_clipping_is_binary_cross_entropy_summed_over_labels():
     torch.manual_seed(0)
     logits = torch.randn(4, 6) * 3
@@ -52,14 +59,27 @@ def test_asl_without_focusing_or_clipping_is_binary_cross_entropy_summed_over_la
     assert asl.item() == pytest.approx(bce.sum(dim=1).mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mlsm", "asl"])
+LOSS_CONFIGS = {"mlsm": OptimConfig(loss="mlsm"), "asl": OptimConfig(loss="asl"),
+                "asl_unclipped": OptimConfig(loss="asl", asl_clip=0.0)}
+
+
+@pytest.mark.parametrize("name", LOSS_CONFIGS)
 def test_losses_give_finite_gradients_for_extreme_and_bf16_logits(name):
     logits = torch.tensor([[100.0, -100.0, 30.0, -30.0]], dtype=torch.bfloat16, requires_grad=True)
     targets = torch.tensor([[0, 1, -1, 0]], dtype=torch.int8)
-    loss = build_loss(OptimConfig(loss=name))(logits, targets)
+    loss = build_loss(LOSS_CONFIGS[name])(logits, targets)
     loss.backward()
     assert loss.ndim == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.parametrize("name", LOSS_CONFIGS)
+def test_losses_of_bf16_logits_are_computed_in_float32(name):
+    """Autocast gives bf16 logits; computed in bf16 the per-label log terms would lose about three digits."""
+    logits = torch.tensor([[0.1, -2.5, 3.0, 7.0]], dtype=torch.bfloat16)
+    targets = torch.tensor([[1, 0, -1, 0]], dtype=torch.int8)
+    loss = build_loss(LOSS_CONFIGS[name])
+    assert loss(logits, targets).item() == pytest.approx(loss(logits.float(), targets).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlsm", "asl"])

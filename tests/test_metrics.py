@@ -56,6 +56,14 @@ def test_tied_scores_rank_the_smaller_image_id_first_whatever_the_order_added():
     assert meter_of([0.5, 0.5], [0, 1], image_ids=[1, 0]).compute()["mAP"] == pytest.approx(100.0)
 
 
+def test_ties_among_more_images_than_a_small_sort_keeps_in_order_still_rank_by_image_id():
+    # torch's unstable CPU sort reorders ties once a column holds more than 16 values.
+    targets = [0] * 19 + [1]  # the positive is added last
+    positive_first_by_id = meter_of([0.5] * 20, targets, image_ids=list(range(19, -1, -1)))
+    assert positive_first_by_id.compute()["mAP"] == pytest.approx(100.0)
+    assert meter_of([0.5] * 20, targets).compute()["mAP"] == pytest.approx(100 / 20)
+
+
 def test_all_scores_equal_rank_images_by_id():
     result = meter_of([0.3, 0.3, 0.3, 0.3], [0, 1, 1, 0]).compute()
     assert result["mAP"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
@@ -126,6 +134,11 @@ def test_overall_and_per_class_precision_and_recall_equal_ml_gcns_with_difficult
         assert result[key] == pytest.approx(value)
 
 
+def test_f1_is_zero_not_nan_when_no_positive_prediction_is_correct():
+    result = meter_of([[1.0, -1.0], [-1.0, 1.0]], [[0, 1], [1, 0]]).compute()
+    assert [result[key] for key in ("OP", "OR", "OF1", "CP", "CR", "CF1")] == [0.0] * 6
+
+
 def test_class_never_predicted_has_precision_zero():
     result = meter_of([[1.0, -1.0], [1.0, -2.0]], [[1, 1], [0, 1]]).compute()
     assert result["CP"] == pytest.approx(100 * (1 / 2 + 0) / 2)
@@ -143,6 +156,17 @@ def test_top_3_keeps_each_images_three_best_scores_ties_to_the_lower_class():
     everything = meter.compute()
     assert (everything["OP"], everything["OR"]) == pytest.approx((100 * 5 / 8, 100.0))
     assert top3["mAP"] == everything["mAP"]  # top-k only changes the thresholded counts
+
+
+def test_top_3_predicts_only_the_non_negative_logits_among_the_three_best():
+    top3 = meter_of([[2.0, -0.5, -1.0, -3.0]], [[1, 1, 0, 0]]).compute(top_k=3)
+    assert (top3["OP"], top3["OR"]) == pytest.approx((100.0, 50.0))
+
+
+def test_top_3_ties_among_many_classes_go_to_the_lowest_class_indices():
+    # 20 tied logits: more than torch's unstable CPU sort keeps in order.
+    top3 = meter_of([[0.5] * 20], [[1, 1, 1] + [0] * 17]).compute(top_k=3)
+    assert (top3["OP"], top3["OR"]) == pytest.approx((100.0, 100.0))
 
 
 def test_interpolated_ap_takes_the_best_precision_at_eleven_recall_levels():
@@ -170,6 +194,25 @@ def test_state_round_trip_gives_the_same_metrics_and_continues_the_id_counter():
     assert restored.compute() == meter.compute()
     restored.add(torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[1, 1, 1]]))
     assert restored.state()["image_ids"].tolist() == [0, 1, 2, 3]
+
+
+def test_load_state_continues_the_id_counter_after_the_largest_id_and_names_missing_keys():
+    restored = meter_of([[0.7]], [[1]], image_ids=[20])  # replaced, not added to
+    restored.load_state(meter_of([[0.1], [0.2]], [[1], [0]], image_ids=[9, 4]).state())
+    restored.add(torch.tensor([[0.3]]), torch.tensor([[1]]))
+    assert restored.state()["image_ids"].tolist() == [9, 4, 10]
+    with pytest.raises(ValueError, match=r"missing keys \['image_ids', 'targets'\]"):
+        restored.load_state({"scores": torch.zeros(1, 1)})
+
+
+def test_add_stores_float32_scores_int8_targets_and_int64_ids_whatever_it_is_given():
+    meter = AveragePrecisionMeter()
+    meter.add(torch.tensor([[0.5], [0.25]], dtype=torch.bfloat16), torch.tensor([[1], [0]]),
+              torch.tensor([[3], [1]], dtype=torch.int32))  # half-precision logits and ids of shape [B, 1]
+    state = meter.state()
+    assert (state["scores"].dtype, state["targets"].dtype, state["image_ids"].dtype) == (
+        torch.float32, torch.int8, torch.int64)
+    assert state["image_ids"].tolist() == [3, 1]
 
 
 def test_reset_empties_the_meter_and_an_empty_meter_computes_without_crashing():
@@ -206,6 +249,8 @@ def test_add_rejects_targets_outside_one_zero_minus_one_and_mismatched_shapes():
         meter.add(torch.zeros(2, 3), torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match="shape"):
         meter.add(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"shape \[B, 3\], got \(3,\)"):
+        meter.add(torch.zeros(3), torch.zeros(3))
     meter.add(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         meter.add(torch.zeros(2, 4), torch.zeros(2, 4))
@@ -220,6 +265,20 @@ def test_gather_without_a_process_group_drops_duplicate_ids_keeping_the_first():
     state = merged.state()
     assert state["image_ids"].tolist() == [3, 7]
     assert state["scores"].flatten().tolist() == pytest.approx([0.1, 0.9])
+    # Twenty copies of one image: more entries than torch's unstable CPU sort keeps in order.
+    merged, duplicates = gather_meter(meter_of([float(i) for i in range(20)], [1] * 20, image_ids=[5] * 20))
+    assert duplicates == 19 and merged.state()["scores"].flatten().tolist() == [0.0]
+
+
+def test_gather_of_an_empty_meter_without_a_process_group_gives_an_empty_meter():
+    merged, duplicates = gather_meter(AveragePrecisionMeter())
+    assert duplicates == 0 and merged.compute()["num_images"] == 0
+
+
+def test_gather_keeps_the_meters_choice_of_counting_difficult_targets_as_negatives():
+    meter = meter_of([0.9, 0.8, 0.7], [1, -1, 1], image_ids=[0, 1, 2], difficult_examples=False)
+    merged, _ = gather_meter(meter)
+    assert merged.compute()["mAP"] == pytest.approx(100 * (1 + 2 / 3) / 2)  # the difficult image: a negative
 
 
 class FakeTwoRanks:
@@ -289,3 +348,19 @@ def test_gather_with_an_empty_rank_holds_the_other_ranks_images(monkeypatch):
     merged, duplicates = gather_meter(AveragePrecisionMeter())
     assert duplicates == 0 and merged.state()["image_ids"].tolist() == [5]
     assert merged.state()["scores"].flatten().tolist() == pytest.approx([0.4, 0.1])
+
+
+def test_gather_refuses_ranks_holding_scores_for_different_numbers_of_classes(monkeypatch):
+    FakeTwoRanks(monkeypatch, meter_of([[0.4, 0.1, 0.2]], [[1, 0, 0]], image_ids=[1]))
+    with pytest.raises(ValueError, match=r"different numbers of classes \[2, 3\]"):
+        gather_meter(meter_of([[0.9, 0.1]], [[1, 0]], image_ids=[0]))
+
+
+def test_gather_over_nccl_exchanges_tensors_on_the_current_cuda_device(monkeypatch):
+    """NCCL moves CUDA tensors only, gloo CPU ones. Checked without a GPU: a CUDA device object needs none."""
+    import mlgcn_dist.metrics as metrics
+
+    monkeypatch.setattr(metrics.torch.cuda, "current_device", lambda: 1)
+    for backend, device in (("nccl", torch.device("cuda", 1)), ("gloo", torch.device("cpu"))):
+        monkeypatch.setattr(metrics.dist, "get_backend", lambda group=None, backend=backend: backend)
+        assert metrics._gather_device(None) == device

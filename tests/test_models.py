@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import pathlib
 import urllib.error
 
 import numpy as np
@@ -12,7 +14,7 @@ import torchvision
 from conftest import TorchCalls
 from torch import nn
 
-from mlgcn_dist.config import ModelConfig
+from mlgcn_dist.config import ConfigError, ModelConfig
 from mlgcn_dist.models import (
     GlobalMaxPool,
     MultiLabelModel,
@@ -20,10 +22,12 @@ from mlgcn_dist.models import (
     build_model,
     list_backbones,
     list_heads,
+    register_backbone,
 )
-from mlgcn_dist.models.convert import import_mlgcn_state_dict
-from mlgcn_dist.models.gcn import GraphConvolution
-from mlgcn_dist.models.hgat import FullyConnectedMixing, GraphAttention, HGATHead
+from mlgcn_dist.models.cifar import PreActBlock
+from mlgcn_dist.models.convert import clean_state_dict, import_mlgcn_state_dict
+from mlgcn_dist.models.gcn import GCNHead, GraphConvolution
+from mlgcn_dist.models.hgat import FullyConnectedMixing, GraphAttention, GroupResidualBlocks, HGATHead
 
 NUM_CLASSES = 7
 # Interleaved on purpose: labels of one group are not contiguous.
@@ -68,6 +72,50 @@ def test_unknown_backbone_lists_the_registered_names():
         build_backbone("resnet1001")
 
 
+def test_a_backbone_name_cannot_be_registered_twice():
+    with pytest.raises(ValueError, match="backbone 'resnet18' is already registered"):
+        register_backbone("resnet18")(lambda pretrained: (nn.Identity(), 1))
+    assert build_backbone("resnet18")[1] == 512  # still torchvision's
+
+
+CIFAR_BACKBONES = [name for name in list_backbones() if name.startswith("cifar_")]
+# Feature map side for a 32 px input: the stem keeps full resolution (the tiny net's halves it), then ResNets
+# halve it in stages 2-4, DenseNet in its 3 transitions, the GoogLeNet in its 2 pools, the plain net 3 times.
+CIFAR_FEATURE_SIDE = {"cifar_resnet18": 4, "cifar_preact_resnet18": 4, "cifar_resnet_tiny": 2,
+                      "cifar_densenet": 4, "cifar_googlenet": 8, "cifar_plainnet": 4}
+
+
+@pytest.mark.parametrize("name", CIFAR_BACKBONES)
+def test_cifar_backbones_downsample_as_documented_down_to_one_pixel_and_end_with_a_relu(name):
+    backbone, width = build_backbone(name)
+    with torch.no_grad():
+        features = backbone.eval()(torch.randn(2, 3, 32, 32))
+        assert backbone(torch.randn(1, 3, 1, 1)).shape == (1, width, 1, 1)
+    side = CIFAR_FEATURE_SIDE[name]
+    assert features.shape == (2, width, side, side)
+    assert features.min() >= 0  # the pre-activation net through its final BN-ReLU
+
+
+@pytest.mark.parametrize(("in_ch", "out_ch", "stride"), [(8, 8, 1), (8, 16, 2)])
+def test_preact_block_adds_its_branch_to_the_input_or_to_the_projection_of_the_pre_activated_input(
+        in_ch, out_ch, stride):
+    torch.manual_seed(0)
+    block = PreActBlock(in_ch, out_ch, stride).eval()
+    x = torch.randn(2, in_ch, 6, 6)
+    with torch.no_grad():
+        block.conv2.weight.zero_()  # the branch adds nothing: the output is the shortcut alone
+        skip = x if block.shortcut is None else block.shortcut(torch.relu(block.bn1(x)))
+        torch.testing.assert_close(block(x), skip)
+
+
+def test_the_plain_net_computes_each_image_alone_even_in_training_mode():
+    """No normalisation layer: the distributed tests rely on it to compare DDP with one process exactly."""
+    backbone, _ = build_backbone("cifar_plainnet")
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.train()(images)[:1], backbone(images[:1]))
+
+
 def save_torchvision_weights(net: nn.Module, path, rename=lambda key: key) -> dict:
     """Save ``net``'s weights the way training scripts often do: nested and with DataParallel prefixes."""
     state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -98,6 +146,33 @@ def test_pretrained_path_accepts_densenet_keys_from_torchvision_download_urls(tm
     assert width == 1024 and torch.equal(loaded, saved["features.denseblock1.denselayer1.norm1.running_mean"])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "googlenet"])
+def test_a_torchvision_backbone_average_pooled_gives_the_features_its_net_classifies(tmp_path, name):
+    """The cut keeps all the net computes before its average pooling: GoogLeNet's input transform (its
+    ImageNet weights expect it), DenseNet's ReLU after ``features``, every pooling layer."""
+    torch.manual_seed(0)
+    googlenet = {"aux_logits": False, "transform_input": True, "init_weights": True}
+    extra = googlenet if name == "googlenet" else {}
+    net = torchvision.models.get_model(name, weights=None, **extra).eval()
+    save_torchvision_weights(net, tmp_path / "net.pth")
+    backbone, _ = build_backbone(name, pretrained=str(tmp_path / "net.pth"))
+    classified = []
+    classifier = net.classifier if name == "densenet121" else net.fc
+    classifier.register_forward_pre_hook(lambda module, args: classified.append(args[0]))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        net(images)
+        pooled = backbone.eval()(images).mean(dim=(2, 3))
+    scale = classified[0].abs().max()  # GoogLeNet's initialisation leaves features of about 1e-12
+    torch.testing.assert_close(pooled / scale, classified[0] / scale)
+
+
+def test_pretrained_path_takes_the_backbone_of_a_net_fine_tuned_for_other_labels(tmp_path):
+    saved = save_torchvision_weights(torchvision.models.resnet18(num_classes=20), tmp_path / "r18_voc.pth")
+    backbone, _ = build_backbone("resnet18", pretrained=str(tmp_path / "r18_voc.pth"))
+    assert torch.equal(backbone[0].weight, saved["conv1.weight"])
+
+
 def test_pretrained_missing_file_error_names_the_path(tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
@@ -110,14 +185,52 @@ def test_pretrained_path_of_another_architecture_is_rejected(tmp_path):
         build_backbone("resnet50", pretrained=str(tmp_path / "r18.pth"))
 
 
-def test_pretrained_imagenet_without_network_explains_how_to_pass_a_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "weights"), [
+    ("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+    ("resnet101", "ResNet101_Weights.IMAGENET1K_V1"),  # the weights the original ML-GCN started from
+])
+def test_pretrained_imagenet_without_network_explains_how_to_pass_a_file(tmp_path, monkeypatch, name,
+                                                                          weights):
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights must be fetched
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(RuntimeError, match=r"download.*model\.pretrained=/path/to/file\.pth"):
-        build_backbone("resnet18", pretrained="imagenet")
+    with pytest.raises(RuntimeError, match=rf"{weights}.*download.*model\.pretrained=/path/to/file\.pth"):
+        build_backbone(name, pretrained="imagenet")
+
+
+def tiny_weights() -> dict[str, torch.Tensor]:
+    return build_backbone("cifar_resnet_tiny")[0].state_dict()
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda path: path.write_bytes(b"not a checkpoint"), "cannot read .* as a PyTorch state dict"),
+    # Loading it whole would run whatever the pickle names: only tensors and plain containers are read.
+    (lambda path: torch.save({"state_dict": tiny_weights(), "origin": pathlib.Path("x")}, path),
+     "cannot read .* as a PyTorch state dict"),
+    (lambda path: torch.save([1, 2], path), r"tiny\.pth: expected a state dict"),
+    (lambda path: torch.save({k: v for k, v in tiny_weights().items() if k != "stem.0.weight"}, path),
+     r"missing keys \['stem\.0\.weight'\] \(1 in all\)"),
+    (lambda path: torch.save({**tiny_weights(), "extra.weight": torch.zeros(1)}, path),
+     r"unexpected keys \['extra\.weight'\] \(1 in all\)"),
+], ids=["junk", "pickled-object", "list", "missing-key", "unexpected-key"])
+def test_a_pretrained_file_that_is_not_exactly_the_backbones_weights_is_a_config_error(tmp_path, write,
+                                                                                       message):
+    write(tmp_path / "tiny.pth")
+    with pytest.raises(ConfigError, match=rf"^model\.pretrained.*{message}"):
+        build_backbone("cifar_resnet_tiny", pretrained=str(tmp_path / "tiny.pth"))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda weights: {"model": weights, "optimizer": {"state": {}}, "epoch": 3},  # torchvision's references
+    lambda weights: {"state_dict": {"model": {"module." + k: v for k, v in weights.items()}}},  # nested twice
+], ids=["model", "nested"])
+def test_clean_state_dict_unwraps_the_usual_checkpoint_containers(wrap):
+    weights = {"conv.weight": torch.ones(1), "conv.bias": torch.zeros(1)}
+    assert clean_state_dict(wrap(weights), "ckpt.pth") == weights
+    with pytest.raises(ValueError, match=r"ckpt\.pth: expected a state dict .* got dict"):
+        clean_state_dict({"epoch": 3, "arch": "resnet18"}, "ckpt.pth")
 
 
 def test_cifar_backbone_loads_its_own_state_dict_from_a_path(tmp_path):
@@ -186,6 +299,42 @@ def test_every_head_gives_one_logit_per_label_and_trains_every_parameter(head):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     split = {id(p) for p in model.backbone.parameters()} | {id(p) for p in model.head.parameters()}
     assert split == {id(p) for p in model.parameters()}
+
+
+def test_build_model_loads_the_pretrained_weights_the_config_names(tmp_path):
+    torch.manual_seed(3)
+    source, _ = build_backbone("cifar_resnet_tiny")
+    torch.save(source.state_dict(), tmp_path / "tiny.pth")
+    cfg = dataclasses.replace(small_cfg("linear"), pretrained=str(tmp_path / "tiny.pth"))
+    model = build_model(cfg, NUM_CLASSES)
+    assert torch.equal(model.backbone.stem[0].weight, source.stem[0].weight)
+
+
+@pytest.mark.parametrize(("head", "mixing"), [("hgat", GraphAttention), ("hgat_fc", FullyConnectedMixing)])
+def test_hgat_heads_mix_as_named_with_the_configured_widths(head, mixing):
+    model = build(head)
+    assert type(model.head.group_mixing) is mixing and type(model.head.label_mixing) is mixing
+    assert model.head.reduce[0].out_features == 16  # hgat_reduce
+    assert model.head.label_nodes.embedding.shape == (NUM_CLASSES, 8)  # hgat_heads_dim
+
+
+@pytest.mark.parametrize(("adj", "embeddings", "message"), [
+    (torch.ones(3, 2), torch.ones(3, 4), r"adj must be a square \[C, C\] matrix, got shape \(3, 2\)"),
+    (torch.ones(3, 3), torch.ones(2, 4), r"embeddings must be \[C, E\] with C=3 .* got shape \(2, 4\)"),
+    (torch.tensor([[1.0, math.nan], [0.0, 1.0]]), torch.ones(2, 4), "adj contains NaN or infinite values"),
+    (torch.eye(2), torch.tensor([[1.0, math.inf], [0.0, 1.0]]), "embeddings contains NaN or infinite values"),
+])
+def test_gcn_head_refuses_a_graph_of_the_wrong_shape_or_with_non_finite_values(adj, embeddings, message):
+    with pytest.raises(ValueError, match=message):
+        GCNHead(adj, embeddings, feature_dim=8, hidden=4)
+
+
+def test_gcn_head_keeps_its_own_copy_of_the_graph_it_was_given():
+    adj, embeddings = torch.eye(3), torch.ones(3, 4)
+    head = GCNHead(adj, embeddings, feature_dim=8, hidden=4)
+    adj.zero_()
+    embeddings.zero_()
+    assert torch.equal(head.adj, torch.eye(3)) and torch.equal(head.embeddings, torch.ones(3, 4))
 
 
 def test_gcn_adjacency_and_embeddings_are_buffers_not_parameters():
@@ -258,6 +407,7 @@ def test_graph_convolution_uses_mlgcn_initialisation_range():
         ("gcn", {"adj": np.eye(NUM_CLASSES)}, "needs embeddings"),
         ("gcn", {"adj": np.eye(5), "embeddings": np.zeros((5, 4))}, "adj describes 5 labels"),
         ("hgat", {}, "needs groups"),
+        ("hgat_fc", {}, "needs groups"),
         ("hgat_fc", {"groups": [0, 1]}, "groups describes 2 labels"),
         ("transformer", {}, "unknown head"),
     ],
@@ -340,16 +490,46 @@ def test_graph_attention_output_is_the_attention_weighted_sum_of_projected_nodes
         assert not torch.allclose(attention(x), x + torch.nn.functional.elu(mean_message), atol=1e-3)
 
 
+def test_graph_attention_coefficients_are_the_masked_softmax_of_leaky_relu_scores():
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, True, True]])
+    attention = GraphAttention(4, mask, slope=0.3)
+    x = torch.randn(3, 4)
+    dst, src = x @ attention.att_dst, x @ attention.att_src
+    expected = torch.zeros(3, 3)
+    for i in range(3):
+        allowed = mask[i].nonzero().flatten()
+        scores = torch.nn.functional.leaky_relu(dst[i] + src[allowed], 0.3)
+        expected[i, allowed] = torch.softmax(scores, dim=0)
+    torch.testing.assert_close(attention.coefficients(x).detach(), expected)
+
+
+def test_node_mixing_refuses_a_mask_that_leaves_a_node_without_neighbours():
+    with pytest.raises(ValueError, match="every node needs at least one allowed neighbour"):
+        GraphAttention(4, torch.tensor([[True, False], [False, False]]))
+
+
+def test_each_group_block_is_residual_over_the_shared_vector():
+    blocks = GroupResidualBlocks(3, 8)
+    shared = torch.randn(2, 8)
+    with torch.no_grad():
+        blocks.fc2.weight.zero_()
+        blocks.fc2.bias.zero_()  # the bottleneck adds nothing: every group gets ReLU(shared)
+        torch.testing.assert_close(blocks(shared), torch.relu(shared)[:, None].expand(-1, 3, -1))
+
+
 def test_fully_connected_mixing_coefficients_do_not_depend_on_the_input():
     mixing = FullyConnectedMixing(8, torch.ones(3, 3, dtype=torch.bool))
     first, second = mixing.coefficients(torch.randn(3, 8)), mixing.coefficients(torch.randn(3, 8))
     assert torch.equal(first, second) and torch.allclose(first, torch.full((3, 3), 1 / 3))
 
 
-def test_hgat_accepts_arbitrary_group_ids():
+def test_hgat_accepts_arbitrary_group_ids_but_not_none():
     head = HGATHead(12, [7, 3, 7, 40], reduce_dim=16, label_dim=8).eval()
     assert head.label_nodes.label_group.tolist() == [0, 1, 0, 2]
     assert head(torch.randn(1, 12)).shape == (1, 4)
+    with pytest.raises(ValueError, match="groups is empty"):
+        HGATHead(12, [], reduce_dim=16, label_dim=8)
 
 
 # --------------------------------------------------------------------------------------------- ML-GCN import

@@ -60,6 +60,21 @@ def test_warmup_rises_linearly_then_cosine_ends_near_zero():
     assert lr_factor(49, cfg, 10, 5) < 0.01
 
 
+def test_a_fractional_warmup_rises_to_one_and_not_beyond():
+    cfg = OptimConfig(warmup_epochs=0.25)  # 2.5 optimiser steps of 10 a epoch
+    assert [lr_factor(step, cfg, 10, 5) for step in range(4)] == pytest.approx([0.4, 0.8, 1.0, 1.0])
+
+
+def test_build_optimizer_takes_the_lr_it_is_given_and_momentum_weight_decay_and_exemptions_from_the_config():
+    """The LR argument is the head LR after scaling (scaled_lr), not optim.lr."""
+    cfg = OptimConfig(lr=0.1, lrp=0.2, momentum=0.5, weight_decay=3e-4, no_decay_norm_bias=True)
+    opt = build_optimizer(TwoPart(), cfg, lr=0.4)
+    groups = {g["name"]: (g["lr"], g["momentum"], g["weight_decay"]) for g in opt.param_groups}
+    assert groups == {"backbone": pytest.approx((0.08, 0.5, 3e-4)), "head": pytest.approx((0.4, 0.5, 3e-4)),
+                      "backbone_no_decay": pytest.approx((0.08, 0.5, 0)),
+                      "head_no_decay": pytest.approx((0.4, 0.5, 0))}
+
+
 def test_linear_scaling_rule_scales_with_global_batch():
     assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="linear", base_batch_size=32), 256) == pytest.approx(0.8)
     assert scaled_lr(OptimConfig(lr=0.1, lr_scaling="fixed"), 256) == pytest.approx(0.1)
@@ -136,6 +151,16 @@ def test_fused_sgd_takes_the_foreach_steps_with_per_group_lrs_momentum_and_weigh
 def test_auto_picks_fused_sgd_on_cuda_without_deepspeed_and_an_explicit_choice_wins(implementation, device,
                                                                                     deepspeed, fused):
     assert fused_sgd(implementation, device, deepspeed) is fused
+
+
+def test_build_optimizer_decides_fused_or_foreach_by_the_device_the_parameters_are_on(monkeypatch):
+    """Checked without a GPU: the parameters are on the meta device, whose type reaches the decision."""
+    import mlgcn_dist.optim as optim
+
+    asked = []
+    monkeypatch.setattr(optim, "fused_sgd", lambda *args: asked.append(args) or False)
+    build_optimizer(nn.Linear(2, 2, device="meta"), OptimConfig(), 0.1, deepspeed=True, fp16=True)
+    assert asked == [("auto", "meta", True, True)]
 
 
 def test_fp16_steps_with_foreach_sgd_whose_skipped_steps_accelerate_can_see():
