@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from mlgcn_dist.config import ConfigError, OptimConfig, shaping_keys_that_differ
+from mlgcn_dist.data.records import label_space_difference
 from mlgcn_dist.errors import one_line
 from mlgcn_dist.files import fsync_directory, fsync_tree, replaced_atomically, write_text_atomic
 
@@ -160,11 +161,10 @@ def check_resume_labels(path: Path, label_names: list[str]) -> None:
     """A checkpoint trained on another label space cannot continue on this dataset: say so before any weights load
     (a shape mismatch deep inside ``load_state`` would not name the cause)."""
     saved = json.loads((path / "train_state.json").read_text()).get("label_names")
-    if saved is not None and list(saved) != list(label_names):
+    if saved is not None and (difference := label_space_difference(saved, label_names)):
         raise ConfigError(
-            f"train.resume: checkpoint {path} was trained on {len(saved)} labels, the dataset has {len(label_names)}"
-            f"{'' if len(saved) != len(label_names) else ' in another order'}; resume on the dataset it was "
-            "trained on, or start afresh with train.resume=none and another train.output_dir"
+            f"train.resume: checkpoint {path} was trained on {difference}; resume on the dataset it was trained on, "
+            "or start afresh with train.resume=none and another train.output_dir"
         )
 
 

@@ -29,7 +29,7 @@ from mlgcn_dist.config import (
     shaping_keys_that_differ,
     validate,
 )
-from mlgcn_dist.data.records import LabelSpace
+from mlgcn_dist.data.records import LabelSpace, label_space_difference
 from mlgcn_dist.errors import first_line, one_line
 from mlgcn_dist.files import write_text_atomic
 
@@ -195,11 +195,9 @@ def _check_data_path(cfg: Config) -> None:
 
 
 def check_label_space(payload: dict, dataset_names: list[str], source: str) -> None:
-    if list(payload["label_names"]) != list(dataset_names):
-        raise ConfigError(
-            f"{source}: the checkpoint has {len(payload['label_names'])} labels but the dataset has "
-            f"{len(dataset_names)} (or a different order); evaluate on the dataset it was trained on"
-        )
+    if difference := label_space_difference(payload["label_names"], dataset_names):
+        raise ConfigError(f"{source}: the checkpoint was trained on {difference}; evaluate on the dataset it was "
+                          "trained on")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -179,7 +179,7 @@ def test_a_checkpoint_whose_labels_come_in_another_order_than_the_datasets_is_re
                              lambda payload: payload["label_names"].reverse())
     assert main(["evaluate", "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "the checkpoint has 12 labels but the dataset has 12 (or a different order)" in err
+    assert "the checkpoint was trained on the dataset's 12 labels in another order (label 0 is " in err
 
 
 def test_evaluate_runs_at_this_machines_precision_and_without_the_deepspeed_json_training_used(run_dir,

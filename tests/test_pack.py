@@ -28,7 +28,7 @@ from mlgcn_dist.data.pack import (
     run_pack,
     skip_reasons,
 )
-from mlgcn_dist.data.records import encode_target
+from mlgcn_dist.data.records import encode_target, label_space_difference
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.graph import label_stats, read_stats
 
@@ -462,3 +462,18 @@ def test_a_split_whose_annotations_list_no_image_says_so(tmp_path):
     (root / "annotations" / "instances_train2014.json").write_text(json.dumps(empty))
     with pytest.raises(ValueError, match=r"split 'train' has no image to pack \(none\); its annotations list no image"):
         pack_dataset("coco", root, tmp_path / "pack", ["train"])
+
+
+@pytest.mark.parametrize(
+    ("trained", "dataset", "said"),
+    [
+        (["cat", "dog"], ["cat", "dog"], None),
+        (["cat", "dog"], ["cat", "dog", "cow"], "2 labels, the dataset has 3"),
+        (["cat", "dog", "cow"], ["cat", "cow", "dog"],
+         "the dataset's 3 labels in another order (label 1 is 'dog', the dataset's 'cow')"),
+        (["a", "b", "c", "d", "e"], ["a", "v", "w", "x", "y"],
+         "5 labels, 4 of them not the dataset's ('b', 'c', 'd', ...)"),
+    ],
+)
+def test_label_space_difference_says_whether_count_order_or_names_differ(trained, dataset, said):
+    assert label_space_difference(trained, dataset) == said

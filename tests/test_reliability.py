@@ -540,7 +540,7 @@ def test_evaluating_a_checkpoint_on_a_dataset_with_another_label_count_is_a_conf
     trained_run, voc_root, capsys
 ):
     assert mlgcn(["evaluate", "--checkpoint", str(trained_run), *voc_data(voc_root)]) == 2
-    assert "the checkpoint has 12 labels but the dataset has 20" in capsys.readouterr().err
+    assert "the checkpoint was trained on 12 labels, the dataset has 20" in capsys.readouterr().err
 
 
 def test_a_run_resumed_with_auto_precision_goes_on_in_the_precision_it_started_with(

@@ -50,6 +50,24 @@ class LabelSpace:
         return [order.setdefault(s, len(order)) for s in self.supercategories]
 
 
+def label_space_difference(trained: list[str], dataset: list[str]) -> str | None:
+    """How the labels a model was trained on differ from a dataset's, in words for an error ("trained on ..."); None
+    when they are the same labels in the same order. The same names in another order matter as much as another
+    count: every score would be reported, and trained, under another label's name."""
+    trained, dataset = list(trained), list(dataset)
+    if trained == dataset:
+        return None
+    if len(trained) != len(dataset):
+        return f"{len(trained)} labels, the dataset has {len(dataset)}"
+    if sorted(trained) == sorted(dataset):
+        i = next(i for i, (ours, theirs) in enumerate(zip(trained, dataset)) if ours != theirs)
+        return (f"the dataset's {len(dataset)} labels in another order (label {i} is {trained[i]!r}, the dataset's "
+                f"{dataset[i]!r})")
+    others = [name for name in trained if name not in set(dataset)]
+    return (f"{len(trained)} labels, {len(others)} of them not the dataset's "
+            f"({', '.join(map(repr, others[:3]))}{', ...' if len(others) > 3 else ''})")
+
+
 @dataclass
 class SplitIndex:
     dataset: str  # coco | voc
