@@ -119,7 +119,8 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 def _saved_at(path: Path) -> float:
     """When a checkpoint was saved (0 for one saved before that was recorded, or unreadable: then by step)."""
     try:
-        return float(json.loads((path / "train_state.json").read_text()).get("saved_at", 0.0))
+        record = json.loads((path / "train_state.json").read_text())
+        return float(record.get("saved_at", 0.0)) if isinstance(record, dict) else 0.0  # not a dict: _damage
     except (OSError, ValueError, TypeError):
         return 0.0
 

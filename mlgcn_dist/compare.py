@@ -345,8 +345,9 @@ def why_nothing_matched(runs: list[RunRecord], conditions: dict[str, Any]) -> st
 def _format_value(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # short (61 for 61.0) unless that is another number (0.999997 for 0.9999975)
+        text = f"{value:g}"
+        return text if float(text) == value else repr(value)
     if isinstance(value, list):  # as a --filter value is written: optim.epoch_step=[8,12] selects [8, 12]
         return "[" + ",".join(map(_format_value, value)) + "]"
     return str(value)

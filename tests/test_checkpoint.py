@@ -7,28 +7,38 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
 from mlgcn_dist.checkpoint import (
+    CheckpointManager,
     PreemptionHandler,
     RunLock,
     TrainState,
+    check_resume_ema,
+    check_resume_labels,
     check_resume_launcher,
+    check_resume_model,
     complete_checkpoints,
     mark_requeue,
+    optim_as_resumed,
     resolve_resume,
+    saved_precision,
 )
-from mlgcn_dist.config import ConfigError
+from mlgcn_dist.config import ConfigError, ModelConfig, OptimConfig
 
 
-def checkpoint_dir(path: Path, step: int, saved_at: float, epoch: int = 0) -> Path:
-    """A complete checkpoint directory as CheckpointManager.save leaves it (its train_state.json last)."""
+def checkpoint_dir(path: Path, step: int, saved_at: float | None, epoch: int = 0, **record) -> Path:
+    """A complete checkpoint directory as CheckpointManager.save leaves it (its train_state.json last).
+    ``record``: more of that file (config, label_names); ``saved_at`` None: saved before it was recorded."""
     path.mkdir(parents=True)
     state = TrainState(epoch=epoch, global_step=step).state_dict()
-    (path / "train_state.json").write_text(json.dumps({"state": state, "saved_at": saved_at}))
+    times = {} if saved_at is None else {"saved_at": saved_at}
+    (path / "train_state.json").write_text(json.dumps({"state": state, **times, **record}))
     return path
 
 
@@ -115,9 +125,11 @@ def test_a_checkpoints_image_count_of_every_rank_stays_as_saved_whatever_the_res
 
 
 def test_a_second_lock_on_the_run_directory_is_refused_naming_the_holder_until_released(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("pid 4242 on a-node-that-died\n")  # flock died with that run
     first, second = RunLock(tmp_path / "run"), RunLock(tmp_path / "run")
     first.acquire()
-    with pytest.raises(RuntimeError, match=rf"in use by pid {os.getpid()} on "):
+    with pytest.raises(RuntimeError, match=rf"in use by pid {os.getpid()} on [^\n]*; choose another"):
         second.acquire()
     first.release()
     second.acquire()
@@ -167,12 +179,14 @@ def test_a_preemption_signal_is_not_an_interruption(handler):
     assert handler.stop_reason() == "signal SIGUSR1" and not handler.interrupted()
 
 
-def test_a_worker_of_a_launcher_stops_when_the_launcher_is_gone_and_not_before(handler, monkeypatch):
+@pytest.mark.parametrize("new_parent", [1, 777], ids=["init", "subreaper"])
+def test_a_worker_of_a_launcher_stops_when_the_launcher_is_gone_and_not_before(handler, monkeypatch,
+                                                                                new_parent):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
     monkeypatch.setattr(os, "getppid", lambda: 4242)  # the launcher (pytest's own parent may be init already)
     handler.install()
     assert handler.stop_reason() is None
-    monkeypatch.setattr(os, "getppid", lambda: 1)  # orphaned: re-parented to init
+    monkeypatch.setattr(os, "getppid", lambda: new_parent)  # orphaned: re-parented to init or a subreaper
     assert handler.stop_reason() == "the launcher (pid 4242) is gone"
 
 
@@ -199,3 +213,165 @@ def test_a_zero_checkpoint_resumes_only_on_the_process_count_that_saved_it(prefi
         with pytest.raises(ConfigError, match=rf"saved by DeepSpeed ZeRO on 2 processes and this run has "
                                               rf"{world_size}: .*Resume on 2 processes"):
             check_resume_launcher(state.parent, deepspeed=True, world_size=world_size)
+
+
+def test_a_checkpoint_saved_before_saved_at_was_recorded_counts_as_older_than_any_that_has_it(tmp_path):
+    """Such checkpoints sort by step among themselves, before every checkpoint with a save time."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (4, 2):
+        checkpoint_dir(ckpts / f"step-{step:08d}", step, saved_at=None)
+    checkpoint_dir(ckpts / "step-00000003", 3, saved_at=10.0)
+    assert [p.name for p in complete_checkpoints(ckpts)] == [f"step-0000000{n}" for n in (2, 4, 3)]
+
+
+def test_a_step_moved_aside_whose_resave_was_never_renamed_in_is_still_a_checkpoint(tmp_path):
+    """Killed between the two renames of a re-save: the old step, moved aside, is all there is of it."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    aside = checkpoint_dir(ckpts / ".replaced-step-00000007", 7, saved_at=200.0)
+    checkpoint_dir(ckpts / ".tmp-step-00000007", 7, saved_at=300.0)  # the re-save, not renamed in
+    assert complete_checkpoints(ckpts) == [aside]
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", '{"state": '], ids=["json_list", "cut_short"])
+def test_a_damaged_newest_train_state_stops_resume_auto_naming_it_and_the_newest_intact_one(tmp_path, damage):
+    ckpts = tmp_path / "run" / "checkpoints"
+    checkpoint_dir(ckpts / "step-00000007", 7, saved_at=1.0)
+    newest_intact = checkpoint_dir(ckpts / "step-00000014", 14, saved_at=2.0)
+    damaged = checkpoint_dir(ckpts / "step-00000021", 21, saved_at=3.0)
+    (damaged / "train_state.json").write_text(damage)
+    problem = "a JSON list, not an object" if damage.startswith("[") else "JSONDecodeError"
+    state, intact = re.escape(str(damaged / "train_state.json")), re.escape(str(newest_intact))
+    with pytest.raises(ConfigError, match=rf"damaged checkpoint state {state} \({problem}.* or set "
+                                          rf"train.resume={intact} \(the newest intact one\)"):
+        resolve_resume("auto", tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"train.resume={re.escape(str(damaged))}: damaged checkpoint"):
+        resolve_resume(str(damaged), tmp_path / "run")
+
+
+def test_a_resume_on_labels_of_another_count_or_order_is_refused_saying_which(tmp_path):
+    path = checkpoint_dir(tmp_path / "step-2", 2, saved_at=1.0, label_names=["cat", "dog", "person"])
+    check_resume_labels(path, ["cat", "dog", "person"])
+    with pytest.raises(ConfigError, match=r"trained on the dataset's 3 labels in another order \(label 0 is 'cat', "
+                       r"the dataset's 'dog'\); resume"):
+        check_resume_labels(path, ["dog", "cat", "person"])
+    with pytest.raises(ConfigError, match=r"trained on 3 labels, the dataset has 2; resume"):
+        check_resume_labels(path, ["cat", "dog"])
+    older = checkpoint_dir(tmp_path / "older", 2, saved_at=1.0)  # saved before labels were recorded
+    check_resume_labels(older, ["any", "labels"])
+
+
+def test_a_checkpoint_without_a_config_record_resumes_with_this_runs_model_optimiser_and_precision(tmp_path):
+    path = checkpoint_dir(tmp_path / "step-2", 2, saved_at=1.0)
+    check_resume_model(path, dataclasses.asdict(ModelConfig()))
+    check_resume_ema(path, 0.9)
+    assert optim_as_resumed(path, OptimConfig(lr=0.5)) == (OptimConfig(lr=0.5), [])
+    assert saved_precision(path) is None
+
+
+def test_a_resume_trains_with_the_checkpoints_learning_rates_and_param_groups_naming_the_values_it_ignored(
+    tmp_path
+):
+    saved = OptimConfig(lr=0.1, lrp=0.2, lr_scaling="linear", base_batch_size=64, momentum=0.8,
+                        weight_decay=1e-3)
+    path = checkpoint_dir(tmp_path / "step-2", 2, saved_at=1.0, config={"optim": dataclasses.asdict(saved)})
+    asked = OptimConfig(lr=0.5, momentum=0.8, epoch_step=[5], gamma=0.5)
+    resumed, ignored = optim_as_resumed(path, asked)
+    assert resumed == dataclasses.replace(saved, epoch_step=[5], gamma=0.5)  # the schedule stays this run's
+    assert ignored == ["optim.lr=0.5 (checkpoint: 0.1)", "optim.lrp=0.1 (checkpoint: 0.2)",
+                       "optim.lr_scaling=fixed (checkpoint: linear)",
+                       "optim.base_batch_size=32 (checkpoint: 64)",
+                       "optim.weight_decay=0.0001 (checkpoint: 0.001)"]
+    assert optim_as_resumed(None, asked) == (asked, [])
+
+
+@pytest.mark.parametrize(("saved", "expected"),
+                         [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("auto", None)])
+def test_the_saved_precision_is_one_a_run_trains_in_or_none(tmp_path, saved, expected):
+    path = checkpoint_dir(tmp_path / "step-2", 2, saved_at=1.0, config={"train": {"precision": saved}})
+    assert saved_precision(path) == expected
+
+
+@pytest.mark.parametrize(("saved_by", "run_under", "message"), [
+    ("deepspeed", False, "was saved by a DeepSpeed run and this run uses DDP: resume it under DeepSpeed"),
+    ("ddp", True, "was saved by a DDP run and this run uses DeepSpeed: resume it under DDP"),
+])
+def test_a_checkpoint_resumes_only_under_the_launcher_that_saved_it(tmp_path, saved_by, run_under, message):
+    path = tmp_path / "step-00000002"
+    path.mkdir()
+    if saved_by == "deepspeed":
+        (path / "pytorch_model").mkdir()
+    (path / "model.safetensors").touch()
+    with pytest.raises(ConfigError, match=message):
+        check_resume_launcher(path, deepspeed=run_under, world_size=1)
+
+
+def test_a_zero_0_checkpoint_without_optimiser_partitions_resumes_on_any_process_count(tmp_path):
+    """ZeRO-0 keeps the optimiser state whole (mp_rank_00_model_states.pt): nothing to partition anew."""
+    state = tmp_path / "step-00000002" / "pytorch_model"
+    state.mkdir(parents=True)
+    (state / "mp_rank_00_model_states.pt").touch()
+    for world_size in (1, 2, 4):
+        check_resume_launcher(state.parent, deepspeed=True, world_size=world_size)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_ddp_checkpoint_resumes_with_either_weights_file_and_is_refused_without_one(tmp_path, weights):
+    path = tmp_path / "step-00000002"
+    path.mkdir()
+    with pytest.raises(ConfigError, match=r"has lost its weights \(model.safetensors or pytorch_model.bin\)"):
+        check_resume_launcher(path, deepspeed=False, world_size=1)
+    (path / weights).touch()
+    check_resume_launcher(path, deepspeed=False, world_size=1)
+
+
+class FakeAccelerator:
+    """What CheckpointManager uses of Accelerate: one process; save_state writes the weights file."""
+
+    def __init__(self, is_main_process: bool = True) -> None:
+        self.is_main_process = is_main_process
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, output_dir: str) -> None:
+        (Path(output_dir) / "model.safetensors").write_bytes(b"weights")
+
+
+def saved_steps(ckpt: CheckpointManager) -> list[int]:
+    return [json.loads((p / "train_state.json").read_text())["state"]["global_step"]
+            for p in complete_checkpoints(ckpt.dir)]
+
+
+def test_rotation_renames_a_checkpoint_out_of_the_listing_before_deleting_it(tmp_path, monkeypatch):
+    """A kill in the middle of the delete leaves a directory that no longer counts, not half a step-*."""
+    ckpt = CheckpointManager(FakeAccelerator(), tmp_path / "run", keep=1)
+    ckpt.save(TrainState(global_step=7), {}, [])
+
+    def killed_after_deleting_the_weights(path, ignore_errors=False):
+        for weights in Path(path).glob("model.safetensors"):
+            weights.unlink()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_after_deleting_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(TrainState(global_step=14), {}, [])
+    monkeypatch.undo()
+    assert saved_steps(ckpt) == [14]
+    assert all((p / "model.safetensors").is_file() for p in complete_checkpoints(ckpt.dir))
+    ckpt.save(TrainState(global_step=21), {}, [])  # the next rotation clears what the kill left
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == ["step-00000021"]
+
+
+def test_rotation_keeps_a_step_moved_aside_by_a_killed_resave_while_it_is_among_the_newest(tmp_path):
+    ckpt = CheckpointManager(FakeAccelerator(), tmp_path / "run", keep=2)
+    ckpt.save(TrainState(global_step=7), {}, [])
+    (ckpt.dir / "step-00000007").rename(ckpt.dir / ".replaced-step-00000007")  # killed between the renames
+    ckpt.save(TrainState(global_step=14), {}, [])
+    assert saved_steps(ckpt) == [7, 14]
+
+
+def test_only_the_main_process_writes_a_portable_checkpoint(tmp_path):
+    for main, written in ((False, False), (True, True)):
+        ckpt = CheckpointManager(FakeAccelerator(main), tmp_path / "run", keep=1)
+        path = ckpt.save_portable("best.pt", {"a": 1})
+        assert path == tmp_path / "run" / "checkpoints" / "best.pt" and path.is_file() is written

@@ -7,7 +7,9 @@ import json
 import re
 import shutil
 import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_tracking import LABELS, fake_metrics, flush_wandb, record_run, wandb_env  # noqa: F401 (wandb_env: a fixture)
@@ -25,8 +27,10 @@ from mlgcn_dist.compare import (
     format_table,
     parse_filters,
     plot_map_curves,
+    read_wandb_records,
     run_compare,
     wandb_filters,
+    why_nothing_matched,
     with_distinct_names,
 )
 from mlgcn_dist.config import load_config
@@ -112,6 +116,9 @@ def test_table_shows_only_differing_config_keys_best_map_first(runs_root):
         ["a", "model.head=gcn optim.lr=0.1", "55.00", "61.00", "64.60", "100.00", "1", "finished"],
         ["c", "model.head=linear optim.lr=0.1", "50.00", "55.00", "64.60", "180.00", "2", "finished"],
     ]
+    header, rule, *rows = table.splitlines()  # every cell starts where the rule's dashes of its column start
+    starts = [m.start() for m in re.finditer(r"-+", rule)]
+    assert all(line[s - 2:s] == "  " and line[s] != " " for line in (header, *rows) for s in starts[1:])
 
 
 @pytest.mark.parametrize(("column", "order"), [
@@ -136,8 +143,9 @@ def test_filters_compare_yaml_typed_values_with_config_values(runs_root):
     assert [r.name for r in filter_runs(runs, parse_filters(["optim.lr=0.1", "model.head=gcn"]))] == ["a"]
     assert wandb_filters(parse_filters(["optim.lr=0.1", "best_epoch=1"])) == {
         "config.optim.lr": 0.1, "summary_metrics.best_epoch": 1}
-    with pytest.raises(ValueError, match="--filter 'optim.lr': expected key=value"):
-        parse_filters(["optim.lr"])
+    for item in ("optim.lr", "=0.1"):
+        with pytest.raises(ValueError, match=f"--filter '{item}': expected key=value"):
+            parse_filters([item])
 
 
 def record(name: str, config: dict, **summary) -> RunRecord:
@@ -165,7 +173,8 @@ def test_a_filter_on_a_list_key_given_one_value_matches_the_list_the_same_overri
     assert [r.name for r in filter_runs(runs, parse_filters(["optim.epoch_step=8"]))] == ["a"]
     assert [r.name for r in filter_runs(runs, parse_filters(["optim.epoch_step=[8,12]"]))] == ["b"]
     # A key this version's config has not (a run of an older one), and summary keys: typed as YAML.
-    assert parse_filters(["optim.old_key=3", "best_mAP=50.5"]) == {"optim.old_key": 3, "best_mAP": 50.5}
+    assert parse_filters(["optim.old_key=3", "best_mAP=50.5", "optim.old_decay=1e-4"]) == {
+        "optim.old_key": 3, "best_mAP": 50.5, "optim.old_decay": 1e-4}
 
 
 def test_runs_that_share_a_name_are_listed_with_where_they_were_read_from():
@@ -280,7 +289,7 @@ def test_collect_wandb_runs_asks_the_api_for_filtered_runs_best_map_first(monkey
         "x", "team/mlgcn/id-x", {"optim.lr": 0.1}, {"best_mAP": 70.0, "world_size": 8})
     assert runs[1].curves == {"model": [(0, 10.0), (1, 20.0)]}
     assert [row[0] for row in table_rows(format_table(runs))] == ["x", "y"]
-
+    assert [run.curves for run in collect_wandb_runs("team/mlgcn")] == [{}, {}]  # no history queries asked
 
 
 def test_an_evaluation_logged_without_a_finite_map_is_no_point_of_the_curve(monkeypatch):
@@ -450,9 +459,11 @@ def test_a_wandb_file_without_a_record_is_listed_by_its_run_id_as_holding_no_dat
     assert row[0] == "k9" and row[-1] == "no data"
 
 
-def test_a_run_given_twice_is_listed_once(runs_root, tmp_path):
+def test_a_run_given_twice_is_listed_once(runs_root, tmp_path, monkeypatch):
     assert sorted(run.name for run in collect_local_runs([runs_root / "a", runs_root / ".." / "runs" / "a", runs_root])) == [
         "a", "b", "c"]
+    monkeypatch.chdir(runs_root.parent)
+    assert sorted(run.name for run in collect_local_runs([Path("runs"), runs_root / "a"])) == ["a", "b", "c"]
     run_files = tmp_path / "w" / "offline-run-20260101_000000-k9"
     run_files.mkdir(parents=True)
     (run_files / "run-k9.wandb").write_bytes(WANDB_FILE_HEADER)
@@ -471,6 +482,9 @@ def test_the_config_column_shows_a_list_as_the_filter_value_that_selects_it():
     (["optim.lrr=0.1"], "--filter optim.lrr: no run has this key (did you mean optim.lr"),
     (["model.head=hgat"], "--filter model.head=hgat matches none of the 3 runs (their values: gcn, linear)"),
     (["model.head=linear", "optim.lr=0.05"], "no run matches all of --filter model.head=linear optim.lr=0.05"),
+    (["world_size=3"], "--filter world_size=3 matches none of the 3 runs (their values: 1, 2)"),
+    (["optim.epoch_step=[8,12]"],
+     "--filter optim.epoch_step=[8,12] matches none of the 3 runs (their values: [30])"),
 ])
 def test_compare_without_matching_runs_exits_1_saying_which_filter_matched_nothing(runs_root, capsys, filters,
                                                                                    reason):
@@ -544,3 +558,189 @@ def test_a_run_whose_summary_was_removed_after_training_began_says_so_and_keeps_
     assert run.curves == {"model": [(0, 50.0), (1, 51.0)]}
     assert table_rows(format_table([run], columns=("name", "status"))) == [
         ["lost", "no summary: removed after training began"]]
+
+
+def wandb_record(kind: str, items: dict, **run) -> Any:
+    """A W&B record: ``kind`` "run" (``run`` holds its fields), "config", "summary" or "history" with
+    ``items`` (a key, or a tuple for a nested key -> its value)."""
+    from wandb.proto import wandb_internal_pb2
+
+    record = wandb_internal_pb2.Record()
+    for name, value in run.items():
+        setattr(record.run, name, value)
+    target = {"run": None, "config": record.config.update, "summary": record.summary.update,
+              "history": record.history.item}[kind]
+    for key, value in items.items():
+        item = target.add()
+        item.nested_key.extend(key) if isinstance(key, tuple) else setattr(item, "key", key)
+        item.value_json = json.dumps(value)
+    return record
+
+
+def write_wandb_file(path: Path, records: list) -> Path:
+    """``records`` as W&B writes its run file (the LevelDB log format): 32 KiB blocks, a block tail under 7
+    bytes padded, a record that does not fit split into first/middle/last fragments (an empty first fragment
+    where exactly a header's 7 bytes are left)."""
+    data = bytearray(WANDB_FILE_HEADER)
+    for record in records:
+        payload, first = record.SerializeToString(), True
+        while first or payload:
+            left = BLOCK - len(data) % BLOCK
+            if left < 7:
+                data += bytes(left)
+                continue
+            chunk, payload = payload[:left - 7], payload[left - 7:]
+            kind = (1 if not payload else 2) if first else (4 if not payload else 3)
+            checksum = zlib.crc32(chunk, zlib.crc32(bytes([kind])))
+            data += struct.pack("<IHB", checksum, len(chunk), kind) + chunk
+            first = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+BLOCK = 32 * 1024
+
+
+def padded_to(size: int, kind: str, items: dict) -> Any:
+    """A record of ``kind`` holding ``items`` and a "notes" text sized to serialise to ``size`` bytes."""
+    for length in range(size, 0, -1):
+        record = wandb_record(kind, {**items, "notes": "x" * length})
+        if record.ByteSize() == size:
+            return record
+    raise AssertionError(f"no padding gives {size} bytes")
+
+
+def test_a_record_starting_where_a_block_has_just_a_headers_room_is_read_whole(tmp_path):
+    """W&B's writer puts an empty first fragment in a block's last 7 bytes and the record in the next one."""
+    first = padded_to(BLOCK - 3 * 7, "history", {"epoch": 0, "val/mAP": 40.0, "val_ema/mAP": 39.0})
+    records = [first, wandb_record("history", {"epoch": 1, "val/mAP": 41.0})]
+    path = write_wandb_file(tmp_path / "offline-run-20260101_000000-edge" / "run-edge.wandb", records)
+    assert len(path.read_bytes()) > BLOCK
+    assert list(read_wandb_records(path)) == records
+    (run,) = collect_offline_wandb_runs(tmp_path)
+    assert run.curves == {"model": [(0, 40.0), (1, 41.0)], "ema": [(0, 39.0)]}
+
+
+def test_a_record_whose_bytes_changed_on_disk_stops_the_reading_there(tmp_path):
+    records = [wandb_record("history", {"epoch": 0, "val/mAP": 40.0}),
+               wandb_record("history", {"epoch": 1, "val/mAP": 41.0})]
+    path = write_wandb_file(tmp_path / "run-bits.wandb", records)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"41.0", b"91.0"))  # a flipped bit: still a record, with another value
+    second = len(WANDB_FILE_HEADER) + 7 + records[0].ByteSize()
+    with pytest.warns(UserWarning, match=f"torn or corrupt record at byte {second}; reading stops there"):
+        assert list(read_wandb_records(path)) == records[:1]
+
+
+def test_a_wandb_summary_updated_by_nested_keys_reads_as_nested_values_without_wandbs_own_keys(tmp_path):
+    write_wandb_file(tmp_path / "offline-run-20260101_000000-n1" / "run-n1.wandb", [
+        wandb_record("run", {}, run_id="n1", display_name="nested"),
+        wandb_record("config", {"_wandb": {"cli_version": "0.31"}, "optim": {"lr": 0.1}}),
+        wandb_record("summary", {"best_mAP": 40.0, ("final", "epoch"): 3, ("final", "model", "mAP"): 40.0,
+                                 "_runtime": 12}),
+    ])
+    (run,) = collect_offline_wandb_runs(tmp_path)
+    assert (run.name, run.config) == ("nested", {"optim.lr": 0.1})
+    assert run.summary == {"best_mAP": 40.0, "final": {"epoch": 3, "model": {"mAP": 40.0}}}
+
+
+def test_a_damaged_config_yaml_of_a_run_without_a_summary_exits_2_naming_the_file(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "killed"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("optim:\n  lr: [0.1\n")  # killed while writing it
+    assert main(["compare", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.yaml'}: not valid YAML" in err and "Traceback" not in err
+
+
+def test_a_run_is_named_by_its_run_name_not_by_the_directory_it_was_written_to(tmp_path):
+    """train.output_dir=/scratch/job-1234 with train.run_name=gcn_lr01 is listed as gcn_lr01."""
+    root = tmp_path / "runs"
+    (root / "job-1").mkdir(parents=True)
+    (root / "job-1" / "summary.json").write_text(json.dumps({"run_name": "finished_one", "config": {}}))
+    (root / "job-2").mkdir()
+    (root / "job-2" / "config.yaml").write_text("train:\n  run_name: in_setup\n")
+    (root / "job-3").mkdir()
+    (root / "job-3" / ".lock").write_text("pid 1 on node\n")  # killed before it saved its config
+    assert [run.name for run in collect_local_runs([root])] == ["finished_one", "in_setup", "job-3"]
+
+
+def test_a_filter_value_no_run_has_names_at_most_eight_of_the_values_they_have():
+    runs = [record(f"r{i}", {"optim.lr": i / 100}) for i in range(1, 11)]
+    assert why_nothing_matched(runs, parse_filters(["optim.lr=0.5"])) == (
+        "--filter optim.lr=0.5 matches none of the 10 runs "
+        "(their values: 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, ...)")
+
+
+def test_the_config_column_shows_a_float_as_the_filter_value_that_selects_it():
+    """An EMA decay of 0.9999975 was shown with six significant digits, as 0.999998, which selects no run."""
+    runs = [record("a", {"train.ema_decay": 0.9999975}), record("b", {"train.ema_decay": 0.99999}),
+            record("c", {"train.ema_decay": 0.0})]
+    configs = dict(table_rows(format_table(runs, sort_by="name", columns=("name", "config"))))
+    assert configs == {"a": "train.ema_decay=0.9999975", "b": "train.ema_decay=0.99999",
+                       "c": "train.ema_decay=0"}
+    for name, shown in configs.items():
+        assert [run.name for run in filter_runs(runs, parse_filters([shown]))] == [name]
+
+
+def test_the_config_column_shows_only_the_runs_config_keys_not_the_runtime_wandb_records_beside_them():
+    runs = [record("a", {"optim.lr": 0.1, "runtime.git_commit": "abc", "_wandb.cli_version": "0.31"}),
+            record("b", {"optim.lr": 0.2, "runtime.git_commit": "def", "_wandb.cli_version": "0.30"})]
+    assert dict(table_rows(format_table(runs, columns=("name", "config")))) == {"a": "optim.lr=0.1",
+                                                                                "b": "optim.lr=0.2"}
+
+
+def test_an_incomplete_run_counts_the_last_epoch_either_model_evaluated_and_one_without_any_says_so():
+    curves = {"model": [(0, 50.0), (1, 51.0), (2, 52.0)], "ema": [(0, 49.0)]}
+    runs = [RunRecord("ema_behind", "a", {"train.epochs": 8}, {}, curves),
+            RunRecord("started", "b", {"train.epochs": 8}, {})]  # a W&B run killed after it logged its config
+    assert dict(table_rows(format_table(runs, columns=("name", "status")))) == {
+        "ema_behind": "incomplete: epoch 3 of 8", "started": "incomplete: epoch ? of 8"}
+
+
+def test_sorting_by_a_key_whose_values_mix_types_orders_them_by_their_text():
+    """A key whose type changed between versions: numbers and text do not compare."""
+    runs = [record(name, {"graph.stats": value}) for name, value in (("a", 3), ("b", "2"), ("c", 1))]
+    assert [row[0] for row in table_rows(format_table(runs, sort_by="graph.stats"))] == ["c", "b", "a"]
+
+
+def test_the_plot_draws_each_runs_model_curve_solid_and_its_ema_dashed_in_the_runs_colour(runs_root, tmp_path,
+                                                                                         monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    a, b, _ = sorted(collect_local_runs([runs_root]), key=lambda run: run.name)
+    plot_map_curves([record("no_eval", {}), a, b], tmp_path / "map.png")
+    lines = drawn[0].axes[0].get_lines()
+    assert [(line.get_label(), line.get_linestyle(), line.get_color()) for line in lines] == [
+        ("a", "-", "C0"), ("b", "-", "C1"), ("b (EMA)", "--", "C1")]
+    assert [list(line.get_ydata()) for line in lines] == [[50.0, 55.0], [52.0, 58.0], [51.0, 60.0]]
+    with pytest.raises(ValueError, match="none of the chosen runs has an evaluation"):
+        plot_map_curves([record("no_eval", {})], tmp_path / "none.png")
+
+
+def test_runs_that_share_a_name_keep_it_plain_when_a_filter_leaves_one_of_them(tmp_path, capsys):
+    for job, lr in (("job-1", 0.1), ("job-2", 0.2)):
+        (tmp_path / job).mkdir()
+        summary = {"run_name": "toy", "config": {"optim": {"lr": lr}}}
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", str(tmp_path), "--filter", "optim.lr=0.1"]) == 0
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["toy"]
+
+
+def test_compare_asks_wandb_for_the_filtered_runs_under_wandbs_key_names(monkeypatch):
+    import wandb
+
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters, order):
+            calls.append(filters)
+            return [FakeRun("x", 0.1, 70.0)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert main(["compare", "--wandb", "team/mlgcn", "--filter", "optim.lr=0.1", "--filter",
+                 "world_size=8"]) == 0
+    assert calls == [{"config.optim.lr": 0.1, "summary_metrics.world_size": 8}]

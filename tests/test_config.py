@@ -1,10 +1,20 @@
 """Configuration: YAML + dotted overrides into typed dataclasses; every mistake names the key."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from mlgcn_dist.config import Config, ConfigError, config_from_dict, load_config
+from mlgcn_dist.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    flatten_config,
+    load_config,
+    shaping_keys_that_differ,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,10 +48,11 @@ def test_integer_is_accepted_where_a_float_is_expected():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
 
-def test_unknown_key_names_it_and_lists_valid_keys():
+@pytest.mark.parametrize("key", ["optim.learning_rate", "lr", "to_yaml.lr"])  # to_yaml: a method, no section
+def test_unknown_key_names_it_and_lists_valid_keys(key):
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["optim.learning_rate=0.1"])
-    assert "optim.learning_rate" in str(err.value) and "optim.lr" in str(err.value)
+        load_config(None, [f"{key}=0.1"])
+    assert f"unknown config key '{key}'" in str(err.value) and "optim.lr" in str(err.value)
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
@@ -60,7 +71,8 @@ def test_unknown_section_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["data.batch_size=abc", "train.compile=maybe", "optim.lr=[1]",
-                                      "data.batch_size=1.5", "train.epochs=true"])
+                                      "data.batch_size=1.5", "train.epochs=true", "train.compile=1",
+                                      "optim.lr=true"])
 def test_wrong_type_names_key_and_expected_type(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as err:
@@ -177,3 +189,100 @@ def test_an_ema_decay_outside_zero_to_one_excluded_is_refused(decay):
         load_config(None, [f"train.ema_decay={decay}"])
     assert load_config(None, ["train.ema_decay=0.9999"]).train.ema_decay == 0.9999
     assert load_config(None, ["train.ema_decay=0"]).train.ema_decay == 0.0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
+    (["optim.lrp=-0.1"], "optim.lrp must be >= 0"),
+    (["optim.momentum=1"], r"optim.momentum must be in \[0, 1\)"),
+    (["optim.weight_decay=-0.0001"], "optim.weight_decay must be >= 0"),
+    (["optim.gamma=0"], "optim.gamma must be > 0"),
+    (["optim.asl_clip=1"], r"optim.asl_clip must be in \[0, 1\)"),
+    (["graph.t=1.01"], r"graph.t must be in \[0, 1\]"),
+    (["graph.p=1.5"], r"graph.p must be in \[0, 1\]"),
+    (["data.worker_timeout_s=-1"], "data.worker_timeout_s must be >= 0"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
+    (["graph.t=.nan"], "graph.t must be a finite number, got nan"),
+    (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+    (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1, got 0"),
+    (["train.dist_timeout_s=0"], "train.dist_timeout_s must be >= 1, got 0"),
+    (["data.max_bad_fraction=-0.1"], r"data.max_bad_fraction must lie in \[0, 1\]"),
+    (["data.max_bad_fraction=1.1"], r"data.max_bad_fraction must lie in \[0, 1\]"),
+    (["data.steps_per_epoch=1", "train.grad_accum=2"], "data.steps_per_epoch=1 micro-batches cannot fill one "
+                                                       "optimiser step of train.grad_accum=2"),
+])
+def test_a_value_just_outside_its_keys_range_is_refused_naming_the_key_and_the_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_values_on_the_edges_of_their_keys_ranges_are_accepted():
+    """0 worker timeout waits forever, lrp 0 freezes the backbone, t and p may be 0 or 1, every micro-batch of
+    an epoch may go to one optimiser step."""
+    edges = ["data.worker_timeout_s=0", "optim.lrp=0", "optim.momentum=0", "optim.clip_grad=0",
+             "optim.asl_clip=0", "graph.t=0", "graph.p=1", "data.max_bad_fraction=1", "data.workers=0",
+             "data.eval_batch_size=0", "train.max_steps=0", "data.steps_per_epoch=2", "train.grad_accum=2"]
+    cfg = load_config(None, edges)
+    assert (cfg.data.worker_timeout_s, cfg.optim.lrp, cfg.graph.t, cfg.graph.p) == (0.0, 0.0, 0.0, 1.0)
+    assert load_config(None, ["graph.t=1", "graph.p=0"]).graph.t == 1.0
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b"])
+def test_a_run_name_that_is_no_plain_directory_name_is_refused(name):
+    """runs/<run_name> must be a directory of its own: ".." or "a/b" would write into another one."""
+    with pytest.raises(ConfigError, match="train.run_name must be a plain directory name"):
+        load_config(None, [f"train.run_name={name}"])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("optim: 0.1\n", "section 'optim' must be a mapping, got 0.1"),
+    ("- optim\n- train\n", "expected a mapping of sections"),
+])
+def test_a_yaml_file_whose_sections_are_not_mappings_is_an_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: {message}"):
+        load_config(path)
+
+
+def test_an_empty_config_file_gives_the_defaults_and_a_binary_one_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set yet\n")
+    assert load_config(path) == Config()
+    path.write_bytes(b"\xff\xfe\x00optim")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not valid YAML"):
+        load_config(path)
+
+
+def test_an_override_that_is_not_valid_yaml_names_the_key():
+    with pytest.raises(ConfigError, match=r"override optim.epoch_step=\[3,6: 'optim.epoch_step' has a value "
+                                          r"that is not valid YAML: '\[3,6'"):
+        load_config(None, ["optim.epoch_step=[3,6"])
+
+
+def test_an_empty_list_override_is_an_empty_list():
+    """log.tags= clears the tags (not one empty tag)."""
+    assert load_config(None, ["log.tags=", "optim.epoch_step=8,"]).log.tags == []
+    assert load_config(None, ["optim.epoch_step=8,"]).optim.epoch_step == [8]
+
+
+def test_the_run_directory_is_runs_slash_run_name_unless_an_output_dir_is_given(tmp_path):
+    assert load_config(None, ["train.run_name=gcn_lr01"]).run_dir == Path("runs/gcn_lr01")
+    assert load_config(None, [f"train.output_dir={tmp_path / 'x'}"]).run_dir == tmp_path / "x"
+
+
+def test_flatten_config_joins_every_level_with_dots_and_keeps_lists_as_values():
+    """W&B's config nests the runtime record a level deeper (runtime.system.device) than the sections."""
+    nested = {"optim": {"lr": 0.1, "epoch_step": [8, 12]}, "runtime": {"system": {"device": "cpu"}}}
+    assert flatten_config(nested) == {"optim.lr": 0.1, "optim.epoch_step": [8, 12],
+                                      "runtime.system.device": "cpu"}
+
+
+def test_shaping_keys_that_differ_names_each_changed_key_and_skips_those_the_checkpoint_did_not_record():
+    model = dataclasses.asdict(ModelConfig(gcn_hidden=16))
+    saved = {**dataclasses.asdict(ModelConfig(gcn_hidden=256)), "pretrained": "imagenet"}
+    del saved["hgat_reduce"]  # a checkpoint from before that key existed
+    assert shaping_keys_that_differ(model, saved) == ["model.gcn_hidden=16 (checkpoint: 256)"]
+    assert shaping_keys_that_differ(model, {**model, "backbone": "resnet50"}) == [
+        "model.backbone=resnet101 (checkpoint: resnet50)"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlgcn_dist.config import ConfigError, load_config
-from mlgcn_dist.deepspeed_config import deepspeed_config
+from mlgcn_dist.deepspeed_config import deepspeed_config, launcher_wants_deepspeed
 
 # What `accelerate launch` puts into its children's environment for DeepSpeed.
 LAUNCHER_ENV = ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_DEEPSPEED",
@@ -72,6 +72,18 @@ def test_optimizer_offload_keeps_our_sgd_where_accelerate_would_swap_in_deepspee
     assert "zero_force_ds_cpu_optimizer" not in filled(ds_json(tmp_path))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_buffers_follow_a_half_precision_and_zero_allows_our_two_group_sgd(tmp_path, precision):
+    """DeepSpeed casts only the parameters to bf16/fp16: BatchNorm's running statistics and the graph must
+    follow (buffer_dtype), or the first forward mixes dtypes."""
+    ds = filled(ds_json(tmp_path), f"train.precision={precision}")
+    assert ds.get("data_types") == (None if precision == "fp32" else {"buffer_dtype": precision})
+    assert ds["zero_allow_untested_optimizer"] is True and ds["steps_per_print"] == 10**9
+    own = filled(ds_json(tmp_path, data_types={"buffer_dtype": "fp32"}, steps_per_print=50),
+                 "train.precision=bf16")
+    assert (own["data_types"], own["steps_per_print"]) == ({"buffer_dtype": "fp32"}, 50)  # the user's, kept
+
+
 # ------------------------------------------------------------------------------------------- refused
 
 
@@ -91,6 +103,8 @@ def test_a_deepspeed_json_asking_for_zero3_or_no_stage_number_is_refused_naming_
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, "zero_optimization.reduce_bucket_size is "
                                                                         "\"auto\", which Accelerate fills only"),
     ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "remove the 'optimizer' block"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' block"),
+    ('{"zero_optimization": {"stage": 2}', "not valid JSON"),  # text: a file cut short
     ({"zero_optimization": {"stage": 2}, "bf16": True}, "bf16 must be an object .*got True"),
 ])
 def test_a_deepspeed_json_deepspeed_would_refuse_late_or_without_naming_it_is_refused_naming_file_and_key(
@@ -98,13 +112,29 @@ def test_a_deepspeed_json_deepspeed_would_refuse_late_or_without_naming_it_is_re
 ):
     """A misspelt ZeRO key and "auto" bucket sizes failed at prepare, after the model and data were set up."""
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps(content))
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: {message}"):
         filled(path)
 
 
 def test_a_stage_written_as_text_is_read_as_deepspeed_reads_it(tmp_path):
     assert filled(ds_json(tmp_path, zero_optimization={"stage": "2"}))["zero_optimization"] == {"stage": 2}
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_zero_stages_below_2_are_accepted(tmp_path, stage):
+    ds = filled(ds_json(tmp_path, zero_optimization={"stage": stage}))
+    assert ds["zero_optimization"] == {"stage": stage}
+
+
+def test_a_deepspeed_json_that_is_not_there_is_refused_naming_where_it_was_given(tmp_path, launcher):
+    missing = tmp_path / "nowhere.json"
+    not_found = f"DeepSpeed config not found: {re.escape(str(missing))}$"
+    with pytest.raises(ConfigError, match=f"^train.deepspeed: {not_found}"):
+        filled(missing)
+    launcher.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(missing))
+    with pytest.raises(ConfigError, match=f"^the accelerate config's deepspeed_config_file: {not_found}"):
+        filled(None)
 
 
 # --------------------------------------------------------------------------------- accelerate launch flags
@@ -117,6 +147,7 @@ def test_under_accelerate_launch_without_train_deepspeed_the_launchers_json_is_r
 
 
 def test_under_accelerate_launch_without_any_json_its_zero_stage_and_optimizer_offload_are_used(launcher):
+    assert filled(None)["zero_optimization"] == {"stage": 2}  # no --zero_stage: Accelerate's default
     launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
     assert filled(None)["zero_optimization"] == {"stage": 1}
     launcher.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")  # it was dropped without a word
@@ -142,6 +173,7 @@ def test_accelerate_launch_asking_for_zero3_or_weight_offload_is_refused(launche
     ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4",
      "--gradient_accumulation_steps 4 disagrees with train.grad_accum=1"),
     ("ACCELERATE_GRADIENT_CLIPPING", "1.0", "--gradient_clipping 1.0 disagrees with optim.clip_grad=10.0"),
+    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "four", "--gradient_accumulation_steps four disagrees with"),
 ])
 def test_an_accelerate_launch_flag_that_disagrees_with_the_json_or_our_config_is_refused_not_ignored(
     tmp_path, launcher, env, value, message
@@ -157,3 +189,21 @@ def test_accelerate_launch_flags_that_agree_with_the_json_and_our_config_are_fin
                        ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")):
         launcher.setenv(env, value)
     assert filled(ds_json(tmp_path), "train.grad_accum=2", "optim.clip_grad=10")["zero_optimization"]["stage"] == 2
+
+
+def test_a_json_without_a_stage_is_zero_0_for_a_zero_stage_flag_to_agree_with(tmp_path, launcher):
+    """DeepSpeed's default stage is 0."""
+    path = ds_json(tmp_path, zero_optimization={})
+    launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    assert filled(path)["zero_optimization"] == {}
+    launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ConfigError, match=r"--zero_stage 2 disagrees with .*zero_optimization.stage: 0\)"):
+        filled(path)
+
+
+@pytest.mark.parametrize(("value", "wanted"),
+                         [("true", True), ("True", True), ("false", False), (None, False)])
+def test_the_launcher_asks_for_deepspeed_as_accelerate_reads_its_flag(launcher, value, wanted):
+    if value is not None:
+        launcher.setenv("ACCELERATE_USE_DEEPSPEED", value)
+    assert launcher_wants_deepspeed() is wanted

@@ -10,6 +10,7 @@ from mlgcn_dist.errors import first_line, one_line
 @pytest.mark.parametrize(("err", "line"), [
     (RuntimeError("a zip cut short\n  at byte 12\n"), "a zip cut short"),
     (ValueError("one line"), "one line"),
+    (OSError("a zip cut short\r\n  at byte 12"), "a zip cut short"),  # a line end written on Windows
     (RuntimeError(), ""),  # str(err) empty: nothing to split, no IndexError
     (OSError(""), ""),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from mlgcn_dist.compare import collect_offline_wandb_runs, read_wandb_records
 from mlgcn_dist.config import ConfigError, load_config
-from mlgcn_dist.tracking import Tracker, git_state, resolve_wandb_mode
+from mlgcn_dist.tracking import Tracker, git_state, json_safe, resolve_wandb_mode, scalar_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "person"]
@@ -72,7 +73,9 @@ def test_metrics_jsonl_has_one_line_per_eval_with_named_per_class_ap_and_null_fo
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in lines] == [(0, 10), (1, 20)]
     assert lines[0]["model"]["mAP"] == 50.0 and lines[0]["ema"]["mAP"] == 49.0 and "ema" not in lines[1]
-    assert lines[0]["model"]["top3"]["CF1"] == 50.0 and "ap" not in lines[0]["model"]
+    assert lines[0]["model"]["top3"] == {"mAP": 50.0, "OP": 70.0, "OR": 60.0, "OF1": 50.0, "CP": 68.0,
+                                         "CR": 55.0, "CF1": 50.0, "num_images": 12}  # its scalars alone
+    assert "ap" not in lines[0]["model"]
     assert lines[0]["per_class_ap"] == {"cat": 45.0, "dog": 55.0, "person": None}
     assert lines[0]["per_class_ap_ema"]["person"] is None
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -86,7 +89,9 @@ def test_summary_holds_best_map_over_model_and_ema_with_config_and_throughput(tm
     assert (summary["best_mAP"], summary["best_epoch"], summary["best_step"], summary["best_source"]) == (
         56.0, 2, 30, "ema")
     assert summary["best_CF1"] == 60.0 and summary["best_OF1"] == 64.6
+    assert [summary[f"best_{k}"] for k in ("OP", "OR", "CP", "CR")] == [70.0, 60.0, 68.0, 55.0]
     assert summary["final"]["epoch"] == 2 and summary["final"]["model"]["mAP"] == 53.0
+    assert summary["final"]["ema"]["mAP"] == 56.0
     assert summary["img_per_s_window_median"] == 80.0 and summary["world_size"] == 4 and summary["run_name"] == "a"
     assert summary["config"]["optim"]["lr"] == 0.05 and summary["system"]["device"] == "cpu"
     assert not list(run_dir.glob(".*.tmp*")), "atomic writes leave no temporary file behind"
@@ -96,10 +101,11 @@ def test_finish_merges_caller_values_and_a_second_call_changes_nothing(tmp_path)
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
     tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
     tracker.log_eval(0, 3, {"model": fake_metrics(40.0)})
-    tracker.finish({"img_per_s": 123.0, "global_step": 3})
+    tracker.finish({"img_per_s": 123.0, "global_step": 3, "world_size": 2})
     tracker.finish({"img_per_s": 1.0})
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["img_per_s"] == 123.0 and summary["global_step"] == 3 and summary["best_mAP"] == 40.0
+    assert summary["world_size"] == 2  # the caller's values win over the tracker's own
 
 
 def test_non_main_rank_writes_no_file_and_never_imports_wandb(tmp_path, monkeypatch):
@@ -148,10 +154,12 @@ def test_a_line_torn_by_a_crash_is_dropped_before_the_resumed_run_appends(tmp_pa
     assert [(r["epoch"], r["model"]["mAP"]) for r in evals] == [(0, 50.0), (1, 52.0), (2, 55.0), (3, 56.0)]
 
 
-def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
+@pytest.mark.parametrize("label_names", [LABELS[:2], [*LABELS, "bird"]])
+def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path, label_names):
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
-    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS[:2])
-    with pytest.raises(ValueError, match=r"results\['model'\]\['ap'\] has 3 values for 2 label names"):
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=label_names)
+    expected = rf"results\['model'\]\['ap'\] has 3 values for {len(label_names)} label names"
+    with pytest.raises(ValueError, match=expected):
         tracker.log_eval(0, 1, {"model": fake_metrics(40.0)})
 
 
@@ -159,6 +167,7 @@ def test_log_eval_rejects_per_class_ap_not_matching_the_label_names(tmp_path):
     ("auto", {}, "disabled"),
     ("auto", {"WANDB_MODE": "offline"}, "offline"),
     ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
+    ("auto", {"WANDB_MODE": " Offline\n"}, "offline"),
     ("auto", {"WANDB_MODE": "online"}, "online"),
     ("online", {}, "online"),
     ("online", {"WANDB_MODE": "offline"}, "offline"),
@@ -323,8 +332,8 @@ def test_a_tie_on_best_map_keeps_the_earlier_evaluation_and_the_model_over_its_e
         50.0, 0, 10, "model")
 
 
-def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_start_opens_a_new_one(tmp_path,
-                                                                                                  wandb_env):
+def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_start_opens_a_new_one(
+        tmp_path, wandb_env, capsys):
     """Whatever log.run_id says: a new SLURM job continuing a cancelled job's directory sets its own job's id."""
     def session(resumed: bool, *overrides: str) -> str:
         cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", *overrides])
@@ -335,7 +344,10 @@ def test_a_resumed_run_continues_the_wandb_run_its_directory_names_and_a_fresh_s
 
     first = session(False)
     assert session(True) == first
+    capsys.readouterr()
     assert session(True, "log.run_id=job-1235") == first
+    assert (f"W&B: continuing run {first}, which {tmp_path / 'r'} logs to (log.run_id=job-1235 names the W&B "
+            "run of a fresh start)") in capsys.readouterr().out
     assert session(False) != first
     assert session(False, "log.run_id=job-1236") == "job-1236"
 
@@ -379,15 +391,166 @@ def test_a_wandb_failure_turns_wandb_off_with_one_message_and_the_run_files_go_o
                                                                                    capsys):
     import wandb
 
-    run = _RunWhoseServiceIsGone()
+    run, teardowns = _RunWhoseServiceIsGone(), []
     monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    monkeypatch.setattr(wandb, "teardown", lambda: teardowns.append(1))  # else W&B's exit hook fails too
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline"])
     tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
     tracker.log_step(1, {"train/loss": 0.5})
     tracker.log_step(2, {"train/loss": 0.4})
     tracker.log_eval(0, 2, {"model": fake_metrics(61.0)})
     tracker.finish({})
-    assert run.calls == 1
+    assert run.calls == 1 and teardowns == [1]
     assert capsys.readouterr().err.count("W&B log failed (ConnectionResetError: Connection lost); W&B logging is off") == 1
     assert [json.loads(line)["step"] for line in (cfg.run_dir / "train_log.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((cfg.run_dir / "summary.json").read_text())["best_mAP"] == 61.0
+
+
+class _RecordingRun:
+    """A W&B run that keeps what the Tracker hands it."""
+
+    id, step = "rec", 0
+
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.logged: list[tuple[int, dict]] = []
+        self.artifacts: list[tuple[object, list[str]]] = []
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, values))
+
+    def log_artifact(self, artifact: object, aliases: list[str]) -> None:
+        self.artifacts.append((artifact, aliases))
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.fixture
+def wandb_inits(wandb_env, monkeypatch) -> list[dict]:
+    """wandb.init replaced: each call's keyword arguments, in order; each returns a new _RecordingRun."""
+    import wandb
+
+    inits: list[dict] = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: inits.append(kwargs) or _RecordingRun())
+    return inits
+
+
+def test_the_environment_names_the_wandb_run_only_where_the_config_is_left_at_its_default(
+        tmp_path, wandb_inits, monkeypatch):
+    for name, value in (("WANDB_PROJECT", "p_env"), ("WANDB_ENTITY", "e_env"), ("WANDB_RUN_GROUP", "g_env"),
+                        ("WANDB_JOB_TYPE", "j_env"), ("WANDB_NAME", "n_env")):
+        monkeypatch.setenv(name, value)
+    configured = ("log.project=p", "log.entity=e", "log.group=g", "log.job_type=j", "train.run_name=n",
+                  "log.tags=a,b")
+    for overrides in ((), configured):
+        cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline", *overrides])
+        Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS).finish({})
+    names = ("project", "entity", "group", "job_type", "name", "tags")
+    assert [tuple(init[k] for k in names) for init in wandb_inits] == [
+        ("p_env", "e_env", "g_env", "j_env", "n_env", None), ("p", "e", "g", "j", "n", ["a", "b"])]
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_NAME"):
+        monkeypatch.delenv(name)
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r2'}", "log.wandb=offline"])
+    Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS).finish({})
+    assert tuple(wandb_inits[-1][k] for k in names) == ("mlgcn-dist", None, None, "train", "run", None)
+
+
+def test_a_resumed_session_whose_directory_names_no_wandb_run_opens_a_new_one(tmp_path, wandb_inits):
+    """Every earlier session ran with W&B off: its summary.json holds no wandb_run_id."""
+    for mode, resumed in (("disabled", False), ("offline", True)):
+        cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", f"log.wandb={mode}"])
+        Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS, resumed=resumed).finish({})
+    assert [init["id"] for init in wandb_inits] == [None]
+
+
+def test_each_evaluation_reaches_wandb_with_its_per_class_table_and_the_best_so_far_in_the_summary(
+        tmp_path, wandb_inits):
+    """The summary holds the best evaluation before the run ends, so a killed run's W&B summary has it too."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    run = tracker._run
+    tracker.log_eval(0, 10, {"model": fake_metrics(50.0), "ema": fake_metrics(52.0)})
+    tracker.log_eval(1, 20, {"model": fake_metrics(53.0)})
+    (_, first), (_, second) = run.logged
+    keys = ("epoch", "val/mAP", "val_ema/mAP", "val_ema/top3/CF1")
+    assert [first[k] for k in keys] == [0, 50.0, 52.0, 50.0]
+    assert first["val/per_class_ap"].columns == ["label", "AP", "AP_ema"]
+    assert first["val/per_class_ap"].data == [["cat", 45.0, 47.0], ["dog", 55.0, 57.0],
+                                              ["person", None, None]]
+    assert second["val/per_class_ap"].data == [["cat", 48.0, None], ["dog", 58.0, None],
+                                               ["person", None, None]]
+    assert (run.summary["best_mAP"], run.summary["best_epoch"]) == (53.0, 1)
+
+
+@pytest.mark.parametrize(("log_artifact", "is_best", "aliases"), [
+    (False, True, None), (True, False, ["latest", "epoch-3"]), (True, True, ["latest", "epoch-3", "best"])])
+def test_a_checkpoint_reaches_wandb_only_with_log_artifact_and_is_called_best_only_when_it_is(
+        tmp_path, wandb_inits, log_artifact, is_best, aliases):
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"weights")
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}", "log.wandb=offline",
+                             f"log.log_artifact={str(log_artifact).lower()}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    tracker.log_checkpoint(checkpoint, 3, is_best=is_best)
+    assert [logged_aliases for _, logged_aliases in tracker._run.artifacts] == ([aliases] if aliases else [])
+
+
+def test_log_wandb_auto_that_follows_wandb_mode_says_nothing(tmp_path, wandb_env, monkeypatch, capsys):
+    """Only a configured online mode turned down by WANDB_MODE is worth a line."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS).finish({})
+    assert capsys.readouterr().out == ""
+
+
+def test_summary_json_is_replaced_whole_after_every_evaluation_so_a_killed_run_keeps_its_best(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    summary = cfg.run_dir / "summary.json"
+    with summary.open() as opened_before:  # e.g. by mlgcn compare, while the run evaluates
+        tracker.log_eval(0, 10, {"model": fake_metrics(50.0)})
+        assert json.loads(opened_before.read())["best_mAP"] is None  # the old file, whole
+    assert json.loads(summary.read_text())["best_mAP"] == 50.0  # no finish: killed after the evaluation
+
+
+def test_the_summarys_window_throughput_is_the_median_of_every_logged_window(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'r'}"])
+    tracker = Tracker(cfg, cfg.run_dir, is_main=True, world_size=1, label_names=LABELS)
+    for step, values in enumerate([{"train/img_per_s": 100.0}, {"train/img_per_s": 400.0},
+                                   {"train/img_per_s": 120.0}, {"train/loss": 0.5}]):
+        tracker.log_step(step, values)
+    tracker.finish({})
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["img_per_s_window_median"] == 120.0
+
+
+def test_json_safe_writes_numpy_and_torch_values_as_plain_json_and_keeps_booleans():
+    import numpy as np
+    import torch
+
+    safe = json_safe({"a": np.float32(0.5), "b": torch.tensor([1.0, math.nan]), "c": np.int64(3),
+                      7: (True, None, "x"), "d": math.inf})
+    assert safe == {"a": 0.5, "b": [1.0, None], "c": 3, "7": [True, None, "x"], "d": None}
+    assert safe["7"][0] is True and type(safe["c"]) is int
+    metrics = {"mAP": 50.0, "num_images": 12, "partial": True, "ap": [1.0], "top3": {"mAP": 1.0}}
+    assert scalar_metrics(metrics) == {"mAP": 50.0, "num_images": 12}
+
+
+def test_git_state_names_the_checkouts_commit_and_whether_its_tracked_files_changed(tmp_path):
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c",
+                   "commit.gpgsign=false", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1\n")
+    git("add", "a.txt")
+    git("commit", "-qm", "first")
+    commit = git("rev-parse", "HEAD").strip()
+    assert git_state(tmp_path) == {"git_commit": commit, "git_dirty": False}
+    (tmp_path / "a.txt").write_text("2\n")
+    assert git_state(tmp_path) == {"git_commit": commit, "git_dirty": True}
