@@ -38,10 +38,18 @@ def train_briefly(toy_root: Path, out: Path, *extra: str) -> Path:
     return out
 
 
-def evaluated_map(checkpoint: Path, tmp_path: Path) -> float:
+def evaluated_map(checkpoint: Path, tmp_path: Path, *args: str) -> float:
     out = tmp_path / "metrics.json"
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--metrics-out", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), *args, "--metrics-out", str(out)]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)  # another in-process evaluation may follow
     return json.loads(out.read_text())["mAP"]
+
+
+def imported_map(original: Path, toy_root: Path, tmp_path: Path) -> float:
+    """The mAP of an original ML-GCN checkpoint evaluated with --import-mlgcn on the toy config."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    return evaluated_map(original, tmp_path, "--import-mlgcn", "--config", str(config))
 
 
 def edited_checkpoint(source: Path, path: Path, edit) -> Path:
@@ -212,14 +220,8 @@ def original_mlgcn_checkpoint(run_dir: Path, path: Path) -> Path:
 def test_an_original_mlgcn_checkpoint_evaluates_after_import(run_dir, toy_root, tmp_path):
     """Evaluated with --import-mlgcn, the original layout must score what our own checkpoint scores."""
     ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config),
-                 "--metrics-out", str(a)]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)  # a second in-process evaluation
-    assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--metrics-out", str(b)]) == 0
-    assert json.loads(a.read_text())["mAP"] == pytest.approx(json.loads(b.read_text())["mAP"], abs=1e-4)
+    imported = imported_map(ckpt, toy_root, tmp_path)
+    assert imported == pytest.approx(evaluated_map(run_dir / "checkpoints/last.pt", tmp_path), abs=1e-4)
 
 
 def test_an_original_checkpoints_own_label_graph_replaces_the_one_from_the_statistics(run_dir, toy_root,
@@ -231,19 +233,13 @@ def test_an_original_checkpoints_own_label_graph_replaces_the_one_from_the_stati
     raw = torch.load(ckpt, weights_only=False)
     raw["state_dict"]["module.A"] = torch.eye(12) + 0.5 * torch.ones(12, 12)
     torch.save(raw, ckpt)
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config),
-                 "--metrics-out", str(a)]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)  # a second in-process evaluation
+    imported = imported_map(ckpt, toy_root, tmp_path)
     ours = edited_checkpoint(run_dir / "checkpoints/last.pt", tmp_path / "last.pt", lambda payload: payload[
         "model"].update({"head.adj": gen_adj(raw["state_dict"]["module.A"])}))
-    assert main(["evaluate", "--checkpoint", str(ours), "--metrics-out", str(b)]) == 0
-    assert json.loads(a.read_text())["mAP"] == pytest.approx(json.loads(b.read_text())["mAP"], abs=1e-4)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    with_that_graph = evaluated_map(ours, tmp_path)
+    assert imported == pytest.approx(with_that_graph, abs=1e-4)
     from_statistics = evaluated_map(run_dir / "checkpoints/last.pt", tmp_path)
-    assert json.loads(b.read_text())["mAP"] != pytest.approx(from_statistics, abs=1e-4)  # the graph matters
+    assert with_that_graph != pytest.approx(from_statistics, abs=1e-4)  # the graph matters
 
 
 def test_an_original_checkpoint_imported_with_another_backbone_is_refused_not_half_loaded(run_dir, toy_root,
