@@ -59,13 +59,13 @@ def label_space_difference(trained: list[str], dataset: list[str]) -> str | None
         return None
     if len(trained) != len(dataset):
         return f"{len(trained)} labels, the dataset has {len(dataset)}"
-    if sorted(trained) == sorted(dataset):
-        i = next(i for i, (ours, theirs) in enumerate(zip(trained, dataset)) if ours != theirs)
-        return (f"the dataset's {len(dataset)} labels in another order (label {i} is {trained[i]!r}, the dataset's "
-                f"{dataset[i]!r})")
-    others = [name for name in trained if name not in set(dataset)]
-    return (f"{len(trained)} labels, {len(others)} of them not the dataset's "
-            f"({', '.join(map(repr, others[:3]))}{', ...' if len(others) > 3 else ''})")
+    known = set(dataset)
+    if others := [name for name in trained if name not in known]:
+        return (f"{len(trained)} labels, {len(others)} of them not the dataset's "
+                f"({', '.join(map(repr, others[:3]))}{', ...' if len(others) > 3 else ''})")
+    i = next(i for i, (ours, theirs) in enumerate(zip(trained, dataset)) if ours != theirs)
+    return (f"the dataset's {len(dataset)} labels in another order (label {i} is {trained[i]!r}, the dataset's "
+            f"{dataset[i]!r})")
 
 
 @dataclass
