@@ -116,12 +116,27 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found.values(), key=lambda p: (_saved_at(p), p.name.removeprefix(_REPLACED)))
 
 
-def _saved_at(path: Path) -> float:
-    """When a checkpoint was saved (0 for one saved before that was recorded, or unreadable: then by step)."""
+def _train_state(path: Path) -> dict | str:
+    """A complete checkpoint's train_state.json, or what is wrong with it (it is written atomically: damaged
+    afterwards)."""
     try:
         record = json.loads((path / "train_state.json").read_text())
-        return float(record.get("saved_at", 0.0)) if isinstance(record, dict) else 0.0  # not a dict: _damage
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return record if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+
+
+def _saved_record(path: Path) -> dict:
+    """The train_state.json of a checkpoint :func:`resolve_resume` accepted ({} if damaged since)."""
+    record = _train_state(path)
+    return record if isinstance(record, dict) else {}
+
+
+def _saved_at(path: Path) -> float:
+    """When a checkpoint was saved (0 for one saved before that was recorded, or damaged: then by step)."""
+    try:
+        return float(_saved_record(path).get("saved_at", 0.0))
+    except (ValueError, TypeError):
         return 0.0
 
 
@@ -149,19 +164,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def _damage(path: Path) -> str | None:
-    """What is wrong with a complete checkpoint's train_state.json (written atomically: damaged afterwards), or
-    None."""
-    try:
-        record = json.loads((path / "train_state.json").read_text())
-    except (OSError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+    """What is wrong with a complete checkpoint's train_state.json, or None."""
+    record = _train_state(path)
+    return record if isinstance(record, str) else None
 
 
 def check_resume_labels(path: Path, label_names: list[str]) -> None:
     """A checkpoint trained on another label space cannot continue on this dataset: say so before any weights load
     (a shape mismatch deep inside ``load_state`` would not name the cause)."""
-    saved = json.loads((path / "train_state.json").read_text()).get("label_names")
+    saved = _saved_record(path).get("label_names")
     if saved is not None and (difference := label_space_difference(saved, label_names)):
         raise ConfigError(
             f"train.resume: checkpoint {path} was trained on {difference}; resume on the dataset it was trained on, "
@@ -171,7 +182,7 @@ def check_resume_labels(path: Path, label_names: list[str]) -> None:
 
 def _saved_config(path: Path, section: str) -> dict:
     """A section of the config a checkpoint recorded ({} without that record)."""
-    config = json.loads((path / "train_state.json").read_text()).get("config") or {}
+    config = _saved_record(path).get("config") or {}
     return config.get(section) or {}
 
 
