@@ -149,12 +149,13 @@ def _import_misfit(state: dict, model: torch.nn.Module, cfg: Config) -> str:
     graph convolution differs (gc1.weight is [vector length, hidden]), else the backbone."""
     theirs, ours = state.get("head.gc1.weight"), model.state_dict().get("head.gc1.weight")
     hints = []
-    if theirs is not None and ours is not None and theirs.shape[0] != ours.shape[0]:
-        hints.append(f"its gc1 takes label vectors of length {theirs.shape[0]}, graph.embeddings="
-                     f"{cfg.graph.embeddings} gives {ours.shape[0]}: pass the word vectors it was trained with "
-                     "(ML-GCN's: the 300-d GloVe pickle)")
-    if theirs is not None and ours is not None and theirs.shape[1] != ours.shape[1]:
-        hints.append(f"its GCN's hidden width is {theirs.shape[1]}, model.gcn_hidden={cfg.model.gcn_hidden}")
+    if theirs is not None and ours is not None:
+        if theirs.shape[0] != ours.shape[0]:
+            hints.append(f"its gc1 takes label vectors of length {theirs.shape[0]}, graph.embeddings="
+                         f"{cfg.graph.embeddings} gives {ours.shape[0]}: pass the word vectors it was trained with "
+                         "(ML-GCN's: the 300-d GloVe pickle)")
+        if theirs.shape[1] != ours.shape[1]:
+            hints.append(f"its GCN's hidden width is {theirs.shape[1]}, model.gcn_hidden={cfg.model.gcn_hidden}")
     hints = hints or ["pass the backbone it was trained with: ML-GCN's is resnet101"]
     return (f"the ML-GCN checkpoint does not fit model.backbone={cfg.model.backbone}, model.head={cfg.model.head} "
             f"({'; '.join(hints)})")
