@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mlgcn_dist.config import Config, ConfigError, flatten_config, read_yaml_value, set_key
+from mlgcn_dist.config import Config, ConfigError, flatten_config, get_key, read_yaml_value, set_key
 from mlgcn_dist.tracking import EVAL_SOURCES, read_jsonl
 
 # Table columns: column name -> summary key it shows (name, config and status are computed from the run itself).
@@ -292,8 +292,7 @@ def _filter_value(key: str, text: str) -> Any:
     with contextlib.suppress(ConfigError):  # a key this version's config has not: typed below
         probe = Config()
         set_key(probe, key, text, f"--filter {key}={text}")
-        section, _, name = key.partition(".")
-        return getattr(getattr(probe, section), name)
+        return get_key(probe, key)
     value = read_yaml_value(text) if text else text
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)

@@ -244,7 +244,8 @@ IN_RANGE: dict[str, tuple[str, Callable[[float], bool]]] = {
 }
 
 
-def _get(cfg: Config, key: str) -> Any:
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``optim.lr``), the reading twin of :func:`set_key`."""
     section, _, name = key.partition(".")
     return getattr(getattr(cfg, section), name)
 
@@ -428,11 +429,11 @@ def config_from_dict(mapping: dict[str, Any], source: str = "checkpoint") -> Con
 def validate(cfg: Config) -> None:
     """Combinations that cannot work, reported before any process starts heavy work."""
     problems = [f"{key} must be >= {low}, got {value}" for key, low in AT_LEAST.items()
-                if (value := _get(cfg, key)) < low]
+                if (value := get_key(cfg, key)) < low]
     problems += [f"{key} must be a finite number, got {value}" for key in _valid_keys(cfg)
-                 if isinstance(value := _get(cfg, key), float) and not math.isfinite(value)]
+                 if isinstance(value := get_key(cfg, key), float) and not math.isfinite(value)]
     problems += [f"{key} must be {text}, got {value}" for key, (text, ok) in IN_RANGE.items()
-                 if math.isfinite(value := _get(cfg, key)) and not ok(value)]
+                 if math.isfinite(value := get_key(cfg, key)) and not ok(value)]
     name = cfg.train.run_name
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         problems.append(f"train.run_name must be a plain directory name (runs/<run_name>), got {name!r}")

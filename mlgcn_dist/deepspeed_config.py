@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from mlgcn_dist.config import Config, ConfigError
+from mlgcn_dist.config import Config, ConfigError, get_key
 
 LAUNCHER = Path("<accelerate launcher>")  # where the config comes from without a JSON file: `accelerate launch` flags
 
@@ -162,8 +162,7 @@ def _check_launcher_flags(ds: dict, path: Path, cfg: Config) -> None:
     for flag, (env, ours, read) in _OUR_FLAGS.items():
         if env not in os.environ:
             continue
-        section, name = ours.split(".")
-        configured = getattr(getattr(cfg, section), name)
+        configured = get_key(cfg, ours)
         try:
             given = read(os.environ[env])
         except ValueError:
