@@ -45,11 +45,17 @@ def evaluated_map(checkpoint: Path, tmp_path: Path, *args: str) -> float:
     return json.loads(out.read_text())["mAP"]
 
 
+def toy_config_file(toy_root: Path, tmp_path: Path, *overrides: str) -> Path:
+    """The toy config on ``toy_root`` (with ``overrides``) as a file, for --config: what --import-mlgcn needs."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0",
+                                                              *overrides]).to_yaml())
+    return config
+
+
 def imported_map(original: Path, toy_root: Path, tmp_path: Path) -> float:
     """The mAP of an original ML-GCN checkpoint evaluated with --import-mlgcn on the toy config."""
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
-    return evaluated_map(original, tmp_path, "--import-mlgcn", "--config", str(config))
+    return evaluated_map(original, tmp_path, "--import-mlgcn", "--config", str(toy_config_file(toy_root, tmp_path)))
 
 
 def edited_checkpoint(source: Path, path: Path, edit) -> Path:
@@ -245,9 +251,7 @@ def test_an_original_checkpoints_own_label_graph_replaces_the_one_from_the_stati
 def test_an_original_checkpoint_imported_with_another_backbone_is_refused_not_half_loaded(run_dir, toy_root,
                                                                                           tmp_path, capsys):
     ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0",
-                                                              "model.backbone=cifar_resnet18"]).to_yaml())
+    config = toy_config_file(toy_root, tmp_path, "model.backbone=cifar_resnet18")
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     assert "does not fit model.backbone=cifar_resnet18" in capsys.readouterr().err
 
@@ -264,9 +268,7 @@ def test_an_original_checkpoint_that_does_not_fit_its_graph_convolution_names_th
     ckpt = original_mlgcn_checkpoint(run_dir, tmp_path / "model_best.pth.tar")
     vectors = tmp_path / "vectors.pkl"
     vectors.write_bytes(pickle.dumps(np.ones((12, 5), dtype=np.float32)))
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0",
-                                                              change.format(vectors=vectors)]).to_yaml())
+    config = toy_config_file(toy_root, tmp_path, change.format(vectors=vectors))
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert hint.format(vectors=vectors) in err and "resnet101" not in err
@@ -283,8 +285,7 @@ def test_our_checkpoint_evaluated_with_a_config_of_another_model_names_the_keys_
 def test_a_checkpoint_of_another_layout_given_as_an_original_one_is_named(run_dir, toy_root, tmp_path, capsys):
     ckpt = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, ckpt)
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    config = toy_config_file(toy_root, tmp_path)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     assert f"{ckpt} (ML-GCN checkpoint): unexpected key 'conv1.weight'" in capsys.readouterr().err
 
@@ -338,8 +339,7 @@ def test_an_original_checkpoint_of_another_label_count_is_refused_naming_both_co
     raw = torch.load(ckpt, weights_only=False)
     raw["state_dict"]["module.A"] = torch.eye(20)  # a VOC-sized graph against the 12-label toy set
     torch.save(raw, ckpt)
-    config = tmp_path / "toy.yaml"
-    config.write_text(load_config(REPO / "configs/toy.yaml", [f"data.root={toy_root}", "data.workers=0"]).to_yaml())
+    config = toy_config_file(toy_root, tmp_path)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--import-mlgcn", "--config", str(config)]) == 2
     assert "label graph A is (20, 20), for 20 labels, but the dataset of --config has 12" in capsys.readouterr().err
 
