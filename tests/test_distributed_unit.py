@@ -4,9 +4,13 @@ can show the difference."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
 from mlgcn_dist import distributed
@@ -14,6 +18,7 @@ from mlgcn_dist.config import ConfigError, flatten_config, load_config
 from mlgcn_dist.distributed import any_rank, average_running_stats, check_same_config, gather_objects
 
 CPU = torch.device("cpu")
+ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
 
 
 # ---------------------------------------------------------------------------------------- collectives
@@ -112,6 +117,75 @@ def test_the_start_line_gives_the_global_batch_and_each_processs_intra_op_thread
         torch.set_num_threads(before)
 
 
+def test_the_topology_takes_the_global_rank_and_the_rank_on_this_node_from_the_accelerator():
+    class SecondProcessOfTheSecondNode:  # the Accelerator's fields topology reads: two nodes of two processes
+        num_processes, process_index, local_process_index, device = 4, 3, 1, CPU
+
+        class distributed_type:  # noqa: N801 (an enum member's shape)
+            value = "MULTI_CPU"
+
+    topo = distributed.topology(SecondProcessOfTheSecondNode(), load_config(None, []))
+    assert (topo.world_size, topo.rank, topo.local_rank) == (4, 3, 1)
+
+
+def test_the_ema_models_running_statistics_are_averaged_with_the_models(monkeypatch):
+    model, ema = bn_model([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), bn_model([2.0, 2.0, 2.0], [2.0, 2.0, 2.0])
+    FakeSecondRank(monkeypatch, {"*": torch.tensor([4.0, 4.0, 4.0])})  # the other rank's, for every statistic
+    average_running_stats(model, ema)
+    assert model[1].running_mean.tolist() == model[1].running_var.tolist() == [2.5, 2.5, 2.5]
+    assert ema[1].running_mean.tolist() == ema[1].running_var.tolist() == [3.0, 3.0, 3.0]
+
+
+# ------------------------------------------------------------------------------------------ the Accelerator
+
+
+def test_a_gpu_is_trained_on_where_there_is_one_unless_train_device_is_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.accelerator_available() == "cuda"
+    assert distributed.training_device(load_config(None, [])) == "cuda"
+    assert distributed.training_device(load_config(None, ["train.device=cpu"])) == "cpu"
+
+
+def accelerator_kwargs(monkeypatch, world_size: int, device: str, *overrides: str) -> dict:
+    """The keywords build_accelerator gives Accelerate in one process of a launch of ``world_size`` (torchrun's and
+    accelerate launch's WORLD_SIZE) training on ``device``."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(distributed, "training_device", lambda cfg: device)
+    monkeypatch.setattr(distributed, "Accelerator", lambda **kwargs: kwargs)
+    return distributed.build_accelerator(load_config(None, ["train.precision=fp32", *overrides]))
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl")])
+def test_the_processes_of_a_launch_form_one_group_on_the_devices_backend_that_waits_train_dist_timeout_s(
+    monkeypatch, device, backend
+):
+    kwargs = accelerator_kwargs(monkeypatch, 2, device, "train.dist_timeout_s=90")
+    (group,) = [h for h in kwargs["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
+    assert (group.backend, group.timeout) == (backend, timedelta(seconds=90))
+    assert kwargs["cpu"] is (device == "cpu")  # without CUDA, what makes the processes one group
+
+
+def test_a_deepspeed_run_gets_the_global_batch_of_every_process_of_the_launch(monkeypatch):
+    kwargs = accelerator_kwargs(monkeypatch, 2, "cpu", f"train.deepspeed={ZERO2}", "data.batch_size=8",
+                                "train.grad_accum=2")
+    assert kwargs["deepspeed_plugin"].deepspeed_config["train_batch_size"] == 8 * 2 * 2
+    (group,) = [h for h in kwargs["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
+    assert group.backend == "gloo"  # Accelerate leaves a DeepSpeed run's backend unset without CUDA
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_compile_false_wins_over_a_launchers_dynamo_backend(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # `accelerate launch --dynamo_backend inductor`
+    accelerator = distributed.build_accelerator(load_config(None, ["train.precision=fp32", "train.device=cpu"]))
+    assert accelerator.state.dynamo_plugin.backend.value == "NO"
+
+
+def test_cuda_graphs_are_replayed_only_by_a_model_compiled_in_reduce_overhead_mode():
+    assert distributed.uses_cuda_graphs(True, "reduce-overhead")
+    assert not distributed.uses_cuda_graphs(False, "reduce-overhead")
+    assert not distributed.uses_cuda_graphs(True, "default")
+
+
 # ------------------------------------------------------------------------------------------ same config
 
 
@@ -125,9 +199,19 @@ def test_ranks_started_with_different_configs_are_refused_naming_the_keys_and_ea
 
 
 def test_node_local_keys_and_logging_may_differ_between_ranks(monkeypatch):
-    local = ["data.root=/scratch/node1/coco", "data.workers=2", "graph.embeddings=/local/glove.pkl",
-             "log.wandb=disabled", "data.decode=cpu"]
+    local = ["data.root=/scratch/node1/coco", "data.shards=/scratch/node1/shards", "data.workers=2",
+             "data.prefetch_factor=4", "data.pin_memory=false", "data.decode=cpu", "data.device_prefetch=0",
+             "data.worker_timeout_s=60", "data.worker_start=spawn", "graph.stats=/scratch/node1/stats.pkl",
+             "graph.embeddings=/local/glove.pkl", "model.pretrained=/local/resnet101.pth",
+             "train.deepspeed=/local/zero2.json", "train.side_stream=true", "log.wandb=disabled"]
     theirs = flatten_config(load_config(None, local).to_dict())
     monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, theirs])
     check_same_config(load_config(None, []))
 
+
+def test_a_config_that_differs_on_any_rank_is_refused_not_only_on_the_one_after_this(monkeypatch):
+    mine = load_config(None, ["optim.lr=0.1"])
+    theirs = flatten_config(load_config(None, ["optim.lr=0.01"]).to_dict())
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, obj, theirs])
+    with pytest.raises(ConfigError, match=r"\(optim.lr: rank 0 0.1, rank 1 0.1, rank 2 0.01\)"):
+        check_same_config(mine)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 from conftest import jpeg, photo
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFile, ImageFilter
 
 from mlgcn_dist.data.jpeg import device_decodable_jpeg, nvjpeg_misreads
 
@@ -21,8 +21,9 @@ def pixels(data: bytes, mode: str | None = None) -> np.ndarray:
         return np.asarray(img.convert(mode) if mode else img, dtype=int)
 
 
-def test_grayscale_jpegs_with_2x2_sampling_are_reencoded_with_1x1_and_their_pixels_kept():
-    odd = as_bytes(photo(mode="L"), subsampling=2)
+@pytest.mark.parametrize("subsampling", [2, 1], ids=["2x2", "2x1"])
+def test_grayscale_jpegs_with_other_than_1x1_sampling_are_reencoded_with_1x1_and_their_pixels_kept(subsampling):
+    odd = as_bytes(photo(mode="L"), subsampling=subsampling)
     with Image.open(io.BytesIO(odd)) as img:
         assert nvjpeg_misreads(img)
     fixed = device_decodable_jpeg(odd)
@@ -34,6 +35,17 @@ def test_grayscale_jpegs_with_2x2_sampling_are_reencoded_with_1x1_and_their_pixe
 @pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
 def test_whole_jpegs_the_device_reads_right_are_passed_on_byte_for_byte(mode):
     data = as_bytes(photo(mode=mode))
+    assert device_decodable_jpeg(data) is data
+
+
+def test_a_whole_jpeg_is_passed_on_without_being_decoded_on_the_cpu(monkeypatch):
+    """Its pixels are the device decoder's work: only a JPEG that lacks its end marker is decoded here."""
+    data = as_bytes(photo())
+
+    def decode(self):
+        raise AssertionError("decoded on the CPU")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
     assert device_decodable_jpeg(data) is data
 
 

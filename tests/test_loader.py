@@ -964,5 +964,6 @@ def test_forkserver_workers_come_from_a_server_that_already_holds_torch_and_hold
     for mask in ("SigIgn:", "SigBlk:"):
         held = int(next(line.split()[1] for line in status.splitlines() if line.startswith(mask)), 16)
         assert all(held & (1 << (sig - 1)) for sig in SAVING_STOP_SIGNALS), mask
-    assert "libtorch" in Path(f"/proc/{server}/maps").read_text()
+    maps = Path(f"/proc/{server}/maps").read_text()
+    assert "libtorch" in maps and "torchvision" in maps  # torch, and what the loader imports besides (torchvision)
     batches._shutdown_workers()

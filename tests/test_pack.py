@@ -473,6 +473,7 @@ def test_a_split_whose_annotations_list_no_image_says_so(tmp_path):
          "the dataset's 3 labels in another order (label 1 is 'dog', the dataset's 'cow')"),
         (["a", "b", "c", "d", "e"], ["a", "v", "w", "x", "y"],
          "5 labels, 4 of them not the dataset's ('b', 'c', 'd', ...)"),
+        (["a", "b", "c", "d"], ["a", "x", "y", "z"], "4 labels, 3 of them not the dataset's ('b', 'c', 'd')"),
     ],
 )
 def test_label_space_difference_says_whether_count_order_or_names_differ(trained, dataset, said):

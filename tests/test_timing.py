@@ -25,6 +25,8 @@ def test_the_data_stall_clock_is_a_no_op_off_cuda():
     stall.waiting()
     stall.got_batch()
     assert not stall.enabled and stall.read() is None
+    assert not DataStall(torch.device("mps")).enabled  # CUDA events time CUDA streams alone
+    assert DataStall(torch.device("cuda")).enabled
 
 
 def test_timed_next_returns_the_batch_with_the_seconds_the_host_blocked_and_passes_the_end_of_the_epoch_through():
@@ -99,3 +101,34 @@ def test_a_windows_stall_is_the_share_of_its_seconds_the_device_sat_idle_on_data
     clock.now += 8.0
     meter.images, meter.data_wait = 80, 4.0
     assert meter.window() == (10.0, 0.5, 0.25)
+
+
+def test_timed_next_clocks_the_devices_stall_from_before_the_loaders_wait_to_after_it(monkeypatch):
+    ms = [0.0]  # the device's clock: nothing is queued, so each event completes as it is recorded
+
+    def loader():
+        ms[0] += 30.0  # the host waits 30 ms for the batch
+        yield "batch"
+
+    stall = DataStall(torch.device("cpu"))
+    stall.enabled = True  # the CUDA clock, its events faked
+    monkeypatch.setattr(DataStall, "_event", staticmethod(lambda: FakeEvent(ms[0])))
+    assert timed_next(loader(), stall)[0] == "batch"
+    assert stall.read() == pytest.approx(0.030)
+
+
+def test_a_windows_seconds_run_until_its_last_batchs_stall_is_known(monkeypatch):
+    """Reading the stall waits for the device to reach the window's last batch: the window ends after that wait,
+    or the stalled seconds could outnumber the window's own."""
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    meter = ThroughputMeter(torch.device("cpu"))
+
+    def read() -> float:  # the host syncs on the last batch's event while 2 s of queued steps still run
+        clock.now += 2.0
+        return 1.0
+
+    monkeypatch.setattr(meter.stall, "read", read)
+    clock.now += 8.0
+    meter.images = 100
+    assert meter.window() == (10.0, 0.0, 0.1)

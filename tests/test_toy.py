@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mlgcn_dist.data import toy
 from mlgcn_dist.data.coco import read_coco
 from mlgcn_dist.data.toy import make_toy
 
@@ -77,6 +78,13 @@ def test_toy_image_and_annotation_ids_are_unique_across_splits_and_images_sorted
     assert not set(image_ids[0]) & set(image_ids[1])
     ann_ids = [a["id"] for d in documents for a in d["annotations"]]
     assert len(set(ann_ids)) == len(ann_ids)
+
+
+def test_toy_image_ids_are_unique_however_many_are_drawn(tmp_path, monkeypatch):
+    handed = []  # the ids make_toy hands each split, their images left unpainted
+    monkeypatch.setattr(toy, "_write_split", lambda out, split, ids, first_ann_id, painter: handed.extend(ids) or {})
+    make_toy(tmp_path, train=20_000, val=10_000)
+    assert len(set(handed)) == len(handed) == 30_000 and min(handed) >= 1
 
 
 def test_toy_annotated_images_show_one_to_four_objects(toy_root):
