@@ -142,15 +142,17 @@ srun "${srun_flags[@]}" \
     bash -c 'trap "" USR1 USR2; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate \
     "${launch_flags[@]}" launch/train.py --config "$config" "${overrides[@]}" "$@" ${requeued[@]+"${requeued[@]}"} &
 srun_pid=$!
+# Poll, not `wait`, while srun runs: a trap that interrupts `wait` just as srun ends can make bash lose srun's exit
+# status (every later `wait` returns -1: the job ended 255, a finished training included). A foreground `sleep` is
+# not interrupted: the traps run when it returns. SIGTERM to the whole batch step (scancel) ends it too.
+while kill -0 "$srun_pid" 2>/dev/null; do
+    sleep 0.2 || true
+done
 status=0
 wait "$srun_pid" || status=$?
-while kill -0 "$srun_pid" 2>/dev/null; do # a trapped signal interrupted `wait`: keep waiting for srun
-    status=0
-    wait "$srun_pid" || status=$?
-done
 if ((status > 128)); then
-    # 128 + a signal's number from a `wait` a trap interrupted just as srun ended (so the loop never ran), or srun's
-    # own: bash keeps an ended child's status, and a `wait` now returns it (127: none kept, the status stands).
+    # 128 + a signal's number from a `wait` a trap interrupted just now, or srun's own: bash keeps an ended child's
+    # status, and a `wait` now returns it (127: none kept, the status stands).
     saved=0
     wait "$srun_pid" || saved=$?
     ((saved == 127)) || status=$saved

@@ -35,23 +35,34 @@ exit $rc
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1" in
-  show) printf '%s\\n' $STUB_HOSTS ;;
+  show) for host in $STUB_HOSTS; do echo "$host"; done ;;
   requeue) echo "$2" >> "$STUB_LOG/requeued" ;;
 esac
 """
-# accelerate stub: record argv and the ignored-signal mask; like a preempted trainer, optionally leave the marker.
+# accelerate stub: record argv, the ignored-signal mask and the elastic agent's shutdown timeout; like a preempted
+# trainer, optionally leave the marker. STUB_BATCH_PID is the batch shell, the job's first process (fake_job).
 FAKE_ACCELERATE = """#!/usr/bin/env bash
 node=$SLURM_NODEID
 printf '%s\\n' "$@" > "$STUB_LOG/accelerate.$node"
 grep SigIgn /proc/$$/status | cut -f2 > "$STUB_LOG/sigign.$node"
+echo "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-unset}" > "$STUB_LOG/shutdown_timeout.$node"
+# SIGUSR1s to the batch shell while the step runs (--signal=B:USR1 and a `scancel --batch --signal=USR1` after it),
+# further apart than its trap takes to pass one on.
+for ((i = 0; node == 0 && i < ${STUB_USR1_DURING:-0}; i++)); do kill -USR1 "$STUB_BATCH_PID"; sleep 0.7; done
 if [[ -n "${STUB_MARKER:-}" ]]; then
   for arg in "$@"; do case "$arg" in train.output_dir=*) dir="${arg#*=}" ;; esac; done
   mkdir -p "$dir" && echo preempted > "$dir/REQUEUE"
 fi
-# Like scancel, which SIGTERMs the batch shell too: the shell is the parent of srun (this stub's parent).
-[[ -z "${STUB_TERM_BATCH:-}" ]] || kill -TERM "$(cut -d' ' -f4 /proc/$PPID/stat)"
+# Like scancel, which SIGTERMs every process of the batch step: the batch shell and its children but srun, whose
+# tasks (this stub) carry on with their save.
+if [[ -n "${STUB_TERM_BATCH:-}" ]]; then
+  kill -TERM "$STUB_BATCH_PID"
+  for pid in $(pgrep -P "$STUB_BATCH_PID"); do [[ $pid == "$PPID" ]] || kill -TERM "$pid"; done
+fi
 # USR1 to the batch shell as the last node ends (--signal=B:USR1 landing just as the step fails).
-[[ -z "${STUB_USR1_BATCH:-}" || $node != $((SLURM_NNODES - 1)) ]] || kill -USR1 "$(cut -d' ' -f4 /proc/$PPID/stat)"
+[[ -z "${STUB_USR1_BATCH:-}" || $node != $((SLURM_NNODES - 1)) ]] || kill -USR1 "$STUB_BATCH_PID"
+# A burst of SIGTERMs to the batch shell that outlasts the step: some land just as srun ends.
+[[ -z "${STUB_TERM_BURST:-}" ]] || (for _ in {1..2000}; do kill -TERM "$STUB_BATCH_PID" 2>/dev/null || exit; done) &
 exit "${STUB_EXIT:-0}"
 """
 # scancel stub: the batch shell's USR1 trap calls it; it takes a while, as a real one asking slurmctld does.
@@ -77,7 +88,12 @@ def fake_job(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess,
     _write_exe(tmp_path / "bin" / "scancel", FAKE_SCANCEL)
     _write_exe(tmp_path / "venv" / "bin" / "accelerate", FAKE_ACCELERATE)
 
-    def run(*args: str, script: Path = SCRIPT, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    def run(*args: str, script: Path = SCRIPT, spooled: bool = False,
+            **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+        """``spooled``: run a copy of ``script`` kept elsewhere, as slurmd runs the copy sbatch stored."""
+        if spooled:
+            _write_exe(tmp_path / "spool" / "slurm_script", script.read_text())
+            script = tmp_path / "spool" / "slurm_script"
         job_env = {
             "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
             "HOME": str(tmp_path),
@@ -93,8 +109,11 @@ def fake_job(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess,
             "STUB_HOSTS": "gpu07 gpu08",
             **env,
         }
-        done = subprocess.run(["bash", str(script), *args], env=job_env, capture_output=True, text=True,
-                              timeout=60)
+        # As slurmd starts a batch job: in the submit directory, the script's shell first (its pid is the one
+        # SLURM signals as the batch shell, STUB_BATCH_PID for the stubs).
+        batch = ["bash", "-c", 'export STUB_BATCH_PID=$$; exec bash "$@"', "batch", str(script), *args]
+        done = subprocess.run(batch, env=job_env, cwd=job_env["SLURM_SUBMIT_DIR"] or tmp_path, capture_output=True,
+                              text=True, timeout=60)
         return done, log
 
     return run
@@ -120,8 +139,21 @@ def test_each_node_launches_with_its_own_rank_and_the_first_host_as_rendezvous(f
         assert _flag(args, "--main_process_port") == str(20000 + 4242 % 10000)
         assert _flag(args, "--rdzv_backend") == "static"
         assert "--multi_gpu" in args
+        # The training config decides both (train.precision, train.compile), not an accelerate config file.
+        assert (_flag(args, "--mixed_precision"), _flag(args, "--dynamo_backend")) == ("no", "no")
     srun_flags = (log / "srun.flags").read_text().split()
-    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=32"} <= set(srun_flags)
+    # --kill-on-bad-exit=0: a node whose trainers stopped first must not kill the one writing the REQUEUE marker.
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=0"} <= set(srun_flags)
+
+
+@pytest.mark.parametrize(("job_id", "port_env", "port"), [("4242", {}, "24242"), ("1234567", {}, "24567"),
+                                                         ("4242", {"MLGCN_PORT": "29500"}, "29500")])
+def test_rendezvous_port_is_20000_plus_the_job_id_modulo_10000_unless_mlgcn_port_is_set(fake_job, job_id, port_env,
+                                                                                      port):
+    """Job ids grow past 10000: the modulo keeps the port below Linux's ephemeral range (32768+)."""
+    done, log = fake_job("configs/toy.yaml", SLURM_JOB_ID=job_id, **port_env)
+    assert done.returncode == 0, done.stderr
+    assert _flag(_launch_args(log, 1), "--main_process_port") == port
 
 
 def test_run_dir_wandb_id_and_resume_derive_from_the_job_id(fake_job, tmp_path):
@@ -137,16 +169,19 @@ def test_run_dir_wandb_id_and_resume_derive_from_the_job_id(fake_job, tmp_path):
     ]
 
 
-@pytest.mark.parametrize(("restarts", "saved", "last"), [("0", True, "train.resume=none"),
-                                                        ("1", True, "train.resume=auto"),
-                                                        ("1", False, "train.resume=none")])
+@pytest.mark.parametrize(("restarts", "saved", "last"), [("0", "complete", "train.resume=none"),
+                                                        ("1", "complete", "train.resume=auto"),
+                                                        ("1", "", "train.resume=none"),
+                                                        ("1", "incomplete", "train.resume=none")])
 def test_a_requeued_job_resumes_its_own_checkpoints_whatever_the_first_start_was_told(fake_job, tmp_path, restarts,
                                                                                       saved, last):
-    """Before its first save, a requeued job starts as the first start was told."""
+    """Before its first complete save (train_state.json is written last), a requeued job starts as the first start
+    was told."""
     if saved:
         step = tmp_path / "runs" / "toy-4242" / "checkpoints" / "step-00000007"
         step.mkdir(parents=True)
-        (step / "train_state.json").write_text("{}")
+        if saved == "complete":
+            (step / "train_state.json").write_text("{}")
     done, log = fake_job("configs/toy.yaml", "train.resume=none", SLURM_RESTART_COUNT=restarts)
     assert done.returncode == 0, done.stderr
     assert _launch_args(log, 0)[-1] == last
@@ -180,12 +215,28 @@ def test_failure_without_marker_propagates_and_a_stale_marker_is_ignored(fake_jo
 
 
 def test_a_signal_to_the_batch_shell_as_the_step_ends_leaves_the_job_the_steps_exit_status(fake_job):
-    """The trap interrupts `wait`, which then returns 128 + the signal's number; srun ended meanwhile, so the loop
-    waiting on for it did not run, and the job failed with 138 instead of the step's 3."""
+    """A trap that interrupts `wait` makes it return 128 + the signal's number: the job failed with 138 instead of
+    the step's 3 when srun had ended meanwhile."""
     done, log = fake_job("configs/toy.yaml", STUB_USR1_BATCH="1", STUB_EXIT="3")
     assert (log / "scancel").read_text().split() == ["--signal=USR1", "4242"]  # the trap ran
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
     assert "training exited with status 3" in done.stdout
+
+
+def test_signals_to_the_batch_shell_while_the_step_runs_leave_the_script_waiting_for_its_requeue_marker(fake_job):
+    """A trapped signal must not end the shell's wait for srun: it acts on the marker once the step has ended."""
+    done, log = fake_job("configs/toy.yaml", STUB_USR1_DURING="2", STUB_MARKER="1", STUB_EXIT="1")
+    assert (log / "scancel").read_text().splitlines() == ["--signal=USR1 4242"] * 2
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    assert (log / "requeued").read_text().split() == ["4242"]
+
+
+def test_signals_to_the_batch_shell_just_as_the_step_ends_never_lose_the_steps_exit_status(fake_job):
+    """A trap that interrupts bash's `wait` just as srun ends could make bash lose srun's status for good: `wait`
+    returned -1 and the job ended 255 (in about 1 of 3 of these runs), a finished training included."""
+    for _ in range(5):
+        done, _ = fake_job("configs/toy.yaml", STUB_TERM_BURST="1", STUB_EXIT="3")
+        assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
 
 
 def test_a_job_slurm_ends_is_not_requeued_and_its_marker_is_renamed_for_a_resubmission_to_resume(fake_job, tmp_path):
@@ -242,6 +293,61 @@ def test_typed_gpus_per_node_counts_the_gpus(fake_job):
     assert _flag(_launch_args(log, 0), "--num_processes") == "4"
 
 
+def test_mlgcn_gpus_per_node_overrides_the_gpus_slurm_gave_the_node(fake_job):
+    done, log = fake_job("configs/toy.yaml", MLGCN_GPUS_PER_NODE="2", SLURM_GPUS_PER_NODE="h100:4")
+    assert done.returncode == 0, done.stderr
+    assert _flag(_launch_args(log, 0), "--num_processes") == "4"  # 2 nodes x 2, not x SLURM_GPUS_ON_NODE=4
+
+
+def test_the_launcher_waits_600_s_before_sigkill_unless_the_job_sets_its_own_shutdown_timeout(fake_job):
+    """SLURM's KillWait/GraceTime, not torch's 30 s default, bounds the trainers' save on SIGTERM."""
+    for env, seen in (({}, "600"), ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45"}, "45")):
+        done, log = fake_job("configs/toy.yaml", **env)
+        assert done.returncode == 0, done.stderr
+        assert (log / "shutdown_timeout.1").read_text().strip() == seen
+
+
+def test_accelerate_comes_from_mlgcn_venv_before_any_on_the_submitting_shells_path(fake_job, tmp_path):
+    _write_exe(tmp_path / "bin" / "accelerate", "#!/bin/sh\necho wrong accelerate >&2\nexit 9\n")
+    done, log = fake_job("configs/toy.yaml")
+    assert done.returncode == 0, done.stderr
+    assert _launch_args(log, 0)[0] == "launch"
+
+
+@pytest.mark.parametrize("where", ["MLGCN_REPO", "SLURM_SUBMIT_DIR"])
+def test_a_spooled_copy_of_the_script_finds_the_repository_and_runs_under_its_runs_dir(fake_job, where):
+    """sbatch runs a copy of the script kept by slurmd: its own location says nothing about the repository."""
+    done, log = fake_job("configs/toy.yaml", spooled=True, MLGCN_RUNS_DIR="", **{where: str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert f"train.output_dir={REPO / 'runs' / 'toy-4242'}" in _launch_args(log, 0)
+
+
+_MODULE_FUNCTION = '() { : "$LMOD_SH_DBG_ON"; printf "%s\\n" "$@" > "$STUB_LOG/module"; }'  # reads an unset variable
+
+
+def test_mlgcn_modules_are_loaded_one_word_each_by_a_module_function_that_reads_unset_variables(fake_job):
+    """Lmod and Environment Modules define `module` as an exported shell function, not set -u clean."""
+    module = {"BASH_FUNC_module%%": _MODULE_FUNCTION}
+    done, log = fake_job("configs/toy.yaml", MLGCN_MODULES="cuda/12.4 nccl/2.21", **module)
+    assert done.returncode == 0, done.stderr
+    assert (log / "module").read_text().split("\n") == ["load", "cuda/12.4", "nccl/2.21", ""]
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    ((), {}, "usage: sbatch slurm/coco_gcn.sh CONFIG.yaml"),
+    (("configs/toy.yaml",), {"SLURM_JOB_ID": ""}, "SLURM_JOB_ID"),
+    (("configs/toy.yaml",), {"STUB_HOSTS": ""}, "SLURM_JOB_NODELIST"),
+    (("configs/toy.yaml",), {"MLGCN_VENV": "/nonexistent/venv"}, "MLGCN_VENV"),
+    (("configs/toy.yaml",), {"MLGCN_MODULES": "cuda/12.4"}, "MLGCN_MODULES"),
+    (("configs/toy.yaml",), {"spooled": True}, "MLGCN_REPO"),  # neither MLGCN_REPO nor the submit dir is the repo
+])
+def test_a_job_that_cannot_start_exits_2_with_an_error_naming_what_to_set(fake_job, args, env, named):
+    done, log = fake_job(*args, **env)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "[slurm] error:" in done.stderr and named in done.stderr
+    assert not (log / "accelerate.0").exists()
+
+
 def test_single_node_script_runs_the_same_job_on_one_node(fake_job):
     done, log = fake_job("configs/toy.yaml", script=SINGLE_NODE_SCRIPT, SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu07",
                          STUB_HOSTS="gpu07", SLURM_SUBMIT_DIR=str(REPO))
@@ -249,6 +355,46 @@ def test_single_node_script_runs_the_same_job_on_one_node(fake_job):
     args = _launch_args(log, 0)
     assert (_flag(args, "--num_machines"), _flag(args, "--num_processes")) == ("1", "4")
     assert not (log / "accelerate.1").exists()
+
+
+@pytest.mark.parametrize("repo", [str(REPO), ""], ids=["MLGCN_REPO", "no-MLGCN_REPO"])
+def test_single_node_script_finds_coco_gcn_through_mlgcn_repo_or_names_it(fake_job, repo):
+    """A spooled copy, submitted from outside the repository: MLGCN_REPO says where coco_gcn.sh is."""
+    done, log = fake_job("configs/toy.yaml", script=SINGLE_NODE_SCRIPT, spooled=True, MLGCN_REPO=repo,
+                         SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu07", STUB_HOSTS="gpu07")
+    if repo:
+        assert done.returncode == 0, done.stderr
+        assert _flag(_launch_args(log, 0), "--num_machines") == "1"
+    else:
+        assert done.returncode == 2 and "MLGCN_REPO" in done.stderr, done.stderr
+
+
+def test_single_node_script_leaves_signals_to_the_batch_shell_to_coco_gcns_traps(fake_job, tmp_path):
+    """SLURM signals the job's first process: single_node.sh must become coco_gcn.sh (exec), not wait for it."""
+    one_node = {"SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu07", "STUB_HOSTS": "gpu07"}
+    done, log = fake_job("configs/toy.yaml", script=SINGLE_NODE_SCRIPT, STUB_USR1_BATCH="1", STUB_EXIT="3",
+                         MLGCN_REPO=str(REPO), **one_node)
+    assert (log / "scancel").read_text().split() == ["--signal=USR1", "4242"]
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    done, log = fake_job("configs/toy.yaml", script=SINGLE_NODE_SCRIPT, STUB_MARKER="1", STUB_TERM_BATCH="1",
+                         STUB_EXIT="1", MLGCN_REPO=str(REPO), **one_node)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert (tmp_path / "runs" / "toy-4242" / "REQUEUE.terminated").exists()
+
+
+def _sbatch_options(script: Path) -> dict[str, str]:
+    lines = [line.split("#", 2)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
+    return dict(line.removeprefix("SBATCH ").strip().partition("=")[::2] for line in lines)  # --requeue: ""
+
+
+@pytest.mark.parametrize("script", [SCRIPT, SINGLE_NODE_SCRIPT])
+def test_both_scripts_ask_for_a_requeueable_job_with_usr1_to_its_step_and_one_appended_log(script):
+    """sbatch reads #SBATCH lines only from the file it is given: single_node.sh repeats coco_gcn.sh's."""
+    options = _sbatch_options(script)
+    assert options["--signal"] == "USR1@180"  # not B:USR1, which only the batch shell gets
+    assert options["--requeue"] == ""
+    assert (options["--open-mode"], options["--output"]) == ("append", "logs/%x-%j.out")
+    assert options["--ntasks-per-node"] == "1"  # one launcher per node
 
 
 def test_missing_config_file_is_an_error_naming_it(fake_job):
