@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
+import signal
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from launching import losses_changed_at_the_third_call, nan_gradient_with_a_finite_loss, train_log, weights
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlgcn_dist import engine as engine_module
-from mlgcn_dist.checkpoint import PreemptionHandler, RunLock, complete_checkpoints
+from mlgcn_dist.checkpoint import (
+    INTERRUPTED_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    PreemptionHandler,
+    RunLock,
+    TrainState,
+    complete_checkpoints,
+)
 from mlgcn_dist.config import ConfigError, load_config
+from mlgcn_dist.data.loader import build_eval_loader
 from mlgcn_dist.data.workers import worker_start_line
 from mlgcn_dist.distributed import (
     build_accelerator,
@@ -29,7 +42,8 @@ from mlgcn_dist.distributed import (
     training_device,
     uses_cuda_graphs,
 )
-from mlgcn_dist.engine import NonFiniteLossError, Trainer, train
+from mlgcn_dist.engine import METRIC_KEYS, NonFiniteLossError, Trainer, train
+from mlgcn_dist.metrics import AveragePrecisionMeter
 from mlgcn_dist.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +125,40 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_there_with_a_larger_
     assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=0", "train.resume=auto"))["global_step"] == 10
 
 
+def test_a_finished_run_resumed_with_as_many_epochs_trains_no_more_and_reports_its_last_epoch_again(toy_root,
+                                                                                                    tmp_path):
+    run_dir = tmp_path / "run"
+    run = ("train.epochs=1", "data.steps_per_epoch=2")
+    assert train(toy_config(toy_root, run_dir, *run))["global_step"] == 2
+    assert train(toy_config(toy_root, run_dir, *run, "train.resume=auto"))["global_step"] == 2
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0]
+
+
+def test_a_run_stopped_by_max_steps_at_an_epochs_end_keeps_its_place_as_the_start_of_the_next_epoch(toy_root,
+                                                                                                    tmp_path):
+    """Not as the end of the epoch, whose batches a resume would make again only to skip them all."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=2", "train.max_steps=2"))
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)
+
+
+def test_eval_every_2_evaluates_after_every_second_epoch_and_after_the_last(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.eval_every=2", "train.epochs=3", "data.steps_per_epoch=1"))
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_run_stopped_by_max_steps_evaluates_and_saves_the_epoch_it_stopped_in_whatever_eval_every(toy_root,
+                                                                                                   tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(toy_config(toy_root, run_dir, "train.eval_every=2", "train.epochs=3", "data.steps_per_epoch=2",
+                               "train.max_steps=3"))
+    assert summary["global_step"] == 3
+    assert (portable(run_dir, "last.pt")["epoch"], portable(run_dir, "last.pt")["global_step"]) == (1, 3)
+
+
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(decode, toy_root,
                                                                                                   tmp_path):
@@ -120,9 +168,10 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_weights_of_an_u
     train(toy_config(toy_root, tmp_path / "whole", *run))
     train(toy_config(toy_root, tmp_path / "split", *run, "train.max_steps=2"))
     train(toy_config(toy_root, tmp_path / "split", *run, "train.resume=auto"))
-    whole, split = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)["model"]
+    whole, split = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)
                     for name in ("whole", "split"))
-    assert all(torch.equal(whole[key], split[key]) for key in whole)
+    for weights_of in ("model", "ema"):  # the EMA model too (toy.yaml's ema_decay): it goes on from the checkpoint's
+        assert all(torch.equal(whole[weights_of][key], split[weights_of][key]) for key in whole[weights_of])
 
 
 def test_a_resume_with_another_batch_size_keeps_the_learning_rate_decay_on_its_epoch(toy_root, tmp_path):
@@ -153,6 +202,35 @@ def test_a_resume_with_another_grad_accum_steps_on_whole_accumulations_and_at_ea
     positions = [round((e % 1 or 1.0) * per_epoch) for e in epochs]
     assert all(p % 2 == 0 for p in positions), positions
     assert epochs[-1] == pytest.approx(2.0) and 1.0 in [pytest.approx(e) for e in epochs]
+
+
+def test_a_resume_in_pairs_of_micro_batches_goes_on_from_a_whole_accumulation_and_steps_to_the_epochs_end(
+        toy_root, tmp_path):
+    """Saved after 1 of 3 batches of 8 (a third of the epoch), resumed in 8 micro-batches of 4, 2 a step: a third
+    is 2.67 micro-batches, rounded down to 2, a whole accumulation; the 6 left make 3 steps (3 would leave 2
+    steps and a micro-batch that completes none)."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=3", "train.max_steps=1"))
+    resumed = train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=8", "data.batch_size=4",
+                               "train.grad_accum=2", "train.resume=auto"))
+    assert resumed["global_step"] == 1 + 3
+
+
+@pytest.mark.parametrize(("fmt", "step_in_epoch", "warned"), [("wds", 3, True), ("wds", 0, False), ("folder", 3, False)],
+                         ids=["shards_inside_an_epoch", "shards_at_an_epochs_start", "folder_inside_an_epoch"])
+def test_only_a_resume_inside_a_shard_epoch_with_another_layout_warns_that_the_rest_of_the_epoch_is_reordered(
+        fmt, step_in_epoch, warned, toy_root, tmp_path, capsys):
+    """A resume at an epoch's start has trained none of its batches to skip; the folder format draws one
+    permutation of the epoch whatever the layout (tests/test_reliability.py: resumed runs). The layout is recorded
+    either way, for the next resume."""
+    cfg = toy_config(toy_root, tmp_path)
+    cfg.data.format = fmt
+    state = TrainState(step_in_epoch=step_in_epoch, data_order="2 processes x 0 data workers, 4 batches of 8")
+    trainer = SimpleNamespace(cfg=cfg, state=state, topo=SimpleNamespace(world_size=1),
+                              accelerator=SimpleNamespace(is_main_process=True))
+    Trainer._warn_of_a_reordered_epoch(trainer, 7)
+    assert ("warning: resumed inside epoch 0 with another shard order" in capsys.readouterr().out) is warned
+    assert state.data_order.startswith("1 processes x 0 data workers, 7 batches of 8")
 
 
 def test_a_resume_keeps_the_checkpoints_base_learning_rates_on_this_runs_schedule(toy_root, tmp_path):
@@ -189,6 +267,56 @@ def test_a_resumed_runs_config_records_the_checkpoints_optimiser_settings_it_tra
     assert recorded.schedule == "cosine"  # the schedule is this session's
 
 
+def test_ema_decay_0_trains_no_ema_model(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(toy_config(toy_root, run_dir, "train.ema_decay=0", "train.epochs=1", "data.steps_per_epoch=1"))
+    assert set(summary["final"]) == {"model"} and portable(run_dir, "best.pt")["ema"] is None
+
+
+def test_linear_lr_scaling_counts_every_image_of_an_accumulated_optimiser_step(toy_root, tmp_path):
+    """optim.lr_scaling=linear scales optim.lr by the global batch: 2 micro-batches of 4 a step are 8 images."""
+    cfg = toy_config(toy_root, tmp_path / "run", "optim.lr_scaling=linear", "optim.base_batch_size=16",
+                     "data.batch_size=4", "train.grad_accum=2", "optim.warmup_epochs=0")
+    with built_trainer(cfg) as trainer:
+        assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.1 * 8 / 16}
+
+
+def test_a_resumed_session_names_the_wandb_run_of_its_directory_even_with_wandb_off(toy_root, tmp_path):
+    """So that the next session with W&B on continues that W&B run instead of opening another."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=1"))
+    summary_json = run_dir / "summary.json"
+    summary_json.write_text(json.dumps({**json.loads(summary_json.read_text()), "wandb_run_id": "abc123"}))
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=1", "train.resume=auto"))
+    assert json.loads(summary_json.read_text())["wandb_run_id"] == "abc123"
+
+
+def test_the_ema_model_takes_the_weights_of_every_optimiser_step(toy_root, tmp_path):
+    """With a decay next to 0 the EMA model is the model itself (tests/test_ema.py: the average it keeps)."""
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.ema_decay=1e-9", "train.epochs=1", "data.steps_per_epoch=2"))
+    last = portable(run_dir, "last.pt")
+    for key, value in last["model"].items():
+        torch.testing.assert_close(last["ema"][key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_clip_grad_0_steps_on_the_unclipped_gradient(monkeypatch, toy_root, tmp_path):
+    """As with a bound no gradient reaches; not a bound of 0, which would leave no gradient."""
+    norms: list[float] = []
+    sgd_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return sgd_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    for clip in ("0", "1e9"):
+        train(toy_config(toy_root, tmp_path / clip, f"optim.clip_grad={clip}", "train.epochs=1",
+                         "data.steps_per_epoch=2", "train.deterministic=true"))
+    assert len(norms) == 4 and norms[:2] == norms[2:] and min(norms) > 0
+
+
 def test_gradient_accumulation_keeps_the_optimiser_step_count(toy_root, tmp_path):
     summary = train(toy_config(toy_root, tmp_path / "accum", "train.epochs=1", "train.grad_accum=2",
                                "data.batch_size=4", "data.steps_per_epoch=8"))
@@ -218,6 +346,20 @@ def test_a_second_run_on_the_same_directory_refuses(toy_root, tmp_path):
             train(toy_config(toy_root, run_dir, "train.epochs=1"))
     finally:
         lock.release()
+
+
+def test_a_run_that_fails_leaves_its_directory_unlocked_while_its_traceback_is_still_held(monkeypatch, toy_root,
+                                                                                          tmp_path):
+    """An interactive session keeps the last traceback, and with it the failed run's frames: the lock must not
+    depend on them being collected, or the next run there would find the directory in use by this process."""
+    losses_changed_at_the_third_call(monkeypatch, lambda value, logits: value + float("nan"))
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as failed:
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=3"))
+    lock = RunLock(run_dir)
+    lock.acquire()
+    lock.release()
+    assert failed.traceback  # still held
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -461,7 +603,8 @@ def test_deterministic_mode_fixes_the_cublas_workspace_unless_the_user_did(prese
     try:
         engine_module._configure_determinism(toy_config(toy_root, tmp_path, "train.deterministic=true"), rank=0)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (preset or ":4096:8")
-        assert torch.are_deterministic_algorithms_enabled()
+        # An op without a deterministic CUDA kernel warns, naming itself, instead of stopping the run.
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
@@ -514,11 +657,13 @@ def test_with_gradient_accumulation_the_schedule_advances_once_per_optimiser_ste
 NO_BATCHNORM = ("model.backbone=cifar_plainnet", "model.head=gcn")  # a batch's images never interact
 
 
-def test_accumulating_two_micro_batches_of_4_trains_the_weights_of_one_batch_of_8(toy_root, tmp_path):
+@pytest.mark.parametrize("clip", ["0", "0.05"])
+def test_accumulating_two_micro_batches_of_4_trains_the_weights_of_one_batch_of_8(clip, toy_root, tmp_path):
     """The accumulated gradient is the mean over the micro-batches, as a batch's is over its images: the same
     images in the same order (the order does not depend on the batch size) give the same weights. No BatchNorm,
-    which would normalise each 4 apart from the other 4, and no clipping, which would hide a scale."""
-    run = ("train.epochs=1", "optim.clip_grad=0", *NO_BATCHNORM)
+    which would normalise each 4 apart from the other 4. Unclipped (clip 0), where a clip would hide a scale; and
+    with a clip that binds, which must clip the step's accumulated gradient, as the batch's, not each micro-batch's."""
+    run = ("train.epochs=1", f"optim.clip_grad={clip}", *NO_BATCHNORM)
     train(toy_config(toy_root, tmp_path / "batch8", *run, "data.batch_size=8", "data.steps_per_epoch=3"))
     train(toy_config(toy_root, tmp_path / "accum", *run, "data.batch_size=4", "train.grad_accum=2",
                      "data.steps_per_epoch=6"))
@@ -581,6 +726,15 @@ def test_the_stand_in_step_for_an_all_unreadable_micro_batch_leaves_no_gradient(
         assert [name for name, grad in grads.items() if grad is not None and bool(grad.any())] == []
 
 
+def test_the_stand_in_step_gives_every_batchnorm_its_momentum_back(toy_root, tmp_path):
+    """Its momentum 0 holds for the stand-in step alone: the next steps update the running statistics again."""
+    with built_trainer(toy_config(toy_root, tmp_path / "run")) as trainer:  # cifar_resnet_tiny: BatchNorm
+        norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        trainer._stand_in_step()
+        assert norms and [m.momentum for m in norms] == momenta
+
+
 # --------------------------------------------------------------------------------- best.pt
 
 
@@ -629,6 +783,70 @@ def test_a_resumed_run_keeps_its_best_map_so_a_worse_epoch_after_the_resume_leav
     assert (portable(run_dir, "best.pt")["epoch"], portable(run_dir, "last.pt")["epoch"]) == (0, 2)
 
 
+# --------------------------------------------------------------------------------- stop signals
+
+
+def signalled_at_the_third_micro_batch(monkeypatch, signum: int, change=lambda value, logits: value) -> None:
+    """This process sends itself ``signum`` as the third micro-batch's loss is computed (``change`` it too)."""
+    losses_changed_at_the_third_call(monkeypatch, lambda value, logits: os.kill(os.getpid(), signum) or
+                                     change(value, logits))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["preemption", "ctrl_c"])
+def test_a_stop_signal_saves_at_the_next_logging_step_and_exits_with_its_code_leaving_the_signal_handlers_as_they_were(
+        signum, monkeypatch, toy_root, tmp_path):
+    """In this process (the slow tests send real signals to launched runs): a preemption asks for a requeue (exit
+    75, the REQUEUE marker SLURM's script reads, summary "preempted"); Ctrl-C only stops (exit 130, no marker)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    signalled_at_the_third_micro_batch(monkeypatch, signum)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=6", "train.log_every=2"))
+    preempted = signum != signal.SIGINT
+    assert stopped.value.code == (REQUEUE_EXIT_CODE if preempted else INTERRUPTED_EXIT_CODE)
+    assert [path.name for path in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000004"]
+    assert (run_dir / "REQUEUE").exists() is preempted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary.get("preempted"), summary.get("stopped")) == ((True, None) if preempted else (None, "Ctrl-C"))
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_a_run_clears_the_requeue_marker_of_the_preempted_session_before_it(toy_root, tmp_path):
+    """The SLURM script requeues a job that leaves the marker: the requeued session's must not be the old one."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "REQUEUE").write_text("preempted at step 4\n")
+    train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=1"))
+    assert not (run_dir / "REQUEUE").exists()
+
+
+def test_a_preemption_after_a_gradient_overflow_stops_with_the_error_and_saves_no_checkpoint_of_the_broken_weights(
+        monkeypatch, toy_root, tmp_path):
+    signalled_at_the_third_micro_batch(monkeypatch, signal.SIGUSR1, nan_gradient_with_a_finite_loss)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 3 \(epoch 0\) with finite losses"):
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=6", "train.log_every=1"))
+    assert complete_checkpoints(run_dir / "checkpoints") == [] and not (run_dir / "REQUEUE").exists()
+
+
+def test_the_batchnorm_statistics_averaged_over_the_processes_are_those_of_the_model_and_ema_evaluated_and_saved(
+        monkeypatch, toy_root, tmp_path):
+    """Each rank's running statistics come from its own batches; the averaging (stood in for: it sets every
+    running mean to 7) comes before the evaluation and save, for the EMA model as well."""
+    def averaged(*modules):
+        for module in modules:
+            for name, buffer in module.named_buffers():
+                if name.endswith("running_mean"):
+                    buffer.fill_(7.0)
+
+    monkeypatch.setattr(engine_module.distributed, "average_running_stats", averaged)
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.ema_decay=0.9", "train.epochs=1", "data.steps_per_epoch=2"))
+    last = portable(run_dir, "last.pt")
+    means = {source: [t for k, t in last[source].items() if k.endswith("running_mean")] for source in ("model", "ema")}
+    assert all(means.values()) and all(bool((t == 7).all()) for ts in means.values() for t in ts)
+
+
 # --------------------------------------------------------------------------------- non-finite loss, throughput
 
 
@@ -639,6 +857,20 @@ def test_an_infinite_loss_stops_the_run_as_a_nan_does_naming_its_step_before_any
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss in 1 micro-batch\(es\) up to step 3 \(epoch 0\)"):
         train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=5", "train.log_every=1"))
     assert complete_checkpoints(run_dir / "checkpoints") == []
+
+
+def test_a_non_finite_loss_on_one_rank_of_two_stops_the_run_at_that_logging_window(monkeypatch, toy_root, tmp_path):
+    """A window's counts are summed over the ranks, not averaged: the other rank's finite micro-batches (its share
+    of the reduction stood in for: as many, all finite) must not dilute this rank's one non-finite loss to half."""
+    def with_a_finite_rank(self, tensor, reduction="sum", scale=1.0):
+        other = tensor.clone()
+        other[1] = 0  # [loss sum, non-finite count, micro-batches]
+        return tensor + other if reduction == "sum" else (tensor + other) / 2
+
+    monkeypatch.setattr(Accelerator, "reduce", with_a_finite_rank)
+    losses_changed_at_the_third_call(monkeypatch, lambda value, logits: value + float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in 1 micro-batch\(es\) up to step 4 \(epoch 0\)"):
+        train(toy_config(toy_root, tmp_path / "run", "train.epochs=1", "data.steps_per_epoch=6", "train.log_every=2"))
 
 
 @pytest.mark.parametrize("clip", ["10", "0"])
@@ -653,6 +885,94 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_its_weig
         train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=3", f"optim.clip_grad={clip}"))
     assert complete_checkpoints(run_dir / "checkpoints") == []
     assert not (run_dir / "checkpoints" / "best.pt").exists() and not (run_dir / "checkpoints" / "last.pt").exists()
+
+
+def test_a_single_non_finite_weight_is_enough_to_stop_the_run_before_its_weights_are_evaluated(toy_root, tmp_path):
+    with built_trainer(toy_config(toy_root, tmp_path / "run")) as trainer:
+        trainer._check_weights_finite()  # all finite: nothing to say
+        with torch.no_grad():
+            next(trainer.model.parameters()).view(-1)[0] = float("inf")
+        with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 0 \(epoch 0\)"):
+            trainer._check_weights_finite()
+
+
+def training_loaders_yielding(monkeypatch, batches) -> None:
+    """Each training loader keeps its length (``len``, what the engine plans the epoch by) but yields
+    ``batches(iterator over its batches)``. (Past 10 loaders, the run is taken to repeat an epoch forever.)"""
+    build, built = engine_module.build_train_loader, []
+
+    class Yielding:
+        def __init__(self, loader) -> None:
+            built.append(loader)
+            assert len(built) <= 10, "the run keeps starting an epoch again"
+            self.loader = loader
+
+        def __len__(self) -> int:
+            return len(self.loader)
+
+        def __iter__(self):
+            return batches(iter(self.loader))
+
+    monkeypatch.setattr(engine_module, "build_train_loader", lambda *args, **kwargs: Yielding(build(*args, **kwargs)))
+
+
+def loaders_running_short(monkeypatch, batches: int) -> None:
+    """Each epoch's loader yields its first ``batches`` alone: a loader that broke its promise of ``len(loader)``."""
+    training_loaders_yielding(monkeypatch, lambda epoch: itertools.islice(epoch, batches))
+
+
+def test_an_epoch_whose_loader_runs_short_ends_there_and_the_next_epoch_begins(monkeypatch, toy_root, tmp_path):
+    loaders_running_short(monkeypatch, 3)
+    run_dir = tmp_path / "run"
+    assert train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=5"))["global_step"] == 6
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_a_nan_loss_after_the_last_optimiser_step_of_a_loader_that_ran_short_stops_the_run_before_any_checkpoint(
+        monkeypatch, toy_root, tmp_path):
+    """2 micro-batches a step, the loader ends after 3: the third, NaN, completed no step and no logging window."""
+    loaders_running_short(monkeypatch, 3)
+    losses_changed_at_the_third_call(monkeypatch, lambda value, logits: value * float("nan"))
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in 1 micro-batch\(es\) up to step 1 \(epoch 0\)"):
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.batch_size=4", "train.grad_accum=2",
+                         "data.steps_per_epoch=6", "train.log_every=1"))
+    assert complete_checkpoints(run_dir / "checkpoints") == []
+
+
+def test_the_batches_a_resume_makes_again_to_skip_them_are_not_counted_as_training_time(monkeypatch, toy_root,
+                                                                                         tmp_path):
+    """Each batch takes 100 s to make, on the clock the engine reads (and no other time passes): an epoch of 4
+    batches, stopped after the first and resumed, trained for 400 s, not 500 (its img_per_s is over that time)."""
+    clock = [0.0]
+
+    def made_in_100_s_each(epoch):
+        for batch in epoch:
+            clock[0] += 100
+            yield batch
+
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    training_loaders_yielding(monkeypatch, made_in_100_s_each)
+    run_dir, run = tmp_path / "run", ("train.epochs=1", "data.steps_per_epoch=4", "data.device_prefetch=0")
+    train(toy_config(toy_root, run_dir, *run, "train.max_steps=1"))
+    train(toy_config(toy_root, run_dir, *run, "train.resume=auto"))
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert (state["global_step"], state["train_seconds"]) == (4, 400)
+
+
+def test_the_runs_trained_images_add_up_the_images_of_every_rank(monkeypatch, toy_root, tmp_path):
+    """Another rank trained 5 images (its gather of the counts, trained and skipped, is stood in for)."""
+    gather = engine_module.distributed.gather_objects
+
+    def with_another_rank(mine):
+        counts = isinstance(mine, tuple) and all(isinstance(n, int) for n in mine)
+        return [mine, (5, 0)] if counts else gather(mine)
+
+    monkeypatch.setattr(engine_module.distributed, "gather_objects", with_another_rank)
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=2"))
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert state["trained_images"] == 2 * 8 + 5
 
 
 def test_a_logging_windows_data_wait_adds_up_the_wait_for_each_of_its_batches(monkeypatch, toy_root, tmp_path):
@@ -697,6 +1017,24 @@ def test_a_process_of_two_reports_the_window_throughput_of_both_and_img_per_s_ov
     assert summary["img_per_s_window_median"] == statistics.median(r["train/img_per_s"] for r in logged)
 
 
+def test_a_checkpoint_that_counted_rank_0s_images_alone_is_resumed_with_its_count_taken_once_for_each_process(
+    monkeypatch, toy_root, tmp_path
+):
+    """Saved before trained_images counted every rank's images (its state lacks images_of_all_ranks) and resumed
+    on 2 processes (stood in for, as above): 8 images of rank 0 count as 8 for each."""
+    state_dict = TrainState.state_dict
+    monkeypatch.setattr(TrainState, "state_dict",
+                        lambda self: {k: v for k, v in state_dict(self).items() if k != "images_of_all_ranks"})
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=2", "train.max_steps=1"))
+    monkeypatch.undo()
+    topology = engine_module.distributed.topology
+    monkeypatch.setattr(engine_module.distributed, "topology",
+                        lambda acc, cfg: dataclasses.replace(topology(acc, cfg), world_size=2))
+    with built_trainer(toy_config(toy_root, run_dir, "train.epochs=2", "train.resume=auto")) as trainer:
+        assert trainer.state.trained_images == 2 * 8
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
 def test_every_file_of_a_checkpoint_reaches_the_disk_before_its_train_state_json_makes_it_complete(
         toy_root, tmp_path, monkeypatch):
@@ -717,3 +1055,117 @@ def test_every_file_of_a_checkpoint_reaches_the_disk_before_its_train_state_json
     files = [tmp / p.relative_to(step) for p in step.rglob("*") if p.is_file() and p.name != "train_state.json"]
     assert files and all(f in synced[:state_json] for f in files), (files, synced)
     assert run_dir / "checkpoints" in synced[state_json:]  # and the rename that publishes it
+
+
+def test_skipped_training_images_may_make_up_max_bad_fraction_of_the_images_met_and_no_more(toy_root, tmp_path):
+    cfg = toy_config(toy_root, tmp_path, "data.max_bad_fraction=0.25")
+    engine_module._check_bad_fraction(cfg, bad=1, seen=3)  # 1 of the 4 met: at the limit
+    with pytest.raises(RuntimeError, match=r"2 undecodable training samples out of 5 exceed data.max_bad_fraction=0.25"):
+        engine_module._check_bad_fraction(cfg, bad=2, seen=3)
+
+
+# --------------------------------------------------------------------------------- decoding and evaluation
+
+
+def test_auto_decode_decodes_on_a_cuda_device_and_in_the_loader_elsewhere_and_an_explicit_choice_is_kept(
+        toy_root, tmp_path):
+    auto, cpu = (toy_config(toy_root, tmp_path, f"data.decode={decode}") for decode in ("auto", "cpu"))
+    assert engine_module.resolve_decode(auto, torch.device("cuda")) == "gpu"
+    assert engine_module.resolve_decode(auto, torch.device("cpu")) == "cpu"
+    assert engine_module.resolve_decode(cpu, torch.device("cuda")) == "cpu"
+
+
+def first_jpeg_of_each_batch_refused_by_the_device(monkeypatch, in_training: bool) -> None:
+    """data.decode=gpu: the device's decoder refuses the first JPEG of each training or evaluation batch (one the
+    loader passed on: workers hand raw bytes over), which to_device then drops."""
+    decode = engine_module.GpuAugment.decode
+
+    def first_refused(self, jpegs, device):
+        images, kept = decode(self, jpegs, device)
+        return (images[1:], kept[1:]) if self.train == in_training else (images, kept)
+
+    monkeypatch.setattr(engine_module.GpuAugment, "decode", first_refused)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_evaluation_counts_and_names_the_images_the_device_could_not_decode(monkeypatch, toy_root, tmp_path):
+    first_jpeg_of_each_batch_refused_by_the_device(monkeypatch, in_training=False)
+    cfg = toy_config(toy_root, tmp_path / "run", "data.decode=gpu", "train.epochs=1", "data.steps_per_epoch=1")
+    batches = [batch["image_id"].tolist() for batch in build_eval_loader(cfg.data, rank=0, world_size=1, decode="gpu")]
+    summary = train(cfg)
+    assert len(batches) > 1 and summary["eval_bad_ids"] == sorted(ids[0] for ids in batches)
+    assert summary["num_val_images"] == sum(len(ids) - 1 for ids in batches)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_training_counts_the_images_the_device_could_not_decode_as_skipped_not_trained(monkeypatch, toy_root,
+                                                                                        tmp_path):
+    first_jpeg_of_each_batch_refused_by_the_device(monkeypatch, in_training=True)
+    run_dir = tmp_path / "run"
+    summary = train(toy_config(toy_root, run_dir, "data.decode=gpu", "train.epochs=1", "data.steps_per_epoch=2",
+                               "data.max_bad_fraction=0.5"))
+    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    assert (summary["bad_samples"], state["trained_images"]) == (2, 2 * 7)  # 2 batches of 8
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_a_logging_window_of_a_stand_in_step_alone_logs_no_loss(monkeypatch, toy_root, tmp_path):
+    """The device refuses every JPEG of the second training batch: its step is a stand-in, with no loss to log
+    (tests/test_reliability.py: the stand-in step); its window, of that step alone, logs nothing, not a loss of 0."""
+    decode, made = engine_module.GpuAugment.decode, []
+
+    def second_batch_refused(self, jpegs, device):
+        images, kept = decode(self, jpegs, device)
+        made.append(self.train)
+        return (images[:0], kept[:0]) if self.train and made.count(True) == 2 else (images, kept)
+
+    monkeypatch.setattr(engine_module.GpuAugment, "decode", second_batch_refused)
+    run_dir = tmp_path / "run"
+    train(toy_config(toy_root, run_dir, "data.decode=gpu", "train.epochs=1", "data.steps_per_epoch=3",
+                     "train.log_every=1", "data.max_bad_fraction=0.5"))
+    assert [r["step"] for r in train_log(run_dir)] == [1, 3]
+
+
+def evaluated(trainer: Trainer):
+    """``evaluate`` of the trainer's model on the validation split, as the run does it: (results, merged meter)."""
+    model = engine_module.bare_model(trainer.accelerator, trainer.model)
+    return engine_module.evaluate(model, trainer.cfg, trainer.accelerator, "cpu", None)
+
+
+def test_evaluation_counts_and_names_the_unreadable_images_of_every_rank_in_image_id_order(monkeypatch, toy_root,
+                                                                                           tmp_path):
+    """Another rank could read neither image 900 nor image 5 (its gather of (count, ids) is stood in for): the
+    results count and name the run's unreadable images, not rank 0's."""
+    gather = engine_module.distributed.gather_objects
+
+    def with_another_rank(mine):
+        return [mine, (2, [900, 5])] if isinstance(mine, tuple) and isinstance(mine[1], list) else gather(mine)
+
+    monkeypatch.setattr(engine_module.distributed, "gather_objects", with_another_rank)
+    with built_trainer(toy_config(toy_root, tmp_path / "run")) as trainer:
+        results, _ = evaluated(trainer)
+    assert (results["num_bad"], results["bad_ids"]) == (2, [5, 900])
+
+
+def test_evaluation_reports_the_metrics_of_each_images_three_top_scored_labels_beside_the_thresholded_ones(
+        toy_root, tmp_path):
+    with built_trainer(toy_config(toy_root, tmp_path / "run")) as trainer:
+        results, merged = evaluated(trainer)
+    top3, thresholded = merged.compute(top_k=3), merged.compute()
+    assert {k: results["top3"][k] for k in METRIC_KEYS} == {k: top3[k] for k in METRIC_KEYS}
+    assert {k: top3[k] for k in METRIC_KEYS} != {k: thresholded[k] for k in METRIC_KEYS}
+
+
+def test_the_label_frequency_baseline_is_the_mean_positive_rate_of_the_present_labels_in_percent():
+    """Ranking at random, a label's AP is the share of its images that hold it (its difficult ones left out); a
+    label no image holds has no AP, and no rate in the mean either."""
+    meter = AveragePrecisionMeter()
+    meter.add(torch.zeros(4, 3), torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0], [-1, 0, 0]]), torch.arange(4))
+    assert engine_module.frequency_baseline_map(meter) == pytest.approx((1 / 3 + 2 / 4) / 2 * 100)
+
+
+def test_each_rank_seeds_its_own_random_draws_with_the_seed_plus_its_rank(toy_root, tmp_path):
+    """Weights are initialised and images augmented with draws of each rank's own (the data order is seeded
+    apart, by seed and epoch)."""
+    engine_module._configure_determinism(toy_config(toy_root, tmp_path, "train.seed=5"), rank=3)
+    assert torch.initial_seed() == 8 and random.random() == random.Random(8).random()
