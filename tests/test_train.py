@@ -811,6 +811,26 @@ def test_a_stop_signal_saves_at_the_next_logging_step_and_exits_with_its_code_le
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
+def test_a_stop_signal_to_another_process_alone_stops_this_one_at_the_same_logging_step(monkeypatch, toy_root,
+                                                                                      tmp_path):
+    """A Ctrl-C reaches rank 0's process group alone, and SLURM's signal may land between two ranks' windows: the
+    ranks agree at each logging step (any_rank) and all save and stop there, or the others would train on into a
+    collective the stopped one never joins. Another rank's signal, stood in for, at the second window."""
+    windows: list[bool] = []
+
+    def another_rank_signalled_at_the_second_window(flag: bool, device: torch.device) -> bool:
+        windows.append(flag)
+        return flag or len(windows) == 2
+
+    monkeypatch.setattr(engine_module.distributed, "any_rank", another_rank_signalled_at_the_second_window)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=6", "train.log_every=2"))
+    assert stopped.value.code == REQUEUE_EXIT_CODE and windows == [False, False]
+    assert [path.name for path in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000004"]
+    assert (run_dir / "REQUEUE").read_text().startswith("preempted at step 4")
+
+
 def test_a_run_clears_the_requeue_marker_of_the_preempted_session_before_it(toy_root, tmp_path):
     """The SLURM script requeues a job that leaves the marker: the requeued session's must not be the old one."""
     run_dir = tmp_path / "run"
