@@ -52,6 +52,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
+def newest_state(run_dir: Path) -> dict:
+    """The training state (epoch, steps, images, seconds) of the run's newest complete checkpoint."""
+    newest = complete_checkpoints(run_dir / "checkpoints")[-1]
+    return json.loads((newest / "train_state.json").read_text())["state"]
+
+
+def evaluated_epochs(run_dir: Path) -> list[int]:
+    """The epoch of each evaluation the run logged to metrics.jsonl, in order."""
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def toy_config(toy_root: Path, run_dir: Path, *extra: str):
     return load_config(REPO / "configs/toy.yaml", [
         f"data.root={toy_root}", "data.workers=0", "data.batch_size=8", "train.epochs=3", "train.log_every=2",
@@ -79,8 +90,7 @@ def test_training_lowers_the_loss_and_beats_the_label_frequency_baseline(trained
 def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     run_dir, summary = trained
     assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in evals] == [0, 1, 2]
+    assert evaluated_epochs(run_dir) == [0, 1, 2]
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["best_mAP"] == pytest.approx(summary["best_mAP"])
     assert {"model", "ema"} <= set(saved["final"])
@@ -102,11 +112,9 @@ def test_resume_auto_continues_from_the_newest_checkpoint(trained, toy_root, tmp
     run_dir, summary = trained
     more = train(toy_config(toy_root, run_dir, "train.ema_decay=0.9", "train.epochs=4", "train.resume=auto"))
     assert more["global_step"] > summary["global_step"]
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in evals] == [0, 1, 2, 3]
+    assert evaluated_epochs(run_dir) == [0, 1, 2, 3]
     # The run's throughput counts both sessions' images and time (one process, batch 8).
-    newest = complete_checkpoints(run_dir / "checkpoints")[-1]
-    state = json.loads((newest / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert state["trained_images"] == 8 * more["global_step"]
     assert more["img_per_s"] == pytest.approx(state["trained_images"] / state["train_seconds"])
 
@@ -115,7 +123,7 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_there_with_a_larger_
     run_dir = tmp_path / "run"
     run = ("train.epochs=2", "data.steps_per_epoch=5")
     assert train(toy_config(toy_root, run_dir, *run, "train.max_steps=3"))["global_step"] == 3
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (0, 3)  # the evaluation of the epoch it stopped in
@@ -131,8 +139,7 @@ def test_a_finished_run_resumed_with_as_many_epochs_trains_no_more_and_reports_i
     run = ("train.epochs=1", "data.steps_per_epoch=2")
     assert train(toy_config(toy_root, run_dir, *run))["global_step"] == 2
     assert train(toy_config(toy_root, run_dir, *run, "train.resume=auto"))["global_step"] == 2
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in evals] == [0]
+    assert evaluated_epochs(run_dir) == [0]
 
 
 def test_a_run_stopped_by_max_steps_at_an_epochs_end_keeps_its_place_as_the_start_of_the_next_epoch(toy_root,
@@ -140,14 +147,14 @@ def test_a_run_stopped_by_max_steps_at_an_epochs_end_keeps_its_place_as_the_star
     """Not as the end of the epoch, whose batches a resume would make again only to skip them all."""
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=2", "train.max_steps=2"))
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)
 
 
 def test_eval_every_2_evaluates_after_every_second_epoch_and_after_the_last(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.eval_every=2", "train.epochs=3", "data.steps_per_epoch=1"))
-    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert evaluated_epochs(run_dir) == [1, 2]
 
 
 def test_a_run_stopped_by_max_steps_evaluates_and_saves_the_epoch_it_stopped_in_whatever_eval_every(toy_root,
@@ -945,7 +952,7 @@ def test_an_epoch_whose_loader_runs_short_ends_there_and_the_next_epoch_begins(m
     loaders_running_short(monkeypatch, 3)
     run_dir = tmp_path / "run"
     assert train(toy_config(toy_root, run_dir, "train.epochs=2", "data.steps_per_epoch=5"))["global_step"] == 6
-    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert evaluated_epochs(run_dir) == [0, 1]
 
 
 def test_a_nan_loss_after_the_last_optimiser_step_of_a_loader_that_ran_short_stops_the_run_before_any_checkpoint(
@@ -976,7 +983,7 @@ def test_the_batches_a_resume_makes_again_to_skip_them_are_not_counted_as_traini
     run_dir, run = tmp_path / "run", ("train.epochs=1", "data.steps_per_epoch=4", "data.device_prefetch=0")
     train(toy_config(toy_root, run_dir, *run, "train.max_steps=1"))
     train(toy_config(toy_root, run_dir, *run, "train.resume=auto"))
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert (state["global_step"], state["train_seconds"]) == (4, 400)
 
 
@@ -991,7 +998,7 @@ def test_the_runs_trained_images_add_up_the_images_of_every_rank(monkeypatch, to
     monkeypatch.setattr(engine_module.distributed, "gather_objects", with_another_rank)
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=2"))
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert state["trained_images"] == 2 * 8 + 5
 
 
@@ -1029,7 +1036,7 @@ def test_a_process_of_two_reports_the_window_throughput_of_both_and_img_per_s_ov
     run_dir = tmp_path / "run"
     summary = train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=3", "train.log_every=1"))
     assert summary["world_size"] == 2
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert state["trained_images"] == 3 * 8  # the ranks' counts summed: here this process's alone
     assert summary["img_per_s"] == pytest.approx(state["trained_images"] / state["train_seconds"])
     logged = train_log(run_dir)
@@ -1124,7 +1131,7 @@ def test_training_counts_the_images_the_device_could_not_decode_as_skipped_not_t
     run_dir = tmp_path / "run"
     summary = train(toy_config(toy_root, run_dir, "data.decode=gpu", "train.epochs=1", "data.steps_per_epoch=2",
                                "data.max_bad_fraction=0.5"))
-    state = json.loads((complete_checkpoints(run_dir / "checkpoints")[-1] / "train_state.json").read_text())["state"]
+    state = newest_state(run_dir)
     assert (summary["bad_samples"], state["trained_images"]) == (2, 2 * 7)  # 2 batches of 8
 
 
