@@ -38,6 +38,18 @@ def losses_changed_at_the_third_call(monkeypatch, change: Callable) -> None:
     monkeypatch.setattr(engine, "build_loss", build_loss)
 
 
+def another_ranks_training_counts(monkeypatch, theirs: Callable[[tuple[int, int]], tuple[int, int]]) -> None:
+    """The engine's gather of each rank's training counts (images trained, images skipped) answers as if a second
+    rank counted ``theirs(mine)``; every other gather stays this process's alone."""
+    from mlgcn_dist import distributed
+
+    def gather_objects(mine):
+        training_counts = isinstance(mine, tuple) and all(isinstance(n, int) for n in mine)
+        return [mine, theirs(mine)] if training_counts else [mine]
+
+    monkeypatch.setattr(distributed, "gather_objects", gather_objects)
+
+
 def nan_gradient_with_a_finite_loss(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The loss unchanged (plus 0) with a NaN gradient: sqrt'(0) is inf, times the zero gradient of logits - logits."""
     return value + torch.sqrt((logits - logits.detach()).abs().sum())

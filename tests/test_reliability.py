@@ -32,6 +32,7 @@ from conftest import process_alive
 from launching import (
     REPO,
     TRAIN,
+    another_ranks_training_counts,
     check,
     kill_tree,
     overrides,
@@ -145,11 +146,7 @@ def test_the_skipped_training_images_of_every_rank_and_every_resume_add_up_in_th
     assert train(tiny_config(tiny_toy, tmp_path / "split", *run, "train.resume=auto"))["bad_samples"] == whole
     # Another rank's count is summed in (one process here: its gather of the training counts, images trained and
     # skipped, is stood in for: another rank that trained as many and skipped 3).
-    def with_another_rank(mine):
-        training_counts = isinstance(mine, tuple) and all(isinstance(n, int) for n in mine)
-        return [mine, (mine[0], 3)] if training_counts else [mine]
-
-    monkeypatch.setattr("mlgcn_dist.distributed.gather_objects", with_another_rank)
+    another_ranks_training_counts(monkeypatch, lambda mine: (mine[0], 3))
     assert train(tiny_config(tiny_toy, tmp_path / "ranks", *run))["bad_samples"] == whole + 3
 
 

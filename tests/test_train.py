@@ -18,7 +18,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from launching import losses_changed_at_the_third_call, nan_gradient_with_a_finite_loss, train_log, weights
+from launching import (
+    another_ranks_training_counts,
+    losses_changed_at_the_third_call,
+    nan_gradient_with_a_finite_loss,
+    train_log,
+    weights,
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -989,13 +995,7 @@ def test_the_batches_a_resume_makes_again_to_skip_them_are_not_counted_as_traini
 
 def test_the_runs_trained_images_add_up_the_images_of_every_rank(monkeypatch, toy_root, tmp_path):
     """Another rank trained 5 images (its gather of the counts, trained and skipped, is stood in for)."""
-    gather = engine_module.distributed.gather_objects
-
-    def with_another_rank(mine):
-        counts = isinstance(mine, tuple) and all(isinstance(n, int) for n in mine)
-        return [mine, (5, 0)] if counts else gather(mine)
-
-    monkeypatch.setattr(engine_module.distributed, "gather_objects", with_another_rank)
+    another_ranks_training_counts(monkeypatch, lambda mine: (5, 0))
     run_dir = tmp_path / "run"
     train(toy_config(toy_root, run_dir, "train.epochs=1", "data.steps_per_epoch=2"))
     state = newest_state(run_dir)
