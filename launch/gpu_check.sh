@@ -15,12 +15,11 @@
 #                       at 64 the compiled step is host-bound; not in the default);
 #   compile_nopin       `compile` with data.pin_memory=false: no pinning thread in the trainer (the JPEG bytes
 #                       gain nothing from pinned memory: `mlgcn bench decode`; not in the default);
-#   compile_cppwrap     `compile` with train.compile_cpp_wrapper=true: Inductor launches the compiled kernels from
-#                       C++, without Python or the GIL per launch (run G: the step is host-bound; not in the default);
 #   compile_threads16   `compile` with each end-to-end phase run twice in a row (`--also-threads 16`): with the one
-#                       intra-op thread `accelerate launch` gives a GPU process (the bench's default now) and with
-#                       16, as every bench run A-G ran and a bare `python launch/train.py` runs; side by side in
-#                       one run, which separate runs cannot rank (run G); it replaces `compile` (not in the default);
+#                       intra-op thread `accelerate launch` gives a GPU process (the bench's and the trainer's
+#                       default) and with 16, as bench runs A-G ran; side by side in one run, which separate runs
+#                       cannot rank (run G; run H: CPU decode 0.96 of the ceiling at one thread, 0.90 at 16); it
+#                       replaces `compile` (not in the default);
 #   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
 #                       default (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
@@ -107,9 +106,6 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_nopin) toy_ready; step bench_compile_nopin 300 "${bench[@]}" \
             --json "$OUT/bench_compile_nopin.json" --profile-dir "$WORK/profiles/compile_nopin" "${overrides[@]}" \
             train.compile=true data.pin_memory=false ;;
-        compile_cppwrap) toy_ready; step bench_compile_cppwrap 360 "${bench[@]}" \
-            --json "$OUT/bench_compile_cppwrap.json" --profile-dir "$WORK/profiles/compile_cppwrap" \
-            "${overrides[@]}" train.compile=true train.compile_cpp_wrapper=true ;;
         compile_threads16) toy_ready; step bench_compile_threads16 360 "${bench[@]}" --also-threads 16 \
             --json "$OUT/bench_compile_threads16.json" --profile-dir "$WORK/profiles/compile_threads16" \
             "${overrides[@]}" train.compile=true ;;
@@ -125,7 +121,7 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
 done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
-for name in bench_eager bench_compile bench_compile_nopin bench_compile_cppwrap bench_compile_threads16 \
+for name in bench_eager bench_compile bench_compile_nopin bench_compile_threads16 \
     bench_compile_foreach bench_compile_b96 \
     bench_cudagraphs bench_loader bench_decode deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }

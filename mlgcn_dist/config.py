@@ -123,10 +123,6 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead replays CUDA graphs, which removes the per-kernel launch cost from the
     # host: +2% at the ceiling on one H100, but GPU decode then waits a step per batch (README Performance).
     compile_mode: str = "default"
-    # Inductor's C++ wrapper: the compiled graphs launch their kernels from generated C++ instead of Python, so a
-    # step takes less host time and holds no GIL per launch (the GIL the GPU data path's helper thread shares).
-    # The first compile also builds the wrapper with the host's C++ compiler. Not yet measured on a GPU.
-    compile_cpp_wrapper: bool = False
     # Training steps on a non-default CUDA stream, which no library call on the legacy default stream waits for
     # (mlgcn_dist/streams.py; off until bench train measures a gain).
     side_stream: bool = False
@@ -180,6 +176,15 @@ class Config:
 
 
 # Values a key may take, checked at load time so a typo fails before any heavy work starts.
+# Keys an earlier version wrote into every checkpoint and config.yaml, since removed, and why. A checkpoint's config
+# still loads without them (they chose how a run computed, not what it learned: `mlgcn evaluate` must keep reading
+# the weights); a YAML file or an override that sets one is an error saying it went.
+RETIRED_KEYS: dict[str, str] = {
+    "data.gpu_resample": "removed after bench run G: its matmul resample lost to the grouped resize on an H100",
+    "train.compile_cpp_wrapper": "removed after bench run H: Inductor's C++ wrapper failed to compile GCN-ResNet-101's "
+                                 "backward on an H100 (torch 2.11)",
+}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
@@ -351,6 +356,8 @@ def set_key(cfg: Config, key: str, value: Any, source: str = "override") -> None
     section = getattr(cfg, section_name, None) if section_name in Config.__dataclass_fields__ else None
     types_ = _field_types(type(section)) if section is not None else {}
     if section is None or name not in types_:
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{source}: config key '{key}' was {RETIRED_KEYS[key]} (README, Performance); delete it")
         valid = ", ".join(_valid_keys(cfg))
         raise ConfigError(f"{source}: unknown config key '{key}'. Valid keys: {valid}")
     coerced = _coerce(value, types_[name], key, source)
@@ -360,7 +367,9 @@ def set_key(cfg: Config, key: str, value: Any, source: str = "override") -> None
     setattr(section, name, coerced)
 
 
-def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> None:
+def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str, saved: bool = False) -> None:
+    """Set every ``section: {name: value}`` of ``mapping``; ``saved``: a config a run recorded, whose
+    :data:`RETIRED_KEYS` are dropped."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (data, graph, model, optim, train, log)")
     for section_name, body in mapping.items():
@@ -372,7 +381,8 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> None:
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: section '{section_name}' must be a mapping, got {body!r}")
         for name, value in body.items():
-            set_key(cfg, f"{section_name}.{name}", value, source)
+            if not (saved and f"{section_name}.{name}" in RETIRED_KEYS):
+                set_key(cfg, f"{section_name}.{name}", value, source)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
@@ -421,8 +431,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(mapping: dict[str, Any], source: str = "checkpoint") -> Config:
+    """The config a checkpoint recorded, from any version of this project (its retired keys dropped)."""
     cfg = Config()
-    apply_mapping(cfg, mapping, source)
+    apply_mapping(cfg, mapping, source, saved=True)
     return cfg
 
 

@@ -43,8 +43,8 @@ class Topology:
     distributed_type: str
     per_device_batch: int
     grad_accum: int
-    # torch's intra-op threads in this process: `accelerate launch` gives a GPU process one (OMP_NUM_THREADS=1),
-    # a bare `python launch/train.py` one per core, which every CPU op in the trainer then wakes (README Performance).
+    # torch's intra-op threads in this process: on a GPU one unless OMP_NUM_THREADS says otherwise, as
+    # `accelerate launch` gives (threads.use_launcher_threads); on a CPU what the launcher or torch gave.
     intra_op_threads: int
 
     @property
@@ -149,38 +149,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
 def _compile_kwargs(cfg: Config) -> dict:
     if not cfg.train.compile:
         return {"dynamo_backend": "no"}
-    return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor",
-                                               **compile_kwargs(cfg.train.compile_mode, cfg.train.compile_cpp_wrapper))}
-
-
-def compile_kwargs(mode: str, cpp_wrapper: bool = False) -> dict:
-    """``torch.compile``'s keyword arguments for ``train.compile_mode`` and ``train.compile_cpp_wrapper``.
-
-    torch.compile takes a mode or Inductor options, not both: with the C++ wrapper the mode is spelled out as the
-    options it stands for (reduce-overhead: ``triton.cudagraphs``), plus ``cpp_wrapper``.
-    """
-    if not cpp_wrapper:
-        return {"mode": mode}
-    _find_cpp_compiler()
-    from torch._inductor import list_mode_options  # Inductor's own table of what each mode sets
-
-    return {"options": {**list_mode_options(mode), "cpp_wrapper": True}}
-
-
-def _find_cpp_compiler() -> None:
-    """The C++ compiler the C++ wrapper is built with, looked up as Inductor looks it up, now: without one the first
-    compiled step fails, minutes into a run, once the model and data are set up."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # a torch whose Inductor keeps it elsewhere: its own error at compile time says what lacks
-        return
-    try:
-        get_cpp_compiler()
-    except Exception as err:  # Inductor's InvalidCxxCompiler, or whatever its search ran into
-        raise ConfigError(
-            f"train.compile_cpp_wrapper=true: Inductor finds no C++ compiler to build the wrapper with "
-            f"({type(err).__name__}); install g++ (or point CXX at one), or set train.compile_cpp_wrapper=false"
-        ) from err
+    return {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode)}
 
 
 def uses_cuda_graphs(compiled: bool, compile_mode: str) -> bool:

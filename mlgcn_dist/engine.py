@@ -61,6 +61,7 @@ from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
 from mlgcn_dist.models import build_model
 from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, scaled_lr
 from mlgcn_dist.streams import running_on, side_stream
+from mlgcn_dist.threads import use_launcher_threads
 from mlgcn_dist.timing import ThroughputMeter, timed_next
 from mlgcn_dist.tracking import Tracker
 
@@ -249,6 +250,7 @@ class Trainer:
         cfg.optim, ignored_optim = optim_as_resumed(last_ckpt, cfg.optim)  # cfg is resolve_precision's copy
         self.cfg, self.preemption = cfg, preemption
         self.accelerator = acc = distributed.build_accelerator(cfg)
+        use_launcher_threads(acc.device.type, os.environ)  # the start line (topology) names them
         distributed.check_same_config(cfg)
         self.topo = distributed.topology(acc, cfg)
         self.run_dir = cfg.run_dir

@@ -426,7 +426,6 @@ def test_bench_reference_phase_runs_the_original_mlgcn_setting(report):
         "tf32": False,
         "cudnn_benchmark": True,
         "compile_mode": "default",
-        "compile_cpp_wrapper": False,
     }
     assert reference["decode_on"] == "cpu workers (PIL)"
     assert report["phases"]["ceiling"]["setting"]["precision"] == "fp32"  # toy.yaml's auto, on the CPU
@@ -750,16 +749,6 @@ def test_the_report_warns_that_its_ratios_are_not_to_be_trusted_when_its_two_cei
         assert warning[0].startswith("warning: the two ceilings differ by 6.9x: the machine was busy or throttled")
 
 
-def test_the_reports_first_line_names_the_cpp_wrapper_beside_the_compile_mode():
-    setting = {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "default",
-               "compile_cpp_wrapper": True}
-    first = format_report(_bench_report(ceiling=_phase_row(setting=setting))).splitlines()[0]
-    assert "bf16, channels_last, compile (C++ wrapper); " in first
-    setting["compile_mode"] = "reduce-overhead"
-    first = format_report(_bench_report(ceiling=_phase_row(setting=setting))).splitlines()[0]
-    assert "compile (reduce-overhead, C++ wrapper); " in first
-
-
 def test_the_report_names_the_phases_that_diverged_and_their_largest_gradient_norms():
     report = _bench_report(e2e_decode_gpu=_phase_row(first_nonfinite_step=7, max_grad_norm=12.5,
                                                      nonfinite_grad_norms=3))
@@ -1055,7 +1044,7 @@ def test_bench_train_stopped_by_a_signal_removes_its_toy_set_and_exits_128_plus_
 ])
 def test_the_bench_process_gets_the_intra_op_threads_accelerate_launch_gives_a_training_process(device, environ,
                                                                                                   threads):
-    from mlgcn_dist.bench.cli import launcher_threads
+    from mlgcn_dist.threads import launcher_threads
 
     assert launcher_threads(device, environ) == threads
 

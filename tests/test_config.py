@@ -121,6 +121,30 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
     assert load_config(path) == cfg
 
 
+def test_a_checkpoints_config_from_an_earlier_version_loads_without_the_keys_since_removed():
+    """Every checkpoint saved while a key existed records it: evaluating that checkpoint must still work."""
+    cfg = load_config(REPO / "configs/coco_gcn.yaml")
+    saved = cfg.to_dict()
+    saved["train"]["compile_cpp_wrapper"] = True
+    saved["data"]["gpu_resample"] = "matmul"
+    assert config_from_dict(saved) == cfg
+
+
+@pytest.mark.parametrize("key, value, why", [("train.compile_cpp_wrapper", "true", "run H"),
+                                             ("data.gpu_resample", "grouped", "run G")])
+def test_a_removed_key_set_by_a_user_is_an_error_saying_it_was_removed_and_why(tmp_path, key, value, why):
+    section, name = key.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    for source, call in [(str(path), lambda: load_config(path)), (f"override {key}={value}",
+                                                                   lambda: load_config(None, [f"{key}={value}"]))]:
+        with pytest.raises(ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert message.startswith(f"{source}: config key '{key}' was removed after bench {why}")
+        assert message.endswith("(README, Performance); delete it") and "Valid keys" not in message
+
+
 def test_an_unquoted_number_for_a_text_key_in_yaml_is_an_error_not_another_text(tmp_path):
     """YAML reads run_name: 1.10 as 1.1: saying so beats running under another name. Digits with a leading zero,
     which YAML 1.1 reads as octal (0123 as 83), stay the text written."""

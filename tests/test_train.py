@@ -42,7 +42,6 @@ from mlgcn_dist.data.loader import build_eval_loader
 from mlgcn_dist.data.workers import worker_start_line
 from mlgcn_dist.distributed import (
     build_accelerator,
-    compile_kwargs,
     concrete_precision,
     resolve_precision,
     training_device,
@@ -508,52 +507,6 @@ def test_compile_mode_reaches_accelerates_dynamo_plugin(mode, toy_root, tmp_path
     assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_the_cpp_wrapper_reaches_accelerates_dynamo_plugin_as_inductor_options_holding_the_modes_own(
-        mode, toy_root, tmp_path):
-    """torch.compile takes a mode or options, not both: the mode's options (CUDA graphs for reduce-overhead) must
-    survive next to ``cpp_wrapper``, and the step still marks its CUDA graphs."""
-    cfg = resolve_precision(toy_config(toy_root, tmp_path, "train.compile=true", f"train.compile_mode={mode}",
-                                       "train.compile_cpp_wrapper=true"), "cpu")
-    kwargs = build_accelerator(cfg).state.dynamo_plugin.to_kwargs()
-    assert kwargs["options"] == {"cpp_wrapper": True, **({"triton.cudagraphs": True} if mode != "default" else {})}
-    assert "mode" not in kwargs
-    assert uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode) == (mode == "reduce-overhead")
-
-
-def test_a_cpp_wrapper_without_a_cpp_compiler_is_one_error_naming_the_key_before_the_run_is_set_up(
-        monkeypatch, toy_root, tmp_path):
-    import torch._inductor.cpp_builder as cpp_builder
-
-    def no_compiler() -> str:
-        raise RuntimeError("no working C++ compiler found")
-
-    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    cfg = toy_config(toy_root, tmp_path, "train.compile=true", "train.compile_cpp_wrapper=true")
-    with pytest.raises(ConfigError, match=r"train\.compile_cpp_wrapper=true: Inductor finds no C\+\+ compiler .*"
-                                          r"install g\+\+ \(or point CXX at one\)"):
-        build_accelerator(resolve_precision(cfg, "cpu"))
-
-
-@pytest.mark.slow
-def test_a_model_compiled_with_the_cpp_wrapper_trains_to_the_eager_gradients_on_the_cpu():
-    """The option is Inductor's, on every device: here its C++ wrapper around CPU kernels (on CUDA, around Triton
-    launches) gives the eager model's loss and gradients."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
-    images = torch.randn(4, 3, 16, 16)
-    expected = model(images).square().mean()
-    expected.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, **compile_kwargs("default", cpp_wrapper=True))
-    loss = compiled(images).square().mean()
-    loss.backward()
-    assert torch.allclose(loss, expected, atol=1e-5)
-    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
-
-
 @pytest.mark.parametrize("native_bf16,expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_on_cuda_is_bf16_where_the_gpu_computes_it_natively_else_fp16(monkeypatch, native_bf16,
                                                                                        expected):
@@ -723,6 +676,28 @@ def built_trainer(cfg):
     finally:
         trainer._release()
         lock.release()
+
+
+def test_the_trainer_takes_the_intra_op_threads_of_its_launcher_for_its_device_before_it_names_them(
+        monkeypatch, toy_root, tmp_path):
+    """On a GPU one thread unless OMP_NUM_THREADS says otherwise (threads.use_launcher_threads, tested on every
+    device there); here, on the CPU, the spy stands in for it and sets 3, which the start line must then name."""
+    import mlgcn_dist.engine as engine
+
+    seen = []
+
+    def spy(device_type, environ):
+        seen.append((device_type, environ is os.environ))
+        torch.set_num_threads(3)
+
+    monkeypatch.setattr(engine, "use_launcher_threads", spy)
+    before = torch.get_num_threads()
+    try:
+        with built_trainer(toy_config(toy_root, tmp_path / "run")) as trainer:
+            assert seen == [("cpu", True)]
+            assert trainer.topo.intra_op_threads == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_stand_in_step_for_an_all_unreadable_micro_batch_leaves_no_gradient(toy_root, tmp_path):

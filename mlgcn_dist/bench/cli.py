@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from mlgcn_dist.bench.train import (
 )
 from mlgcn_dist.config import Config, DataConfig, load_config
 from mlgcn_dist.data.loader import bench_loader
-from mlgcn_dist.threads import intra_op_threads
+from mlgcn_dist.threads import intra_op_threads, launcher_threads
 
 DEFAULT_LOADER_BATCHES = 20
 # What bench_loader's workers each keep in flight: it builds its loader with DataConfig's default.
@@ -220,18 +220,6 @@ def _run_train(args: argparse.Namespace) -> int:
     print(format_report(report))
     _write_json(args.json, report)
     return 0
-
-
-def launcher_threads(device_type: str, environ: Mapping[str, str]) -> int | None:
-    """The intra-op threads a training process gets from ``accelerate launch`` (and torchrun with several
-    processes a node): ``OMP_NUM_THREADS`` where set, else 1 for a GPU process; None for a CPU one (Accelerate then
-    divides the cores between the processes: for one, all of them, as torch does by itself).
-
-    The bench measures the step as training runs it: 16 threads in a GPU process make every CPU op in it (pinning
-    a batch, the augment's index) wake threads that then spin for cores the step's launch threads need."""
-    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
-        return int(environ["OMP_NUM_THREADS"])
-    return 1 if device_type == "cuda" else None
 
 
 def _bench_train_on_shards(cfg: Config, args: argparse.Namespace, end_to_end: dict[str, dict]) -> dict:

@@ -25,9 +25,7 @@ def format_report(report: dict) -> str:
     layout = "channels_last" if setting["channels_last"] else "NCHW"
     mode = "eager"
     if setting["compile"]:
-        extras = [setting["compile_mode"]] if setting["compile_mode"] != "default" else []
-        extras += ["C++ wrapper"] if setting.get("compile_cpp_wrapper") else []  # reports before it lack the key
-        mode = f"compile ({', '.join(extras)})" if extras else "compile"
+        mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "

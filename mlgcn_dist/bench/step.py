@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlgcn_dist.config import Config
-from mlgcn_dist.distributed import compile_kwargs, concrete_precision, uses_cuda_graphs
+from mlgcn_dist.distributed import concrete_precision, uses_cuda_graphs
 from mlgcn_dist.losses import build_loss
 from mlgcn_dist.optim import build_optimizer
 
@@ -42,7 +42,6 @@ class Setting:
     tf32: bool  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA)
     cudnn_benchmark: bool
     compile_mode: str = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
-    compile_cpp_wrapper: bool = False  # Inductor launches the compiled kernels from C++ (train.compile_cpp_wrapper)
 
     @property
     def numerics(self) -> str:
@@ -65,7 +64,6 @@ def run_setting(cfg: Config, device: torch.device) -> Setting:
         tf32=fast and torch.device(device).type == "cuda",  # TF32 is a CUDA tensor-core format
         cudnn_benchmark=fast,
         compile_mode=cfg.train.compile_mode,
-        compile_cpp_wrapper=cfg.train.compile_cpp_wrapper,
     )
 
 
@@ -103,9 +101,7 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, cfg: Config, setting: Setting, device: torch.device) -> None:
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).train()
-        self.forward = self.model
-        if setting.compile:
-            self.forward = torch.compile(self.model, **compile_kwargs(setting.compile_mode, setting.compile_cpp_wrapper))
+        self.forward = torch.compile(self.model, mode=setting.compile_mode) if setting.compile else self.model
         self.cuda_graphs = uses_cuda_graphs(setting.compile, setting.compile_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr, fp16=setting.precision == "fp16")
         self.criterion = build_loss(cfg.optim)
