@@ -777,22 +777,33 @@ def test_the_profiled_device_timeline_and_launch_threads_host_time_are_shown_per
     assert len(lines) == 5  # a phase not profiled has no row
 
 
-def test_each_profiled_phases_host_time_is_broken_down_by_outermost_span_with_each_threads_launches():
+def test_each_profiled_phases_host_time_is_broken_down_by_outermost_span_with_each_threads_launches_and_gaps():
     ops = {"loop": [["Torch-Compiled Region: 0/0", 22.5, 1.0], ["Optimizer.step#SGD.step", 3.62, 1.0]],
            "backward": [["autograd::engine::evaluate_function: CompiledFunctionBackward", 27.3, 1.0],
                         ["autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 1.9, 314.0]],
-           "launches": {"loop": 783.0, "backward": 870.0, "others": 114.0}}
+           "launches": {"loop": 783.0, "backward": 870.0, "others": 114.0},
+           "gaps": {"median_us": 24.0, "others_working_median_us": 26.5, "others_quiet_median_us": 18.3,
+                    "others_working_fraction": 0.56}}
     on_cpu = {"loop": [["aten::conv2d", 4.0, 2.0]], "backward": None,
-              "launches": {"loop": 0.0, "backward": None, "others": 0.0}}
+              "launches": {"loop": 0.0, "backward": None, "others": 0.0}, "gaps": None}
+    before_gaps = {key: value for key, value in ops.items() if key != "gaps"}  # a report written before them
+    only_waits = {**ops, "gaps": {"median_us": None, "others_working_median_us": None,
+                                  "others_quiet_median_us": None, "others_working_fraction": None}}
     profile = {"trace": None, "steps": 5, "device": None, "host": None}
     lines = profile_lines({"ceiling": {"profile": {**profile, "host_ops": ops}},
                            "reference": {"profile": {**profile, "host_ops": on_cpu}},
+                           "e2e_decode_cpu": {"profile": {**profile, "host_ops": before_gaps}},
+                           "e2e_decode_gpu": {"profile": {**profile, "host_ops": only_waits}},
                            "ceiling_repeat": {"profile": profile}})  # a report written before the breakdown
-    assert lines[-3] == "host ms a step by outermost span (calls a step where more than one), and kernel launches a step:"
-    assert lines[-2] == ("  ceiling: loop: Torch-Compiled Region: 0/0 22.5, Optimizer.step#SGD.step 3.6; backward: "
-                         "CompiledFunctionBackward 27.3, torch::autograd::AccumulateGrad 1.9 (x314); launches: loop 783, "
-                         "backward 870, other threads 114")
-    assert lines[-1] == "  reference: loop: aten::conv2d 4.0 (x2); launches: loop 0, other threads 0"
+    assert lines[-5] == "host ms a step by outermost span (calls a step where more than one), and kernel launches a step:"
+    breakdown = ("loop: Torch-Compiled Region: 0/0 22.5, Optimizer.step#SGD.step 3.6; backward: "
+                 "CompiledFunctionBackward 27.3, torch::autograd::AccumulateGrad 1.9 (x314); launches: loop 783, "
+                 "backward 870, other threads 114")
+    assert lines[-4] == (f"  ceiling: {breakdown}; the loop's gaps between CUDA calls, median us: 24.0 (while other "
+                         "threads issue theirs, 56% of gaps: 26.5; otherwise 18.3)")
+    assert lines[-3] == "  reference: loop: aten::conv2d 4.0 (x2); launches: loop 0, other threads 0"
+    assert lines[-2] == f"  e2e_decode_cpu: {breakdown}"
+    assert lines[-1] == f"  e2e_decode_gpu: {breakdown}; the loop's gaps between CUDA calls: none under 1 ms"
 
 
 def test_on_cpu_a_phases_peak_memory_is_the_processs_peak_resident_set_in_bytes():

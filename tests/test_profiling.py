@@ -126,3 +126,30 @@ def test_host_breakdown_ranks_each_launch_threads_outermost_spans_and_counts_eve
                                      ["autograd::engine::evaluate_function: AccumulateGrad", 0.5, 1.0]]
     assert breakdown["launches"] == {"loop": 1.0, "backward": 0.5, "others": 0.5}
     assert host_breakdown({"traceEvents": [_op(1, "k", 0, 1, cat="kernel")]}, steps=1) is None
+
+
+def _call(tid: int, start_us: float, end_us: float, name: str = "cudaLaunchKernel") -> dict:
+    return {"ph": "X", "cat": "cuda_runtime", "name": name, "tid": tid, "ts": start_us, "dur": end_us - start_us}
+
+
+def test_the_loop_threads_gaps_between_cuda_calls_are_split_by_whether_another_thread_issues_calls_then():
+    # The loop's thread (it steps the optimizer) makes CUDA calls with gaps of 10, 20, 2,967 (a wait: left out) and
+    # 10 us. A helper's two calls 40 us apart, at 0.2 and 40 us, are one stretch of work that spans the first two
+    # gaps, though neither call falls in one. Autograd's thread calls in the last gap: its calls are the step's
+    # own, not another thread's work.
+    trace = {"traceEvents": [
+        _op(1, "Optimizer.step#SGD.step", 0, 4, cat="user_annotation"), _op(1, "aten::_foreach_add", 0, 3),
+        _op(2, "autograd::engine::evaluate_function: X", 0, 1),
+        _call(1, 0, 1), _call(1, 11, 12, "cudaMemcpyAsync"), _call(1, 32, 33, "cuLaunchKernel"),
+        _call(1, 3000, 3001), _call(1, 3011, 3012),
+        _call(2, 3005, 3006),
+        _call(3, 0.2, 0.4), _call(3, 40, 41, "cudaEventRecord"),
+    ]}
+    assert host_breakdown(trace, steps=1)["gaps"] == {
+        "median_us": 10.0, "others_working_median_us": 15.0, "others_quiet_median_us": 10.0,
+        "others_working_fraction": pytest.approx(2 / 3),
+    }
+    helper_later = {"traceEvents": [e for e in trace["traceEvents"] if e["tid"] != 3] + [_call(3, 3100, 3101)]}
+    assert host_breakdown(helper_later, steps=1)["gaps"]["others_working_median_us"] is None
+    one_call = {"traceEvents": [_op(1, "aten::mm", 0, 1), _call(1, 0, 1), _call(3, 2, 3)]}
+    assert host_breakdown(one_call, steps=1)["gaps"] is None

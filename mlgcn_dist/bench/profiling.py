@@ -16,15 +16,18 @@ counted once), idle, the training stream's share (the stream with the most activ
 :func:`host_timeline` sums the host side of the same steps: the time the threads that launch a step's kernels
 spent inside PyTorch ops (the loop's thread: forward and optimizer; autograd's device thread: backward). A launch
 thread held up by another one for the GIL shows there as ops that take longer than in the ceiling's profile;
-:func:`host_breakdown` says which of them (the outermost spans by time) and counts each thread's kernel launches.
+:func:`host_breakdown` says which of them (the outermost spans by time), counts each thread's kernel launches and
+times the loop's thread between two of its CUDA calls, while another thread issues its own and while none does.
 CUPTI's tracing adds host time to every launch, so compare phases profiled alike, not a profiled step with an
 unprofiled one.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +38,12 @@ from torch.profiler import ProfilerActivity, profile
 
 # Chrome-trace categories of work that occupies the device (kineto's names).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+# Host-side calls into CUDA: kernel launches, copies, event records, synchronisations.
+CUDA_API_CATEGORIES = frozenset({"cuda_runtime", "cuda_driver"})
+# Another thread's CUDA calls less than this apart (us) are one stretch of its work; the loop thread's gaps of
+# at least a millisecond are waits (for a batch, for the device), not the time it takes to launch the next call.
+OTHERS_STRETCH_US = 300.0
+WAIT_US = 1000.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,8 @@ def host_breakdown(trace: dict, steps: int, top: int = 4) -> dict | None:
     """Where the launch threads' host time goes, per step: for the loop's thread and the backward's, the ``top``
     outermost spans (ops and annotations such as ``Optimizer.step``) by time, as ``[name, ms, calls]``; and the
     kernel launches (CUDA runtime and driver calls) of the loop's thread, the backward's and every other thread
-    together (the prefetch helper's). Which part of a host-bound step to shorten, and whether a phase slowed one
-    part or all of them. None when the trace holds no ops."""
+    together (the prefetch helper's); and :func:`launch_gaps`. Which part of a host-bound step to shorten, and
+    whether a phase slowed one part or all of them. None when the trace holds no ops."""
     host = _host_events(trace)
     if host is None:
         return None
@@ -132,6 +141,47 @@ def host_breakdown(trace: dict, steps: int, top: int = 4) -> dict | None:
         "launches": {"loop": host.launches.get(loop, 0) / steps,
                      "backward": None if backward is None else host.launches.get(backward, 0) / steps,
                      "others": others / steps},
+        "gaps": launch_gaps(host),
+    }
+
+
+def launch_gaps(host: _HostEvents) -> dict | None:
+    """How quickly the loop's thread issues its CUDA calls, and whether the other threads' work slows it: the
+    median time in microseconds from the end of one of its CUDA calls to the start of the next (a gap of
+    :data:`WAIT_US` or more is a wait, left out), over all its gaps, over those during which a thread other than
+    the loop's and the backward's (the prefetch helper, the pinning thread) was issuing CUDA calls (its calls less
+    than :data:`OTHERS_STRETCH_US` apart taken as one stretch of work), and over the rest; and the fraction of
+    gaps in the first group. Between two launches the thread runs Python (Inductor's wrapper) and torch's
+    dispatch: a helper holding the GIL, or threads spinning on its cores, lengthen them. None without two CUDA
+    calls on the loop's thread."""
+    mine = sorted(host.cuda_calls.get(host.loop, []))
+    if len(mine) < 2:
+        return None
+    stretches: list[list[float]] = []
+    theirs = sorted(call for tid, calls in host.cuda_calls.items() if tid not in (host.loop, host.backward)
+                    for call in calls)
+    for start, end in theirs:
+        if stretches and start - stretches[-1][1] < OTHERS_STRETCH_US:
+            stretches[-1][1] = max(stretches[-1][1], end)
+        else:
+            stretches.append([start, end])
+    starts = [start for start, _ in stretches]
+
+    def others_working(start: float, end: float) -> bool:
+        last = bisect.bisect_right(starts, end) - 1  # stretches do not overlap: only the last to start can reach
+        return last >= 0 and stretches[last][1] >= start
+
+    busy: list[float] = []
+    quiet: list[float] = []
+    for (_, end), (start, _) in zip(mine, mine[1:]):
+        if 0 <= start - end < WAIT_US:
+            (busy if others_working(end, start) else quiet).append(start - end)
+    gaps = busy + quiet
+    return {
+        "median_us": statistics.median(gaps) if gaps else None,
+        "others_working_median_us": statistics.median(busy) if busy else None,
+        "others_quiet_median_us": statistics.median(quiet) if quiet else None,
+        "others_working_fraction": len(busy) / len(gaps) if gaps else None,
     }
 
 
@@ -156,11 +206,13 @@ def _outermost(events: list[dict], steps: int, top: int) -> list[list]:
 @dataclass
 class _HostEvents:
     """A trace's host side, read in one pass: the ops' intervals per thread, the spans (ops and annotations) per
-    thread, the kernel launches per thread, the loop's thread and the backward's (None where it is the loop's)."""
+    thread, the kernel launches per thread, the CUDA calls' intervals per thread, the loop's thread and the
+    backward's (None where it is the loop's)."""
 
     ops: dict[object, list[tuple[float, float]]]
     spans: dict[object, list[dict]]
     launches: dict[object, int]
+    cuda_calls: dict[object, list[tuple[float, float]]]
     loop: object
     backward: object
 
@@ -172,6 +224,7 @@ def _host_events(trace: dict) -> _HostEvents | None:
     ops: dict[object, list[tuple[float, float]]] = {}
     spans: dict[object, list[dict]] = {}
     launches: dict[object, int] = {}
+    cuda_calls: dict[object, list[tuple[float, float]]] = {}
     backward_nodes: dict[object, int] = {}
     loop = None
     for event in trace.get("traceEvents", []):
@@ -188,15 +241,18 @@ def _host_events(trace: dict) -> _HostEvents | None:
             ops.setdefault(tid, []).append((start, start + float(event.get("dur", 0.0))))
             if name.startswith("autograd::engine::evaluate_function"):
                 backward_nodes[tid] = backward_nodes.get(tid, 0) + 1
-        elif category in ("cuda_runtime", "cuda_driver") and "Launch" in name:
-            launches[tid] = launches.get(tid, 0) + 1
+        elif category in CUDA_API_CATEGORIES:
+            start = float(event["ts"])
+            cuda_calls.setdefault(tid, []).append((start, start + float(event.get("dur", 0.0))))
+            if "Launch" in name:
+                launches[tid] = launches.get(tid, 0) + 1
     if not ops:
         return None
     if loop not in ops:  # no optimizer step recorded: the thread with the most time inside ops
         loop = max(ops, key=lambda tid: union_ms(ops[tid]))
     backward_nodes.pop(loop, None)
     backward = max(backward_nodes, key=backward_nodes.__getitem__, default=None)
-    return _HostEvents(ops, spans, launches, loop, backward)
+    return _HostEvents(ops, spans, launches, cuda_calls, loop, backward)
 
 
 def profile_steps(run: Callable[[], object], request: ProfileRequest, device: torch.device) -> dict:

@@ -166,7 +166,22 @@ def _breakdown(ops: dict) -> str:
         counts.append(f"backward {launches['backward']:.0f}")
     counts.append(f"other threads {launches['others']:.0f}")
     parts.append(f"launches: {', '.join(counts)}")
+    if gaps := ops.get("gaps"):  # reports before the gaps lack the key
+        parts.append(_gaps(gaps))
     return "; ".join(parts)
+
+
+def _gaps(gaps: dict) -> str:
+    """:func:`~mlgcn_dist.bench.profiling.launch_gaps` as a clause."""
+    if gaps["median_us"] is None:
+        return "the loop's gaps between CUDA calls: none under 1 ms"
+    return (f"the loop's gaps between CUDA calls, median us: {gaps['median_us']:.1f} (while other threads issue "
+            f"theirs, {100 * gaps['others_working_fraction']:.0f}% of gaps: {_us(gaps['others_working_median_us'])}; "
+            f"otherwise {_us(gaps['others_quiet_median_us'])})")
+
+
+def _us(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def _threads(report: dict) -> str:
