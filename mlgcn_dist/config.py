@@ -175,7 +175,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Values a key may take, checked at load time so a typo fails before any heavy work starts.
 # Keys an earlier version wrote into every checkpoint and config.yaml, since removed, and why. A checkpoint's config
 # still loads without them (they chose how a run computed, not what it learned: `mlgcn evaluate` must keep reading
 # the weights); a YAML file or an override that sets one is an error saying it went.
@@ -185,6 +184,7 @@ RETIRED_KEYS: dict[str, str] = {
                                  "backward on an H100 (torch 2.11)",
 }
 
+# Values a key may take, checked at load time so a typo fails before any heavy work starts.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("coco", "voc"),
     "data.format": ("folder", "wds"),
