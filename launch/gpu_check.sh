@@ -23,6 +23,9 @@
 #   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
 #                       default (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
+#   contention          `mlgcn bench contention`: one thread's kernel launch rate alone and beside a background
+#                       thread of Python, of small CPU ops, of GIL-free C++, and of the GPU data path (decode +
+#                       augment): whose work slows the step's launching thread (run H; not in the default);
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
 #   deepspeed           the README's ZeRO-2 recipe (`accelerate launch --config_file
@@ -115,6 +118,8 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
+        contention) step bench_contention 90 "$PY" -m mlgcn_dist.cli bench contention \
+            --json "$OUT/bench_contention.json" ;;
         decode) step bench_decode 90 "$PY" -m mlgcn_dist.cli bench decode --json "$OUT/bench_decode.json" ;;
         *) echo "unknown check $check" | tee -a "$OUT/summary.txt" ;;
     esac
@@ -123,7 +128,7 @@ done
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
 for name in bench_eager bench_compile bench_compile_nopin bench_compile_threads16 \
     bench_compile_foreach bench_compile_b96 \
-    bench_cudagraphs bench_loader bench_decode deepspeed; do
+    bench_cudagraphs bench_loader bench_decode bench_contention deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
 echo "== summary"; cat "$OUT/summary.txt"

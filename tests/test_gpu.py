@@ -374,3 +374,14 @@ def test_a_profiled_host_pause_between_two_kernels_shows_as_device_idle_and_a_se
     assert timeline["streams"] == 2 and timeline["other_streams_ms"] > 0
     assert timeline["idle_ms"] >= 20.0
     assert timeline["window_ms"] == pytest.approx(timeline["busy_ms"] + timeline["idle_ms"])
+
+
+def test_bench_contention_on_cuda_launches_kernels_beside_each_background_and_the_nvjpeg_data_path(tmp_path):
+    out = tmp_path / "contention.json"
+    assert main(["bench", "contention", "--seconds", "0.1", "--repeats", "1", "--batch", "4", "--size", "128",
+                 "--image-size", "64", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"] == torch.cuda.get_device_name()
+    rows = report["backgrounds"]
+    assert all(row["launches_per_s"] > 0 for row in rows.values())
+    assert rows["data_path"]["background_rounds_per_s"] > 0  # batches decoded on the device meanwhile

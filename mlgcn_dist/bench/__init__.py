@@ -38,5 +38,6 @@ Modules, in the order a measurement flows: :mod:`~mlgcn_dist.bench.step` (a trai
 peak TFLOP/s), :mod:`~mlgcn_dist.bench.window` (a timed window of steps), :mod:`~mlgcn_dist.bench.phases` (what
 feeds each phase), :mod:`~mlgcn_dist.bench.train` (every phase of ``bench train``, ratios, MFU),
 :mod:`~mlgcn_dist.bench.report` (the table), :mod:`~mlgcn_dist.bench.profiling` (the profiled steps' device
-timeline), :mod:`~mlgcn_dist.bench.decode` (``bench decode``) and :mod:`~mlgcn_dist.bench.cli` (the commands).
+timeline), :mod:`~mlgcn_dist.bench.decode` (``bench decode``), :mod:`~mlgcn_dist.bench.contention` (``bench
+contention``) and :mod:`~mlgcn_dist.bench.cli` (the commands).
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mlgcn_dist.arguments import non_negative_int, positive_int
+from mlgcn_dist.bench.contention import add_contention_arguments, run_contention_bench
 from mlgcn_dist.bench.decode import add_decode_arguments, run_decode_bench
 from mlgcn_dist.bench.profiling import StepProfiler
 from mlgcn_dist.bench.report import format_report
@@ -56,8 +57,9 @@ def min_loader_batches(workers: int) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """``mlgcn bench train ...``, ``mlgcn bench loader ...`` and ``mlgcn bench decode ...``; each benchmark's
-    parser formats its help as ``parser`` does (the ``mlgcn`` command's shows defaults)."""
+    """``mlgcn bench train ...``, ``mlgcn bench loader ...``, ``mlgcn bench decode ...`` and ``mlgcn bench
+    contention ...``; each benchmark's parser formats its help as ``parser`` does (the ``mlgcn`` command's shows
+    defaults)."""
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     formatter = parser.formatter_class
     p = sub.add_parser(
@@ -139,6 +141,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "decode", help="GPU JPEG decode time idle and behind queued device work (CUDA)", formatter_class=formatter
     )
     add_decode_arguments(p)
+    p = sub.add_parser(
+        "contention",
+        help="launch rate of the step's thread alone and beside Python, C++ and data-path work in the process",
+        formatter_class=formatter,
+    )
+    add_contention_arguments(p)
 
 
 def phase_names(text: str) -> list[str]:
@@ -289,5 +297,13 @@ def _run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_contention(args: argparse.Namespace) -> int:
+    report = run_contention_bench(args)
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    return {"train": _run_train, "loader": _run_loader, "decode": _run_decode}[args.bench](args)
+    return {"train": _run_train, "loader": _run_loader, "decode": _run_decode,
+            "contention": _run_contention}[args.bench](args)

@@ -1,0 +1,184 @@
+"""``mlgcn bench contention``: whose work slows the thread that launches the training step's kernels.
+
+Why: on an H100 (README, run H) the compiled step launched its kernels slower while the GPU data path's helper
+thread worked beside it in the same process (26.5 us between two launches against 18.3), and GPU decode trained at
+0.65-0.77 of the ceiling though the device was no busier. A GIL shared with the helper's Python would do that; so
+would a host short of cores or caches, or the CUDA driver's locks, which the helper's calls take too. This bench
+tells them apart, in one process and one run: one thread launches small kernels one at a time (``x.add_(1)`` on a
+1K tensor: host work, the device idle) for ``seconds``, alone and then beside one background thread at a time:
+
+- ``python``: bytecode that holds the GIL, letting it go only when the interpreter makes it (every 5 ms);
+- ``small_ops``: many tiny torch ops on the CPU, each short Python around a call that releases the GIL, as the
+  augment's Python around its launches;
+- ``cpp``: matrix products on the CPU, long GIL-free calls with little Python between them: busy cores alone;
+- ``data_path``: what the helper does, :class:`~mlgcn_dist.data.transforms.GpuAugment` decoding and augmenting a
+  batch of JPEGs over and over (nvJPEG on CUDA; on the CPU, libjpeg-turbo).
+
+The launch rate beside each, as a fraction of the rate alone, says which kind of work costs the launching thread:
+if ``data_path`` costs what ``small_ops`` costs and ``cpp`` little, the helper's Python is the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mlgcn_dist.arguments import positive_float, positive_int
+from mlgcn_dist.bench.decode import toy_jpegs
+from mlgcn_dist.data.transforms import GpuAugment
+from mlgcn_dist.threads import intra_op_threads
+
+BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path")
+LAUNCHES_PER_ROUND = 100  # launches between two clock reads
+SETTLE_S = 0.05  # the background thread runs this long before the clock starts
+
+
+def bench_contention(
+    device: torch.device, seconds: float, jpegs: list[torch.Tensor], image_size: int, repeats: int = 3
+) -> dict:
+    """Launches per second of this thread alone and beside each background, each measured ``repeats`` times in
+    turn (alone, python, ..., alone, python, ...: a drift of the machine spreads over all of them) and the median
+    kept; and each background's own rounds per second (how hard it worked). One intra-op thread, as a GPU
+    training process has."""
+    device = torch.device(device)
+    work = _backgrounds(device, jpegs, image_size)
+    rates: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
+    rounds: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
+    with intra_op_threads(1):
+        _launch_rate(device, min(seconds, 0.2))  # kernels loaded, the allocator warm
+        for _ in range(repeats):
+            for name in BACKGROUNDS:
+                launched, worked = _beside(device, seconds, work.get(name))
+                rates[name].append(launched)
+                rounds[name].append(worked)
+    alone = statistics.median(rates["none"])
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "seconds": seconds,
+        "repeats": repeats,
+        "batch": len(jpegs),
+        "backgrounds": {
+            name: {
+                "launches_per_s": statistics.median(rates[name]),
+                "vs_alone": statistics.median(rates[name]) / alone,
+                "us_per_launch": 1e6 / statistics.median(rates[name]),
+                "background_rounds_per_s": None if name == "none" else statistics.median(rounds[name]),
+            }
+            for name in BACKGROUNDS
+        },
+    }
+
+
+def _beside(device: torch.device, seconds: float, work: Callable[[], object] | None) -> tuple[float, float]:
+    """(launches a second of this thread, rounds a second of ``work`` in a thread beside it; 0 without work)."""
+    if work is None:
+        return _launch_rate(device, seconds), 0.0
+    stop = threading.Event()
+    done = [0]
+
+    def background() -> None:
+        while not stop.is_set():
+            work()
+            done[0] += 1
+
+    thread = threading.Thread(target=background, name=f"contention-{getattr(work, '__name__', 'work')}",
+                              daemon=True)
+    thread.start()
+    try:
+        time.sleep(SETTLE_S)
+        before, t0 = done[0], time.perf_counter()
+        launched = _launch_rate(device, seconds)
+        worked = (done[0] - before) / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        thread.join()
+    return launched, worked
+
+
+def _launch_rate(device: torch.device, seconds: float) -> float:
+    """Launches a second of ``x.add_(1)`` from this thread for ``seconds`` (whole rounds; the device is left to
+    finish after the clock stops: what is timed is the host issuing them)."""
+    x = torch.zeros(1024, device=device)
+    launched = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(LAUNCHES_PER_ROUND):
+            x.add_(1)
+        launched += LAUNCHES_PER_ROUND
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launched / (now - start)
+
+
+def _backgrounds(device: torch.device, jpegs: list[torch.Tensor], image_size: int) -> dict[str, Callable[[], object]]:
+    """One round of each background's work, as a function the background thread calls until told to stop."""
+    products = torch.randn(192, 192)
+    tiny = torch.zeros(16)
+    augment = GpuAugment(image_size, train=True)
+    rng = random.Random(0)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def python() -> int:
+        return sum(i * i for i in range(2000))
+
+    def small_ops() -> None:
+        for _ in range(50):
+            tiny.add_(1)
+
+    def cpp() -> torch.Tensor:
+        return torch.mm(products, products)
+
+    def data_path() -> None:
+        if stream is None:
+            augment(jpegs, device, rng, channels_last=True)
+            return
+        with torch.cuda.stream(stream):  # a stream of its own, as the trainer's prefetch helper has
+            augment(jpegs, device, rng, channels_last=True)
+        stream.synchronize()  # one batch at a time: the helper waits for its queue, not faster than the device
+
+    return {"python": python, "small_ops": small_ops, "cpp": cpp, "data_path": data_path}
+
+
+def format_contention_report(report: dict) -> str:
+    lines = [
+        f"launch rate of one thread issuing small kernels on {report['device']} ({report['seconds']:g} s a "
+        f"measurement, median of {report['repeats']}), alone and beside one background thread; data_path: "
+        f"decode + augment of {report['batch']} JPEGs a round",
+        f"{'beside':12s}{'launches/s':>12s}{'us/launch':>11s}{'vs alone':>10s}{'background rounds/s':>22s}",
+    ]
+    for name, row in report["backgrounds"].items():
+        rounds = "" if row["background_rounds_per_s"] is None else f"{row['background_rounds_per_s']:.1f}"
+        lines.append(f"{name:12s}{row['launches_per_s']:12.0f}{row['us_per_launch']:11.2f}{row['vs_alone']:10.2f}"
+                     f"{rounds:>22s}")
+    return "\n".join(lines)
+
+
+def add_contention_arguments(parser: argparse.ArgumentParser) -> None:
+    """``mlgcn bench contention``'s options."""
+    parser.add_argument("--seconds", type=positive_float, default=1.0, help="length of each measurement")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="measurements of each case (median kept)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="JPEGs the data_path background decodes a round")
+    parser.add_argument(
+        "--size", type=positive_int, default=640, help="long side of the toy JPEGs in px (~180 KB each at 640)"
+    )
+    parser.add_argument("--image-size", type=positive_int, default=448, help="GpuAugment's output size in px")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+
+
+def run_contention_bench(args: argparse.Namespace) -> dict:
+    """Measure on this machine's GPU (the CPU without one) and print; the report."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    report = bench_contention(device, args.seconds, toy_jpegs(args.batch, args.size), args.image_size, args.repeats)
+    print(format_contention_report(report), flush=True)
+    return report

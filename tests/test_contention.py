@@ -1,0 +1,59 @@
+"""``mlgcn bench contention``: the launching thread's rate alone and beside each kind of background work (on a GPU
+too: tests/test_gpu.py); what it measures, that it leaves no thread behind, and what it prints."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from mlgcn_dist.bench.contention import BACKGROUNDS, bench_contention, format_contention_report
+from mlgcn_dist.bench.decode import toy_jpegs
+from mlgcn_dist.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def test_the_launch_rate_is_measured_alone_and_beside_each_background_which_works_meanwhile_and_then_stops():
+    threads_before = torch.get_num_threads()
+    report = bench_contention(torch.device("cpu"), 0.05, toy_jpegs(2, 96), image_size=32, repeats=2)
+    rows = report["backgrounds"]
+    assert list(rows) == list(BACKGROUNDS) == ["none", "python", "small_ops", "cpp", "data_path"]
+    assert rows["none"]["vs_alone"] == 1.0 and rows["none"]["background_rounds_per_s"] is None
+    for row in rows.values():
+        assert row["launches_per_s"] > 0
+        assert row["us_per_launch"] == 1e6 / row["launches_per_s"]
+        assert row["vs_alone"] == row["launches_per_s"] / rows["none"]["launches_per_s"]
+    # Every background did its work while the rate was measured: a thread that never ran would measure nothing.
+    assert all(rows[name]["background_rounds_per_s"] > 0 for name in BACKGROUNDS[1:])
+    assert not [t for t in threading.enumerate() if t.name.startswith("contention-")]
+    assert torch.get_num_threads() == threads_before  # measured at one intra-op thread, restored after
+    assert (report["device"], report["batch"], report["repeats"]) == ("cpu", 2, 2)
+
+
+def test_the_contention_report_has_a_row_per_background_with_its_rate_against_the_rate_alone():
+    def row(rate, rounds):
+        return {"launches_per_s": rate, "vs_alone": rate / 200_000, "us_per_launch": 1e6 / rate,
+                "background_rounds_per_s": rounds}
+
+    report = {"device": "H100", "seconds": 1.0, "repeats": 3, "batch": 64,
+              "backgrounds": {"none": row(200_000, None), "python": row(1_000, 9_000.0),
+                              "small_ops": row(120_000, 2_000.0), "cpp": row(190_000, 300.0),
+                              "data_path": row(130_000, 40.5)}}
+    lines = format_contention_report(report).splitlines()
+    assert lines[0].startswith("launch rate of one thread issuing small kernels on H100 (1 s a measurement, "
+                               "median of 3)") and lines[0].endswith("decode + augment of 64 JPEGs a round")
+    assert lines[1].split() == ["beside", "launches/s", "us/launch", "vs", "alone", "background", "rounds/s"]
+    assert lines[2].split() == ["none", "200000", "5.00", "1.00"]
+    assert lines[3].split() == ["python", "1000", "1000.00", "0.01", "9000.0"]
+    assert lines[6].split() == ["data_path", "130000", "7.69", "0.65", "40.5"]
+
+
+def test_bench_contention_runs_from_the_command_line_on_the_cpu_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "contention.json"
+    assert main(["bench", "contention", "--seconds", "0.02", "--repeats", "1", "--batch", "2", "--size", "96",
+                 "--image-size", "32", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["backgrounds"]) == set(BACKGROUNDS)
+    assert "launch rate of one thread issuing small kernels on cpu" in capsys.readouterr().out
