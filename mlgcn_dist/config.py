@@ -181,7 +181,7 @@ class Config:
 RETIRED_KEYS: dict[str, str] = {
     "data.gpu_resample": "removed after bench run G: its matmul resample lost to the grouped resize on an H100",
     "train.compile_cpp_wrapper": "removed after bench run H: Inductor's C++ wrapper failed to compile GCN-ResNet-101's "
-                                 "backward on an H100 (torch 2.11)",
+                                 "backward on an H100 with torch 2.11",
 }
 
 # Values a key may take, checked at load time so a typo fails before any heavy work starts.
