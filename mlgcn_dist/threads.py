@@ -33,9 +33,8 @@ def launcher_threads(device_type: str, environ: Mapping[str, str]) -> int | None
     processes a node): ``OMP_NUM_THREADS`` where set, else 1 for a GPU process; None for a CPU one (Accelerate then
     divides the cores between the processes: for one, all of them, as torch does by itself).
 
-    16 threads in a GPU process make every CPU op in it (pinning a batch, the augment's index) wake threads that
-    then spin for cores the step's launch threads need: on one H100 (README, run H) CPU decode trained at 0.90 of
-    the ceiling with 16 and 0.96 with one."""
+    With 16 threads in a GPU process the thread that launches the step's kernels ran slower (README, run H: twice
+    the time between two of its launches), and CPU decode trained at 0.90 of the ceiling against 0.96 with one."""
     if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
         return int(environ["OMP_NUM_THREADS"])
     return 1 if device_type == "cuda" else None
