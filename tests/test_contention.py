@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from mlgcn_dist.bench import contention
 from mlgcn_dist.bench.contention import BACKGROUNDS, bench_contention, format_contention_report
 from mlgcn_dist.bench.decode import toy_jpegs
 from mlgcn_dist.cli import main
@@ -16,8 +17,16 @@ from mlgcn_dist.cli import main
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 
-def test_the_launch_rate_is_measured_alone_and_beside_each_background_which_works_meanwhile_and_then_stops():
-    threads_before = torch.get_num_threads()
+def test_the_launch_rate_is_measured_alone_and_beside_each_background_which_works_meanwhile_and_then_stops(
+        monkeypatch):
+    threads_before, threads_measured = torch.get_num_threads(), set()
+    launch_rate = contention._launch_rate
+
+    def measured_at(device, seconds):
+        threads_measured.add(torch.get_num_threads())
+        return launch_rate(device, seconds)
+
+    monkeypatch.setattr(contention, "_launch_rate", measured_at)
     report = bench_contention(torch.device("cpu"), 0.05, toy_jpegs(2, 96), image_size=32, repeats=2)
     rows = report["backgrounds"]
     assert list(rows) == list(BACKGROUNDS) == ["none", "python", "small_ops", "cpp", "data_path"]
@@ -29,7 +38,7 @@ def test_the_launch_rate_is_measured_alone_and_beside_each_background_which_work
     # Every background did its work while the rate was measured: a thread that never ran would measure nothing.
     assert all(rows[name]["background_rounds_per_s"] > 0 for name in BACKGROUNDS[1:])
     assert not [t for t in threading.enumerate() if t.name.startswith("contention-")]
-    assert torch.get_num_threads() == threads_before  # measured at one intra-op thread, restored after
+    assert threads_measured == {1} and torch.get_num_threads() == threads_before  # as a GPU training process has
     assert (report["device"], report["batch"], report["repeats"]) == ("cpu", 2, 2)
 
 
