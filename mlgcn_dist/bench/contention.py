@@ -58,7 +58,7 @@ def bench_contention(
                 launched, worked = _beside(device, seconds, work.get(name))
                 rates[name].append(launched)
                 rounds[name].append(worked)
-    alone = statistics.median(rates["none"])
+    median = {name: statistics.median(rates[name]) for name in BACKGROUNDS}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "seconds": seconds,
@@ -66,9 +66,9 @@ def bench_contention(
         "batch": len(jpegs),
         "backgrounds": {
             name: {
-                "launches_per_s": statistics.median(rates[name]),
-                "vs_alone": statistics.median(rates[name]) / alone,
-                "us_per_launch": 1e6 / statistics.median(rates[name]),
+                "launches_per_s": median[name],
+                "vs_alone": median[name] / median["none"],
+                "us_per_launch": 1e6 / median[name],
                 "background_rounds_per_s": None if name == "none" else statistics.median(rounds[name]),
             }
             for name in BACKGROUNDS

@@ -176,12 +176,8 @@ def _gaps(gaps: dict) -> str:
     if gaps["median_us"] is None:
         return "the loop's gaps between CUDA calls: none under 1 ms"
     return (f"the loop's gaps between CUDA calls, median us: {gaps['median_us']:.1f} (while other threads issue "
-            f"theirs, {100 * gaps['others_working_fraction']:.0f}% of gaps: {_us(gaps['others_working_median_us'])}; "
-            f"otherwise {_us(gaps['others_quiet_median_us'])})")
-
-
-def _us(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1f}"
+            f"theirs, {100 * gaps['others_working_fraction']:.0f}% of gaps: "
+            f"{_cell(gaps['others_working_median_us'], 0)}; otherwise {_cell(gaps['others_quiet_median_us'], 0)})")
 
 
 def _threads(report: dict) -> str:
