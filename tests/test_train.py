@@ -25,6 +25,7 @@ from launching import (
     train_log,
     weights,
 )
+from launching import summary as saved_summary
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -96,7 +97,7 @@ def test_run_directory_holds_config_metrics_summary_and_checkpoints(trained):
     run_dir, summary = trained
     assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
     assert evaluated_epochs(run_dir) == [0, 1, 2]
-    saved = json.loads((run_dir / "summary.json").read_text())
+    saved = saved_summary(run_dir)
     assert saved["best_mAP"] == pytest.approx(summary["best_mAP"])
     assert {"model", "ema"} <= set(saved["final"])
     assert saved["finished"] is True  # `mlgcn compare`'s status
@@ -753,7 +754,7 @@ def test_best_pt_is_the_evaluation_with_the_highest_map_over_the_model_and_its_e
     run_dir = tmp_path / "run"
     summary = train(toy_config(toy_root, run_dir, "train.ema_decay=0.9", "train.epochs=3", "data.steps_per_epoch=1"))
     assert (summary["best_mAP"], summary["best_epoch"], summary["best_source"]) == (60.0, 1, "ema")
-    saved = json.loads((run_dir / "summary.json").read_text())
+    saved = saved_summary(run_dir)
     assert (saved["best_mAP"], saved["best_epoch"], saved["best_source"]) == (60.0, 1, "ema")
     best, last = portable(run_dir, "best.pt"), portable(run_dir, "last.pt")
     assert (best["epoch"], last["epoch"]) == (1, 2)
@@ -794,7 +795,7 @@ def test_a_stop_signal_saves_at_the_next_logging_step_and_exits_with_its_code_le
     assert stopped.value.code == (REQUEUE_EXIT_CODE if preempted else INTERRUPTED_EXIT_CODE)
     assert [path.name for path in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000004"]
     assert (run_dir / "REQUEUE").exists() is preempted
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = saved_summary(run_dir)
     assert (summary.get("preempted"), summary.get("stopped")) == ((True, None) if preempted else (None, "Ctrl-C"))
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
