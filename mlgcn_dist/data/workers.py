@@ -36,9 +36,9 @@ from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 
 def init_worker(worker_id: int) -> None:
     """DataLoader workers: python and numpy RNGs from torch's worker seed, itself from (seed, epoch, rank, worker);
-    the stop signals left to the trainer (:func:`_leave_stop_signals_to_the_trainer`); a worker whose parent is
+    the stop signals left to the trainer (:func:`leave_stop_signals_to_the_trainer`); a worker whose parent is
     not its trainer ends with the trainer (:func:`_end_with_the_trainer`)."""
-    _leave_stop_signals_to_the_trainer()
+    leave_stop_signals_to_the_trainer()
     _end_with_the_trainer()
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
@@ -53,7 +53,7 @@ _MASKABLE = hasattr(signal, "pthread_sigmask")
 _HELD_SIGNALS = (*SAVING_STOP_SIGNALS, signal.SIGUSR2) if _MASKABLE else SAVING_STOP_SIGNALS
 
 
-def _leave_stop_signals_to_the_trainer() -> None:
+def leave_stop_signals_to_the_trainer() -> None:
     """A worker goes on through the signals that ask its trainer to stop (they are the trainer's business).
 
     SLURM signals every process of a job step (scancel, preemption, the time limit), the loader's workers too, and
@@ -108,8 +108,21 @@ def _ignore_stop_signals_then(mask: int) -> None:
         signal.pthread_sigmask(mask, _HELD_SIGNALS)
 
 
+def start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, which a process started by spawn or forkserver needs, started with the
+    stop signals held (POSIX, where the tracker runs and blocks).
+
+    Started inside the block that starts such a process, it would end the block: its start blocks SIGINT and
+    SIGTERM for its own process and unblocks them after (bpo-33613). Started in a block of its own, it keeps SIGUSR1
+    and SIGUSR2 blocked (it ignores SIGINT and SIGTERM only), which SLURM sends every process of the step and which
+    would end it."""
+    if _MASKABLE:
+        with stop_signals_blocked():
+            resource_tracker.ensure_running()
+
+
 @contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
+def stop_signals_blocked() -> Iterator[None]:
     """The stop signals and SIGUSR2 (:data:`_HELD_SIGNALS`) held back from this thread inside, and from the
     processes it starts there (a blocked signal stays blocked across fork and exec); one that comes meanwhile is
     delivered as the block ends."""
@@ -132,7 +145,7 @@ class StopSafeDataLoader(DataLoader):
     spawned or forkserver's: a test sees each), and the trainer then failed on it instead of saving, or waited
     data.worker_timeout_s for it. So the workers are started with the signals blocked (a forkserver keeps them
     blocked for its workers: :func:`serve_workers_with_stop_signals_held`) and unblock them once ignored
-    (:func:`_leave_stop_signals_to_the_trainer`). The trainer's own share of the block lasts as long as starting
+    (:func:`leave_stop_signals_to_the_trainer`). The trainer's own share of the block lasts as long as starting
     the workers, and a signal it holds back is delivered after."""
 
     def __iter__(self) -> Iterator:
@@ -140,14 +153,9 @@ class StopSafeDataLoader(DataLoader):
             return super().__iter__()
         context = self.multiprocessing_context
         method = context.get_start_method() if context is not None else _default_start_method()
-        if method != "fork" and _MASKABLE:  # POSIX, where the tracker runs and blocks
-            # The workers' queues need multiprocessing's resource tracker. Started inside the workers' block, it
-            # would end it: its start blocks SIGINT and SIGTERM for its own process and unblocks them after
-            # (bpo-33613). Started in a block of its own, it keeps SIGUSR1 and SIGUSR2 blocked (it ignores SIGINT
-            # and SIGTERM only), which SLURM sends every process of the step and which would end it.
-            with _stop_signals_blocked():
-                resource_tracker.ensure_running()
-        with _stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
+        if method != "fork":
+            start_resource_tracker()  # the workers' queues need it
+        with stop_signals_blocked():  # a loader with workers starts them here (persistent_workers is off)
             return super().__iter__()
 
     def _get_iterator(self) -> Iterator:
