@@ -42,6 +42,7 @@ from mlgcn_dist.checkpoint import (
     saved_precision,
 )
 from mlgcn_dist.config import Config, ConfigError
+from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.loader import (
     DatasetInfo,
     build_eval_loader,
@@ -51,7 +52,7 @@ from mlgcn_dist.data.loader import (
 )
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.records import LabelSpace
-from mlgcn_dist.data.transforms import GpuAugment, to_device
+from mlgcn_dist.data.transforms import DeviceAugment, GpuAugment, to_device
 from mlgcn_dist.data.workers import worker_start_line
 from mlgcn_dist.ema import ModelEMA
 from mlgcn_dist.files import write_text_atomic
@@ -101,7 +102,7 @@ def evaluate(
     cfg: Config,
     accelerator: Accelerator,
     decode: str,
-    augment: GpuAugment | None,
+    augment: DeviceAugment | None,
 ) -> tuple[dict, AveragePrecisionMeter]:
     """Metrics over the validation split, each image counted exactly once across all ranks.
 
@@ -144,10 +145,26 @@ def evaluate(
     return results, merged
 
 
+def _device_augments(
+    cfg: Config, decode: str, device: torch.device
+) -> tuple[AugmentProcess | None, DeviceAugment | None, DeviceAugment | None]:
+    """The GPU path's augments for training and evaluation (None with CPU decode), in this process or, with
+    data.augment_process, in a process of their own (returned too: the trainer closes it)."""
+    if decode != "gpu":
+        return None, None, None
+    if not cfg.data.augment_process:
+        return None, GpuAugment(cfg.data.image_size, train=True), GpuAugment(cfg.data.image_size, train=False)
+    try:
+        process = AugmentProcess(device, cfg.data.image_size, cfg.train.channels_last, cfg.data.worker_timeout_s)
+    except ValueError as err:
+        raise ConfigError(f"data.augment_process=true: {err}") from err
+    return process, process.augment(train=True), process.augment(train=False)
+
+
 def _converter(
     cfg: Config,
     device: torch.device,
-    augment: GpuAugment | None,
+    augment: DeviceAugment | None,
     batch_rng: Callable[[int], random.Random],
     first: int = 0,
 ):
@@ -231,9 +248,13 @@ def train(cfg: Config) -> dict:
     # <job>`, prints every thread's Python stack of the process (and of its data workers, forked with it).
     faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)  # sys.stderr may be no file
     lock = RunLock(cfg.run_dir)  # taken by the main process as the Trainer starts; released however the run ends
+    trainer = None
     try:
-        return Trainer(cfg, preemption, lock).fit()
+        trainer = Trainer(cfg, preemption, lock)
+        return trainer.fit()
     finally:
+        if trainer is not None and trainer.augment_process is not None:
+            trainer.augment_process.close()
         lock.release()
         preemption.uninstall()
         faulthandler.unregister(signal.SIGUSR2)
@@ -310,9 +331,7 @@ class Trainer:
         if line := worker_start_line(cfg.data.workers, cfg.data.worker_start):
             distributed.say(acc, line)
         self.decode = resolve_decode(cfg, acc.device)
-        gpu = self.decode == "gpu"
-        self.train_augment = GpuAugment(cfg.data.image_size, train=True) if gpu else None
-        self.eval_augment = GpuAugment(cfg.data.image_size, train=False) if gpu else None
+        self.augment_process, self.train_augment, self.eval_augment = _device_augments(cfg, self.decode, acc.device)
         self.train_stream = side_stream(acc.device, cfg.train.side_stream)
         self.results: dict[str, dict] = {}
         self.bad_samples = self.seen_samples = self.nonfinite_steps = 0  # this rank's, this session's
@@ -385,6 +404,10 @@ class Trainer:
 
     def fit(self) -> dict:
         state, cfg = self.state, self.cfg
+        if self.augment_process is not None:  # its start-up (imports, CUDA context) overlaps the loader's
+            self.augment_process.start()
+            distributed.say(self.accelerator, f"GPU decode and augment in a process of their own (pid "
+                            f"{self.augment_process.pid}; data.augment_process)")
         while state.epoch < cfg.train.epochs and not self._steps_spent():
             if self._train_epoch():
                 self._preempted()

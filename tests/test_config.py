@@ -310,3 +310,11 @@ def test_shaping_keys_that_differ_names_each_changed_key_and_skips_those_the_che
     assert shaping_keys_that_differ(model, saved) == ["model.gcn_hidden=16 (checkpoint: 256)"]
     assert shaping_keys_that_differ(model, {**model, "backbone": "resnet50"}) == [
         "model.backbone=resnet101 (checkpoint: resnet50)"]
+
+
+def test_the_augment_process_with_cpu_decode_is_refused_naming_both_keys():
+    """data.augment_process moves GPU decode out of the trainer; with CPU decode there is nothing to move."""
+    with pytest.raises(ConfigError, match=r"data.augment_process=true .* needs data.decode=gpu .* data.decode=cpu"):
+        load_config("configs/toy.yaml", ["data.decode=cpu", "data.augment_process=true"])
+    for decode in ("auto", "gpu"):
+        assert load_config("configs/toy.yaml", [f"data.decode={decode}", "data.augment_process=true"])

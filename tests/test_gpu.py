@@ -4,6 +4,7 @@ gives the images of the CPU path, mixed-precision channels_last steps train, and
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from mlgcn_dist.bench.step import TrainStep, run_setting
 from mlgcn_dist.bench.train import make_toy_shards
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
+from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
@@ -290,6 +292,38 @@ def test_decoded_images_are_not_reused_before_the_callers_queued_kernels_have_re
             caller.synchronize()
             wrong += sum(int(s) != e for s, e in zip(sums, expected))
     assert wrong == 0
+
+
+def test_the_augment_process_writes_what_gpu_augment_writes_here_whichever_side_has_work_queued():
+    """The shared buffer's two events: the trainer's copy waits for the child's writes (a copy queued at once
+    would read them half done), the child's next writes wait for the trainer's copy (one queued behind a 25 ms
+    spin would read the next batch). Eight batches of four kinds, the spin before every other one."""
+    batches = [_photo_jpegs(seed, count=6) for seed in range(4)]
+    here = GpuAugment(64, train=True)
+    expected = [here(batches[i % 4], "cuda", random.Random(i), True)[0] for i in range(8)]
+    stream = torch.cuda.Stream()  # as the prefetch helper's
+    got = []
+    with AugmentProcess("cuda", 64, channels_last=True) as process, torch.cuda.stream(stream):
+        augment = process.augment(train=True)
+        for i in range(8):
+            if i % 2:
+                torch.cuda._sleep(50_000_000)
+            images, kept = augment(batches[i % 4], "cuda", random.Random(i), True)
+            assert kept == list(range(6)) and images.is_contiguous(memory_format=torch.channels_last)
+            got.append(images)
+        stream.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_engine_trains_with_gpu_decode_in_a_process_of_its_own_and_ends_it(toy_root, tmp_path):
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.decode=gpu", "data.augment_process=true",
+                                           "data.steps_per_epoch=8", "train.epochs=1", "train.precision=bf16",
+                                           "train.channels_last=true", f"train.output_dir={tmp_path / 'run'}",
+                                           "train.resume=none"])
+    summary = train(cfg)
+    assert summary["global_step"] == 8 and summary["best_mAP"] > summary["frequency_baseline_mAP"]
+    assert not [child for child in multiprocessing.active_children() if child.name == "mlgcn-augment"]
 
 
 def test_gpu_augment_never_waits_for_the_device():

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -376,16 +377,23 @@ def test_a_run_that_fails_leaves_its_directory_unlocked_while_its_traceback_is_s
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-def test_running_the_device_conversion_ahead_trains_the_same_weights(toy_root, tmp_path):
-    """data.device_prefetch only moves the decode/augment onto a helper thread: same batches, same weights."""
-    trained = []
-    for depth in (0, 2):
-        run_dir = tmp_path / f"ahead{depth}"
-        train(toy_config(toy_root, run_dir, "data.decode=gpu", f"data.device_prefetch={depth}", "train.epochs=1",
-                         "data.steps_per_epoch=4", "train.deterministic=true"))
+def test_running_the_device_conversion_ahead_or_in_a_process_of_its_own_trains_and_scores_the_same(toy_root,
+                                                                                                  tmp_path):
+    """data.device_prefetch only moves the decode/augment onto a helper thread, data.augment_process into a process
+    of its own: same batches, same weights, same evaluation."""
+    trained, scored = [], []
+    for name, where in {"inline": ("data.device_prefetch=0",), "ahead": ("data.device_prefetch=2",),
+                        "process": ("data.device_prefetch=2", "data.augment_process=true")}.items():
+        run_dir = tmp_path / name
+        summary = train(toy_config(toy_root, run_dir, "data.decode=gpu", *where, "train.epochs=1",
+                                   "data.steps_per_epoch=4", "train.deterministic=true"))
         trained.append(weights(run_dir))
-    assert trained[0].keys() == trained[1].keys()
-    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+        scored.append(summary["final"])
+    for other, other_scores in zip(trained[1:], scored[1:]):
+        assert other.keys() == trained[0].keys()
+        assert all(torch.equal(trained[0][k], other[k]) for k in trained[0])
+        assert other_scores == scored[0]
+    assert not [child for child in multiprocessing.active_children() if child.name == "mlgcn-augment"]  # ended
 
 
 aten = torch.ops.aten

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,6 +250,12 @@ class GpuAugment:
         return self._constants[key]
 
 
+# What ``to_device`` calls to decode and augment a batch of JPEGs on the device: a :class:`GpuAugment`, or one in a
+# process of its own (:class:`mlgcn_dist.data.augment_process.RemoteAugment`). (jpegs, device, rng, channels_last)
+# -> (the augmented batch, the positions of the JPEGs in it).
+DeviceAugment = Callable[[list[torch.Tensor], "torch.device | str", random.Random, bool], tuple[torch.Tensor, list[int]]]
+
+
 def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
     """uint8 [3, H, W] per decodable image and their positions; RGB mode makes grayscale/CMYK 3-channel.
 
@@ -286,13 +293,14 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 def to_device(
     batch: dict,
     device: torch.device | str,
-    augment: GpuAugment | None,
+    augment: DeviceAugment | None,
     rng: random.Random,
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A collated batch -> (images float [B,3,S,S], targets int8 [B,C], image ids int64 [B]) on ``device``.
 
-    A batch of "jpeg" is decoded and augmented on the device by ``augment``, which writes the memory format;
+    A batch of "jpeg" is decoded and augmented on the device by ``augment`` (a :class:`GpuAugment`, here or in a
+    process of its own), which writes the memory format;
     JPEGs that fail to decode there are dropped with their targets and added to ``batch["n_bad"]`` (so read n_bad
     after this call). A batch of "image" was cropped and resized by the CPU workers (uint8): it is copied, then
     normalised on the device. Copies are non-blocking (pinned batches overlap them).
@@ -300,7 +308,7 @@ def to_device(
     targets, image_ids = batch["target"], batch["image_id"]
     if "jpeg" in batch:
         if augment is None:
-            raise ValueError("batch holds raw 'jpeg' bytes but no GpuAugment was given to decode them")
+            raise ValueError("batch holds raw 'jpeg' bytes but no device augment was given to decode them")
         images, kept = augment(batch["jpeg"], device, rng, channels_last)
         if len(kept) < len(batch["jpeg"]):
             batch["n_bad"] += len(batch["jpeg"]) - len(kept)

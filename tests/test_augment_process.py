@@ -1,0 +1,208 @@
+"""Specifications of the augment process (``data.augment_process``): GPU decode's decode and augment in a process
+of its own, behind GpuAugment's call. Here on CPU, where the batches travel through shared memory; the CUDA
+branch (IPC buffer and events) is specified in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import jpeg, photo, process_alive
+
+from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
+from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError
+from mlgcn_dist.data.transforms import GpuAugment
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
+
+SIZE = 48
+
+
+class FailingRandom(random.Random):
+    """A crop draw that fails, in the process that draws it."""
+
+    def choice(self, seq):
+        raise RuntimeError("the crop draw failed on purpose")
+
+
+class StalledRandom(random.Random):
+    """A crop draw that does not return for a minute: an augment process that stops answering."""
+
+    def choice(self, seq):
+        time.sleep(60)
+        return super().choice(seq)
+
+
+def photos(count: int, seed: int = 0) -> list[torch.Tensor]:
+    """JPEGs of several sizes (crops of several sizes: several resize groups)."""
+    return [jpeg(photo(64 + 8 * (i % 3), 56 + 4 * i, seed=seed + i)) for i in range(count)]
+
+
+def not_a_jpeg() -> torch.Tensor:
+    return torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+
+
+def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_state_of_gpu_augment_here():
+    """Training and evaluation batches, in either memory format, a JPEG that does not decode dropped, and batches
+    that outgrow the shared buffers: the child computes what GpuAugment computes in the caller's process, and the
+    caller's rng advances as it would have there."""
+    batches = [photos(4), photos(3, seed=10)[:2] + [not_a_jpeg()] + photos(1, seed=20), photos(9, seed=30)]
+    for channels_last in (False, True):
+        with AugmentProcess("cpu", SIZE, channels_last) as process:
+            for train in (True, False):
+                remote, here = process.augment(train), GpuAugment(SIZE, train)
+                theirs, ours = random.Random(7), random.Random(7)
+                for jpegs in batches:
+                    images, kept = remote(jpegs, "cpu", theirs, channels_last)
+                    expected, expected_kept = here(jpegs, "cpu", ours, channels_last)
+                    assert kept == expected_kept and torch.equal(images, expected)
+                    assert images.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format)
+                    assert theirs.getstate() == ours.getstate()
+                    if jpegs is batches[1]:
+                        assert kept == [0, 1, 3]  # the JPEG that does not decode is dropped
+
+
+def test_a_batch_the_augment_process_fails_on_is_an_error_with_its_traceback_and_the_next_batch_is_augmented():
+    with AugmentProcess("cpu", SIZE, channels_last=False) as process:
+        augment = process.augment(train=True)
+        with pytest.raises(AugmentProcessError, match=r"(?s)failed on batch 1:.*the crop draw failed on purpose"):
+            augment(photos(2), "cpu", FailingRandom(0))
+        images, kept = augment(photos(2), "cpu", random.Random(0))
+        assert images.shape == (2, 3, SIZE, SIZE) and kept == [0, 1]
+
+
+def test_a_killed_augment_process_fails_the_next_batch_within_seconds_naming_its_end_and_every_batch_after():
+    with AugmentProcess("cpu", SIZE, channels_last=False) as process:
+        augment = process.augment(train=True)
+        augment(photos(2), "cpu", random.Random(0))
+        process._process.kill()
+        started = time.monotonic()
+        with pytest.raises(AugmentProcessError, match=r"pid \d+\) .*batch 2: exit code -9 \(signal 9\)"):
+            augment(photos(2), "cpu", random.Random(0))
+        assert time.monotonic() - started < 15
+        with pytest.raises(AugmentProcessError, match="can take no more batches: .*exit code -9"):
+            augment(photos(2), "cpu", random.Random(0))
+
+
+def test_an_augment_process_that_stops_answering_fails_the_batch_once_the_timeout_has_passed():
+    """data.worker_timeout_s bounds a batch as it bounds a loader worker's: no hang, and the child is ended."""
+    with AugmentProcess("cpu", SIZE, channels_last=False, timeout_s=3) as process:
+        augment = process.augment(train=True)
+        augment(photos(1), "cpu", random.Random(0))  # started: the timeout is the batch's alone
+        started = time.monotonic()
+        with pytest.raises(AugmentProcessError, match=r"gave no answer in 3 s \(data.worker_timeout_s\) while "
+                                                      r"augmenting batch 2: exit code -9"):
+            augment(photos(1), "cpu", StalledRandom(0))
+        assert time.monotonic() - started < 20
+        assert not process._process.is_alive()
+
+
+def test_the_augment_process_goes_on_through_the_stop_signals_meant_for_its_trainer():
+    """SLURM signals every process of a job step, Ctrl-C the terminal's process group: the trainer saves on them
+    and needs its batches meanwhile."""
+    with AugmentProcess("cpu", SIZE, channels_last=False) as process:
+        augment = process.augment(train=True)
+        augment(photos(1), "cpu", random.Random(0))
+        for sig in SAVING_STOP_SIGNALS:
+            os.kill(process.pid, sig)
+        time.sleep(0.5)
+        images, _ = augment(photos(2), "cpu", random.Random(0))
+        assert images.shape[0] == 2 and process._process.is_alive()
+        status = Path(f"/proc/{process.pid}/status")
+        if status.exists():  # Linux: started with them blocked, it unblocked them once ignored (SIGUSR2 answered)
+            blocked = int(next(line for line in status.read_text().splitlines() if line.startswith("SigBlk:"))
+                          .split()[1], 16)
+            assert not any(blocked >> (sig - 1) & 1 for sig in (*SAVING_STOP_SIGNALS, signal.SIGUSR2))
+
+
+TRAINER = textwrap.dedent("""
+    import random, sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import jpeg, photo
+    from mlgcn_dist.data.augment_process import AugmentProcess
+
+    if __name__ == "__main__":
+        process = AugmentProcess("cpu", 32, channels_last=False)
+        process.augment(train=True)([jpeg(photo())], "cpu", random.Random(0))
+        print(process.pid, flush=True)
+        if sys.argv[1:] == ["fail"]:
+            keep = [process]  # held to the end, as by an error's traceback: never closed
+            raise RuntimeError("the run failed")
+        time.sleep(600)
+""")
+
+
+def start_trainer(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """A trainer process with an augment process that has augmented one batch; and the augment process's pid."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER.format(tests=str(Path(__file__).parent)))
+    trainer = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    return trainer, int(trainer.stdout.readline())
+
+
+def test_the_augment_process_ends_when_its_trainer_is_killed(tmp_path):
+    trainer, child = start_trainer(tmp_path)
+    try:
+        assert process_alive(child)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        deadline = time.monotonic() + 15
+        while process_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(child)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_a_trainer_that_fails_without_closing_its_augment_process_exits_and_ends_it(tmp_path):
+    """multiprocessing's exit hook SIGTERMs a daemonic child and then waits for it: the augment process ignores
+    SIGTERM, so it is SIGKILLed before that hook runs."""
+    trainer, child = start_trainer(tmp_path, "fail")
+    try:
+        trainer.wait(30)
+        assert trainer.returncode == 1 and "the run failed" in trainer.stderr.read()
+        assert not process_alive(child)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_a_closed_augment_process_has_ended_and_refuses_further_batches():
+    process = AugmentProcess("cpu", SIZE, channels_last=False)
+    augment = process.augment(train=False)
+    augment(photos(1), "cpu", random.Random(0))
+    pid = process.pid
+    process.close()
+    assert not process_alive(pid)
+    with pytest.raises(AugmentProcessError, match="can take no more batches: it was closed"):
+        augment(photos(1), "cpu", random.Random(0))
+
+
+def test_an_empty_batch_is_answered_without_starting_the_process():
+    process = AugmentProcess("cpu", SIZE, channels_last=True)
+    images, kept = process.augment(train=True)([], "cpu", random.Random(0), True)
+    assert images.shape == (0, 3, SIZE, SIZE) and kept == [] and process.pid is None
+
+
+def test_a_device_whose_memory_another_process_cannot_map_is_refused_before_any_process_starts():
+    with pytest.raises(ValueError, match="a device of type cuda, cpu, not meta"):
+        AugmentProcess("meta", SIZE, channels_last=False)
+
+
+def test_a_batch_for_another_device_or_memory_format_than_the_process_writes_is_refused():
+    process = AugmentProcess("cpu", SIZE, channels_last=False)
+    with pytest.raises(ValueError, match=r"writes batches on cpu \(channels_last=False\); asked for cpu "
+                                         r"\(channels_last=True\)"):
+        process.augment(train=True)(photos(1), "cpu", random.Random(0), True)
+    assert process.pid is None
