@@ -4,8 +4,8 @@
 #   pytest              the CUDA-marked tests (pytest -m gpu), while a 640 px toy set is drawn in the background;
 #   eager, compile,     `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64) eagerly, with
 #   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
-#                       CPU / GPU decode / GPU decode inline / GPU decode with the augment launched by the loop,
-#                       the ceiling again, the GPU data path alone, the
+#                       CPU / GPU decode / GPU decode in a process of its own (data.augment_process) / GPU decode
+#                       inline / GPU decode with the augment launched by the loop, the ceiling again, the GPU data path alone, the
 #                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
 #                       non-finite; 5 more steps of each phase under torch.profiler: the device's busy and idle
 #                       ms a step, traces in $OUT/profiles.tar); the first of them waits for the toy set and packs
@@ -33,7 +33,7 @@
 #                       and the HGAT head and in fp16 with the GCN, EMA on; prints each run's final mAP (not in the
 #                       default; DeepSpeed and pydantic must be in .whl).
 # PHASES (default: all) names the end-to-end phases of every `bench train` step (`--phases`), e.g.
-# PHASES=e2e_decode_cpu,e2e_decode_gpu: the ceiling, its repeat and the reference always run.
+# PHASES=e2e_decode_cpu,e2e_decode_gpu,e2e_decode_gpu_process: the ceiling, its repeat and the reference always run.
 # Every step runs under its own timeout, cut to what is left of the budget, and logs to $OUT/<step>.log;
 # $OUT/summary.txt lists each step's exit status and duration. BUDGET_S (default 450) bounds the whole script.
 # At most 8 files come back from a device run: everything else stays in $WORK, and more than 5 logs and reports

@@ -56,8 +56,8 @@ from mlgcn_dist.engine import build_model_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "e2e_decode_gpu_augment_in_loop",
-          "ceiling_repeat", "reference")
+PHASES = ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_process", "e2e_decode_gpu_inline",
+          "e2e_decode_gpu_augment_in_loop", "ceiling_repeat", "reference")
 PHASE_FIELDS = (
     "steps",
     "images",
@@ -169,7 +169,8 @@ def test_bench_rates_and_ratios_are_computed_from_the_measured_numbers(report):
         )
     expected = {
         f"{e2e}/{base}": phases[e2e]["img_s"] / phases[base]["img_s"]
-        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_inline", "e2e_decode_gpu_augment_in_loop")
+        for e2e in ("e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_process", "e2e_decode_gpu_inline",
+                    "e2e_decode_gpu_augment_in_loop")
         for base in ("ceiling", "reference")
     }
     assert report["ratios"] == pytest.approx(expected)
@@ -194,12 +195,16 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     assert phases["e2e_decode_gpu_augment_in_loop"]["decode_on"] == (
         "torchvision on cpu (no CUDA), augment launched by the loop"
     )
+    assert phases["e2e_decode_gpu_process"]["decode_on"] == (
+        "torchvision on cpu (no CUDA), decode and augment in a process of their own"
+    )
 
 
 def test_bench_runs_the_device_conversion_ahead_except_in_the_inline_and_reference_phases(report):
     phases = report["phases"]
     assert phases["e2e_decode_cpu"]["device_prefetch"] == phases["e2e_decode_gpu"]["device_prefetch"] == 2
     assert phases["e2e_decode_gpu_augment_in_loop"]["device_prefetch"] == 2
+    assert phases["e2e_decode_gpu_process"]["device_prefetch"] == 2
     assert phases["e2e_decode_gpu_inline"]["device_prefetch"] == phases["reference"]["device_prefetch"] == 0
 
 
@@ -216,6 +221,9 @@ def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(rep
     # Augment launched by the loop: the helper's conversion is the decode alone.
     in_loop = phases["e2e_decode_gpu_augment_in_loop"]
     assert 0 < in_loop["decode_ms"] <= in_loop["convert_ms"] and in_loop["augment_ms"] > 0
+    # In a process of their own: the helper's whole wait, the child's parts not being the helper's host time.
+    in_process = phases["e2e_decode_gpu_process"]
+    assert in_process["convert_ms"] > 0 and in_process["decode_ms"] is None and in_process["augment_ms"] is None
 
 
 def test_augmenting_in_the_loop_gives_the_images_and_targets_of_the_engines_conversion(toy_root):
@@ -250,7 +258,8 @@ def test_bench_measures_the_gpu_data_path_alone(report):
 def test_every_phase_of_one_model_starts_from_the_same_weights(report):
     """Decoding ahead and inline feed the same batches (one seed); from the same weights, the same gradients."""
     phases = report["phases"]
-    assert phases["e2e_decode_gpu"]["max_grad_norm"] == pytest.approx(phases["e2e_decode_gpu_inline"]["max_grad_norm"])
+    for same_batches in ("e2e_decode_gpu_inline", "e2e_decode_gpu_process"):
+        assert phases["e2e_decode_gpu"]["max_grad_norm"] == pytest.approx(phases[same_batches]["max_grad_norm"])
     assert all(p["first_nonfinite_step"] is None for p in phases.values())
 
 
@@ -653,7 +662,8 @@ def test_the_inline_and_in_loop_phases_run_only_where_the_device_conversion_runs
     fed, flops_batches = {}, []
 
     def loader_phase(step, cfg, decode, steps, warmup, depth=None, profile=None, **options):
-        fed[profile.trace.name] = (decode, depth, options.get("augment_in_loop", False))
+        fed[profile.trace.name] = (decode, depth, options.get("augment_in_loop", False),
+                                   options.get("augment_process", False))
         return {}
 
     monkeypatch.setattr(train, "loader_phase", loader_phase)
@@ -664,10 +674,12 @@ def test_the_inline_and_in_loop_phases_run_only_where_the_device_conversion_runs
     profiler = StepProfiler(Path("profiles"), steps=1)
     cpu = torch.device("cpu")
     names, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, profiler, end_to_end_phases(cfg, cpu))
-    expected = {"e2e_decode_cpu.json.gz": ("cpu", None, False), "e2e_decode_gpu.json.gz": ("gpu", None, False)}
+    expected = {"e2e_decode_cpu.json.gz": ("cpu", None, False, False),
+                "e2e_decode_gpu.json.gz": ("gpu", None, False, False),
+                "e2e_decode_gpu_process.json.gz": ("gpu", None, False, True)}
     if ahead:
-        expected |= {"e2e_decode_gpu_inline.json.gz": ("gpu", 0, False),
-                     "e2e_decode_gpu_augment_in_loop.json.gz": ("gpu", None, True)}
+        expected |= {"e2e_decode_gpu_inline.json.gz": ("gpu", 0, False, False),
+                     "e2e_decode_gpu_augment_in_loop.json.gz": ("gpu", None, True, False)}
     assert fed == expected
     assert list(names) == ["ceiling", *(name.removesuffix(".json.gz") for name in expected), "ceiling_repeat"]
     assert flops_batches == [16]  # the GCN head's per-batch FLOPs shared by the configured batch
@@ -938,13 +950,13 @@ def test_a_phase_name_that_this_run_does_not_measure_is_one_error_naming_those_i
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--phases: e2e_decode_gpu_side_stream is not an end-to-end phase of this run" in err
-    assert ("(those are: e2e_decode_cpu, e2e_decode_gpu, e2e_decode_gpu_inline, e2e_decode_gpu_augment_in_loop; "
-            "the ceiling, its repeat and the reference always run)") in err
+    assert ("(those are: e2e_decode_cpu, e2e_decode_gpu, e2e_decode_gpu_process, e2e_decode_gpu_inline, "
+            "e2e_decode_gpu_augment_in_loop; the ceiling, its repeat and the reference always run)") in err
 
 
 def test_the_end_to_end_phases_of_a_run_follow_its_device_prefetch_and_device():
     cfg = load_config("configs/toy.yaml", ["data.device_prefetch=0"])
-    assert list(end_to_end_phases(cfg, torch.device("cpu"))) == ["e2e_decode_cpu", "e2e_decode_gpu"]
+    assert list(end_to_end_phases(cfg, torch.device("cpu"))) == ["e2e_decode_cpu", "e2e_decode_gpu", "e2e_decode_gpu_process"]
     cfg = load_config("configs/toy.yaml", ["data.device_prefetch=2", "train.side_stream=true"])
     on_cuda = end_to_end_phases(cfg, torch.device("cuda"))
     assert list(on_cuda)[-1] == "e2e_decode_gpu_default_stream" and on_cuda["e2e_decode_gpu_default_stream"] == {
@@ -1002,9 +1014,9 @@ def test_bench_train_says_what_it_runs_before_any_work_and_on_a_cpu_hints_the_qu
     lines = capsys.readouterr().out.splitlines()
     model = "cifar_resnet_tiny + gcn at 64 px" if config else "resnet101 + gcn at 448 px"
     assert lines[0] == (
-        f"[bench] on cpu: {model}, batch 16; phases ceiling, e2e_decode_cpu, e2e_decode_gpu, e2e_decode_gpu_inline, "
-        "e2e_decode_gpu_augment_in_loop, ceiling_repeat, reference; 10 warm-up + 50 timed steps each; data: a toy "
-        "set of 256 JPEGs at 640 px"
+        f"[bench] on cpu: {model}, batch 16; phases ceiling, e2e_decode_cpu, e2e_decode_gpu, e2e_decode_gpu_process, "
+        "e2e_decode_gpu_inline, e2e_decode_gpu_augment_in_loop, ceiling_repeat, reference; 10 warm-up + 50 timed "
+        "steps each; data: a toy set of 256 JPEGs at 640 px"
     )
     assert lines[1:] == ([
         "[bench] hint: resnet101 on a CPU takes many minutes; a quick CPU run: mlgcn bench train --config "
@@ -1105,7 +1117,8 @@ def test_also_threads_runs_each_end_to_end_phase_again_right_after_it_at_that_ma
     phases, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, StepProfiler(Path("p"), 1),
                                          end_to_end)
     assert ran == [("e2e_decode_cpu", before), (f"e2e_decode_cpu_threads{before + 1}", before + 1),
-                   ("e2e_decode_gpu", before), (f"e2e_decode_gpu_threads{before + 1}", before + 1)]
+                   ("e2e_decode_gpu", before), (f"e2e_decode_gpu_threads{before + 1}", before + 1),
+                   ("e2e_decode_gpu_process", before), (f"e2e_decode_gpu_process_threads{before + 1}", before + 1)]
     assert torch.get_num_threads() == before
     variant = phases[f"e2e_decode_gpu_threads{before + 1}"]
     assert variant["intra_op_threads"] == before + 1 and variant["decode_on"] == f"gpu, {before + 1} intra-op threads"

@@ -4,6 +4,7 @@ its own way: synthetic tensors on the device (the ceiling), the real loader with
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import statistics
@@ -16,6 +17,7 @@ from mlgcn_dist.bench.profiling import ProfileRequest
 from mlgcn_dist.bench.step import TrainStep
 from mlgcn_dist.bench.window import LoaderQueue, synced_clock, time_training
 from mlgcn_dist.config import Config
+from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.loader import build_train_loader, whole_rounds
 from mlgcn_dist.data.prefetch import device_batches
 from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
@@ -139,6 +141,24 @@ def augment_in_loop_conversion(
     return decode, to_inputs, clock
 
 
+def process_conversion(
+    cfg: Config, device: torch.device, channels_last: bool
+) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock, AugmentProcess]:
+    """The engine's ``to_device`` with data.augment_process: the decode and augment in a process of their own (its
+    start-up begun here), the helper only waiting for them; timed per batch as a whole (the child's parts are not
+    the helper's host time). The caller closes the process."""
+    clock = ConversionClock()
+    process = AugmentProcess(device, cfg.data.image_size, channels_last, cfg.data.worker_timeout_s)
+    process.start()
+    augment = process.augment(train=True)
+    rng = random.Random(cfg.train.seed)
+
+    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
+        return clock.timed("convert", to_device, batch, device, augment, rng, channels_last)
+
+    return convert, clock, process
+
+
 def _decode_on(decode: str, device: torch.device) -> str:
     if decode == "cpu":
         return "cpu workers (PIL)"
@@ -155,27 +175,31 @@ def loader_phase(
     stream: torch.cuda.Stream | None = None,
     profile: ProfileRequest | None = None,
     augment_in_loop: bool = False,
+    augment_process: bool = False,
 ) -> dict:
     """End to end: batches of the real training loader, moved (on the GPU path: decoded) by ``to_device`` as the
     engine does it, ``depth`` (default ``data.device_prefetch``) batches ahead on a helper thread and stream;
     the steps on ``stream`` (None: the default stream). The batches the workers made during the warm-up are
     dropped, and ``steps`` rounded up to whole rounds of the workers (:class:`LoaderQueue`). ``augment_in_loop``
-    (GPU decode): the helper only decodes, the loop launches the augment (:func:`augment_in_loop_conversion`)."""
+    (GPU decode): the helper only decodes, the loop launches the augment (:func:`augment_in_loop_conversion`);
+    ``augment_process``: the decode and augment in a process of their own (:func:`process_conversion`)."""
     depth = cfg.data.device_prefetch if depth is None else depth
-    loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
-    queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
-    if augment_in_loop:
-        convert, to_inputs, clock = augment_in_loop_conversion(cfg, step.device, step.setting.channels_last)
-    else:
-        convert, clock = timed_conversion(cfg, decode, step.device, step.setting.channels_last)
-
-        def to_inputs(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-            images, targets, _ = pair[1]
-            return images, targets
-
-    with device_batches(queue, convert, step.device, depth) as pairs:
-        timed = whole_rounds(steps, cfg.data.workers)
-        result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth, profile)
+    channels_last = step.setting.channels_last
+    with contextlib.ExitStack() as stack:
+        if augment_process:  # first: its start-up overlaps the loader's
+            convert, clock, process = process_conversion(cfg, step.device, channels_last)
+            stack.enter_context(process)
+        elif augment_in_loop:
+            convert, to_inputs, clock = augment_in_loop_conversion(cfg, step.device, channels_last)
+        else:
+            convert, clock = timed_conversion(cfg, decode, step.device, channels_last)
+        if not augment_in_loop:
+            to_inputs = _images_and_targets
+        loader = build_train_loader(cfg.data, rank=0, world_size=1, epoch=0, seed=cfg.train.seed, decode=decode)
+        queue = LoaderQueue(loader, cfg.data.workers, cfg.data.prefetch_factor)
+        with device_batches(queue, convert, step.device, depth) as pairs:
+            timed = whole_rounds(steps, cfg.data.workers)
+            result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth, profile)
     # Every conversion of the phase, the ones run ahead past the last step included.
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]
@@ -183,7 +207,14 @@ def loader_phase(
     result["decode_on"] = _decode_on(decode, step.device)
     if augment_in_loop:
         result["decode_on"] += ", augment launched by the loop"
+    if augment_process:
+        result["decode_on"] += ", decode and augment in a process of their own"
     return result
+
+
+def _images_and_targets(pair: tuple[dict, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets, _ = pair[1]
+    return images, targets
 
 
 def data_path_phase(cfg: Config, device: torch.device, decode: str, batches: int, warmup: int) -> dict:

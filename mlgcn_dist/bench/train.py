@@ -70,7 +70,9 @@ def end_to_end_phases(cfg: Config, device: torch.device) -> dict[str, dict]:
     """The end-to-end phases a run of ``cfg`` on ``device`` measures, in order: name -> how it is fed (``decode``,
     :func:`loader_phase`'s options, and ``other_stream``: the steps on the other kind of stream than
     train.side_stream)."""
-    phases = {"e2e_decode_cpu": {"decode": "cpu"}, "e2e_decode_gpu": {"decode": "gpu"}}
+    phases = {"e2e_decode_cpu": {"decode": "cpu"}, "e2e_decode_gpu": {"decode": "gpu"},
+              # The same batches, decoded and augmented in a process of their own (data.augment_process).
+              "e2e_decode_gpu_process": {"decode": "gpu", "augment_process": True}}
     if cfg.data.device_prefetch > 0:  # what running the device conversion ahead gains, in the same run
         phases["e2e_decode_gpu_inline"] = {"decode": "gpu", "depth": 0}
         # Only the decode ahead, on the helper; the loop launches the augment.
