@@ -17,7 +17,9 @@ import pytest
 import torch
 from conftest import jpeg, photo, process_alive
 
+from mlgcn_dist import engine
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
+from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError
 from mlgcn_dist.data.transforms import GpuAugment
 
@@ -206,3 +208,9 @@ def test_a_batch_for_another_device_or_memory_format_than_the_process_writes_is_
                                          r"\(channels_last=True\)"):
         process.augment(train=True)(photos(1), "cpu", random.Random(0), True)
     assert process.pid is None
+
+
+def test_the_trainer_refuses_the_augment_process_on_a_device_no_other_process_can_map_naming_the_key():
+    cfg = load_config("configs/toy.yaml", ["data.decode=gpu", "data.augment_process=true"])
+    with pytest.raises(ConfigError, match="data.augment_process=true: .* a device of type cuda, cpu, not meta"):
+        engine._device_augments(cfg, "gpu", torch.device("meta"))

@@ -200,7 +200,8 @@ def test_ranks_started_with_different_configs_are_refused_naming_the_keys_and_ea
 
 def test_node_local_keys_and_logging_may_differ_between_ranks(monkeypatch):
     local = ["data.root=/scratch/node1/coco", "data.shards=/scratch/node1/shards", "data.workers=2",
-             "data.prefetch_factor=4", "data.pin_memory=false", "data.decode=cpu", "data.device_prefetch=0",
+             "data.prefetch_factor=4", "data.pin_memory=false", "data.decode=gpu", "data.device_prefetch=0",
+             "data.augment_process=true",
              "data.worker_timeout_s=60", "data.worker_start=spawn", "graph.stats=/scratch/node1/stats.pkl",
              "graph.embeddings=/local/glove.pkl", "model.pretrained=/local/resnet101.pth",
              "train.deepspeed=/local/zero2.json", "train.side_stream=true", "log.wandb=disabled"]
