@@ -12,10 +12,14 @@ tells them apart, in one process and one run: one thread launches small kernels 
   augment's Python around its launches;
 - ``cpp``: matrix products on the CPU, long GIL-free calls with little Python between them: busy cores alone;
 - ``data_path``: what the helper does, :class:`~mlgcn_dist.data.transforms.GpuAugment` decoding and augmenting a
-  batch of JPEGs over and over (nvJPEG on CUDA; on the CPU, libjpeg-turbo).
+  batch of JPEGs over and over (nvJPEG on CUDA; on the CPU, libjpeg-turbo);
+- ``data_path_process``: the same batches decoded and augmented in a process of their own
+  (:class:`~mlgcn_dist.data.augment_process.AugmentProcess`, ``data.augment_process``), the background thread doing
+  what the helper then does: hand the bytes over, wait, copy the batch out.
 
 The launch rate beside each, as a fraction of the rate alone, says which kind of work costs the launching thread:
-if ``data_path`` costs what ``small_ops`` costs and ``cpp`` little, the helper's Python is the cost.
+if ``data_path`` costs what ``small_ops`` costs and ``cpp`` little, the helper's Python is the cost, and
+``data_path_process`` against ``data_path`` says how much of it a process of its own takes off the launching thread.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import torch
 
 from mlgcn_dist.arguments import positive_float, positive_int
 from mlgcn_dist.bench.decode import toy_jpegs
+from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.transforms import GpuAugment
 from mlgcn_dist.threads import intra_op_threads
 
-BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path")
+BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path", "data_path_process")
 LAUNCHES_PER_ROUND = 100  # launches between two clock reads
 SETTLE_S = 0.05  # the background thread runs this long before the clock starts
 
@@ -48,10 +53,11 @@ def bench_contention(
     kept; and each background's own rounds per second (how hard it worked). One intra-op thread, as a GPU
     training process has."""
     device = torch.device(device)
-    work = _backgrounds(device, jpegs, image_size)
     rates: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
     rounds: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
-    with intra_op_threads(1):
+    with intra_op_threads(1), AugmentProcess(device, image_size, channels_last=True) as process:
+        work = _backgrounds(device, jpegs, image_size, process)
+        work["data_path_process"]()  # the process started (seconds of imports), outside the measurements
         _launch_rate(device, min(seconds, 0.2))  # kernels loaded, the allocator warm
         for _ in range(repeats):
             for name in BACKGROUNDS:
@@ -121,8 +127,11 @@ def _launch_rate(device: torch.device, seconds: float) -> float:
     return launched / (now - start)
 
 
-def _backgrounds(device: torch.device, jpegs: list[torch.Tensor], image_size: int) -> dict[str, Callable[[], object]]:
-    """One round of each background's work, as a function the background thread calls until told to stop."""
+def _backgrounds(
+    device: torch.device, jpegs: list[torch.Tensor], image_size: int, process: AugmentProcess
+) -> dict[str, Callable[[], object]]:
+    """One round of each background's work, as a function the background thread calls until told to stop;
+    ``data_path_process``'s in ``process``."""
     products = torch.randn(192, 192)
     tiny = torch.zeros(16)
     augment = GpuAugment(image_size, train=True)
@@ -139,27 +148,31 @@ def _backgrounds(device: torch.device, jpegs: list[torch.Tensor], image_size: in
     def cpp() -> torch.Tensor:
         return torch.mm(products, products)
 
-    def data_path() -> None:
-        if stream is None:
-            augment(jpegs, device, rng, channels_last=True)
-            return
-        with torch.cuda.stream(stream):  # a stream of its own, as the trainer's prefetch helper has
-            augment(jpegs, device, rng, channels_last=True)
-        stream.synchronize()  # one batch at a time: the helper waits for its queue, not faster than the device
+    def on_a_stream_of_its_own(augmenter: Callable) -> Callable[[], None]:
+        def data_path() -> None:
+            if stream is None:
+                augmenter(jpegs, device, rng, channels_last=True)
+                return
+            with torch.cuda.stream(stream):  # a stream of its own, as the trainer's prefetch helper has
+                augmenter(jpegs, device, rng, channels_last=True)
+            stream.synchronize()  # one batch at a time: the helper waits for its queue, not faster than the device
 
-    return {"python": python, "small_ops": small_ops, "cpp": cpp, "data_path": data_path}
+        return data_path
+
+    return {"python": python, "small_ops": small_ops, "cpp": cpp, "data_path": on_a_stream_of_its_own(augment),
+            "data_path_process": on_a_stream_of_its_own(process.augment(train=True))}
 
 
 def format_contention_report(report: dict) -> str:
     lines = [
         f"launch rate of one thread issuing small kernels on {report['device']} ({report['seconds']:g} s a "
         f"measurement, median of {report['repeats']}), alone and beside one background thread; data_path: "
-        f"decode + augment of {report['batch']} JPEGs a round",
-        f"{'beside':12s}{'launches/s':>12s}{'us/launch':>11s}{'vs alone':>10s}{'background rounds/s':>22s}",
+        f"decode + augment of {report['batch']} JPEGs a round (data_path_process: in a process of their own)",
+        f"{'beside':18s}{'launches/s':>12s}{'us/launch':>11s}{'vs alone':>10s}{'background rounds/s':>22s}",
     ]
     for name, row in report["backgrounds"].items():
         rounds = "" if row["background_rounds_per_s"] is None else f"{row['background_rounds_per_s']:.1f}"
-        lines.append(f"{name:12s}{row['launches_per_s']:12.0f}{row['us_per_launch']:11.2f}{row['vs_alone']:10.2f}"
+        lines.append(f"{name:18s}{row['launches_per_s']:12.0f}{row['us_per_launch']:11.2f}{row['vs_alone']:10.2f}"
                      f"{rounds:>22s}")
     return "\n".join(lines)
 
