@@ -23,7 +23,7 @@ from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError
 from mlgcn_dist.data.transforms import GpuAugment
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SIZE = 48
 
@@ -52,6 +52,7 @@ def not_a_jpeg() -> torch.Tensor:
     return torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_state_of_gpu_augment_here():
     """Training and evaluation batches, in either memory format, a JPEG that does not decode dropped, and batches
     that outgrow the shared buffers: the child computes what GpuAugment computes in the caller's process, and the
@@ -73,6 +74,7 @@ def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_stat
                         assert kept == [0, 1, 3]  # the JPEG that does not decode is dropped
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_a_batch_the_augment_process_fails_on_is_an_error_with_its_traceback_and_the_next_batch_is_augmented():
     with AugmentProcess("cpu", SIZE, channels_last=False) as process:
         augment = process.augment(train=True)
@@ -82,6 +84,7 @@ def test_a_batch_the_augment_process_fails_on_is_an_error_with_its_traceback_and
         assert images.shape == (2, 3, SIZE, SIZE) and kept == [0, 1]
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_a_killed_augment_process_fails_the_next_batch_within_seconds_naming_its_end_and_every_batch_after():
     with AugmentProcess("cpu", SIZE, channels_last=False) as process:
         augment = process.augment(train=True)
@@ -95,6 +98,7 @@ def test_a_killed_augment_process_fails_the_next_batch_within_seconds_naming_its
             augment(photos(2), "cpu", random.Random(0))
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_an_augment_process_that_stops_answering_fails_the_batch_once_the_timeout_has_passed():
     """data.worker_timeout_s bounds a batch as it bounds a loader worker's: no hang, and the child is ended."""
     with AugmentProcess("cpu", SIZE, channels_last=False, timeout_s=3) as process:
@@ -108,6 +112,7 @@ def test_an_augment_process_that_stops_answering_fails_the_batch_once_the_timeou
         assert not process._process.is_alive()
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_the_augment_process_goes_on_through_the_stop_signals_meant_for_its_trainer():
     """SLURM signals every process of a job step, Ctrl-C the terminal's process group: the trainer saves on them
     and needs its batches meanwhile."""
@@ -152,6 +157,7 @@ def start_trainer(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
     return trainer, int(trainer.stdout.readline())
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_the_augment_process_ends_when_its_trainer_is_killed(tmp_path):
     trainer, child = start_trainer(tmp_path)
     try:
@@ -167,6 +173,7 @@ def test_the_augment_process_ends_when_its_trainer_is_killed(tmp_path):
         trainer.wait()
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_a_trainer_that_fails_without_closing_its_augment_process_exits_and_ends_it(tmp_path):
     """multiprocessing's exit hook SIGTERMs a daemonic child and then waits for it: the augment process ignores
     SIGTERM, so it is SIGKILLed before that hook runs."""
@@ -180,6 +187,7 @@ def test_a_trainer_that_fails_without_closing_its_augment_process_exits_and_ends
         trainer.wait()
 
 
+@pytest.mark.slow  # spawns an augment process
 def test_a_closed_augment_process_has_ended_and_refuses_further_batches():
     process = AugmentProcess("cpu", SIZE, channels_last=False)
     augment = process.augment(train=False)
@@ -216,6 +224,7 @@ def test_the_trainer_refuses_the_augment_process_on_a_device_no_other_process_ca
         engine._device_augments(cfg, "gpu", torch.device("meta"))
 
 
+@pytest.mark.slow  # spawns an augment process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CUDA device the child cannot open")
 def test_an_augment_process_that_cannot_open_its_device_fails_the_first_batch_with_the_cause():
     """As on a GPU whose compute mode (Exclusive_Process) admits one process: the child's CUDA start fails, and
