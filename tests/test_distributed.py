@@ -259,23 +259,35 @@ def test_kill_9_mid_run_then_resume_auto_ends_equal_to_an_uninterrupted_run(tiny
         torch.testing.assert_close(weights(killed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(tiny_toy, tmp_path):
+@pytest.mark.parametrize("augment", [(), ("data.decode=gpu", "data.augment_process=true")],
+                         ids=["loader", "augment-process"])
+def test_sigusr1_checkpoints_marks_requeue_and_exits_with_the_requeue_code(augment, tiny_toy, tmp_path):
+    """Every process of the job gets the signal, each rank's augment process too (data.augment_process), which
+    goes on serving its trainer until it has saved, and ends with it."""
     run_dir = tmp_path / "preempted"
-    cmd = torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=200", "train.max_steps=0"))
+    cmd = torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=200", "train.max_steps=0", *augment))
     proc = subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         wait_for(lambda: (run_dir / "train_log.jsonl").exists(), 180, proc)
-        for child in psutil.Process(proc.pid).children(recursive=True):
+        signalled = psutil.Process(proc.pid).children(recursive=True)
+        spawned = sum("spawn_main" in " ".join(child.cmdline()) for child in signalled)  # augment processes
+        for child in signalled:
             child.send_signal(signal.SIGUSR1)  # what SLURM's --signal delivers to the job's tasks
         out, _ = proc.communicate(timeout=120)
+        left = [child.pid for child in signalled if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     finally:
         kill_tree(proc)
     assert "exitcode: 75" in out or "exitcode  : 75" in out or proc.returncode == 75, out[-4000:]
     assert (run_dir / "REQUEUE").is_file()
     assert list((run_dir / "checkpoints").glob("step-*"))
+    assert not left
+    assert spawned == (2 if augment else 0)  # one a rank, signalled too
+    if augment:
+        assert out.count("GPU decode and augment in a process of their own") == 1  # said once, by rank 0
     # ... and the requeued job picks it up
-    resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=1", "train.resume=auto"))))
+    resumed = check(run(torchrun_cmd(2, overrides(tiny_toy, run_dir, "train.epochs=1", "train.resume=auto",
+                                                  *augment))))
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "REQUEUE").exists()
 
