@@ -156,7 +156,7 @@ class AugmentProcess:
                 self._started = True
             lengths = [int(jpeg.numel()) for jpeg in jpegs]
             grown = self._make_room(sum(lengths), len(jpegs), memory_format)
-            torch.cat([jpeg.reshape(-1) for jpeg in jpegs], out=self._inbox[: sum(lengths)])
+            torch.cat(jpegs, out=self._inbox[: sum(lengths)])  # one call: 1-D uint8 bytes, as the loader gives them
             self._sent += 1
             self._send(("batch", self._sent, lengths, rng, train, grown))
             kept, state = self._await("done", self._sent)
