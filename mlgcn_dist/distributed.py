@@ -223,8 +223,8 @@ def say(accelerator: Accelerator, message: str) -> None:
 # Every other key changes what a rank computes: one launch of every node with the same config and overrides.
 NODE_LOCAL_KEYS = frozenset({
     "data.root", "data.shards", "data.workers", "data.prefetch_factor", "data.pin_memory", "data.decode",
-    "data.device_prefetch", "data.augment_process", "data.worker_timeout_s", "data.worker_start", "graph.stats", "graph.embeddings",
-    "model.pretrained", "train.deepspeed", "train.side_stream",
+    "data.device_prefetch", "data.augment_process", "data.worker_timeout_s", "data.worker_start", "graph.stats",
+    "graph.embeddings", "model.pretrained", "train.deepspeed", "train.side_stream",
 })
 
 

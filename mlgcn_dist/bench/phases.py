@@ -20,7 +20,7 @@ from mlgcn_dist.config import Config
 from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.loader import build_train_loader, whole_rounds
 from mlgcn_dist.data.prefetch import device_batches
-from mlgcn_dist.data.transforms import CropParams, GpuAugment, to_device
+from mlgcn_dist.data.transforms import CropParams, DeviceAugment, GpuAugment, to_device
 
 
 def synthetic_phase(
@@ -99,11 +99,13 @@ class TimedGpuAugment(GpuAugment):
 
 
 def timed_conversion(
-    cfg: Config, decode: str, device: torch.device, channels_last: bool
+    cfg: Config, decode: str, device: torch.device, channels_last: bool, augment: DeviceAugment | None = None
 ) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock]:
-    """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch."""
+    """The engine's ``to_device`` for ``decode`` (cpu: copies; gpu: decode + augment), timed per batch; on the GPU
+    path with ``augment`` where given (timed as a whole), else with a GpuAugment timed in its parts."""
     clock = ConversionClock()
-    augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock) if decode == "gpu" else None
+    if augment is None and decode == "gpu":
+        augment = TimedGpuAugment(cfg.data.image_size, train=True, clock=clock)
     rng = random.Random(cfg.train.seed)
 
     def convert(batch: dict) -> tuple[torch.Tensor, ...]:
@@ -147,15 +149,9 @@ def process_conversion(
     """The engine's ``to_device`` with data.augment_process: the decode and augment in a process of their own (its
     start-up begun here), the helper only waiting for them; timed per batch as a whole (the child's parts are not
     the helper's host time). The caller closes the process."""
-    clock = ConversionClock()
     process = AugmentProcess(device, cfg.data.image_size, channels_last, cfg.data.worker_timeout_s)
     process.start()
-    augment = process.augment(train=True)
-    rng = random.Random(cfg.train.seed)
-
-    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
-        return clock.timed("convert", to_device, batch, device, augment, rng, channels_last)
-
+    convert, clock = timed_conversion(cfg, "gpu", device, channels_last, process.augment(train=True))
     return convert, clock, process
 
 

@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.multiprocessing as mp
 
+from mlgcn_dist.data.transforms import GpuAugment, empty_batch
 from mlgcn_dist.data.workers import (
     end_workers_at_exit,
     leave_stop_signals_to_the_trainer,
@@ -68,12 +69,10 @@ class AugmentProcess:
     """
 
     def __init__(self, device: torch.device | str, size: int, channels_last: bool, timeout_s: float = 600.0) -> None:
-        device = torch.device(device)
+        device = _indexed(device)
         if device.type not in DEVICES:
             raise ValueError(f"the augment process shares its batches through memory another process can map: "
                              f"a device of type {', '.join(DEVICES)}, not {device}")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.size, self.channels_last, self.timeout_s = device, size, channels_last, timeout_s
         self._lock = threading.Lock()  # one batch in the child at a time, whichever thread asks
         self._process: mp.Process | None = None
@@ -138,15 +137,12 @@ class AugmentProcess:
     ) -> tuple[torch.Tensor, list[int]]:
         """``GpuAugment(size, train)(jpegs, device, rng, channels_last)``, computed by the child; ``rng`` advances
         as it would have here."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _indexed(device)
         if device != self.device or channels_last != self.channels_last:
             raise ValueError(f"the augment process writes batches on {self.device} "
                              f"(channels_last={self.channels_last}); asked for {device} (channels_last={channels_last})")
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if not jpegs:  # a batch whose samples all failed in the workers: nothing to send
-            return torch.empty(0, 3, self.size, self.size, device=device).contiguous(memory_format=memory_format), []
+            return empty_batch(self.size, device, channels_last), []
         with self._lock:
             if self._broken is not None:
                 raise AugmentProcessError(f"the augment process can take no more batches: {self._broken}")
@@ -155,8 +151,9 @@ class AugmentProcess:
                 self._await("started", 0)
                 self._started = True
             lengths = [int(jpeg.numel()) for jpeg in jpegs]
-            grown = self._make_room(sum(lengths), len(jpegs), memory_format)
-            torch.cat(jpegs, out=self._inbox[: sum(lengths)])  # one call: 1-D uint8 bytes, as the loader gives them
+            nbytes = sum(lengths)
+            grown = self._make_room(nbytes, len(jpegs))
+            torch.cat(jpegs, out=self._inbox[:nbytes])  # one call: 1-D uint8 bytes, as the loader gives them
             self._sent += 1
             self._send(("batch", self._sent, lengths, rng, train, grown))
             kept, state = self._await("done", self._sent)
@@ -173,12 +170,13 @@ class AugmentProcess:
             self._outbox.record_stream(stream)
             return images, kept
 
-    def _make_room(self, nbytes: int, count: int, memory_format: torch.memory_format) -> dict[str, torch.Tensor]:
+    def _make_room(self, nbytes: int, count: int) -> dict[str, torch.Tensor]:
         """Shared buffers large enough for this batch, replaced (and sent to the child) when it outgrows them."""
         grown = {}
         if self._inbox is None or self._inbox.numel() < nbytes:
             self._inbox = grown["inbox"] = torch.empty(nbytes * 3 // 2, dtype=torch.uint8).share_memory_()
         if self._outbox is None or self._outbox.shape[0] < count:
+            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             outbox = torch.empty(count, 3, self.size, self.size, device=self.device, memory_format=memory_format)
             self._outbox = grown["outbox"] = outbox.share_memory_() if self.device.type == "cpu" else outbox
         return grown
@@ -235,6 +233,15 @@ class RemoteAugment:
         return self.process.run(jpegs, self.train, rng, device, channels_last)
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` with its index: a CUDA device without one is the current device (what the child must open, and
+    what a call's device is compared with)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _stop(process: mp.Process, conn: Connection) -> None:
     """Ask the child to stop, and kill it if it has not within a grace period (it ignores SIGTERM); close the
     pipe."""
@@ -258,8 +265,6 @@ def _serve(
     leave_stop_signals_to_the_trainer()
     logging.basicConfig(format="[augment process] %(levelname)s %(name)s: %(message)s")
     try:
-        from mlgcn_dist.data.transforms import GpuAugment  # torchvision: imported here, after the signals
-
         torch.set_num_threads(1)  # its CPU work is the decoders' and the crop draw, one batch at a time
         device = torch.device(device_name)
         if device.type == "cuda":

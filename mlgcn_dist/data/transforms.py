@@ -207,9 +207,9 @@ class GpuAugment:
         are made once).
         """
         device = torch.device(device)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if not images:
-            return torch.empty(0, 3, self.size, self.size, device=device).contiguous(memory_format=memory_format)
+            return empty_batch(self.size, device, channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scale, shift = self._normalisation(device)
         groups: dict[tuple[int, int], list[int]] = {}
         for i in sorted(range(len(params)), key=lambda i: params[i].flip):  # mirrored last within each group
@@ -248,6 +248,13 @@ class GpuAugment:
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             self._constants[key] = ((1.0 / (255.0 * std)).to(device), (-mean / std).to(device))
         return self._constants[key]
+
+
+def empty_batch(size: int, device: torch.device | str, channels_last: bool) -> torch.Tensor:
+    """The augmented batch of no images, [0, 3, size, size] on ``device`` in the memory format asked for: a batch
+    whose every JPEG failed."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(0, 3, size, size, device=device).contiguous(memory_format=memory_format)
 
 
 # What ``to_device`` calls to decode and augment a batch of JPEGs on the device: a :class:`GpuAugment`, or one in a
