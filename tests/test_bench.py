@@ -221,9 +221,10 @@ def test_bench_times_the_device_conversion_per_batch_and_splits_the_gpu_path(rep
     # Augment launched by the loop: the helper's conversion is the decode alone.
     in_loop = phases["e2e_decode_gpu_augment_in_loop"]
     assert 0 < in_loop["decode_ms"] <= in_loop["convert_ms"] and in_loop["augment_ms"] > 0
-    # In a process of their own: the helper's whole wait, the child's parts not being the helper's host time.
+    # In a process of their own: the helper's whole wait, and the child's parts (within the wait).
     in_process = phases["e2e_decode_gpu_process"]
-    assert in_process["convert_ms"] > 0 and in_process["decode_ms"] is None and in_process["augment_ms"] is None
+    assert 0 < in_process["decode_ms"] < in_process["convert_ms"]
+    assert 0 < in_process["augment_ms"] < in_process["convert_ms"]
 
 
 def test_augmenting_in_the_loop_gives_the_images_and_targets_of_the_engines_conversion(toy_root):
@@ -747,6 +748,14 @@ def test_the_report_table_shows_each_phases_numbers_in_their_columns():
     assert "compile: first step took 61.0 s, the ceiling's whole warm-up 42.0 s (excluded from the timings)" in lines
     assert lines[-1] == ("data path alone (cuda (nvJPEG), 2 batches ahead, no training): 3000.0 img/s; a batch: "
                          "decode 7.0 ms, augment 1.5 ms")
+
+
+def test_the_report_says_the_decode_and_augment_times_of_the_process_phase_are_the_augment_process_s():
+    in_process = _phase_row(decode_on="cuda (nvJPEG), decode and augment in a process of their own",
+                            convert_ms=9.0, decode_ms=6.5, augment_ms=1.8, convert_busy=0.3, augment_process=True)
+    lines = format_report(_bench_report(e2e_decode_gpu_process=in_process)).splitlines()
+    assert ("e2e_decode_gpu_process: conversion 9.0 ms a batch on the host (30% of the step); decode 6.5 ms, "
+            "augment 1.8 ms in the augment process") in lines
 
 
 @pytest.mark.parametrize("drift, warned", [(0.987, False), (1.2, False), (1 / 1.2, False), (1.3, True),

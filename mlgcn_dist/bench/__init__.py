@@ -27,7 +27,8 @@ the steps already queued, so what throughput loses is the data-stall fraction ("
 the window the training stream sat idle while the loop waited for its batch.
 MFU is the achieved training FLOP rate (3x the forward's, per image) over the device's dense peak for the
 phase's numerics. Each end-to-end phase also reports the host time of the device conversion per batch
-(``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``) and its share of the step
+(``convert_ms``; on the GPU path split into ``decode_ms`` and ``augment_ms``, with ``data.augment_process``
+the child's) and its share of the step
 (``convert_busy``): near 1.0 the prefetch helper, not the model, sets the pace. A diverging model is reported
 (``first_nonfinite_step``, ``max_grad_norm``) without a per-step sync. With a ``StepProfiler``
 (``--profile-dir``) every training phase ends with a few steps under torch.profiler, untimed: the device's busy

@@ -71,7 +71,11 @@ class ConversionClock:
         try:
             return fn(*args)
         finally:
-            self.samples.setdefault(part, []).append(time.perf_counter() - t0)
+            self.add(part, time.perf_counter() - t0)
+
+    def add(self, part: str, seconds: float) -> None:
+        """One batch's ``seconds`` of ``part``, timed elsewhere (the augment process times its own parts)."""
+        self.samples.setdefault(part, []).append(seconds)
 
     def per_batch_ms(self) -> dict[str, float | None]:
         """Median host ms per converted batch of each part (None for a part this path does not have)."""
@@ -147,11 +151,20 @@ def process_conversion(
     cfg: Config, device: torch.device, channels_last: bool
 ) -> tuple[Callable[[dict], tuple[torch.Tensor, ...]], ConversionClock, AugmentProcess]:
     """The engine's ``to_device`` with data.augment_process: the decode and augment in a process of their own (its
-    start-up begun here), the helper only waiting for them; timed per batch as a whole (the child's parts are not
-    the helper's host time). The caller closes the process."""
+    start-up begun here), the helper only waiting for them. ``convert`` is the helper's whole wait a batch;
+    ``decode`` and ``augment`` the child's host time in the nvJPEG call and the augment's launches, as the
+    helper's are timed on the in-process path: a decode call much longer than the data path's alone waits for
+    the device (on one GPU the two processes' CUDA contexts take turns). The caller closes the process."""
     process = AugmentProcess(device, cfg.data.image_size, channels_last, cfg.data.worker_timeout_s)
     process.start()
-    convert, clock = timed_conversion(cfg, "gpu", device, channels_last, process.augment(train=True))
+    timed, clock = timed_conversion(cfg, "gpu", device, channels_last, process.augment(train=True))
+
+    def convert(batch: dict) -> tuple[torch.Tensor, ...]:
+        converted = timed(batch)
+        for part, seconds in process.last_batch_s.items():  # the batch just converted: calls are in order
+            clock.add(part, seconds)
+        return converted
+
     return convert, clock, process
 
 
@@ -203,6 +216,7 @@ def loader_phase(
     result["decode_on"] = _decode_on(decode, step.device)
     if augment_in_loop:
         result["decode_on"] += ", augment launched by the loop"
+    result["augment_process"] = augment_process
     if augment_process:
         result["decode_on"] += ", decode and augment in a process of their own"
     return result

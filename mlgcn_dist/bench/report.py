@@ -84,7 +84,8 @@ def format_report(report: dict) -> str:
         lines.append(f"largest finite gradient norm before clipping: {', '.join(norms)}")
     lines += [
         f"{name}: conversion {_ms(p['convert_ms'])} a batch on the host ({p['convert_busy']:.0%} of the step)"
-        + ("" if p["decode_ms"] is None else f"; decode {_ms(p['decode_ms'])}, augment {_ms(p['augment_ms'])}")
+        + ("" if p["decode_ms"] is None else f"; decode {_ms(p['decode_ms'])}, augment {_ms(p['augment_ms'])}"
+           + (" in the augment process" if p.get("augment_process") else ""))
         for name, p in report["phases"].items()
         if "convert_ms" in p
     ]

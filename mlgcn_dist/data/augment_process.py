@@ -87,6 +87,9 @@ class AugmentProcess:
             self._ready = torch.cuda.Event(interprocess=True)
             self._free = torch.cuda.Event(interprocess=True)
         self._finalizer: weakref.finalize | None = None
+        # The child's host seconds of the last batch's decode call and augment launches (what GpuAugment's
+        # ``decode`` and ``apply`` took there): `mlgcn bench train` reports them beside the helper's wait.
+        self.last_batch_s: dict[str, float] = {}
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +159,7 @@ class AugmentProcess:
             torch.cat(jpegs, out=self._inbox[:nbytes])  # one call: 1-D uint8 bytes, as the loader gives them
             self._sent += 1
             self._send(("batch", self._sent, lengths, rng, train, grown))
-            kept, state = self._await("done", self._sent)
+            kept, state, self.last_batch_s = self._await("done", self._sent)
             rng.setstate(state)
             images = self._outbox[: len(kept)]
             if self._ready is None:
@@ -288,11 +291,16 @@ def _serve(
             jpegs = list(inbox[: sum(lengths)].split(lengths))
             if free is not None:
                 torch.cuda.current_stream(device).wait_event(free)  # the trainer has copied the last batch out
-            images, kept = augments[train](jpegs, device, rng, channels_last)
+            augment = augments[train]  # GpuAugment's call, in its parts, each timed
+            started = time.perf_counter()
+            images, kept = augment.decode(jpegs, device)
+            decoded = time.perf_counter()
+            images = augment.apply(images, augment.crops(images, rng), device, channels_last)
+            augmented = time.perf_counter()
             outbox[: len(kept)].copy_(images)
             if ready is not None:
                 ready.record(torch.cuda.current_stream(device))
-            reply = ("done", seq, kept, rng.getstate())
+            reply = ("done", seq, kept, rng.getstate(), {"decode": decoded - started, "augment": augmented - decoded})
         except Exception:  # noqa: BLE001 - sent to the trainer, which raises it
             reply = ("error", seq, traceback.format_exc())
         try:
