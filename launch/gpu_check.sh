@@ -5,8 +5,9 @@
 #   eager, compile,     `mlgcn bench train` for GCN-ResNet101 @448 (bf16, channels_last, batch 64) eagerly, with
 #   compile_cudagraphs  torch.compile, and with torch.compile mode=reduce-overhead (each: ceiling, end to end with
 #                       CPU / GPU decode / GPU decode in a process of its own (data.augment_process) / GPU decode
-#                       inline / GPU decode with the augment launched by the loop, the ceiling again, the GPU data path alone, the
-#                       ML-GCN reference; the helper's decode and augment ms per batch; where a loss first went
+#                       inline / GPU decode with the augment launched by the loop, the ceiling again, the GPU data
+#                       path alone, the ML-GCN reference; the helper's (or the augment process's) decode and augment
+#                       ms per batch; where a loss first went
 #                       non-finite; 5 more steps of each phase under torch.profiler: the device's busy and idle
 #                       ms a step, traces in $OUT/profiles.tar); the first of them waits for the toy set and packs
 #                       it to shards;
