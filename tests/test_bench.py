@@ -528,6 +528,7 @@ def test_bench_loader_command_writes_its_json(tmp_path: Path):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 * 4 and result["images_per_s"] > 0 and result["decode"] == "cpu"
+    assert result["process_cpu_ms_per_batch"] > 0  # without workers: the loading itself, in this process
 
 
 @pytest.mark.parametrize("batches", [1, 2, 3, 5])

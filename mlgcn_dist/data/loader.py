@@ -678,6 +678,10 @@ def bench_loader(
     ``workers=0`` the loading runs in this process on one torch thread, as in a DataLoader worker: the per-image
     tensor ops gain nothing from intra-op threads and lose much on a busy host.
 
+    ``process_cpu_ms_per_batch``: this process's CPU time a timed batch, all its threads. With workers, that is
+    what taking a batch from them costs the training process (unpickling it, mapping its shared memory, pinning
+    it where pinning is on): host work beside the thread that launches the step's kernels. With none, the loading.
+
     No sample shuffle buffer (``data.shuffle_buffer=0``): it changes when a sample is read, not how many are or how
     fast, and it reads unevenly: up to 100 samples of a pass before its first, then two per sample served, then none
     while it empties at the pass's end. A pass no longer than the buffer (a toy set) is read whole by its first batch,
@@ -704,11 +708,11 @@ def bench_loader(
         for _ in range(untimed):
             next(iterator)
         images = n_bad = 0
-        start = time.perf_counter()
-        for batch in itertools.islice(iterator, timed):  # the clock stops before the workers are shut down
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for batch in itertools.islice(iterator, timed):  # the clocks stop before the workers are shut down
             images += len(batch["image_id"])
             n_bad += batch["n_bad"]
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     rate = images / seconds if seconds > 0 else 0.0
     return {
         "shards": str(shards_dir),
@@ -722,5 +726,6 @@ def bench_loader(
         "seconds": round(seconds, 3),
         "images_per_s": round(rate, 1),
         "images_per_s_per_worker": round(rate / max(workers, 1), 1),
+        "process_cpu_ms_per_batch": round(1000 * cpu_seconds / timed, 2),
         "n_bad": n_bad,
     }
