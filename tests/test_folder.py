@@ -14,7 +14,7 @@ from conftest import declare_huge_size
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mlgcn_dist.data.folder import FolderDataset, collate, read_split
+from mlgcn_dist.data.folder import FolderDataset, PackedJpegs, collate, read_split
 from mlgcn_dist.data.records import Skipped
 from mlgcn_dist.data.transforms import CpuTransform, GpuAugment, to_device
 
@@ -55,6 +55,35 @@ def test_raw_mode_yields_the_file_bytes(small_index):
         assert sample["jpeg"].dtype == torch.uint8 and sample["jpeg"].numpy().tobytes() == f.read()
     batch = collate([sample, FolderDataset(small_index, None, raw=True)[4]])
     assert len(batch["jpeg"]) == 2 and batch["image_id"].shape == (2,) and "image" not in batch
+
+
+def test_a_batch_of_jpegs_travels_as_one_tensor_of_their_bytes_and_gives_back_each_file(small_index):
+    dataset = FolderDataset(small_index, None, raw=True)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate, num_workers=1)  # through a worker's queue
+    batch = next(iter(loader))
+    packed = batch["jpeg"]
+    assert isinstance(packed, PackedJpegs) and packed.data.ndim == 1 and len(packed) == 3
+    for record, data in zip(small_index.records, packed.files()):
+        assert data.numpy().tobytes() == Path(record.path).read_bytes()
+    assert [file.data_ptr() for file in packed] == [packed.data.data_ptr() + sum(packed.lengths[:i]) for i in range(3)]
+
+
+def test_the_loaders_pinning_keeps_a_batchs_jpegs_one_tensor_of_the_same_files(small_index, monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory  # what the DataLoader's pinning thread runs
+
+    pinned_tensors = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *_: pinned_tensors.append(self) or self.clone())
+    batch = collate([FolderDataset(small_index, None, raw=True)[i] for i in range(4)])
+    pinned = pin_memory(batch)["jpeg"]
+    assert isinstance(pinned, PackedJpegs) and pinned.lengths == batch["jpeg"].lengths
+    assert torch.equal(pinned.data, batch["jpeg"].data) and pinned.data is not batch["jpeg"].data
+    assert len([t for t in pinned_tensors if t is batch["jpeg"].data]) == 1  # one pin for the batch's files
+
+
+def test_packed_jpegs_whose_bytes_do_not_add_up_to_their_lengths_are_refused():
+    with pytest.raises(ValueError, match=r"expected uint8 \[sum\(lengths\)=7\] bytes, got torch.uint8 \(6,\)"):
+        PackedJpegs(torch.zeros(6, dtype=torch.uint8), [3, 4])
+    assert len(PackedJpegs.of([])) == 0 and PackedJpegs.of([]).files() == []
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "huge"])

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.transforms import (
     IMAGENET_MEAN,
@@ -250,7 +251,7 @@ def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
 def batch_of(jpegs: list[torch.Tensor]) -> dict:
     n = len(jpegs)
     return {
-        "jpeg": jpegs,
+        "jpeg": PackedJpegs.of(jpegs),
         "target": torch.tensor([[1, 0, -1]] * n, dtype=torch.int8),
         "image_id": torch.arange(10, 10 + n, dtype=torch.int64),
         "n_bad": 1,

@@ -134,7 +134,7 @@ def augment_in_loop_conversion(
 
     def decode(batch: dict) -> tuple[torch.Tensor, ...]:
         def run() -> tuple[torch.Tensor, ...]:
-            images, kept = augment.decode(batch["jpeg"], device)
+            images, kept = augment.decode(batch["jpeg"].files(), device)
             batch["crops"] = augment.crops(images, rng)
             return (batch["target"][kept].to(device, non_blocking=True), *images)
 

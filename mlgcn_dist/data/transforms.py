@@ -306,8 +306,8 @@ def to_device(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A collated batch -> (images float [B,3,S,S], targets int8 [B,C], image ids int64 [B]) on ``device``.
 
-    A batch of "jpeg" is decoded and augmented on the device by ``augment`` (a :class:`GpuAugment`, here or in a
-    process of its own), which writes the memory format;
+    A batch of "jpeg" (:class:`~mlgcn_dist.data.folder.PackedJpegs`) is decoded and augmented on the device by
+    ``augment`` (a :class:`GpuAugment`, here or in a process of its own), which writes the memory format;
     JPEGs that fail to decode there are dropped with their targets and added to ``batch["n_bad"]`` (so read n_bad
     after this call). A batch of "image" was cropped and resized by the CPU workers (uint8): it is copied, then
     normalised on the device. Copies are non-blocking (pinned batches overlap them).
@@ -316,7 +316,7 @@ def to_device(
     if "jpeg" in batch:
         if augment is None:
             raise ValueError("batch holds raw 'jpeg' bytes but no device augment was given to decode them")
-        images, kept = augment(batch["jpeg"], device, rng, channels_last)
+        images, kept = augment(batch["jpeg"].files(), device, rng, channels_last)
         if len(kept) < len(batch["jpeg"]):
             batch["n_bad"] += len(batch["jpeg"]) - len(kept)
             targets, image_ids = targets[kept], image_ids[kept]
