@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,7 +156,7 @@ class PackedJpegs:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.files())
 
 
