@@ -126,11 +126,17 @@ class PackedJpegs:
     """A batch's JPEG files, their bytes end to end in one uint8 tensor: a batch dict's "jpeg".
 
     One tensor, not one a file, because of what a batch costs the training process on its way from a loader
-    worker: each tensor crosses as shared memory of its own, received (a file descriptor, a mapping) and pinned
-    by Python in the trainer, beside the thread that launches the step's kernels. On a 2-core CPU, for batches of
-    64 make-toy JPEGs at 640 px (~190 KB) from 2 workers, the training process spent 10.6-13.2 ms of CPU a batch
-    taking 64 tensors and 1.8-2.2 taking one, and the loader made 2,000-2,700 against 3,800-4,200 img/s (three
-    runs of each, alternated: `mlgcn bench loader --decode gpu`, ``process_cpu_ms_per_batch``).
+    worker: each tensor crosses as shared memory of its own, received (a file descriptor, a mapping) by Python in
+    the trainer, beside the thread that launches the step's kernels. On a 2-core CPU, for batches of 64 make-toy
+    JPEGs at 640 px (~190 KB) from 2 workers, the training process spent 10.6-13.2 ms of CPU a batch taking 64
+    tensors (then pinned on CUDA) and 1.8-2.2 taking one, and the loader made 2,000-2,700 against 3,800-4,200 img/s
+    (three runs of each, alternated: `mlgcn bench loader --decode gpu`, ``process_cpu_ms_per_batch``).
+
+    Not pinned by the loader (``data.pin_memory`` pins a batch's targets and ids): the decoders read JPEG bytes no
+    faster from pinned memory (on an H100, 64 JPEGs in 6.6 ms pinned against 6.0 pageable: `mlgcn bench decode`),
+    and the augment process copies them into its own shared memory, so a pinned copy would be a memcpy a batch in
+    the trainer for nothing. The DataLoader's pinning thread returns an object it does not know as it is, which is
+    why this is no ``collections.abc.Sequence`` (one would be rebuilt item by item) and has no ``pin_memory``.
     """
 
     def __init__(self, data: torch.Tensor, lengths: list[int]) -> None:
@@ -146,12 +152,8 @@ class PackedJpegs:
         return cls(data, [int(file.numel()) for file in files])
 
     def files(self) -> list[torch.Tensor]:
-        """Each file's bytes in order: views into the one tensor (pinned where it is)."""
+        """Each file's bytes in order: views into the one tensor."""
         return list(self.data.split(self.lengths))
-
-    def pin_memory(self) -> PackedJpegs:
-        """The same files in pinned memory: what the DataLoader's pinning thread calls for an object of its own."""
-        return PackedJpegs(self.data.pin_memory(), self.lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)
