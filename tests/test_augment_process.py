@@ -73,6 +73,8 @@ def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_stat
                     # The child's own host time of the decode call and the augment, for `mlgcn bench train`.
                     assert set(process.last_batch_s) == {"decode", "augment"}
                     assert all(seconds > 0 for seconds in process.last_batch_s.values())
+                    remote([], "cpu", theirs, channels_last)  # nothing sent: no times of its own, none kept
+                    assert process.last_batch_s == {}
                     if jpegs is batches[1]:
                         assert kept == [0, 1, 3]  # the JPEG that does not decode is dropped
 

@@ -87,8 +87,9 @@ class AugmentProcess:
             self._ready = torch.cuda.Event(interprocess=True)
             self._free = torch.cuda.Event(interprocess=True)
         self._finalizer: weakref.finalize | None = None
-        # The child's host seconds of the last batch's decode call and augment launches (what GpuAugment's
-        # ``decode`` and ``apply`` took there): `mlgcn bench train` reports them beside the helper's wait.
+        # The child's host seconds of the last call's decode and augment launches (what GpuAugment's ``decode``
+        # and ``apply`` took there; none for a batch with no JPEG): `mlgcn bench train` reports them beside the
+        # helper's wait.
         self.last_batch_s: dict[str, float] = {}
 
     @property
@@ -140,6 +141,7 @@ class AugmentProcess:
     ) -> tuple[torch.Tensor, list[int]]:
         """``GpuAugment(size, train)(jpegs, device, rng, channels_last)``, computed by the child; ``rng`` advances
         as it would have here."""
+        self.last_batch_s = {}
         device = _indexed(device)
         if device != self.device or channels_last != self.channels_last:
             raise ValueError(f"the augment process writes batches on {self.device} "
