@@ -21,6 +21,7 @@ from mlgcn_dist import engine
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, load_config
 from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError
+from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.transforms import GpuAugment
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -43,9 +44,9 @@ class StalledRandom(random.Random):
         return super().choice(seq)
 
 
-def photos(count: int, seed: int = 0) -> list[torch.Tensor]:
-    """JPEGs of several sizes (crops of several sizes: several resize groups)."""
-    return [jpeg(photo(64 + 8 * (i % 3), 56 + 4 * i, seed=seed + i)) for i in range(count)]
+def photos(count: int, seed: int = 0) -> PackedJpegs:
+    """A batch of JPEGs of several sizes (crops of several sizes: several resize groups), as the loader packs it."""
+    return PackedJpegs.of([jpeg(photo(64 + 8 * (i % 3), 56 + 4 * i, seed=seed + i)) for i in range(count)])
 
 
 def not_a_jpeg() -> torch.Tensor:
@@ -57,7 +58,8 @@ def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_stat
     """Training and evaluation batches, in either memory format, a JPEG that does not decode dropped, and batches
     that outgrow the shared buffers: the child computes what GpuAugment computes in the caller's process, and the
     caller's rng advances as it would have there."""
-    batches = [photos(4), photos(3, seed=10)[:2] + [not_a_jpeg()] + photos(1, seed=20), photos(9, seed=30)]
+    mixed = PackedJpegs.of(photos(3, seed=10).files()[:2] + [not_a_jpeg()] + photos(1, seed=20).files())
+    batches = [photos(4), mixed, photos(9, seed=30)]
     for channels_last in (False, True):
         with AugmentProcess("cpu", SIZE, channels_last) as process:
             for train in (True, False):
@@ -73,9 +75,9 @@ def test_the_augment_process_gives_the_batch_the_kept_positions_and_the_rng_stat
                     # The child's own host time of the decode call and the augment, for `mlgcn bench train`.
                     assert set(process.last_batch_s) == {"decode", "augment"}
                     assert all(seconds > 0 for seconds in process.last_batch_s.values())
-                    remote([], "cpu", theirs, channels_last)  # nothing sent: no times of its own, none kept
+                    remote(photos(0), "cpu", theirs, channels_last)  # nothing sent: no times of its own, none kept
                     assert process.last_batch_s == {}
-                    if jpegs is batches[1]:
+                    if jpegs is mixed:
                         assert kept == [0, 1, 3]  # the JPEG that does not decode is dropped
 
 
@@ -141,10 +143,11 @@ TRAINER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import jpeg, photo
     from mlgcn_dist.data.augment_process import AugmentProcess
+    from mlgcn_dist.data.folder import PackedJpegs
 
     if __name__ == "__main__":
         process = AugmentProcess("cpu", 32, channels_last=False)
-        process.augment(train=True)([jpeg(photo())], "cpu", random.Random(0))
+        process.augment(train=True)(PackedJpegs.of([jpeg(photo())]), "cpu", random.Random(0))
         print(process.pid, flush=True)
         if sys.argv[1:] == ["fail"]:
             keep = [process]  # held to the end, as by an error's traceback: never closed
@@ -206,7 +209,7 @@ def test_a_closed_augment_process_has_ended_and_refuses_further_batches():
 
 def test_an_empty_batch_is_answered_without_starting_the_process():
     process = AugmentProcess("cpu", SIZE, channels_last=True)
-    images, kept = process.augment(train=True)([], "cpu", random.Random(0), True)
+    images, kept = process.augment(train=True)(photos(0), "cpu", random.Random(0), True)
     assert images.shape == (0, 3, SIZE, SIZE) and kept == [] and process.pid is None
 
 

@@ -21,6 +21,7 @@ from mlgcn_dist.bench.train import make_toy_shards
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.augment_process import AugmentProcess
+from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.loader import build_eval_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
@@ -298,7 +299,7 @@ def test_the_augment_process_writes_what_gpu_augment_writes_here_whichever_side_
     """The shared buffer's two events: the trainer's copy waits for the child's writes (a copy queued at once
     would read them half done), the child's next writes wait for the trainer's copy (one queued behind a 25 ms
     spin would read the next batch). Eight batches of four kinds, the spin before every other one."""
-    batches = [_photo_jpegs(seed, count=6) for seed in range(4)]
+    batches = [PackedJpegs.of(_photo_jpegs(seed, count=6)) for seed in range(4)]
     here = GpuAugment(64, train=True)
     expected = [here(batches[i % 4], "cuda", random.Random(i), True)[0] for i in range(8)]
     stream = torch.cuda.Stream()  # as the prefetch helper's
@@ -332,13 +333,14 @@ def test_gpu_augment_never_waits_for_the_device():
     which waits for the current stream: inline, for the whole training step queued before it.) The decode is
     checked apart: a wait inside nvJPEG would show there, not in our code."""
     jpegs = _photo_jpegs(3)
+    packed = PackedJpegs.of(jpegs)
     augment = GpuAugment(64, train=True)
     images, _ = augment.decode(jpegs, "cuda")
     params = [CropParams(8, 8, 200, 160, flip=i % 2 == 0) for i in range(len(images))]  # one size: reordered
     calls = {
         "decode": lambda: augment.decode(jpegs, "cuda"),
         "apply": lambda: augment.apply(images, params, "cuda"),
-        "decode + augment": lambda: augment(jpegs, "cuda", random.Random(1)),
+        "decode + augment": lambda: augment(packed, "cuda", random.Random(1)),
     }
     for call in calls.values():  # nvJPEG, the constants, pinned buffers and lazily loaded kernels made once
         call()

@@ -139,7 +139,7 @@ def test_cpu_and_tensor_paths_agree_within_one_grey_level_for_the_same_crop(para
 def test_eval_paths_warp_the_whole_image_and_agree():
     data = jpeg(photo(200, 130))
     cpu = as_float(CpuTransform(64, train=False)(decoded_pil(data), random.Random(0)))
-    tensor = GpuAugment(64, train=False)([data], "cpu", random.Random(0))[0][0]
+    tensor = GpuAugment(64, train=False)(PackedJpegs.of([data]), "cpu", random.Random(0))[0][0]
     plain = torch.from_numpy(np.asarray(decoded_pil(data).resize((64, 64), Image.BILINEAR)).copy())
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     expected = (plain.permute(2, 0, 1).float() / 255 - mean) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -152,7 +152,7 @@ def test_same_seed_draws_the_same_crop_on_both_paths():
     for seed in range(5):
         cpu = as_float(CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed)))
         again = as_float(CpuTransform(64, train=True)(decoded_pil(data), random.Random(seed)))
-        tensor, _ = GpuAugment(64, train=True)([data], "cpu", random.Random(seed))
+        tensor, _ = GpuAugment(64, train=True)(PackedJpegs.of([data]), "cpu", random.Random(seed))
         assert torch.equal(cpu, again)
         assert (cpu - tensor[0]).abs().max() <= TOLERANCE
 
@@ -240,7 +240,7 @@ def test_grayscale_and_cmyk_jpegs_come_out_with_three_channels(mode):
     data = jpeg(photo(mode=mode))
     assert decoded_pil(data).mode == mode
     cpu = as_float(CpuTransform(32, train=False)(decoded_pil(data), random.Random(0)))
-    tensor, kept = GpuAugment(32, train=False)([data], "cpu", random.Random(0))
+    tensor, kept = GpuAugment(32, train=False)(PackedJpegs.of([data]), "cpu", random.Random(0))
     assert cpu.shape == (3, 32, 32) and tensor.shape == (1, 3, 32, 32) and kept == [0]
     assert (cpu - tensor[0]).abs().max() <= TOLERANCE
 
@@ -273,7 +273,7 @@ def test_to_device_drops_an_undecodable_jpeg_with_its_target_and_counts_it():
     images, targets, ids = to_device(batch, "cpu", GpuAugment(32, train=False), random.Random(0), False)
     assert images.shape[0] == 2 and ids.tolist() == [10, 12] and targets.shape == (2, 3)
     assert batch["n_bad"] == 2  # the worker's 1 plus this one
-    reference, _ = GpuAugment(32, train=False)([good[0], good[2]], "cpu", random.Random(0))
+    reference, _ = GpuAugment(32, train=False)(PackedJpegs.of([good[0], good[2]]), "cpu", random.Random(0))
     assert torch.equal(images, reference)
 
 
@@ -357,7 +357,7 @@ def test_nvjpeg_path_matches_the_cpu_path_within_one_grey_level_without_chroma_s
     """With 4:4:4 chroma nvJPEG decodes bit-identically to libjpeg-turbo (measured on an H200): only resampling
     rounding remains, as on the CPU."""
     jpegs = [jpeg(photo(160 + 8 * s, 120, seed=s), subsampling=0) for s in range(8)]
-    images, kept = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(3))
+    images, kept = GpuAugment(96, train=True)(PackedJpegs.of(jpegs), "cuda", random.Random(3))
     assert images.device.type == "cuda" and kept == list(range(len(jpegs)))
     rng = random.Random(3)
     cpu = as_float(torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs]))
@@ -372,7 +372,7 @@ def test_nvjpeg_chroma_upsampling_of_420_jpegs_differs_modestly_from_libjpeg_tur
     (chroma noise is its worst case), 0.8 on the toy scenes; grayscale files decode identically."""
     for mode, mean_limit in (("RGB", 4.5), ("L", 0.5)):
         jpegs = [jpeg(photo(seed=s, mode=mode)) for s in range(4)]
-        images, _ = GpuAugment(96, train=True)(jpegs, "cuda", random.Random(0))
+        images, _ = GpuAugment(96, train=True)(PackedJpegs.of(jpegs), "cuda", random.Random(0))
         rng = random.Random(0)
         cpu = as_float(torch.stack([CpuTransform(96, train=True)(decoded_pil(d), rng) for d in jpegs]))
         diff = (images.cpu() - cpu).abs() / ONE_GREY_LEVEL
@@ -387,7 +387,7 @@ def test_cuda_batch_with_grayscale_cmyk_and_corrupt_files_keeps_every_decodable_
     good = jpeg(photo(), subsampling=0)
     jpegs = [good, jpeg(photo(mode="L")), jpeg(photo(mode="CMYK")), good[: good.numel() // 3].clone(), good]
     jpegs.append(torch.frombuffer(bytearray(b"\x00junk" * 40), dtype=torch.uint8))
-    images, kept = GpuAugment(64, train=False)(jpegs, "cuda", random.Random(0))
+    images, kept = GpuAugment(64, train=False)(PackedJpegs.of(jpegs), "cuda", random.Random(0))
     assert images.shape[1:] == (3, 64, 64) and images.device.type == "cuda"
     assert kept[:3] == [0, 1, 2] and kept[-1] == 4 and 5 not in kept  # nvJPEG may fill a truncated file in
     for position, image in zip(kept, images.cpu()):
@@ -401,6 +401,6 @@ def test_cuda_batch_with_grayscale_cmyk_and_corrupt_files_keeps_every_decodable_
 def test_grayscale_jpeg_with_2x2_sampling_decodes_right_on_cuda_after_device_decodable_jpeg():
     odd = jpeg(photo(mode="L"), subsampling=2)
     fixed = torch.frombuffer(bytearray(device_decodable_jpeg(odd.numpy().tobytes())), dtype=torch.uint8)
-    images, _ = GpuAugment(64, train=False)([fixed], "cuda", random.Random(0))
+    images, _ = GpuAugment(64, train=False)(PackedJpegs.of([fixed]), "cuda", random.Random(0))
     cpu = as_float(CpuTransform(64, train=False)(decoded_pil(odd), random.Random(0)))
     assert (images[0].cpu() - cpu).abs().mean() <= 1.5 * ONE_GREY_LEVEL

@@ -37,6 +37,7 @@ import torch
 from mlgcn_dist.arguments import positive_float, positive_int
 from mlgcn_dist.bench.decode import toy_jpegs
 from mlgcn_dist.data.augment_process import AugmentProcess
+from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.transforms import GpuAugment
 from mlgcn_dist.threads import intra_op_threads
 
@@ -148,13 +149,15 @@ def _backgrounds(
     def cpp() -> torch.Tensor:
         return torch.mm(products, products)
 
+    packed = PackedJpegs.of(jpegs)  # as the loader's workers give a batch
+
     def on_a_stream_of_its_own(augmenter: Callable) -> Callable[[], None]:
         def data_path() -> None:
             if stream is None:
-                augmenter(jpegs, device, rng, channels_last=True)
+                augmenter(packed, device, rng, channels_last=True)
                 return
             with torch.cuda.stream(stream):  # a stream of its own, as the trainer's prefetch helper has
-                augmenter(jpegs, device, rng, channels_last=True)
+                augmenter(packed, device, rng, channels_last=True)
             stream.synchronize()  # one batch at a time: the helper waits for its queue, not faster than the device
 
         return data_path

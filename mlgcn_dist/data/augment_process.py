@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.multiprocessing as mp
 
+from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.transforms import GpuAugment, empty_batch
 from mlgcn_dist.data.workers import (
     end_workers_at_exit,
@@ -136,8 +137,7 @@ class AugmentProcess:
         self.close()
 
     def run(
-        self, jpegs: list[torch.Tensor], train: bool, rng: random.Random, device: torch.device | str,
-        channels_last: bool,
+        self, jpegs: PackedJpegs, train: bool, rng: random.Random, device: torch.device | str, channels_last: bool,
     ) -> tuple[torch.Tensor, list[int]]:
         """``GpuAugment(size, train)(jpegs, device, rng, channels_last)``, computed by the child; ``rng`` advances
         as it would have here."""
@@ -146,7 +146,7 @@ class AugmentProcess:
         if device != self.device or channels_last != self.channels_last:
             raise ValueError(f"the augment process writes batches on {self.device} "
                              f"(channels_last={self.channels_last}); asked for {device} (channels_last={channels_last})")
-        if not jpegs:  # a batch whose samples all failed in the workers: nothing to send
+        if not len(jpegs):  # a batch whose samples all failed in the workers: nothing to send
             return empty_batch(self.size, device, channels_last), []
         with self._lock:
             if self._broken is not None:
@@ -155,12 +155,11 @@ class AugmentProcess:
             if not self._started:
                 self._await("started", 0)
                 self._started = True
-            lengths = [int(jpeg.numel()) for jpeg in jpegs]
-            nbytes = sum(lengths)
+            nbytes = jpegs.data.numel()
             grown = self._make_room(nbytes, len(jpegs))
-            torch.cat(jpegs, out=self._inbox[:nbytes])  # one call: 1-D uint8 bytes, as the loader gives them
+            self._inbox[:nbytes].copy_(jpegs.data)  # packed by the loader's worker: one copy, no tensor a file
             self._sent += 1
-            self._send(("batch", self._sent, lengths, rng, train, grown))
+            self._send(("batch", self._sent, jpegs.lengths, rng, train, grown))
             kept, state, self.last_batch_s = self._await("done", self._sent)
             rng.setstate(state)
             images = self._outbox[: len(kept)]
@@ -233,7 +232,7 @@ class RemoteAugment:
         self.process, self.train = process, train
 
     def __call__(
-        self, jpegs: list[torch.Tensor], device: torch.device | str, rng: random.Random, channels_last: bool = False
+        self, jpegs: PackedJpegs, device: torch.device | str, rng: random.Random, channels_last: bool = False
     ) -> tuple[torch.Tensor, list[int]]:
         return self.process.run(jpegs, self.train, rng, device, channels_last)
 

@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mlgcn_dist.errors import first_line
+
+if TYPE_CHECKING:  # folder.py imports this module: the batch type for annotations only
+    from mlgcn_dist.data.folder import PackedJpegs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,14 +143,14 @@ class GpuAugment:
         self._decode_streams: dict[str, torch.cuda.Stream] = {}
 
     def __call__(
-        self, jpegs: list[torch.Tensor], device: torch.device | str, rng: random.Random, channels_last: bool = False
+        self, jpegs: PackedJpegs, device: torch.device | str, rng: random.Random, channels_last: bool = False
     ) -> tuple[torch.Tensor, list[int]]:
         """The augmented batch of the JPEGs that decode, and their positions in ``jpegs``.
 
         A corrupt file only shows itself here (workers pass raw bytes on), so it is dropped rather than
         failing the whole batch; the caller drops its target too.
         """
-        images, kept = self.decode(jpegs, device)
+        images, kept = self.decode(jpegs.files(), device)
         return self.apply(images, self.crops(images, rng), device, channels_last), kept
 
     def crops(self, images: list[torch.Tensor], rng: random.Random) -> list[CropParams]:
@@ -259,8 +263,9 @@ def empty_batch(size: int, device: torch.device | str, channels_last: bool) -> t
 
 # What ``to_device`` calls to decode and augment a batch of JPEGs on the device: a :class:`GpuAugment`, or one in a
 # process of its own (:class:`mlgcn_dist.data.augment_process.RemoteAugment`). (jpegs, device, rng, channels_last)
-# -> (the augmented batch, the positions of the JPEGs in it).
-DeviceAugment = Callable[[list[torch.Tensor], "torch.device | str", random.Random, bool], tuple[torch.Tensor, list[int]]]
+# -> (the augmented batch, the positions of the JPEGs in it). It takes the batch's "jpeg" as the loader packed it,
+# not a tensor a file: the augment process copies the bytes into its shared memory in one copy.
+DeviceAugment = Callable[["PackedJpegs", "torch.device | str", random.Random, bool], tuple[torch.Tensor, list[int]]]
 
 
 def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
@@ -316,7 +321,7 @@ def to_device(
     if "jpeg" in batch:
         if augment is None:
             raise ValueError("batch holds raw 'jpeg' bytes but no device augment was given to decode them")
-        images, kept = augment(batch["jpeg"].files(), device, rng, channels_last)
+        images, kept = augment(batch["jpeg"], device, rng, channels_last)
         if len(kept) < len(batch["jpeg"]):
             batch["n_bad"] += len(batch["jpeg"]) - len(kept)
             targets, image_ids = targets[kept], image_ids[kept]
