@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -644,7 +645,7 @@ def test_bench_train_derives_compile_time_training_flops_ratios_and_drift_from_i
 
     measured = {"ceiling": phase(400.0), "e2e_decode_cpu": phase(100.0), "ceiling_repeat": phase(380.0)}
     loaders = []
-    monkeypatch.setattr(train, "_configured_phases", lambda *_: (dict(measured), 2e9))
+    monkeypatch.setattr(train, "_configured_phases", lambda *_: (dict(measured), {}, 2e9))
     monkeypatch.setattr(train, "data_path_phase", lambda *_: {"img_s": 1.0})
     monkeypatch.setattr(train, "_reference_phase", lambda *_: phase(50.0))
     monkeypatch.setattr(train, "bench_loader", lambda shards, decode, **kw: loaders.append((decode, kw)) or {})
@@ -675,14 +676,15 @@ def test_the_inline_and_in_loop_phases_run_only_where_the_device_conversion_runs
                         lambda model, size, device, batch_size=1: flops_batches.append(batch_size) or 1.0)
     profiler = StepProfiler(Path("profiles"), steps=1)
     cpu = torch.device("cpu")
-    names, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, profiler, end_to_end_phases(cfg, cpu))
+    names, failed, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, profiler,
+                                                end_to_end_phases(cfg, cpu))
     expected = {"e2e_decode_cpu.json.gz": ("cpu", None, False, False),
                 "e2e_decode_gpu.json.gz": ("gpu", None, False, False),
                 "e2e_decode_gpu_process.json.gz": ("gpu", None, False, True)}
     if ahead:
         expected |= {"e2e_decode_gpu_inline.json.gz": ("gpu", 0, False, False),
                      "e2e_decode_gpu_augment_in_loop.json.gz": ("gpu", None, True, False)}
-    assert fed == expected
+    assert fed == expected and failed == {}
     assert list(names) == ["ceiling", *(name.removesuffix(".json.gz") for name in expected), "ceiling_repeat"]
     assert flops_batches == [16]  # the GCN head's per-batch FLOPs shared by the configured batch
 
@@ -724,7 +726,7 @@ def _bench_report(**phases: dict) -> dict:
         "device": "NVIDIA H100 80GB HBM3", "model": {"backbone": "resnet101", "head": "gcn"}, "image_size": 448,
         "batch_size": 64, "steps": 50, "warmup": 10, "workers": 15, "compile_s": 61.0, "ceiling_drift": 0.987,
         "phases": {"ceiling": _phase_row(mfu=0.4), **phases},
-        "ratios": {"e2e_decode_gpu/ceiling": 0.875, "e2e_decode_gpu/reference": 3.5},
+        "ratios": {"e2e_decode_gpu/ceiling": 0.875, "e2e_decode_gpu/reference": 3.5}, "failed_phases": {},
         "flops": {"forward_per_image": 31.4e9, "train_per_image": 94.2e9},
         "loader_cpu": {"workers": 15, "images_per_s": 900.0, "images_per_s_per_worker": 60.0},
         "data_gpu": {"decode_on": "cuda (nvJPEG)", "device_prefetch": 2, "img_s": 3000.0, "decode_ms": 7.0,
@@ -912,7 +914,7 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
     monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end: benched.append(
-        (cfg, steps, warmup, profiler, end_to_end)) or {"phases": {}})
+        (cfg, steps, warmup, profiler, end_to_end)) or {"phases": {}, "failed_phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -947,6 +949,44 @@ def test_bench_train_runs_only_the_end_to_end_phases_named_and_always_the_ceilin
     assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "ceiling_repeat", "reference")
     assert set(report["ratios"]) == {f"e2e_decode_{d}/{base}" for d in ("cpu", "gpu") for base in ("ceiling",
                                                                                                     "reference")}
+
+
+@pytest.mark.slow  # spawns an augment process
+def test_an_end_to_end_phase_that_fails_is_reported_with_its_error_and_the_other_phases_are_still_measured(
+    tmp_path, monkeypatch, capsys
+):
+    """A new code path may fail on the first GPU it meets, inside a lease that may not come again: its phase is
+    reported, the ceiling's repeat and the reference are still measured, and the bench exits 1."""
+    made = phases.process_conversion
+
+    def killed_after_its_first_batch(cfg, device, channels_last):
+        convert, clock, process = made(cfg, device, channels_last)
+        converted = []
+
+        def convert_then_kill(batch):
+            if converted:
+                process._process.kill()
+            converted.append(batch)
+            return convert(batch)
+
+        return convert_then_kill, clock, process
+
+    monkeypatch.setattr(phases, "process_conversion", killed_after_its_first_batch)
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
+            "--toy-size", "64", "--json", str(out), "--phases", "e2e_decode_gpu_process,e2e_decode_cpu",
+            "train.device=cpu", "data.batch_size=4", "data.workers=0"]
+    assert main(argv) == 1
+    report = json.loads(out.read_text())
+    assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "ceiling_repeat", "reference")
+    assert set(report["ratios"]) == {"e2e_decode_cpu/ceiling", "e2e_decode_cpu/reference"}
+    error = report["failed_phases"]["e2e_decode_gpu_process"]
+    assert re.fullmatch(r"AugmentProcessError: the augment process \(pid \d+\) .*batch 2.*: exit code -9 \(signal 9\)",
+                        error)
+    captured = capsys.readouterr()
+    assert f"[bench] e2e_decode_gpu_process: failed: {error}" in captured.out
+    assert f"e2e_decode_gpu_process: failed: {error}" in format_report(report).splitlines()
+    assert "Traceback" in captured.err and "1 phase failed: e2e_decode_gpu_process" in captured.err
 
 
 def test_a_phase_name_that_this_run_does_not_measure_is_one_error_naming_those_it_does_before_any_work(
@@ -1087,7 +1127,7 @@ def test_bench_train_runs_with_the_threads_asked_for_and_restores_the_processs_a
 
     seen = []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: None)
-    monkeypatch.setattr(cli, "bench_train", lambda *args: seen.append(torch.get_num_threads()) or {"phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda *args: seen.append(torch.get_num_threads()) or {"phases": {}, "failed_phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     before = torch.get_num_threads()
@@ -1124,7 +1164,7 @@ def test_also_threads_runs_each_end_to_end_phase_again_right_after_it_at_that_ma
     monkeypatch.setattr(train, "forward_flops_per_image", lambda *args, **kwargs: 1.0)
     cpu = torch.device("cpu")
     end_to_end = train.with_thread_variants(end_to_end_phases(cfg, cpu), before + 1)
-    phases, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, StepProfiler(Path("p"), 1),
+    phases, _, _ = train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, StepProfiler(Path("p"), 1),
                                          end_to_end)
     assert ran == [("e2e_decode_cpu", before), (f"e2e_decode_cpu_threads{before + 1}", before + 1),
                    ("e2e_decode_gpu", before), (f"e2e_decode_gpu_threads{before + 1}", before + 1),
@@ -1141,7 +1181,7 @@ def test_bench_train_passes_also_threads_on_after_checking_the_phases_it_follows
 
     benched = []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: None)
-    monkeypatch.setattr(cli, "bench_train", lambda *args: benched.append(args) or {"phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda *args: benched.append(args) or {"phases": {}, "failed_phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     argv = ["bench", "train", "--config", "configs/toy.yaml", "--shards", str(tmp_path), "--json",

@@ -18,7 +18,8 @@ groups) on one device, in one process, in these phases:
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data;
 
 and, without training, the GPU data path alone (``data_gpu``: loader, decode, augment, run ahead as in training).
-Every phase of one model starts from the same initial weights (``TrainStep.restart``).
+Every phase of one model starts from the same initial weights (``TrainStep.restart``). An end-to-end phase that
+fails is reported (``failed_phases``: name -> its error) and the phases after it still run.
 
 End to end / ceiling is what the input pipeline costs; end to end / reference is what the settings gain over
 the original code. The data-wait fraction ("wait") is the share of the timed window the host spent blocked

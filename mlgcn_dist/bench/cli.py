@@ -227,6 +227,11 @@ def _run_train(args: argparse.Namespace) -> int:
         return 128 + stop.signum
     print(format_report(report))
     _write_json(args.json, report)
+    if report["failed_phases"]:
+        failed = report["failed_phases"]
+        print(f"mlgcn bench train: {len(failed)} phase{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)} "
+              "(tracebacks above; the other phases were measured)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,6 +44,7 @@ def format_report(report: dict) -> str:
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
             + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"
         )
+    lines += [f"{name}: failed: {error}" for name, error in report["failed_phases"].items()]
     flops = report["flops"]
     loader = report["loader_cpu"]
     drift = report["ceiling_drift"]

@@ -4,6 +4,7 @@ ratios end to end / ceiling and end to end / reference."""
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mlgcn_dist.data.loader import DatasetInfo, bench_loader, dataset_info, read
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.engine import build_model_for
+from mlgcn_dist.errors import one_line
 from mlgcn_dist.streams import side_stream
 from mlgcn_dist.threads import intra_op_threads, threads_phrase
 
@@ -38,6 +40,14 @@ def _progress(name: str, result: dict) -> dict:
         flush=True,
     )
     return result
+
+
+def _failed(name: str, err: Exception) -> str:
+    """Print a phase that failed, with its traceback, as soon as it has: its error in a line for the report."""
+    traceback.print_exc()
+    error = one_line(err)
+    print(f"[bench] {name}: failed: {error}", flush=True)
+    return error
 
 
 def with_mfu(result: dict, train_flops: float, device_name: str) -> dict:
@@ -118,8 +128,13 @@ def _configured_phases(
     warmup: int,
     profiler: StepProfiler | None,
     end_to_end: dict[str, dict],
-) -> tuple[dict[str, dict], int]:
-    """The ceiling and the ``end_to_end`` phases on one model (compiled once); also its forward FLOPs per image."""
+) -> tuple[dict[str, dict], dict[str, str], int]:
+    """The ceiling and the ``end_to_end`` phases on one model (compiled once), the end-to-end phases that failed
+    (name -> error), and the model's forward FLOPs per image.
+
+    An end-to-end phase that fails is reported and the others are measured: a code path may fail on the first GPU
+    it meets, in a device lease that may not come again, and the phases after it (the ceiling's repeat, the
+    reference) are what its neighbours' ratios need."""
     setting = run_setting(cfg, device)
     with cuda_numerics(setting):
         torch.manual_seed(cfg.train.seed)
@@ -135,21 +150,26 @@ def _configured_phases(
             )
 
         phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
+        failed: dict[str, str] = {}
         for name, how in end_to_end.items():
             options = dict(how)
             decode = options.pop("decode")
             on = side_stream(device, not cfg.train.side_stream) if options.pop("other_stream", False) else stream
             threads = options.pop("threads", None)
             profile = request_for(profiler, name)
-            with intra_op_threads(threads):
-                result = loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
-                result["intra_op_threads"] = torch.get_num_threads()
+            try:
+                with intra_op_threads(threads):
+                    result = loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
+                    result["intra_op_threads"] = torch.get_num_threads()
+            except Exception as err:  # noqa: BLE001 - reported with its traceback; the other phases go on
+                failed[name] = _failed(name, err)
+                continue
             if threads is not None:
                 result["decode_on"] += f", {threads_phrase(threads)}"
             phases[name] = _progress(name, result)
         # The ceiling once more: how far the device itself drifted (clocks, temperature) over the phases.
         phases["ceiling_repeat"] = _progress("ceiling_repeat", ceiling("ceiling_repeat"))
-    return phases, forward_flops
+    return phases, failed, forward_flops
 
 
 def _reference_phase(
@@ -174,13 +194,14 @@ def bench_train(
 ) -> dict:
     """Every phase on ``cfg.data.shards``: the ceiling, the ``end_to_end`` phases (default: every one of
     :func:`end_to_end_phases`; the CLI passes those ``--phases`` and ``--also-threads`` make), its repeat and the
-    reference; returns the report (see :mod:`mlgcn_dist.bench`). With ``profiler``, each training phase ends with
-    that many steps under torch.profiler (their device timeline in ``profile``)."""
+    reference; returns the report (see :mod:`mlgcn_dist.bench`), where an end-to-end phase that failed is in
+    ``failed_phases`` (name -> its error), not ``phases``. With ``profiler``, each training phase ends with that many
+    steps under torch.profiler (their device timeline in ``profile``)."""
     device = bench_device(cfg)
     end_to_end = end_to_end_phases(cfg, device) if end_to_end is None else end_to_end
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data, val=False)  # training alone: a pack of the training split is enough
-    phases, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
+    phases, failed, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
@@ -212,6 +233,7 @@ def bench_train(
         "compile_s": phases["ceiling"]["first_step_s"] if cfg.train.compile else None,
         "phases": phases,
         "ratios": ratios(phases),
+        "failed_phases": failed,
         "ceiling_drift": phases["ceiling_repeat"]["img_s"] / phases["ceiling"]["img_s"],
         "loader_cpu": loader,
         "data_gpu": data_gpu,
