@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import re
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -987,6 +988,31 @@ def test_an_end_to_end_phase_that_fails_is_reported_with_its_error_and_the_other
     assert f"[bench] e2e_decode_gpu_process: failed: {error}" in captured.out
     assert f"e2e_decode_gpu_process: failed: {error}" in format_report(report).splitlines()
     assert "Traceback" in captured.err and "1 phase failed: e2e_decode_gpu_process" in captured.err
+
+
+def test_a_stop_signal_that_python_wrapped_in_a_phases_error_stops_the_bench_and_is_no_failed_phase(monkeypatch,
+                                                                                                   toy_root):
+    """Python turns what a signal handler raises inside some hooks into a RuntimeError: Ctrl-C during a phase must
+    still stop the bench, not be reported as that phase's failure while the next phase starts."""
+    from mlgcn_dist.bench import cli
+
+    cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}"])
+    started = []
+
+    def loader_phase(step, cfg, decode, steps, warmup, depth=None, profile=None, **options):
+        started.append(decode)
+        try:
+            raise cli.StopSignal(signal.SIGINT)
+        except cli.StopSignal as stop:
+            raise RuntimeError("Error calling __set_name__") from stop
+
+    monkeypatch.setattr(train, "loader_phase", loader_phase)
+    monkeypatch.setattr(train, "synthetic_phase", lambda *_: {})
+    monkeypatch.setattr(train, "_progress", lambda name, result: result)
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError) as raised:
+        train._configured_phases(cfg, dataset_info(cfg.data), cpu, 2, 1, None, end_to_end_phases(cfg, cpu))
+    assert cli.stop_signal_behind(raised.value).signum == signal.SIGINT and started == ["cpu"]
 
 
 def test_a_phase_name_that_this_run_does_not_measure_is_one_error_naming_those_it_does_before_any_work(

@@ -32,6 +32,7 @@ from mlgcn_dist.bench.train import (
 )
 from mlgcn_dist.config import Config, DataConfig, load_config
 from mlgcn_dist.data.loader import bench_loader
+from mlgcn_dist.errors import error_chain
 from mlgcn_dist.threads import intra_op_threads, launcher_threads
 
 DEFAULT_LOADER_BATCHES = 20
@@ -192,13 +193,7 @@ def stop_signal_behind(err: BaseException) -> StopSignal | None:
     """The :class:`StopSignal` ``err`` is, or was raised from or while handling; else None. Python wraps what a
     signal handler raises inside some hooks in an error of its own: a class body's ``__set_name__`` (PIL defines
     its image plugins' classes when it first saves a JPEG) turns it into a RuntimeError."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, StopSignal):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((link for link in error_chain(err) if isinstance(link, StopSignal)), None)
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from mlgcn_dist.data.loader import DatasetInfo, bench_loader, dataset_info, read
 from mlgcn_dist.data.pack import TRAINING_SPLIT, pack_dataset
 from mlgcn_dist.data.toy import make_toy
 from mlgcn_dist.engine import build_model_for
-from mlgcn_dist.errors import one_line
+from mlgcn_dist.errors import interrupted, one_line
 from mlgcn_dist.streams import side_stream
 from mlgcn_dist.threads import intra_op_threads, threads_phrase
 
@@ -162,6 +162,8 @@ def _configured_phases(
                     result = loader_phase(step, cfg, decode, steps, warmup, stream=on, profile=profile, **options)
                     result["intra_op_threads"] = torch.get_num_threads()
             except Exception as err:  # noqa: BLE001 - reported with its traceback; the other phases go on
+                if interrupted(err):  # Ctrl-C or a stop signal that Python wrapped: the bench stops
+                    raise
                 failed[name] = _failed(name, err)
                 continue
             if threads is not None:

@@ -146,7 +146,7 @@ class AugmentProcess:
         if device != self.device or channels_last != self.channels_last:
             raise ValueError(f"the augment process writes batches on {self.device} "
                              f"(channels_last={self.channels_last}); asked for {device} (channels_last={channels_last})")
-        if not len(jpegs):  # a batch whose samples all failed in the workers: nothing to send
+        if not jpegs:  # a batch whose samples all failed in the workers: nothing to send
             return empty_batch(self.size, device, channels_last), []
         with self._lock:
             if self._broken is not None:
