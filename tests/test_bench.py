@@ -938,15 +938,22 @@ def test_the_report_describes_its_data_by_the_mean_bytes_a_training_sample_takes
     assert described["mean_sample_bytes"] == pytest.approx(train_bytes / described["images"])
 
 
+def _bench_toy_phases(tmp_path: Path, phases: str) -> tuple[int, dict]:
+    """`mlgcn bench train --phases <phases>` at its quickest (a step a phase on 16 toy images, no workers): its exit
+    status and report."""
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
+            "--toy-size", "64", "--json", str(out), "--phases", phases, "train.device=cpu", "data.batch_size=4",
+            "data.workers=0"]
+    status = main(argv)
+    return status, json.loads(out.read_text())
+
+
 def test_bench_train_runs_only_the_end_to_end_phases_named_and_always_the_ceiling_its_repeat_and_the_reference(
     tmp_path,
 ):
-    out = tmp_path / "train.json"
-    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
-            "--toy-size", "64", "--json", str(out), "--phases", "e2e_decode_gpu, e2e_decode_cpu",
-            "train.device=cpu", "data.batch_size=4", "data.workers=0"]
-    assert main(argv) == 0
-    report = json.loads(out.read_text())
+    status, report = _bench_toy_phases(tmp_path, "e2e_decode_gpu, e2e_decode_cpu")
+    assert status == 0
     assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "ceiling_repeat", "reference")
     assert set(report["ratios"]) == {f"e2e_decode_{d}/{base}" for d in ("cpu", "gpu") for base in ("ceiling",
                                                                                                     "reference")}
@@ -973,12 +980,8 @@ def test_an_end_to_end_phase_that_fails_is_reported_with_its_error_and_the_other
         return convert_then_kill, clock, process
 
     monkeypatch.setattr(phases, "process_conversion", killed_after_its_first_batch)
-    out = tmp_path / "train.json"
-    argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
-            "--toy-size", "64", "--json", str(out), "--phases", "e2e_decode_gpu_process,e2e_decode_cpu",
-            "train.device=cpu", "data.batch_size=4", "data.workers=0"]
-    assert main(argv) == 1
-    report = json.loads(out.read_text())
+    status, report = _bench_toy_phases(tmp_path, "e2e_decode_gpu_process,e2e_decode_cpu")
+    assert status == 1
     assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "ceiling_repeat", "reference")
     assert set(report["ratios"]) == {"e2e_decode_cpu/ceiling", "e2e_decode_cpu/reference"}
     error = report["failed_phases"]["e2e_decode_gpu_process"]
