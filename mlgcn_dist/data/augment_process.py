@@ -289,12 +289,12 @@ def _serve(
         _, seq, lengths, rng, train, grown = message
         inbox, outbox = grown.get("inbox", inbox), grown.get("outbox", outbox)
         try:
-            jpegs = list(inbox[: sum(lengths)].split(lengths))
+            jpegs = PackedJpegs(inbox[: sum(lengths)], lengths)  # the batch as the trainer was given it
             if free is not None:
                 torch.cuda.current_stream(device).wait_event(free)  # the trainer has copied the last batch out
             augment = augments[train]  # GpuAugment's call, in its parts, each timed
             started = time.perf_counter()
-            images, kept = augment.decode(jpegs, device)
+            images, kept = augment.decode(jpegs.files(), device)
             decoded = time.perf_counter()
             images = augment.apply(images, augment.crops(images, rng), device, channels_last)
             augmented = time.perf_counter()
