@@ -20,7 +20,7 @@ from conftest import jpeg, photo, process_alive
 from mlgcn_dist import engine
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
 from mlgcn_dist.config import ConfigError, load_config
-from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError
+from mlgcn_dist.data.augment_process import AugmentProcess, AugmentProcessError, ipc_shareable_allocations
 from mlgcn_dist.data.folder import PackedJpegs
 from mlgcn_dist.data.transforms import GpuAugment
 
@@ -216,6 +216,55 @@ def test_an_empty_batch_is_answered_without_starting_the_process():
 def test_a_device_whose_memory_another_process_cannot_map_is_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="a device of type cuda, cpu, not meta"):
         AugmentProcess("meta", SIZE, channels_last=False)
+
+
+def test_a_cuda_augment_process_under_an_allocator_that_cannot_share_memory_is_refused_naming_it():
+    """PyTorch's cudaMallocAsync backend shares no memory through CUDA IPC: refused when the process is made
+    (the trainer's ConfigError), not at the first batch. The backend is read from the environment at start-up."""
+    script = ("from mlgcn_dist.data.augment_process import AugmentProcess\n"
+              "try:\n    AugmentProcess('cuda:0', 48, channels_last=False)\n"
+              "except ValueError as err:\n    print(err)\n")
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ("through CUDA IPC, which PyTorch's cudaMallocAsync allocator cannot "
+            "(PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync)") in result.stdout
+
+
+@pytest.fixture
+def allocator_settings():
+    """The caching allocator's settings string, as ``PYTORCH_CUDA_ALLOC_CONF`` gives it; restored after the test."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None:
+        pytest.skip("this torch cannot change the allocator's settings at run time")
+    before = get()
+    yield get, put
+    put(before)
+
+
+def test_shareable_allocations_turn_expandable_segments_off_inside_and_give_every_setting_back_after(
+    allocator_settings,
+):
+    """Setting the allocator's settings resets max_split_size_mb, garbage_collection_threshold and
+    roundup_power2_divisions where they are not named: inside, they are named as they were."""
+    get, put = allocator_settings
+    put("max_split_size_mb:256,expandable_segments:True,garbage_collection_threshold:0.6")
+    with ipc_shareable_allocations():
+        assert get() == "max_split_size_mb:256,expandable_segments:False,garbage_collection_threshold:0.6"
+    assert get() == "max_split_size_mb:256,expandable_segments:True,garbage_collection_threshold:0.6"
+    with pytest.raises(KeyError), ipc_shareable_allocations():
+        raise KeyError("an allocation that failed")
+    assert get() == "max_split_size_mb:256,expandable_segments:True,garbage_collection_threshold:0.6"
+
+
+@pytest.mark.parametrize("settings", ["", "max_split_size_mb:256", "expandable_segments:False"])
+def test_shareable_allocations_leave_the_settings_alone_without_expandable_segments(allocator_settings, settings):
+    get, put = allocator_settings
+    put(settings)
+    with ipc_shareable_allocations():
+        assert get() == settings
+    assert get() == settings
 
 
 def test_a_batch_for_another_device_or_memory_format_than_the_process_writes_is_refused():

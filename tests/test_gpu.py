@@ -316,6 +316,37 @@ def test_the_augment_process_writes_what_gpu_augment_writes_here_whichever_side_
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_the_augment_process_shares_a_buffer_outside_expandable_segments_while_training_memory_stays_in_them():
+    """With expandable_segments:True (PyTorch's advice against fragmentation) a shared expandable segment would
+    be received with pidfd_getfd, which a child may not use on its parent under Yama's ptrace_scope=1 or in a
+    container without CAP_SYS_PTRACE. So the buffer comes from cudaMalloc; the batches are GpuAugment's, and an
+    allocation after it still comes from an expandable segment (the control: they were on)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None:
+        pytest.skip("this torch cannot change the allocator's settings at run time")
+    before = get()
+    put("expandable_segments:True")
+    try:
+        batch = PackedJpegs.of(_photo_jpegs(0, count=6))
+        expected = GpuAugment(64, train=True)(batch, "cuda", random.Random(0), True)[0]
+        with AugmentProcess("cuda", 64, channels_last=True) as process:
+            images, _ = process.augment(train=True)(batch, "cuda", random.Random(0), True)
+            shared = process._outbox.data_ptr()  # the buffer the child writes into
+            later = torch.empty(2**22, device="cuda")
+            segments = torch.cuda.memory._snapshot()["segments"]
+            torch.cuda.synchronize()
+        assert torch.equal(images, expected)
+        assert get() == "expandable_segments:True"
+    finally:
+        put(before)
+
+    def segment_of(pointer: int) -> dict:
+        return next(s for s in segments if s["address"] <= pointer < s["address"] + s["total_size"])
+
+    assert not segment_of(shared)["is_expandable"] and segment_of(later.data_ptr())["is_expandable"]
+
+
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_engine_trains_with_gpu_decode_in_a_process_of_its_own_and_ends_it(toy_root, tmp_path):
     cfg = load_config("configs/toy.yaml", [f"data.root={toy_root}", "data.decode=gpu", "data.augment_process=true",

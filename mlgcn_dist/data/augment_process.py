@@ -28,12 +28,15 @@ dies, or fails on a batch, is an :class:`AugmentProcessError` in the trainer nam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import re
 import threading
 import time
 import traceback
 import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 import torch
@@ -54,6 +57,8 @@ DEVICES = ("cuda", "cpu")
 _LOOKED_AT_EVERY_S = 1.0
 # How long ``close`` gives the child to stop after asking it to, and a failing call to end after it is killed.
 _STOP_GRACE_S = 10.0
+# The allocator setting that ``ipc_shareable_allocations`` turns off while it allocates (PyTorch spells it so).
+_EXPANDABLE_ON = re.compile(r"expandable_segments\s*:\s*True")
 
 
 class AugmentProcessError(RuntimeError):
@@ -74,6 +79,12 @@ class AugmentProcess:
         if device.type not in DEVICES:
             raise ValueError(f"the augment process shares its batches through memory another process can map: "
                              f"a device of type {', '.join(DEVICES)}, not {device}")
+        if device.type == "cuda" and (backend := torch.cuda.memory.get_allocator_backend()) != "native":
+            # PyTorch's cudaMallocAsync backend shares no memory through CUDA IPC ("does not yet support
+            # shareIpcHandle"): without this, the first batch would fail in the trainer's send or the child's receive.
+            raise ValueError(f"the augment process shares its output buffer with the trainer through CUDA IPC, which "
+                             f"PyTorch's {backend} allocator cannot (PYTORCH_CUDA_ALLOC_CONF=backend:{backend}); "
+                             "use the native allocator (the default) or data.augment_process=false")
         self.device, self.size, self.channels_last, self.timeout_s = device, size, channels_last, timeout_s
         self._lock = threading.Lock()  # one batch in the child at a time, whichever thread asks
         self._process: mp.Process | None = None
@@ -181,7 +192,8 @@ class AugmentProcess:
             self._inbox = grown["inbox"] = torch.empty(nbytes * 3 // 2, dtype=torch.uint8).share_memory_()
         if self._outbox is None or self._outbox.shape[0] < count:
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-            outbox = torch.empty(count, 3, self.size, self.size, device=self.device, memory_format=memory_format)
+            with ipc_shareable_allocations():
+                outbox = torch.empty(count, 3, self.size, self.size, device=self.device, memory_format=memory_format)
             self._outbox = grown["outbox"] = outbox.share_memory_() if self.device.type == "cpu" else outbox
         return grown
 
@@ -235,6 +247,37 @@ class RemoteAugment:
         self, jpegs: PackedJpegs, device: torch.device | str, rng: random.Random, channels_last: bool = False
     ) -> tuple[torch.Tensor, list[int]]:
         return self.process.run(jpegs, self.train, rng, device, channels_last)
+
+
+@contextlib.contextmanager
+def ipc_shareable_allocations() -> Iterator[None]:
+    """CUDA memory allocated in this block can be mapped by another process on any host: it is allocated outside
+    the caching allocator's expandable segments (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) while they
+    are on, and the allocator's settings are as they were after it.
+
+    Why: expandable segments are mapped with CUDA's virtual memory API, and the process receiving one takes the
+    sender's file descriptor for it with ``pidfd_getfd``, which the kernel allows only to a process that may
+    ptrace the sender: not to the trainer's own child under Yama's ``ptrace_scope=1`` (Ubuntu's default; only
+    descendants may), nor in a container without ``CAP_SYS_PTRACE`` (pytorch/pytorch#165685). Memory from
+    ``cudaMalloc`` is shared through a CUDA IPC handle, with no such check. The allocator honours expandable
+    segments turned off for a while, for this purpose (its ``get_free_block`` then hands out no expandable block).
+    The setting is process-wide: the training thread's allocations meanwhile (the buffer is allocated once, or
+    when a batch outgrows it) come from ``cudaMalloc`` too, which costs them nothing but fragmentation.
+    """
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # an older torch has neither: left as it is
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    settings = get() if get is not None and put is not None else ""
+    turned_off = _EXPANDABLE_ON.sub("expandable_segments:False", settings)
+    if turned_off == settings:
+        yield
+        return
+    # The other settings named again: setting them resets max_split_size_mb, garbage_collection_threshold and
+    # roundup_power2_divisions where they are not named (AcceleratorAllocatorConfig::parseArgs).
+    put(turned_off)
+    try:
+        yield
+    finally:
+        put(settings)
 
 
 def _indexed(device: torch.device | str) -> torch.device:
