@@ -48,7 +48,13 @@ from mlgcn_dist.bench.train import (
     select_phases,
     with_mfu,
 )
-from mlgcn_dist.bench.window import LoaderQueue, peak_memory, time_training
+from mlgcn_dist.bench.window import (
+    DeviceMemory,
+    LoaderQueue,
+    peak_memory,
+    taken_by_other_processes,
+    time_training,
+)
 from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config, set_key
 from mlgcn_dist.data import loader as loader_module
@@ -200,6 +206,17 @@ def test_bench_on_cpu_reports_no_mfu_and_labels_the_device_decode_path(report):
     assert phases["e2e_decode_gpu_process"]["decode_on"] == (
         "torchvision on cpu (no CUDA), decode and augment in a process of their own"
     )
+    assert phases["e2e_decode_gpu_process"]["augment_process_device_bytes"] is None  # no device memory to read
+    assert "augment process held" not in format_report(report)
+
+
+def test_the_memory_other_processes_took_is_the_devices_growth_beyond_this_processs_allocator_reserve():
+    gib = 2**30
+    before = DeviceMemory(used=10 * gib, reserved=8 * gib)
+    assert taken_by_other_processes(before, DeviceMemory(used=12 * gib, reserved=9 * gib)) == 1 * gib
+    # This process's allocator gave 3 GiB of cache back meanwhile (the bench empties it as each phase starts).
+    assert taken_by_other_processes(before, DeviceMemory(used=8 * gib, reserved=5 * gib)) == 1 * gib
+    assert taken_by_other_processes(None, None) is None
 
 
 def test_bench_runs_the_device_conversion_ahead_except_in_the_inline_and_reference_phases(report):

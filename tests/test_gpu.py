@@ -143,6 +143,8 @@ def test_bench_train_on_cuda_reports_nvjpeg_decode_and_cuda_memory(tmp_path, sha
     assert phases["e2e_decode_gpu"]["train_stream"] == "default"
     assert phases["e2e_decode_gpu_side_stream"]["train_stream"] == "side"
     assert "e2e_decode_gpu_side_stream/ceiling" in report["ratios"]
+    # Its CUDA context alone takes hundreds of MiB.
+    assert phases["e2e_decode_gpu_process"]["augment_process_device_bytes"] > 64 * 2**20
     assert report["data_gpu"]["decode_on"] == "cuda (nvJPEG)" and report["data_gpu"]["decode_ms"] > 0
     assert all(
         p["peak_mem_kind"] == "cuda_max_allocated" and 0 < p["peak_mem_bytes"] <= p["peak_mem_reserved_bytes"]

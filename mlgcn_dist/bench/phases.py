@@ -15,7 +15,13 @@ import torch
 
 from mlgcn_dist.bench.profiling import ProfileRequest
 from mlgcn_dist.bench.step import TrainStep
-from mlgcn_dist.bench.window import LoaderQueue, synced_clock, time_training
+from mlgcn_dist.bench.window import (
+    LoaderQueue,
+    device_memory,
+    synced_clock,
+    taken_by_other_processes,
+    time_training,
+)
 from mlgcn_dist.config import Config
 from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.loader import build_train_loader, whole_rounds
@@ -196,6 +202,7 @@ def loader_phase(
     channels_last = step.setting.channels_last
     with contextlib.ExitStack() as stack:
         if augment_process:  # first: its start-up overlaps the loader's
+            memory_before = device_memory(step.device)  # before the child has a CUDA context
             convert, clock, process = process_conversion(cfg, step.device, channels_last)
             stack.enter_context(process)
         elif augment_in_loop:
@@ -209,6 +216,9 @@ def loader_phase(
         with device_batches(queue, convert, step.device, depth) as pairs:
             timed = whole_rounds(steps, cfg.data.workers)
             result = time_training(step, pairs, to_inputs, timed, warmup, stream, queue, depth, profile)
+        if augment_process:  # what its CUDA context, nvJPEG and its allocator hold, the child still running
+            result["augment_process_device_bytes"] = taken_by_other_processes(memory_before,
+                                                                             device_memory(step.device))
     # Every conversion of the phase, the ones run ahead past the last step included.
     result.update(clock.per_batch_ms())
     result["convert_busy"] = result["convert_ms"] / result["step_ms"]

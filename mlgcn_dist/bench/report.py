@@ -90,6 +90,12 @@ def format_report(report: dict) -> str:
         for name, p in report["phases"].items()
         if "convert_ms" in p
     ]
+    lines += [
+        f"{name}: the augment process held {_gib(p['augment_process_device_bytes'])} of device memory "
+        "(the device's use grew by that much more than this process's allocator reserve)"
+        for name, p in report["phases"].items()
+        if p.get("augment_process_device_bytes") is not None
+    ]
     lines += profile_lines(report["phases"])
     if report["compile_s"] is not None:
         lines.append(

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,32 @@ def synced_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+class DeviceMemory(NamedTuple):
+    """A moment's CUDA memory: the device's in use, by every process (its total less its free), and this
+    process's caching allocator's reserve."""
+
+    used: int
+    reserved: int
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """:class:`DeviceMemory` now, on CUDA; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return DeviceMemory(total - free, torch.cuda.memory_reserved(device))
+
+
+def taken_by_other_processes(before: DeviceMemory | None, after: DeviceMemory | None) -> int | None:
+    """Device memory other processes took between ``before`` and ``after``: how much more the device's use grew
+    than this process's allocator reserve did. It counts their CUDA contexts and the buffers libraries allocate
+    beside PyTorch's allocator, which their own allocator statistics leave out; it assumes this process's memory
+    outside its allocator stayed put meanwhile (its context and workspaces were made by earlier phases)."""
+    if before is None or after is None:
+        return None
+    return (after.used - before.used) - (after.reserved - before.reserved)
 
 
 def peak_memory(device: torch.device) -> dict:
