@@ -320,8 +320,8 @@ def test_the_augment_process_writes_what_gpu_augment_writes_here_whichever_side_
 
 def test_the_augment_process_shares_a_buffer_outside_expandable_segments_while_training_memory_stays_in_them():
     """With expandable_segments:True (PyTorch's advice against fragmentation) a shared expandable segment would
-    be received with pidfd_getfd, which a child may not use on its parent under Yama's ptrace_scope=1 or in a
-    container without CAP_SYS_PTRACE. So the buffer comes from cudaMalloc; the batches are GpuAugment's, and an
+    be received with pidfd_getfd, which a child may not use on its parent under Yama's ptrace_scope=1 without
+    CAP_SYS_PTRACE (containers drop it). So the buffer comes from cudaMalloc; the batches are GpuAugment's, and an
     allocation after it still comes from an expandable segment (the control: they were on)."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)

@@ -257,10 +257,11 @@ def ipc_shareable_allocations() -> Iterator[None]:
 
     Why: expandable segments are mapped with CUDA's virtual memory API, and the process receiving one takes the
     sender's file descriptor for it with ``pidfd_getfd``, which the kernel allows only to a process that may
-    ptrace the sender: not to the trainer's own child under Yama's ``ptrace_scope=1`` (Ubuntu's default; only
-    descendants may), nor in a container without ``CAP_SYS_PTRACE`` (pytorch/pytorch#165685). Memory from
-    ``cudaMalloc`` is shared through a CUDA IPC handle, with no such check. The allocator honours expandable
-    segments turned off for a while, for this purpose (its ``get_free_block`` then hands out no expandable block).
+    ptrace the sender: under Yama's ``ptrace_scope=1`` (Ubuntu's default: only an ancestor may) not the trainer's
+    own child, unless it holds ``CAP_SYS_PTRACE``, which containers drop by default (pytorch/pytorch#165685:
+    "pidfd_getfd: Operation not permitted"). Memory from ``cudaMalloc`` is shared through a CUDA IPC handle, with
+    no such check. The allocator honours expandable segments turned off for a while, for this purpose (its
+    ``get_free_block`` then hands out no expandable block).
     The setting is process-wide: the training thread's allocations meanwhile (the buffer is allocated once, or
     when a batch outgrows it) come from ``cudaMalloc`` too, which costs them nothing but fragmentation.
     """
