@@ -10,7 +10,8 @@ thread only copies the JPEG bytes into shared memory and waits without the GIL; 
 Why one shared output buffer and not a tensor sent per batch: a CUDA tensor received through torch.multiprocessing
 synchronises the receiver's current stream when it is freed (the IPC deleter in torch/csrc/StorageSharing.cpp),
 a host sync each step. So the trainer allocates the output buffer once and shares it (again only when a batch
-outgrows it), and two interprocess CUDA events order its use:
+outgrows it; outside expandable segments, which a child cannot receive everywhere: :func:`ipc_shareable_allocations`),
+and two interprocess CUDA events order its use:
 
 * the child's stream waits for ``free`` before writing a batch into the buffer, and records ``ready`` after;
 * the trainer's stream (the prefetch stream) waits for ``ready``, copies the batch out (a device copy: 0.15 GB for
