@@ -3,6 +3,7 @@ gives the images of the CPU path, mixed-precision channels_last steps train, and
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import random
@@ -328,6 +329,9 @@ def test_the_augment_process_shares_a_buffer_outside_expandable_segments_while_t
     if get is None or put is None:
         pytest.skip("this torch cannot change the allocator's settings at run time")
     before = get()
+    # Earlier tests' cached cudaMalloc segments: an allocation below could reuse one whatever the setting.
+    gc.collect()
+    torch.cuda.empty_cache()
     put("expandable_segments:True")
     try:
         batch = PackedJpegs.of(_photo_jpegs(0, count=6))
@@ -335,7 +339,7 @@ def test_the_augment_process_shares_a_buffer_outside_expandable_segments_while_t
         with AugmentProcess("cuda", 64, channels_last=True) as process:
             images, _ = process.augment(train=True)(batch, "cuda", random.Random(0), True)
             shared = process._outbox.data_ptr()  # the buffer the child writes into
-            later = torch.empty(2**22, device="cuda")
+            later = torch.empty(2**28, device="cuda")  # 1 GiB: larger than any free block an earlier test left
             segments = torch.cuda.memory._snapshot()["segments"]
             torch.cuda.synchronize()
         assert torch.equal(images, expected)
