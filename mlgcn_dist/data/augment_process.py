@@ -97,8 +97,19 @@ class AugmentProcess:
         self._outbox: torch.Tensor | None = None  # shared float [capacity, 3, size, size]: the augmented batch
         self._ready = self._free = None
         if device.type == "cuda":
-            self._ready = torch.cuda.Event(interprocess=True)
-            self._free = torch.cuda.Event(interprocess=True)
+            # Made now, on the buffer's device: a CUDA event is made when first used, on the current device of the
+            # thread using it (recording it on another device's stream is an error), and its first use would
+            # otherwise be its handle sent to the child, from whichever thread starts it. A platform without CUDA
+            # IPC (Jetson's, pytorch/pytorch#60401) refuses the handle: said here, as the trainer is built.
+            with torch.cuda.device(device):
+                self._ready = torch.cuda.Event(interprocess=True)
+                self._free = torch.cuda.Event(interprocess=True)
+                try:
+                    for event in (self._ready, self._free):
+                        event.ipc_handle()
+                except RuntimeError as err:
+                    raise ValueError(f"the augment process shares CUDA events and memory with the trainer through "
+                                     f"CUDA IPC, which this platform refused: {err}") from err
         self._finalizer: weakref.finalize | None = None
         # The child's host seconds of the last call's decode and augment launches (what GpuAugment's ``decode``
         # and ``apply`` took there; none for a batch with no JPEG): `mlgcn bench train` reports them beside the
