@@ -11,7 +11,6 @@ share.
 from __future__ import annotations
 
 import atexit
-import faulthandler
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter  # private: torch is pinned exactly
 
 from mlgcn_dist.checkpoint import SAVING_STOP_SIGNALS
+from mlgcn_dist.stacks import print_stacks_on_sigusr2
 
 
 def init_worker(worker_id: int) -> None:
@@ -68,7 +68,7 @@ def leave_stop_signals_to_the_trainer() -> None:
     A worker starts with these signals blocked (:class:`StopSafeDataLoader`): one that came before this point is
     pending, and dropped here, once ignored, as they are unblocked (a SIGUSR2 is answered)."""
     if _MASKABLE and sys.__stderr__ is not None:
-        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+        print_stacks_on_sigusr2()
     _ignore_stop_signals_then(signal.SIG_UNBLOCK)
 
 
