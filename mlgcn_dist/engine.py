@@ -7,9 +7,12 @@ and under DeepSpeed ZeRO; ``distributed.build_accelerator`` decides which.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -58,7 +61,6 @@ from mlgcn_dist.losses import build_loss
 from mlgcn_dist.metrics import AveragePrecisionMeter, gather_meter
 from mlgcn_dist.models import build_model
 from mlgcn_dist.optim import build_optimizer, build_scheduler, group_lrs, scaled_lr
-from mlgcn_dist.stacks import print_stacks_on_sigusr2
 from mlgcn_dist.streams import running_on, side_stream
 from mlgcn_dist.threads import use_launcher_threads
 from mlgcn_dist.timing import ThroughputMeter, timed_next
@@ -243,8 +245,9 @@ def train(cfg: Config) -> dict:
     # First of all: a preemption signal that arrives while the model is still being built must not be lost.
     preemption = PreemptionHandler().install()
     # Where is a run that hangs (a collective that never completes)? `kill -USR2 <pid>`, or `scancel --signal=USR2
-    # <job>`, prints the process's Python stacks (and its data workers theirs).
-    restore_sigusr2 = print_stacks_on_sigusr2()
+    # <job>`, prints every thread's Python stack of the process, from the C signal handler: a main thread stuck in
+    # C would never run a Python one. Its data workers print theirs from Python (mlgcn_dist/stacks.py says why).
+    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)  # sys.stderr may be no file
     lock = RunLock(cfg.run_dir)  # taken by the main process as the Trainer starts; released however the run ends
     trainer = None
     try:
@@ -255,7 +258,7 @@ def train(cfg: Config) -> dict:
             trainer.augment_process.close()
         lock.release()
         preemption.uninstall()
-        restore_sigusr2()
+        faulthandler.unregister(signal.SIGUSR2)
 
 
 class Trainer:

@@ -56,8 +56,8 @@ def test_a_process_whose_other_threads_run_python_prints_every_threads_stack_and
         process.kill()
         process.wait()
     printed = stacks.read_text()
-    # The interrupted thread's stack at once (faulthandler marks it current), and every thread's from Python.
-    assert "Current thread" in printed and "in churn_deep" in printed and printed.count("most recent call first") > 1000
+    # Signals that come while one is pending are answered once: at least a hundred answers, each with every thread.
+    assert printed.count("Current thread") >= 100 and "in churn_deep" in printed
 
 
 def test_giving_sigusr2_back_its_answer_leaves_no_handler_of_ours(tmp_path: Path):
