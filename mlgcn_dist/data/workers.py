@@ -62,8 +62,8 @@ def leave_stop_signals_to_the_trainer() -> None:
     workers go on until the trainer is done with its loader, which ends them with a sentinel, or they see it gone
     (their watchdog); one still alive when the trainer exits is ended by :func:`end_workers_at_exit`.
 
-    A SIGUSR2 prints the worker's stacks, as the trainer's (a forked worker inherits the trainer's answer; a
-    forkserver's or spawned one had none, and ended on it).
+    A SIGUSR2 prints the worker's stacks, from Python (:mod:`mlgcn_dist.stacks`), in place of the trainer's answer
+    a forked worker inherits (a forkserver's or spawned one had none, and ended on it).
 
     A worker starts with these signals blocked (:class:`StopSafeDataLoader`): one that came before this point is
     pending, and dropped here, once ignored, as they are unblocked (a SIGUSR2 is answered)."""
