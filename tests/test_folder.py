@@ -14,9 +14,9 @@ from conftest import declare_huge_size
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mlgcn_dist.data.folder import FolderDataset, PackedJpegs, collate, read_split
+from mlgcn_dist.data.folder import Batch, FolderDataset, PackedJpegs, collate, read_split
 from mlgcn_dist.data.records import Skipped
-from mlgcn_dist.data.transforms import CpuTransform, GpuAugment, to_device
+from mlgcn_dist.data.transforms import CpuTransform, GpuAugment, normalise, to_device
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the supported path here.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -79,6 +79,41 @@ def test_the_loaders_pinning_thread_pins_a_batchs_targets_and_ids_and_leaves_its
     pinned = pin_memory(batch)
     assert pinned["jpeg"] is batch["jpeg"]  # no copy: the decoders read the bytes no faster pinned
     assert [id(t) for t in pinned_tensors] == [id(batch["target"]), id(batch["image_id"])]
+
+
+def _from_a_worker(dataset: FolderDataset, size: int) -> dict:
+    """A batch as the training process receives it from a loader worker: its tensors in shared memory."""
+    return next(iter(DataLoader(dataset, batch_size=size, collate_fn=collate, num_workers=1)))
+
+
+def test_pinning_a_batch_from_a_worker_frees_the_shared_memory_its_tensors_came_in(small_index, monkeypatch):
+    """The DataLoader's pinning thread calls Batch.pin_memory; after the pinned copies, the worker's shared memory
+    is given back without the GIL (mlgcn_dist/data/shared_memory.py), not freed by the pinning thread holding it."""
+    from torch.utils.data._utils.pin_memory import pin_memory  # what the DataLoader's pinning thread runs
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *_: self.clone())  # no CUDA here to pin with
+    batch = _from_a_worker(FolderDataset(small_index, CpuTransform(64, train=False)), 4)
+    received = {key: batch[key] for key in ("image", "target", "image_id")}
+    want = {key: tensor.clone() for key, tensor in received.items()}
+    pinned = pin_memory(batch)
+    assert isinstance(pinned, Batch) and pinned.keys() == batch.keys()
+    assert all(torch.equal(pinned[key], want[key]) for key in want)
+    assert received["image"].numel() % 4096 == 0 and int(received["image"].count_nonzero()) == 0  # pages freed
+
+
+def test_to_device_takes_the_pixels_out_of_a_batch_and_frees_the_shared_memory_they_came_in(small_index):
+    cpu = _from_a_worker(FolderDataset(small_index, CpuTransform(64, train=False)), 4)
+    pixels = cpu["image"]
+    want = normalise(pixels.clone())
+    images, _, _ = to_device(cpu, "cpu", None, random.Random(0), channels_last=False)
+    assert torch.equal(images, want) and "image" not in cpu and int(pixels.count_nonzero()) == 0
+
+    raw = _from_a_worker(FolderDataset(small_index, None, raw=True), 4)
+    jpegs = raw["jpeg"]
+    want_images, _ = GpuAugment(32, train=False)(PackedJpegs.of([f.clone() for f in jpegs]), "cpu", random.Random(0))
+    images, _, _ = to_device(raw, "cpu", GpuAugment(32, train=False), random.Random(0), channels_last=False)
+    assert torch.equal(images, want_images) and "jpeg" not in raw
+    assert jpegs.data.numel() > 4096 and int(jpegs.data[:4096].count_nonzero()) == 0  # its whole pages freed
 
 
 def test_packed_jpegs_whose_bytes_do_not_add_up_to_their_lengths_are_refused():

@@ -23,7 +23,7 @@ from mlgcn_dist.cli import main
 from mlgcn_dist.config import load_config
 from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.folder import PackedJpegs
-from mlgcn_dist.data.loader import build_eval_loader, dataset_info
+from mlgcn_dist.data.loader import build_eval_loader, build_train_loader, dataset_info
 from mlgcn_dist.data.prefetch import prefetch_to_device
 from mlgcn_dist.data.transforms import IMAGENET_STD, CropParams, GpuAugment, to_device
 from mlgcn_dist.distributed import concrete_precision
@@ -178,6 +178,26 @@ def test_batches_decoded_ahead_on_a_side_stream_equal_inline_decoding(shards):
         results.append(seen)
     assert len(results[0]) == len(results[1]) > 1
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_the_pinning_thread_pins_a_workers_batch_as_it_came_and_leaves_the_jpeg_bytes_unpinned(shards, decode):
+    """With pinning (on CUDA) the DataLoader's pinning thread runs Batch.pin_memory, which frees the worker's shared
+    memory after its copies: the batches equal those of a loader without pinning, every tensor pinned."""
+    overrides = ["data.format=wds", f"data.shards={shards}", "data.image_size=96", "data.workers=2", "data.batch_size=8",
+                 "data.shuffle_buffer=0"]
+    loaders = {
+        pin: build_train_loader(load_config("configs/toy.yaml", [*overrides, f"data.pin_memory={pin}"]).data,
+                                rank=0, world_size=1, epoch=0, seed=0, decode=decode)
+        for pin in (True, False)
+    }
+    pinned, plain = (list(loaders[pin]) for pin in (True, False))
+    assert len(pinned) == len(plain) > 1
+    for got, want in zip(pinned, plain):
+        for key in ("image", "target", "image_id") if decode == "cpu" else ("target", "image_id"):
+            assert got[key].is_pinned() and not want[key].is_pinned() and torch.equal(got[key], want[key])
+        if decode == "gpu":
+            assert not got["jpeg"].data.is_pinned() and torch.equal(got["jpeg"].data, want["jpeg"].data)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -291,9 +291,10 @@ def test_to_device_normalises_a_cpu_transformed_uint8_batch_on_the_device():
         "image_id": torch.tensor([5, 6]),
         "n_bad": 0,
     }
+    pixels = batch["image"]
     images, targets, ids = to_device(batch, "cpu", None, random.Random(0), channels_last=True)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    assert torch.allclose(images, (batch["image"].float() / 255 - mean) / std, atol=1e-6)
+    assert torch.allclose(images, (pixels.float() / 255 - mean) / std, atol=1e-6)
     assert images.is_contiguous(memory_format=torch.channels_last) and ids.tolist() == [5, 6]
 
 

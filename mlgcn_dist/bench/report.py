@@ -106,10 +106,16 @@ def format_report(report: dict) -> str:
         f"FLOPs per image: forward {flops['forward_per_image'] / 1e9:.2f} G, "
         f"training ~{flops['train_per_image'] / 1e9:.2f} G"
     )
-    lines.append(
+    line = (
         f"loader alone (cpu decode, {loader['workers']} workers): {loader['images_per_s']:.1f} img/s, "
         f"{loader['images_per_s_per_worker']:.1f} img/s per worker"
     )
+    if loader.get("free_ms") is not None:
+        line += (
+            f"; a batch's shared memory freed in {loader['free_ms']:.2f} ms, mostly holding the GIL, or released "
+            f"in {loader['release_ms']:.2f} ms without it, then freed in {loader['free_after_release_ms']:.2f}"
+        )
+    lines.append(line)
     data = report["data_gpu"]
     lines.append(
         f"data path alone ({data['decode_on']}, {data['device_prefetch']} batches ahead, no training): "

@@ -24,6 +24,7 @@ from PIL import Image
 from mlgcn_dist.data.coco import coco_paths, read_coco
 from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
+from mlgcn_dist.data.shared_memory import release_pages
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.data.voc import read_voc
 
@@ -132,11 +133,11 @@ class PackedJpegs:
     tensors (then pinned on CUDA) and 1.8-2.2 taking one, and the loader made 2,000-2,700 against 3,800-4,200 img/s
     (three runs of each, alternated: `mlgcn bench loader --decode gpu`, ``process_cpu_ms_per_batch``).
 
-    Not pinned by the loader (``data.pin_memory`` pins a batch's targets and ids): the decoders read JPEG bytes no
-    faster from pinned memory (on an H100, 64 JPEGs in 6.6 ms pinned against 6.0 pageable: `mlgcn bench decode`),
-    and the augment process copies them into its own shared memory, so a pinned copy would be a memcpy a batch in
-    the trainer for nothing. The DataLoader's pinning thread returns an object it does not know as it is, which is
-    why this is no ``collections.abc.Sequence`` (one would be rebuilt item by item) and has no ``pin_memory``.
+    Not pinned by the loader (``data.pin_memory`` pins a batch's targets and ids: :meth:`Batch.pin_memory`): the
+    decoders read JPEG bytes no faster from pinned memory (on an H100, 64 JPEGs in 6.6 ms pinned against 6.0
+    pageable: `mlgcn bench decode`), and the augment process copies them into its own shared memory, so a pinned
+    copy would be a memcpy a batch in the trainer for nothing. Nor is this a ``collections.abc.Sequence``, which
+    PyTorch's own pinning would rebuild item by item.
     """
 
     def __init__(self, data: torch.Tensor, lengths: list[int]) -> None:
@@ -162,14 +163,36 @@ class PackedJpegs:
         return iter(self.files())
 
 
-def collate(samples: list[dict | Skipped | None]) -> dict:
+class Batch(dict):
+    """The batch dict above, pinned by the DataLoader's pinning thread (``data.pin_memory``) as its tensors are.
+
+    PyTorch's pinning thread calls an object's own ``pin_memory`` before it looks whether the object is a dict
+    (torch/utils/data/_utils/pin_memory.py; a PyTorch that looked the other way round would pin the tensors
+    itself, without the release); this one pins the batch's tensors as PyTorch would, leaves its :class:`PackedJpegs` as they
+    are, and then frees the shared memory the tensors came in from their worker without holding the GIL
+    (:func:`~mlgcn_dist.data.shared_memory.release_pages`): the thread took them from the worker's queue, so no one
+    else holds them, and after the pinned copies no one reads them. Dropped as they were, the kernel freed their
+    pages while the thread mostly held the GIL: 6-8 ms a batch of 64 images at 448 px on a 2-core CPU, beside the
+    threads launching the step's kernels.
+    """
+
+    def pin_memory(self, device: str | torch.device | None = None) -> Batch:
+        received = {key: value for key, value in self.items() if isinstance(value, torch.Tensor)}
+        pinned = Batch(self)
+        pinned.update({key: tensor.pin_memory() for key, tensor in received.items()})
+        for tensor in received.values():
+            release_pages(tensor)
+        return pinned
+
+
+def collate(samples: list[dict | Skipped | None]) -> Batch:
     """Stack the readable samples into the batch dict above; the others (Skipped, None) are dropped, counted in
     n_bad, and named in bad_ids where their image id is known."""
     good = [s for s in samples if isinstance(s, dict)]
-    batch: dict = {
+    batch = Batch({
         "n_bad": len(samples) - len(good),
         "bad_ids": [s.image_id for s in samples if isinstance(s, Skipped) and s.image_id is not None],
-    }
+    })
     if not good:
         batch["image"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
         batch["target"] = torch.empty(0, 0, dtype=torch.int8)

@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import re
+import statistics
 import tarfile
 import time
 import warnings
@@ -52,6 +53,7 @@ from mlgcn_dist.data.folder import FolderDataset, check_same_label_space, collat
 from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
+from mlgcn_dist.data.shared_memory import release_pages
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.data.workers import StopSafeDataLoader, end_workers_at_exit, init_worker, worker_context
 from mlgcn_dist.graph import label_stats, read_stats
@@ -708,10 +710,13 @@ def bench_loader(
         for _ in range(untimed):
             next(iterator)
         images = n_bad = 0
+        frees = _FreeTimes()
         start, cpu_start = time.perf_counter(), time.process_time()
-        for batch in itertools.islice(iterator, timed):  # the clocks stop before the workers are shut down
-            images += len(batch["image_id"])
-            n_bad += batch["n_bad"]
+        for i in range(timed):  # the clocks stop before the workers are shut down
+            holder = [next(iterator)]  # the batch's only reference: dropped, and timed, in ``frees.drop``
+            images += len(holder[0]["image_id"])
+            n_bad += holder[0]["n_bad"]
+            frees.drop(holder, release=i % 2 == 1)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     rate = images / seconds if seconds > 0 else 0.0
     return {
@@ -727,5 +732,48 @@ def bench_loader(
         "images_per_s": round(rate, 1),
         "images_per_s_per_worker": round(rate / max(workers, 1), 1),
         "process_cpu_ms_per_batch": round(1000 * cpu_seconds / timed, 2),
+        **frees.medians(),
         "n_bad": n_bad,
     }
+
+
+class _FreeTimes:
+    """What dropping a received batch costs the training process, every other batch with its shared memory released
+    first (:func:`~mlgcn_dist.data.shared_memory.release_pages`, as :meth:`Batch.pin_memory` and ``to_device`` do).
+
+    ``free_ms``: the last reference's going, C++ freeing the memory, mostly holding the GIL (a Python thread beside
+    it stood still for most of it: ``tests/test_shared_memory.py``); ``free_after_release_ms``: the same after the
+    release; ``release_ms``: the release, without the GIL. None where no memory came shared (no workers).
+    """
+
+    def __init__(self) -> None:
+        self.plain: list[float] = []
+        self.after_release: list[float] = []
+        self.release: list[float] = []
+
+    def drop(self, holder: list[dict], release: bool) -> None:
+        """Drop the one batch in ``holder`` (the caller keeps no other reference), timing the last reference's
+        going and, if ``release``, the release before it."""
+        batch = holder.pop()
+        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+        tensors += [batch["jpeg"].data] if "jpeg" in batch else []
+        del batch
+        if release:
+            start = time.perf_counter()
+            release = any([release_pages(tensor) for tensor in tensors])
+            if release:  # else memory of this process (no workers): no shared memory to release
+                self.release.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tensors.clear()
+        (self.after_release if release else self.plain).append(time.perf_counter() - start)
+
+    def medians(self) -> dict:
+        def ms(times: list[float]) -> float | None:
+            return round(1000 * statistics.median(times), 3) if times else None
+
+        shared = bool(self.release)
+        return {
+            "free_ms": ms(self.plain) if shared else None,
+            "free_after_release_ms": ms(self.after_release),
+            "release_ms": ms(self.release),
+        }

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mlgcn_dist.data.shared_memory import release_pages
 from mlgcn_dist.errors import first_line
 
 if TYPE_CHECKING:  # folder.py imports this module: the batch type for annotations only
@@ -316,17 +317,28 @@ def to_device(
     JPEGs that fail to decode there are dropped with their targets and added to ``batch["n_bad"]`` (so read n_bad
     after this call). A batch of "image" was cropped and resized by the CPU workers (uint8): it is copied, then
     normalised on the device. Copies are non-blocking (pinned batches overlap them).
+
+    The pixels ("jpeg" or "image") are taken out of ``batch``: once read, the shared memory they came in from a
+    loader worker is freed here without holding the GIL (:func:`~mlgcn_dist.data.shared_memory.release_pages`),
+    where dropping the batch would free it holding the GIL, beside the thread launching the step's kernels.
     """
     targets, image_ids = batch["target"], batch["image_id"]
     if "jpeg" in batch:
         if augment is None:
             raise ValueError("batch holds raw 'jpeg' bytes but no device augment was given to decode them")
-        images, kept = augment(batch["jpeg"], device, rng, channels_last)
-        if len(kept) < len(batch["jpeg"]):
-            batch["n_bad"] += len(batch["jpeg"]) - len(kept)
+        jpegs = batch.pop("jpeg")
+        images, kept = augment(jpegs, device, rng, channels_last)
+        release_pages(jpegs.data)  # decoded, or copied into the augment process: the call waited for both
+        if len(kept) < len(jpegs):
+            batch["n_bad"] += len(jpegs) - len(kept)
             targets, image_ids = targets[kept], image_ids[kept]
     else:
-        images = normalise(batch["image"].to(device, non_blocking=True))
+        pixels = batch.pop("image")
+        images = normalise(pixels.to(device, non_blocking=True))
+        if torch.device(device).type in ("cpu", "cuda"):
+            # Read by now: normalised on the CPU, or copied to the GPU (a copy from pageable memory returns once
+            # the source is staged; pinned memory is no shared memory, and is not released).
+            release_pages(pixels)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True), image_ids.to(device, non_blocking=True)
