@@ -152,6 +152,19 @@ def test_a_png_under_a_jpeg_name_is_scored_on_the_raw_path_as_on_the_cpu_path(sm
         assert batch["n_bad"] == 0 and batch["image_id"].tolist() == [r.image_id for r in small_index.records]
 
 
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_collate_makes_every_tensor_of_a_batch_anew(small_index, raw, size):
+    """What Batch.pin_memory relies on to free a batch's shared memory once pinned: no tensor of a batch shares
+    memory with its samples (a worker could keep or send them again)."""
+    dataset = FolderDataset(small_index, None if raw else CpuTransform(32, train=False), raw=raw)
+    samples = [dataset[i] for i in range(size)]
+    batch = collate(samples or [Skipped(None)])
+    theirs = {v.untyped_storage().data_ptr() for s in samples for v in s.values() if isinstance(v, torch.Tensor)}
+    ours = [v for v in batch.values() if isinstance(v, torch.Tensor)] + ([batch["jpeg"].data] if raw and size else [])
+    assert len(ours) == 3 and not theirs & {t.untyped_storage().data_ptr() for t in ours if t.numel() > 0}
+
+
 def test_collate_counts_every_bad_sample_and_names_those_whose_image_id_is_known():
     good = {"image": torch.zeros(3, 2, 2, dtype=torch.uint8), "target": torch.zeros(5, dtype=torch.int8), "image_id": 1}
     batch = collate([Skipped(None), good, None, Skipped(5)])
