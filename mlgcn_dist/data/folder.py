@@ -167,15 +167,14 @@ class Batch(dict):
     """The batch dict above, pinned by the DataLoader's pinning thread (``data.pin_memory``) as its tensors are.
 
     PyTorch's pinning thread calls an object's own ``pin_memory`` before it looks whether the object is a dict
-    (torch/utils/data/_utils/pin_memory.py; a PyTorch that looked the other way round would pin the tensors
-    itself, without the release); this one pins the batch's tensors as PyTorch would, leaves its :class:`PackedJpegs` as they
-    are, and then frees the shared memory the tensors came in from their worker without holding the GIL
+    (torch/utils/data/_utils/pin_memory.py; a PyTorch that looked the other way round would pin the tensors itself,
+    without the release). This one pins the batch's tensors as PyTorch would, leaves its :class:`PackedJpegs` as
+    they are, and then frees the shared memory the tensors came in from their worker without holding the GIL
     (:func:`~mlgcn_dist.data.shared_memory.release_pages`): the thread took them from the worker's queue, so no one
-    else holds them, and after the pinned copies no one reads them. That needs every tensor of a batch to be its own
-    memory, never one a worker keeps or sends twice: :func:`collate` makes each anew (``stack``, ``cat``, ``tensor``,
-    ``empty``). Dropped as they were, the kernel freed their
-    pages while the thread mostly held the GIL: 6-8 ms a batch of 64 images at 448 px on a 2-core CPU, beside the
-    threads launching the step's kernels.
+    else holds them, and after the pinned copies no one reads them. That needs every tensor of a batch to be memory
+    of its own, never one a worker keeps or sends twice: :func:`collate` makes each anew (``stack``, ``cat``,
+    ``tensor``, ``empty``). Dropped as they were, the kernel freed their pages while the thread mostly held the GIL:
+    6-8 ms a batch of 64 images at 448 px on a 2-core CPU, beside the threads launching the step's kernels.
     """
 
     def pin_memory(self, device: str | torch.device | None = None) -> Batch:
