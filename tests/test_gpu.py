@@ -479,3 +479,4 @@ def test_bench_contention_on_cuda_launches_kernels_beside_each_background_and_th
     assert all(row["launches_per_s"] > 0 for row in rows.values())
     assert rows["data_path"]["background_rounds_per_s"] > 0  # batches decoded on the device meanwhile
     assert rows["data_path_process"]["background_rounds_per_s"] > 0  # and in a process of their own
+    assert rows["batches_released"]["background_rounds_per_s"] > 0  # batches pinned by Batch.pin_memory meanwhile

@@ -15,21 +15,30 @@ tells them apart, in one process and one run: one thread launches small kernels 
   batch of JPEGs over and over (nvJPEG on CUDA; on the CPU, libjpeg-turbo);
 - ``data_path_process``: the same batches decoded and augmented in a process of their own
   (:class:`~mlgcn_dist.data.augment_process.AugmentProcess`, ``data.augment_process``), the background thread doing
-  what the helper then does: hand the bytes over, wait, copy the batch out.
+  what the helper then does: hand the bytes over, wait, copy the batch out;
+- ``batches_dropped``, ``batches_released``: batches of CPU decode's size (uint8 images at ``image_size``) arriving
+  from two loader workers as fast as they are made, taken by the background thread (on CUDA pinned first, by the
+  DataLoader's pinning thread, as in training): as plain dicts, whose shared memory PyTorch frees when they are
+  dropped, mostly holding the GIL, or as :class:`~mlgcn_dist.data.folder.Batch`, whose shared memory is released
+  without it (:mod:`mlgcn_dist.data.shared_memory`; on the CPU the background thread releases it, as ``to_device``
+  does). The workers fill the images rather than decode them: what is measured is a batch's arrival.
 
 The launch rate beside each, as a fraction of the rate alone, says which kind of work costs the launching thread:
 if ``data_path`` costs what ``small_ops`` costs and ``cpp`` little, the helper's Python is the cost, and
 ``data_path_process`` against ``data_path`` says how much of it a process of its own takes off the launching thread.
+For the arrivals, the launching thread's time lost a batch (``lost_ms_per_round``: the fraction of its rate lost over
+the batches a second) says what a batch's arrival costs it each way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,11 +46,15 @@ import torch
 from mlgcn_dist.arguments import positive_float, positive_int
 from mlgcn_dist.bench.decode import toy_jpegs
 from mlgcn_dist.data.augment_process import AugmentProcess
-from mlgcn_dist.data.folder import PackedJpegs
+from mlgcn_dist.data.folder import Batch, PackedJpegs
+from mlgcn_dist.data.shared_memory import release_pages
 from mlgcn_dist.data.transforms import GpuAugment
+from mlgcn_dist.data.workers import StopSafeDataLoader, init_worker, worker_context
 from mlgcn_dist.threads import intra_op_threads
 
-BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path", "data_path_process")
+BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path", "data_path_process", "batches_dropped",
+               "batches_released")
+ARRIVAL_WORKERS = 2  # loader workers making the arriving batches
 LAUNCHES_PER_ROUND = 100  # launches between two clock reads
 SETTLE_S = 0.05  # the background thread runs this long before the clock starts
 
@@ -56,8 +69,9 @@ def bench_contention(
     device = torch.device(device)
     rates: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
     rounds: dict[str, list[float]] = {name: [] for name in BACKGROUNDS}
-    with intra_op_threads(1), AugmentProcess(device, image_size, channels_last=True) as process:
-        work = _backgrounds(device, jpegs, image_size, process)
+    with intra_op_threads(1), AugmentProcess(device, image_size, channels_last=True) as process, \
+            _arrivals(device, len(jpegs), image_size) as arrivals:
+        work = {**_backgrounds(device, jpegs, image_size, process), **arrivals}
         work["data_path_process"]()  # the process started (seconds of imports), outside the measurements
         _launch_rate(device, min(seconds, 0.2))  # kernels loaded, the allocator warm
         for _ in range(repeats):
@@ -77,6 +91,7 @@ def bench_contention(
                 "vs_alone": median[name] / median["none"],
                 "us_per_launch": 1e6 / median[name],
                 "background_rounds_per_s": None if name == "none" else statistics.median(rounds[name]),
+                "lost_ms_per_round": _lost_ms(median[name] / median["none"], statistics.median(rounds[name])),
             }
             for name in BACKGROUNDS
         },
@@ -166,17 +181,68 @@ def _backgrounds(
             "data_path_process": on_a_stream_of_its_own(process.augment(train=True))}
 
 
+def _lost_ms(vs_alone: float, rounds_per_s: float) -> float | None:
+    """Milliseconds of the launching thread's time lost to each round of the background (None without rounds)."""
+    return 1000 * (1 - vs_alone) / rounds_per_s if rounds_per_s > 0 else None
+
+
+class _ArrivingBatches(torch.utils.data.Dataset):
+    """Endless batches of ``size`` uint8 images of ``image_size`` px, made by a fill, of type ``kind``."""
+
+    def __init__(self, size: int, image_size: int, kind: type[dict]) -> None:
+        self.shape, self.kind = (size, 3, image_size, image_size), kind
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, index: int) -> dict:
+        return self.kind(image=torch.full(self.shape, index % 251, dtype=torch.uint8),
+                         target=torch.zeros(self.shape[0], 80, dtype=torch.int8),
+                         image_id=torch.arange(self.shape[0]), n_bad=0, bad_ids=[])
+
+
+@contextlib.contextmanager
+def _arrivals(device: torch.device, size: int, image_size: int) -> Iterator[dict[str, Callable[[], object]]]:
+    """The ``batches_dropped`` and ``batches_released`` rounds: take the next arriving batch and let it go; their
+    workers ended on exit."""
+    pinned = device.type == "cuda"
+    batches = {
+        name: iter(StopSafeDataLoader(_ArrivingBatches(size, image_size, kind), batch_size=None,
+                                      num_workers=ARRIVAL_WORKERS, prefetch_factor=2, pin_memory=pinned,
+                                      worker_init_fn=init_worker, multiprocessing_context=worker_context("auto")))
+        for name, kind in (("batches_dropped", dict), ("batches_released", Batch))
+    }
+
+    def dropped() -> None:
+        next(batches["batches_dropped"])
+
+    def released() -> None:
+        batch = next(batches["batches_released"])
+        if not pinned:  # no pinning thread released it: as to_device does once it has read the pixels
+            for value in batch.values():
+                if isinstance(value, torch.Tensor):
+                    release_pages(value)
+
+    try:
+        yield {"batches_dropped": dropped, "batches_released": released}
+    finally:
+        batches.clear()  # the iterators go, and their workers with them
+
+
 def format_contention_report(report: dict) -> str:
     lines = [
         f"launch rate of one thread issuing small kernels on {report['device']} ({report['seconds']:g} s a "
         f"measurement, median of {report['repeats']}), alone and beside one background thread; data_path: "
-        f"decode + augment of {report['batch']} JPEGs a round (data_path_process: in a process of their own)",
-        f"{'beside':18s}{'launches/s':>12s}{'us/launch':>11s}{'vs alone':>10s}{'background rounds/s':>22s}",
+        f"decode + augment of {report['batch']} JPEGs a round (data_path_process: in a process of their own); "
+        f"batches_*: a batch of {report['batch']} uint8 images arriving from loader workers a round",
+        f"{'beside':18s}{'launches/s':>12s}{'us/launch':>11s}{'vs alone':>10s}{'background rounds/s':>22s}"
+        f"{'ms lost a round':>17s}",
     ]
     for name, row in report["backgrounds"].items():
         rounds = "" if row["background_rounds_per_s"] is None else f"{row['background_rounds_per_s']:.1f}"
+        lost = "" if row.get("lost_ms_per_round") is None else f"{row['lost_ms_per_round']:.3f}"
         lines.append(f"{name:18s}{row['launches_per_s']:12.0f}{row['us_per_launch']:11.2f}{row['vs_alone']:10.2f}"
-                     f"{rounds:>22s}")
+                     f"{rounds:>22s}{lost:>17s}")
     return "\n".join(lines)
 
 
