@@ -26,8 +26,9 @@
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   contention          `mlgcn bench contention`: one thread's kernel launch rate alone and beside a background
 #                       thread of Python, of small CPU ops, of GIL-free C++, and of the GPU data path (decode +
-#                       augment) in the process and in a process of its own: whose work slows the step's launching
-#                       thread (run H; not in the default);
+#                       augment) in the process and in a process of its own, and of CPU-decode batches arriving
+#                       from loader workers, pinned, their shared memory dropped or released: whose work slows the
+#                       step's launching thread (run H; not in the default);
 #   decode              `mlgcn bench decode`: nvJPEG decode of 64 JPEGs idle and behind queued work, and the
 #                       augment after it: GpuAugment.apply device ms (not in the default);
 #   deepspeed           the README's ZeRO-2 recipe (`accelerate launch --config_file
