@@ -778,7 +778,7 @@ def test_the_report_gives_what_freeing_a_batch_from_the_workers_costs_where_the_
     report = _bench_report()
     report["loader_cpu"].update(free_ms=4.25, release_ms=4.5, free_after_release_ms=0.05)
     assert ("loader alone (cpu decode, 15 workers): 900.0 img/s, 60.0 img/s per worker; a batch's shared memory "
-            "freed in 4.25 ms, mostly holding the GIL, or released in 4.50 ms without it, then freed in 0.05"
+            "freed in 4.25 ms holding the GIL, or released in 4.50 ms without it, then freed in 0.05"
             in format_report(report).splitlines())
 
 

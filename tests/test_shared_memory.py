@@ -89,9 +89,10 @@ def _other_thread_ran_during(action) -> bool:
 
 
 def test_releasing_lets_other_python_threads_run_meanwhile():
-    """What it is for: PyTorch, dropping such a tensor, has the kernel free its pages holding the GIL most of the
-    time (a spinning thread stopped 5.9-6.2 ms a drop of 38.5 MB, median, against 0.15-0.17 released first: the
-    README's "Since run H"); ``mlgcn bench loader`` measures it (``free_ms_holding_gil``)."""
+    """What it is for: PyTorch, dropping such a tensor, has the kernel free its pages holding the GIL (a spinning
+    thread stood still 5.9-6.2 ms a drop of 38.5 MB, median, against 0.15-0.17 released first: the README's "Since
+    run H"); ``mlgcn bench loader`` measures the free (``free_ms``). Not asserted here: PyTorch at times lets the GIL
+    go for a moment before it frees, which a thread waiting for it may take."""
     released = [_other_thread_ran_during(lambda item=item: release_pages(item["big"])) for item in _received(BIG, 3)]
     assert any(released)  # one in three: on a loaded machine the spinner may not be scheduled in one release
 

@@ -19,7 +19,7 @@ tells them apart, in one process and one run: one thread launches small kernels 
 - ``batches_dropped``, ``batches_released``: batches of CPU decode's size (uint8 images at ``image_size``) arriving
   from two loader workers as fast as they are made, taken by the background thread (on CUDA pinned first, by the
   DataLoader's pinning thread, as in training): as plain dicts, whose shared memory PyTorch frees when they are
-  dropped, mostly holding the GIL, or as :class:`~mlgcn_dist.data.folder.Batch`, whose shared memory is released
+  dropped, holding the GIL, or as :class:`~mlgcn_dist.data.folder.Batch`, whose shared memory is released
   without it (:mod:`mlgcn_dist.data.shared_memory`; on the CPU the background thread releases it, as ``to_device``
   does). The workers fill the images rather than decode them: what is measured is a batch's arrival.
 

@@ -112,7 +112,7 @@ def format_report(report: dict) -> str:
     )
     if loader.get("free_ms") is not None:
         line += (
-            f"; a batch's shared memory freed in {loader['free_ms']:.2f} ms, mostly holding the GIL, or released "
+            f"; a batch's shared memory freed in {loader['free_ms']:.2f} ms holding the GIL, or released "
             f"in {loader['release_ms']:.2f} ms without it, then freed in {loader['free_after_release_ms']:.2f}"
         )
     lines.append(line)

@@ -173,7 +173,7 @@ class Batch(dict):
     (:func:`~mlgcn_dist.data.shared_memory.release_pages`): the thread took them from the worker's queue, so no one
     else holds them, and after the pinned copies no one reads them. That needs every tensor of a batch to be memory
     of its own, never one a worker keeps or sends twice: :func:`collate` makes each anew (``stack``, ``cat``,
-    ``tensor``, ``empty``). Dropped as they were, the kernel freed their pages while the thread mostly held the GIL:
+    ``tensor``, ``empty``). Dropped as they were, the kernel freed their pages while the thread held the GIL:
     6-8 ms a batch of 64 images at 448 px on a 2-core CPU, beside the threads launching the step's kernels.
     """
 

@@ -741,8 +741,8 @@ class _FreeTimes:
     """What dropping a received batch costs the training process, every other batch with its shared memory released
     first (:func:`~mlgcn_dist.data.shared_memory.release_pages`, as :meth:`Batch.pin_memory` and ``to_device`` do).
 
-    ``free_ms``: the last reference's going, C++ freeing the memory, mostly holding the GIL (a Python thread beside
-    it stood still for most of it: ``tests/test_shared_memory.py``); ``free_after_release_ms``: the same after the
+    ``free_ms``: the last reference's going, C++ freeing the memory holding the GIL (a Python thread beside it stands
+    still meanwhile: README, Performance); ``free_after_release_ms``: the same after the
     release; ``release_ms``: the release, without the GIL. None where no memory came shared (no workers).
     """
 

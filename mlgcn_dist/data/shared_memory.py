@@ -3,8 +3,8 @@
 A batch's tensors cross from a loader worker to the training process as shared memory: a file in /dev/shm, unlinked,
 mapped by both. The worker lets go of its mapping once it has sent the batch, so the training process drops the last
 one, and the kernel frees the file's pages then, in the call that unmaps it. PyTorch makes that call when a tensor's
-last reference goes, in whichever thread drops it, mostly holding the GIL: for a batch of 64 uint8 images at 448 px
-(38.5 MB) a Python thread beside it stopped about 6 ms a drop on a 2-core CPU, where the free took 6-8 ms (``mlgcn
+last reference goes, in whichever thread drops it, holding the GIL while the kernel frees the pages: for a batch of
+64 uint8 images at 448 px (38.5 MB) a Python thread beside it stood still 6-13 ms a drop on a 2-core CPU (``mlgcn
 bench loader``: ``free_ms``; README, Performance). On a GPU that is the DataLoader's pinning thread once a batch, or
 the prefetch helper, beside the threads that launch the step's kernels, which under torch.compile need the GIL for
 every launch.
