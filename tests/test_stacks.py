@@ -56,8 +56,10 @@ def test_a_process_whose_other_threads_run_python_prints_every_threads_stack_and
         process.kill()
         process.wait()
     printed = stacks.read_text()
-    # Signals that come while one is pending are answered once: at least a hundred answers, each with every thread.
-    assert printed.count("Current thread") >= 100 and "in churn_deep" in printed
+    # Signals that come while one is pending are answered once, and the answer waits for the main thread to get the
+    # GIL from the two busy ones: 88 answers in a loaded CI run, hundreds alone. Dozens of dumps, each with every
+    # thread, while they run.
+    assert printed.count("Current thread") >= 25 and "in churn_deep" in printed
 
 
 def test_giving_sigusr2_back_its_answer_leaves_no_handler_of_ours(tmp_path: Path):
