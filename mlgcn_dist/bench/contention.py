@@ -45,11 +45,13 @@ import torch
 
 from mlgcn_dist.arguments import positive_float, positive_int
 from mlgcn_dist.bench.decode import toy_jpegs
+from mlgcn_dist.config import DataConfig
 from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.folder import Batch, PackedJpegs
+from mlgcn_dist.data.loader import loader_kwargs
 from mlgcn_dist.data.shared_memory import release_pages
 from mlgcn_dist.data.transforms import GpuAugment
-from mlgcn_dist.data.workers import StopSafeDataLoader, init_worker, worker_context
+from mlgcn_dist.data.workers import StopSafeDataLoader
 from mlgcn_dist.threads import intra_op_threads
 
 BACKGROUNDS = ("none", "python", "small_ops", "cpp", "data_path", "data_path_process", "batches_dropped",
@@ -206,10 +208,10 @@ def _arrivals(device: torch.device, size: int, image_size: int) -> Iterator[dict
     """The ``batches_dropped`` and ``batches_released`` rounds: take the next arriving batch and let it go; their
     workers ended on exit."""
     pinned = device.type == "cuda"
+    # The training loader's workers (started, seeded, timed out and ended at exit alike), pinning on ``device``'s.
+    kwargs = {**loader_kwargs(DataConfig(workers=ARRIVAL_WORKERS), seed=0, epoch=0, rank=0), "pin_memory": pinned}
     batches = {
-        name: iter(StopSafeDataLoader(_ArrivingBatches(size, image_size, kind), batch_size=None,
-                                      num_workers=ARRIVAL_WORKERS, prefetch_factor=2, pin_memory=pinned,
-                                      worker_init_fn=init_worker, multiprocessing_context=worker_context("auto")))
+        name: iter(StopSafeDataLoader(_ArrivingBatches(size, image_size, kind), batch_size=None, **kwargs))
         for name, kind in (("batches_dropped", dict), ("batches_released", Batch))
     }
 

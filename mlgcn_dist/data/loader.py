@@ -280,7 +280,9 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
+def loader_kwargs(data_cfg: DataConfig, seed: int, epoch: int, rank: int) -> dict:
+    """A :class:`StopSafeDataLoader`'s arguments for ``data_cfg``: its workers, how they start, are seeded, time
+    out and are ended at exit, and pinning."""
     kwargs = {
         "num_workers": data_cfg.workers,
         "pin_memory": data_cfg.pin_memory and torch.cuda.is_available(),
@@ -600,7 +602,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """This rank's training batches for ``epoch``: exactly ``len(loader)`` of them, the same count on every rank."""
     _check_decode(decode)
-    kwargs = _loader_kwargs(data_cfg, seed, epoch, rank)
+    kwargs = loader_kwargs(data_cfg, seed, epoch, rank)
     transform = _transform(data_cfg, decode, train=True)
     if data_cfg.format == "wds":
         meta = _checked_meta(data_cfg)
@@ -637,7 +639,7 @@ def build_train_loader(
 def build_eval_loader(data_cfg: DataConfig, *, rank: int, world_size: int, decode: str) -> Iterable[dict]:
     """This rank's share of the validation split: over all ranks, every image exactly once (possibly none here)."""
     _check_decode(decode)
-    kwargs = _loader_kwargs(data_cfg, 0, 0, rank)
+    kwargs = loader_kwargs(data_cfg, 0, 0, rank)
     transform = _transform(data_cfg, decode, train=False)
     batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
     if data_cfg.format == "wds":
