@@ -286,10 +286,12 @@ def test_the_trainer_refuses_the_augment_process_on_a_device_no_other_process_ca
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CUDA device the child cannot open")
 def test_an_augment_process_that_cannot_open_its_device_fails_the_first_batch_with_the_cause():
     """As on a GPU whose compute mode (Exclusive_Process) admits one process: the child's CUDA start fails, and
-    the trainer says so with the child's traceback, not a hang or a later, stranger error."""
+    the trainer says so with the child's traceback and the setting that does without it, not a hang or a later,
+    stranger error."""
     process = AugmentProcess("cpu", SIZE, channels_last=False)
     process.device = torch.device("cuda", 0)  # what the child is told to open; this machine has no CUDA
-    with pytest.raises(AugmentProcessError, match=r"(?s)pid \d+\) failed to start:\n.*set_device.*Error: "):
+    failed = r"(?s)pid \d+\) failed to start \(data.augment_process=false decodes in the trainer\):\n.*set_device.*Error: "
+    with pytest.raises(AugmentProcessError, match=failed):
         process.augment(train=True)(photos(1), "cuda:0", random.Random(0))
     with pytest.raises(AugmentProcessError, match="can take no more batches: it failed to start"):
         process.augment(train=True)(photos(1), "cuda:0", random.Random(0))

@@ -230,8 +230,10 @@ class AugmentProcess:
         if reply[0] == "error":
             if seq == 0:
                 self._broken = "it failed to start"
-            raise AugmentProcessError(f"the augment process (pid {self.pid}) failed "
-                                      f"{'to start' if seq == 0 else f'on batch {seq}'}:\n{reply[2]}")
+            # The GPU recipes turn the process on: where it cannot start (a GPU in Exclusive_Process compute mode
+            # admits one process), the way on is the thread in the trainer.
+            how = "to start (data.augment_process=false decodes in the trainer)" if seq == 0 else f"on batch {seq}"
+            raise AugmentProcessError(f"the augment process (pid {self.pid}) failed {how}:\n{reply[2]}")
         if reply[:2] != (kind, seq):
             self._fail(f"answered {reply[:2]} where ({kind!r}, {seq}) was due", seq, kill=True)
         return reply[2:]
