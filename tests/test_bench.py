@@ -966,13 +966,13 @@ def test_the_report_describes_its_data_by_the_mean_bytes_a_training_sample_takes
     assert described["mean_sample_bytes"] == pytest.approx(train_bytes / described["images"])
 
 
-def _bench_toy_phases(tmp_path: Path, phases: str) -> tuple[int, dict]:
-    """`mlgcn bench train --phases <phases>` at its quickest (a step a phase on 16 toy images, no workers): its exit
-    status and report."""
+def _bench_toy_phases(tmp_path: Path, phases: str, *options: str) -> tuple[int, dict]:
+    """`mlgcn bench train --phases <phases> <options>` at its quickest (a step a phase on 16 toy images, no
+    workers): its exit status and report."""
     out = tmp_path / "train.json"
     argv = ["bench", "train", "--config", "configs/toy.yaml", "--steps", "1", "--warmup", "1", "--toy-images", "16",
-            "--toy-size", "64", "--json", str(out), "--phases", phases, "train.device=cpu", "data.batch_size=4",
-            "data.workers=0"]
+            "--toy-size", "64", "--json", str(out), "--phases", phases, *options, "train.device=cpu",
+            "data.batch_size=4", "data.workers=0"]
     status = main(argv)
     return status, json.loads(out.read_text())
 
@@ -985,6 +985,37 @@ def test_bench_train_runs_only_the_end_to_end_phases_named_and_always_the_ceilin
     assert tuple(report["phases"]) == ("ceiling", "e2e_decode_cpu", "e2e_decode_gpu", "ceiling_repeat", "reference")
     assert set(report["ratios"]) == {f"e2e_decode_{d}/{base}" for d in ("cpu", "gpu") for base in ("ceiling",
                                                                                                     "reference")}
+
+
+def test_with_ceiling_each_the_ceiling_runs_before_every_end_to_end_phase_and_each_has_a_ratio_to_the_one_before_it(
+    tmp_path, capsys
+):
+    """Run I's ceiling moved 15% between its first and last measurements, the device's work unchanged: with
+    --ceiling-each every end-to-end phase also has a ratio to a ceiling measured just before it."""
+    status, report = _bench_toy_phases(tmp_path, "e2e_decode_gpu,e2e_decode_cpu", "--ceiling-each")
+    assert status == 0
+    phases, ratios = report["phases"], report["ratios"]
+    assert tuple(phases) == ("ceiling", "e2e_decode_cpu", "ceiling_before_e2e_decode_gpu", "e2e_decode_gpu",
+                             "ceiling_repeat", "reference")
+    assert ratios["e2e_decode_cpu/ceiling_before"] == ratios["e2e_decode_cpu/ceiling"]  # the first is just before it
+    assert ratios["e2e_decode_gpu/ceiling_before"] == pytest.approx(
+        phases["e2e_decode_gpu"]["img_s"] / phases["ceiling_before_e2e_decode_gpu"]["img_s"])
+    assert ratios["e2e_decode_gpu/ceiling"] == pytest.approx(phases["e2e_decode_gpu"]["img_s"] / phases["ceiling"]["img_s"])
+    out = capsys.readouterr().out
+    assert "phases ceiling, e2e_decode_cpu, ceiling_before_e2e_decode_gpu, e2e_decode_gpu, ceiling_repeat, reference" in out
+    assert (f"against the ceiling measured just before each: e2e_decode_cpu {ratios['e2e_decode_cpu/ceiling_before']:.2f}x, "
+            f"e2e_decode_gpu {ratios['e2e_decode_gpu/ceiling_before']:.2f}x") in out.splitlines()
+    assert "against the ceiling measured just before each" not in format_report({**report, "ratios": {
+        name: v for name, v in ratios.items() if not name.endswith("/ceiling_before")}})
+
+
+def test_a_phases_ratio_to_the_ceiling_before_it_skips_a_phase_that_failed_and_its_ceiling():
+    measured = {name: {"img_s": img_s} for name, img_s in [
+        ("ceiling", 100.0), ("e2e_a", 90.0), ("ceiling_before_e2e_b", 80.0),  # e2e_b failed: not among the phases
+        ("ceiling_before_e2e_c", 50.0), ("e2e_c", 40.0), ("ceiling_repeat", 60.0), ("reference", 10.0)]}
+    assert train.ratios(measured) == pytest.approx({
+        "e2e_a/ceiling": 0.9, "e2e_a/reference": 9.0, "e2e_a/ceiling_before": 0.9,
+        "e2e_c/ceiling": 0.4, "e2e_c/reference": 4.0, "e2e_c/ceiling_before": 0.8})
 
 
 @pytest.mark.slow  # spawns an augment process

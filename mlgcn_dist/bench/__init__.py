@@ -13,8 +13,11 @@ groups) on one device, in one process, in these phases:
   the engine does not do: an experiment, see :func:`~mlgcn_dist.bench.phases.augment_in_loop_conversion`); the batches the loader's
   workers queued during the warm-up are dropped and the timed steps are whole rounds of the workers
   (:class:`~mlgcn_dist.bench.window.LoaderQueue`), so a loader slower than the model is timed at its steady rate;
-* the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device over the
-  run, the spread to read the ratios against;
+* with ``--ceiling-each``, the ceiling before each end-to-end phase after the first
+  (``ceiling_before_<phase>``), and each phase's ratio to the one measured just before it
+  (``<phase>/ceiling_before``): where the host's pace drifts over the run (run I, README Performance);
+* the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device (or of its
+  host) over the run, the spread to read the ratios against;
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data;
 
 and, without training, the GPU data path alone (``data_gpu``: loader, decode, augment, run ahead as in training).

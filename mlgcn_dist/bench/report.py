@@ -26,25 +26,31 @@ def format_report(report: dict) -> str:
     mode = "eager"
     if setting["compile"]:
         mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
+    width = max(30, *(len(name) + 1 for name in report["phases"]))  # ceiling_before_<phase> is longer
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
         f"{layout}, {mode}{_threads(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warmup (end to end: whole rounds of "
         f"{report['workers']} loader workers)",
-        f"{'phase':30s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
+        f"{'phase':{width}s}{'img/s':>9s}{'step ms':>9s}{'wait':>7s}{'stall':>7s}{'peak mem':>12s}{'MFU':>7s}"
         f"{'/ceiling':>10s}{'/reference':>11s}  decode",
     ]
     for name, p in report["phases"].items():
         vs = [report["ratios"].get(f"{name}/{base}") for base in ("ceiling", "reference")]
         lines.append(
-            f"{name:30s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
+            f"{name:{width}s}{p['img_s']:9.1f}{p['step_ms']:9.1f}{_percent(p['data_wait_frac']):>7s}"
             f"{_percent(p['data_stall_frac']):>7s}"
             f"{_gib(p['peak_mem_bytes']):>12s}{_percent(p['mfu']):>7s}"
             + "".join(f"{'' if v is None else f'{v:.2f}x':>{w}s}" for v, w in zip(vs, (10, 11)))
             + f"  {p.get('decode_on', 'synthetic on device')}{_ahead(p)}"
         )
     lines += [f"{name}: failed: {error}" for name, error in report["failed_phases"].items()]
+    beside = {key.removesuffix("/ceiling_before"): v for key, v in report["ratios"].items()
+              if key.endswith("/ceiling_before")}
+    if beside:  # --ceiling-each
+        lines.append("against the ceiling measured just before each: "
+                     + ", ".join(f"{name} {v:.2f}x" for name, v in beside.items()))
     flops = report["flops"]
     loader = report["loader_cpu"]
     drift = report["ceiling_drift"]

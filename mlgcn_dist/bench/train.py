@@ -62,14 +62,27 @@ def with_mfu(result: dict, train_flops: float, device_name: str) -> dict:
     }
 
 
+CEILING_BEFORE = "ceiling_before_"  # + an end-to-end phase's name: the ceiling measured again just before it
+
+
 def ratios(phases: dict[str, dict]) -> dict[str, float]:
-    """img/s of each end-to-end phase over the ceiling's and over the reference's."""
-    return {
+    """img/s of each end-to-end phase over the ceiling's and over the reference's; where the ceiling was also
+    measured between the end-to-end phases (``--ceiling-each``), over the last ceiling measured before it too
+    (``<phase>/ceiling_before``), the first one included."""
+    result = {
         f"{name}/{base}": phases[name]["img_s"] / phases[base]["img_s"]
         for name in phases
         if name.startswith("e2e_")
         for base in ("ceiling", "reference")
     }
+    if any(name.startswith(CEILING_BEFORE) for name in phases):
+        last = None
+        for name, phase in phases.items():  # in the order they ran
+            if name == "ceiling" or name.startswith(CEILING_BEFORE):
+                last = phase
+            elif name.startswith("e2e_"):
+                result[f"{name}/ceiling_before"] = phase["img_s"] / last["img_s"]
+    return result
 
 
 def bench_device(cfg: Config) -> torch.device:
@@ -128,9 +141,13 @@ def _configured_phases(
     warmup: int,
     profiler: StepProfiler | None,
     end_to_end: dict[str, dict],
+    ceiling_each: bool = False,
 ) -> tuple[dict[str, dict], dict[str, str], int]:
     """The ceiling and the ``end_to_end`` phases on one model (compiled once), the end-to-end phases that failed
-    (name -> error), and the model's forward FLOPs per image.
+    (name -> error), and the model's forward FLOPs per image. With ``ceiling_each``, the ceiling is measured again
+    before each end-to-end phase after the first (``ceiling_before_<phase>``): a host whose pace drifts over the
+    run (run I: the repeat at 0.85 of the first, the device's work unchanged) then gives each phase a ratio to a
+    ceiling measured beside it.
 
     An end-to-end phase that fails is reported and the others are measured: a code path may fail on the first GPU
     it meets, in a device lease that may not come again, and the phases after it (the ceiling's repeat, the
@@ -151,8 +168,10 @@ def _configured_phases(
 
         phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
         failed: dict[str, str] = {}
-        for name, how in end_to_end.items():
-            options = dict(how)
+        for i, name in enumerate(end_to_end):
+            if ceiling_each and i > 0:
+                phases[CEILING_BEFORE + name] = _progress(CEILING_BEFORE + name, ceiling(CEILING_BEFORE + name))
+            options = dict(end_to_end[name])
             decode = options.pop("decode")
             on = side_stream(device, not cfg.train.side_stream) if options.pop("other_stream", False) else stream
             threads = options.pop("threads", None)
@@ -193,17 +212,20 @@ def bench_train(
     warmup: int,
     profiler: StepProfiler | None = None,
     end_to_end: dict[str, dict] | None = None,
+    ceiling_each: bool = False,
 ) -> dict:
     """Every phase on ``cfg.data.shards``: the ceiling, the ``end_to_end`` phases (default: every one of
     :func:`end_to_end_phases`; the CLI passes those ``--phases`` and ``--also-threads`` make), its repeat and the
     reference; returns the report (see :mod:`mlgcn_dist.bench`), where an end-to-end phase that failed is in
     ``failed_phases`` (name -> its error), not ``phases``. With ``profiler``, each training phase ends with that many
-    steps under torch.profiler (their device timeline in ``profile``)."""
+    steps under torch.profiler (their device timeline in ``profile``). With ``ceiling_each``, the ceiling also runs
+    before each end-to-end phase after the first (:func:`_configured_phases`)."""
     device = bench_device(cfg)
     end_to_end = end_to_end_phases(cfg, device) if end_to_end is None else end_to_end
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data, val=False)  # training alone: a pack of the training split is enough
-    phases, failed, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end)
+    phases, failed, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end,
+                                                       ceiling_each)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
