@@ -942,8 +942,8 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
 
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
-    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end: benched.append(
-        (cfg, steps, warmup, profiler, end_to_end)) or {"phases": {}, "failed_phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end, ceiling_each: benched.append(
+        (cfg, steps, warmup, profiler, end_to_end, ceiling_each)) or {"phases": {}, "failed_phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -951,9 +951,10 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
             str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
             "--json", str(out), "data.workers=3"]
     assert main(argv) == 0
-    [(cfg, steps, warmup, profiler, end_to_end)] = benched
+    [(cfg, steps, warmup, profiler, end_to_end, ceiling_each)] = benched
     assert (steps, warmup, profiler.steps, profiler.out_dir) == (5, 3, 4, tmp_path / "profiles")
     assert end_to_end == end_to_end_phases(cfg, torch.device("cpu"))  # every phase, once each
+    assert not ceiling_each  # the ceiling first and last only, unless --ceiling-each
     assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
     assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
 
