@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mlgcn_dist.data.shared_memory import release_pages
+from mlgcn_dist.data.shared_memory import release_each, release_pages
 
 BIG = 64 << 20  # bytes: freeing them takes the kernel milliseconds, long enough for another thread to be seen
 SWITCH_S = 0.5  # the GIL's switch interval while a thread is watched: longer than freeing BIG takes
@@ -45,6 +45,15 @@ def test_memory_of_this_process_and_tensors_smaller_than_a_page_are_left_alone()
     assert not release_pages(mine) and int(mine.count_nonzero()) == mine.numel()
     item = _received(4096)[0]
     assert not release_pages(item["small"]) and item["small"].tolist() == [0, 1, 2]  # within one page
+
+
+def test_releasing_each_of_several_tensors_releases_every_one_after_the_first_and_says_whether_any_was():
+    first, second = (item["big"] for item in _received(1 << 20, count=2))
+    mine = torch.full((1 << 20,), 7, dtype=torch.uint8)
+    assert release_each([first, second, mine])
+    assert int(first.count_nonzero()) == 0 and int(second.count_nonzero()) == 0  # not stopped at the first
+    assert int(mine.count_nonzero()) == mine.numel()
+    assert not release_each([mine]) and not release_each([])
 
 
 def test_a_file_system_shared_tensor_keeps_the_page_holding_its_reference_count():

@@ -49,7 +49,7 @@ from mlgcn_dist.config import DataConfig
 from mlgcn_dist.data.augment_process import AugmentProcess
 from mlgcn_dist.data.folder import Batch, PackedJpegs
 from mlgcn_dist.data.loader import loader_kwargs
-from mlgcn_dist.data.shared_memory import release_pages
+from mlgcn_dist.data.shared_memory import release_each
 from mlgcn_dist.data.transforms import GpuAugment
 from mlgcn_dist.data.workers import StopSafeDataLoader
 from mlgcn_dist.threads import intra_op_threads
@@ -221,9 +221,7 @@ def _arrivals(device: torch.device, size: int, image_size: int) -> Iterator[dict
     def released() -> None:
         batch = next(batches["batches_released"])
         if not pinned:  # no pinning thread released it: as to_device does once it has read the pixels
-            for value in batch.values():
-                if isinstance(value, torch.Tensor):
-                    release_pages(value)
+            release_each(value for value in batch.values() if isinstance(value, torch.Tensor))
 
     try:
         yield {"batches_dropped": dropped, "batches_released": released}

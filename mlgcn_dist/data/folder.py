@@ -24,7 +24,7 @@ from PIL import Image
 from mlgcn_dist.data.coco import coco_paths, read_coco
 from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
-from mlgcn_dist.data.shared_memory import release_pages
+from mlgcn_dist.data.shared_memory import release_each
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.data.voc import read_voc
 
@@ -170,7 +170,7 @@ class Batch(dict):
     (torch/utils/data/_utils/pin_memory.py; a PyTorch that looked the other way round would pin the tensors itself,
     without the release). This one pins the batch's tensors as PyTorch would, leaves its :class:`PackedJpegs` as
     they are, and then frees the shared memory the tensors came in from their worker without holding the GIL
-    (:func:`~mlgcn_dist.data.shared_memory.release_pages`): the thread took them from the worker's queue, so no one
+    (:func:`~mlgcn_dist.data.shared_memory.release_each`): the thread took them from the worker's queue, so no one
     else holds them, and after the pinned copies no one reads them. That needs every tensor of a batch to be memory
     of its own, never one a worker keeps or sends twice: :func:`collate` makes each anew (``stack``, ``cat``,
     ``tensor``, ``empty``). Dropped as they were, the kernel freed their pages while the thread held the GIL:
@@ -181,8 +181,7 @@ class Batch(dict):
         received = {key: value for key, value in self.items() if isinstance(value, torch.Tensor)}
         pinned = Batch(self)
         pinned.update({key: tensor.pin_memory() for key, tensor in received.items()})
-        for tensor in received.values():
-            release_pages(tensor)
+        release_each(received.values())
         return pinned
 
 

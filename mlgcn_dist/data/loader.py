@@ -53,7 +53,7 @@ from mlgcn_dist.data.folder import FolderDataset, check_same_label_space, collat
 from mlgcn_dist.data.jpeg import device_decodable_jpeg
 from mlgcn_dist.data.pack import META_FILE, TRAINING_SPLIT
 from mlgcn_dist.data.records import UNREADABLE_IMAGE_ERRORS, Skipped, SplitIndex, encode_target
-from mlgcn_dist.data.shared_memory import release_pages
+from mlgcn_dist.data.shared_memory import release_each
 from mlgcn_dist.data.transforms import CpuTransform
 from mlgcn_dist.data.workers import StopSafeDataLoader, end_workers_at_exit, init_worker, worker_context
 from mlgcn_dist.graph import label_stats, read_stats
@@ -762,7 +762,7 @@ class _FreeTimes:
         del batch
         if release:
             start = time.perf_counter()
-            release = any([release_pages(tensor) for tensor in tensors])
+            release = release_each(tensors)
             if release:  # else memory of this process (no workers): no shared memory to release
                 self.release.append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -21,7 +21,7 @@ import ctypes
 import functools
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -44,6 +44,11 @@ def release_pages(tensor: torch.Tensor) -> bool:
     begin = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
     return end > begin and madvise(begin, end - begin, MADV_REMOVE) == 0
+
+
+def release_each(tensors: Iterable[torch.Tensor]) -> bool:
+    """:func:`release_pages` on every one of ``tensors`` (none skipped once one is released); whether any was."""
+    return any([release_pages(tensor) for tensor in tensors])
 
 
 @functools.lru_cache(maxsize=1)
