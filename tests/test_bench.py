@@ -988,6 +988,20 @@ def test_bench_train_runs_only_the_end_to_end_phases_named_and_always_the_ceilin
                                                                                                     "reference")}
 
 
+def test_every_phase_reports_what_the_hosts_cpus_did_over_its_timed_steps(tmp_path, capsys):
+    """Run I's ceiling launched its kernels 25-30 us apart and the process phase 14-16, the device's work unchanged:
+    each phase says how its loop thread spent the window (mlgcn_dist.bench.host), and the report prints it."""
+    status, report = _bench_toy_phases(tmp_path, "e2e_decode_cpu")
+    assert status == 0
+    for name, phase in report["phases"].items():
+        assert set(phase["host"]) >= {"loop", "backward", "process_cores_busy", "host_busy_frac", "mhz_median"}, name
+        if Path("/proc/thread-self/schedstat").exists():
+            assert phase["host"]["loop"]["cpu_ms"] > 0, name
+    assert set(report["host"]) == {"cpu_model", "governors", "idle_states"}
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert [name for name in rows if name in report["phases"]] == list(report["phases"])
+
+
 def test_with_ceiling_each_the_ceiling_runs_before_every_end_to_end_phase_and_each_has_a_ratio_to_the_one_before_it(
     tmp_path, capsys
 ):

@@ -38,11 +38,16 @@ the child's) and its share of the step
 (``--profile-dir``) every training phase ends with a few steps under torch.profiler, untimed: the device's busy
 and idle time per step (``profile``) says whether a slower phase lost time to slower kernels or to a device left
 idle within its steps (:mod:`mlgcn_dist.bench.profiling`).
+Every training phase also says what the host's CPUs did over its timed steps (``host``, read from /proc at the
+window's two ends): the loop thread's and the backward thread's time on a core and waiting for one, their sleeps,
+preemptions and moves between cores, the host's busy share and its cores' clocks (:mod:`mlgcn_dist.bench.host`):
+whether a phase whose device idled lost the time to its launching threads' cores.
 
 Modules, in the order a measurement flows: :mod:`~mlgcn_dist.bench.step` (a training step under a setting, FLOPs,
 peak TFLOP/s), :mod:`~mlgcn_dist.bench.window` (a timed window of steps), :mod:`~mlgcn_dist.bench.phases` (what
 feeds each phase), :mod:`~mlgcn_dist.bench.train` (every phase of ``bench train``, ratios, MFU),
 :mod:`~mlgcn_dist.bench.report` (the table), :mod:`~mlgcn_dist.bench.profiling` (the profiled steps' device
-timeline), :mod:`~mlgcn_dist.bench.decode` (``bench decode``), :mod:`~mlgcn_dist.bench.contention` (``bench
-contention``) and :mod:`~mlgcn_dist.bench.cli` (the commands).
+timeline), :mod:`~mlgcn_dist.bench.host` (the host's CPUs over a window), :mod:`~mlgcn_dist.bench.decode`
+(``bench decode``), :mod:`~mlgcn_dist.bench.contention` (``bench contention``) and :mod:`~mlgcn_dist.bench.cli`
+(the commands).
 """

@@ -102,6 +102,7 @@ def format_report(report: dict) -> str:
         for name, p in report["phases"].items()
         if p.get("augment_process_device_bytes") is not None
     ]
+    lines += host_lines(report)
     lines += profile_lines(report["phases"])
     if report["compile_s"] is not None:
         lines.append(
@@ -128,6 +129,50 @@ def format_report(report: dict) -> str:
         f"{data['img_s']:.1f} img/s; a batch: decode {_ms(data['decode_ms'])}, augment {_ms(data['augment_ms'])}"
     )
     return "\n".join(lines)
+
+
+_THREAD_COLUMNS = (("cpu_ms", "cpu", 1), ("runqueue_ms", "wait", 2), ("sleeps", "sleeps", 1),
+                   ("preemptions", "preempt", 1), ("migrations", "moves", 1))
+
+
+def host_lines(report: dict) -> list[str]:
+    """What the host's CPUs did over each phase's timed steps (:mod:`mlgcn_dist.bench.host`); none for a report
+    from before it was measured."""
+    windows = {name: p["host"] for name, p in report["phases"].items() if p.get("host")}
+    if not windows:
+        return []
+    setup = report.get("host") or {}
+    power = [f"{count} cores {name}" for name, count in (setup.get("governors") or {}).items()]
+    if setup.get("idle_states"):
+        power.append("idle states " + ", ".join(f"{name} ({'?' if us is None else us} us)"
+                                                for name, us in setup["idle_states"]))
+    width = max(30, *(len(name) + 1 for name in windows))
+    head = "".join(f"{label:>{8 if label != 'cpu' else 7}s}" for _, label, _ in _THREAD_COLUMNS)
+    lines = [
+        f"host over the timed steps ({setup.get('cpu_model') or 'cpu model unknown'}"
+        + (f"; {'; '.join(power)}" if power else "; no cpufreq or cpuidle exposed") + "): a step's ms on a core "
+        "(cpu) and runnable waiting for one (wait), sleeps, preemptions and moves between cores of the loop thread "
+        "and of the backward's; the process's busy cores, the host's share of busy cores, its cores' MHz at the "
+        "window's end (median, and the loop's core)",
+        f"  {'phase':{width}s} loop:{head}  backward:{head}{'cores':>7s}{'host':>7s}{'MHz':>7s}{'loop':>7s}",
+    ]
+    for name, w in windows.items():
+        backward = w["backward"] or {}
+        cells = [_host_cell(w["loop"].get(key), digits) for key, _, digits in _THREAD_COLUMNS]
+        cells_back = ([_host_cell(backward.get(key), digits) for key, _, digits in _THREAD_COLUMNS]
+                      if backward else ["in loop"] + [""] * (len(_THREAD_COLUMNS) - 1))
+        widths = [7 if key == "cpu_ms" else 8 for key, _, _ in _THREAD_COLUMNS]
+        lines.append(
+            f"  {name:{width}s}      " + "".join(f"{c:>{wd}s}" for c, wd in zip(cells, widths))
+            + "           " + "".join(f"{c:>{wd}s}" for c, wd in zip(cells_back, widths))
+            + f"{_host_cell(w['process_cores_busy'], 2):>7s}{_percent(w['host_busy_frac']):>7s}"
+            + f"{_host_cell(w['mhz_median'], 0):>7s}{_host_cell(w['loop_core_mhz'], 0):>7s}"
+        )
+    return lines
+
+
+def _host_cell(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def profile_lines(phases: dict[str, dict]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mlgcn_dist.bench import host
 from mlgcn_dist.bench.phases import data_path_phase, loader_phase, synthetic_phase
 from mlgcn_dist.bench.profiling import StepProfiler, request_for
 from mlgcn_dist.bench.step import (
@@ -245,6 +246,7 @@ def bench_train(
         "device": device_name,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
+        "host": host.host_setup(),
         "intra_op_threads": torch.get_num_threads(),
         "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": info.num_classes},
         "batch_size": cfg.data.batch_size,

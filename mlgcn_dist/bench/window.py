@@ -1,5 +1,6 @@
 """The timed window of a phase: warm-up, timed steps, optional profiled steps, and what is read off them (img/s,
-data wait and stall, divergence, peak memory), with the loader's warm-up queue dropped first."""
+data wait and stall, divergence, peak memory, what the host's CPUs did), with the loader's warm-up queue dropped
+first."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from mlgcn_dist.bench import host
 from mlgcn_dist.bench.profiling import ProfileRequest, profile_steps
 from mlgcn_dist.bench.step import TrainStep
 from mlgcn_dist.errors import first_line
@@ -144,8 +146,10 @@ def time_training(
     ``queue`` (converted ``depth`` batches ahead), the batches its workers made during the warm-up are dropped and
     the timed steps wait for a round made since (:class:`LoaderQueue`). Divergence is tracked on the device (no
     per-step sync): the steps before the first non-finite loss and the largest pre-clip gradient norm, over
-    warm-up, timed and profiled steps. With ``profile``, that many more steps run under torch.profiler after the
-    timed ones (:func:`~mlgcn_dist.bench.profiling.profile_steps`), outside every timing."""
+    warm-up, timed and profiled steps. What the host's CPUs did over the timed steps, read at their two ends, is
+    in ``host`` (:func:`~mlgcn_dist.bench.host.host_window`). With ``profile``, that many more steps run under
+    torch.profiler after the timed ones (:func:`~mlgcn_dist.bench.profiling.profile_steps`), outside every
+    timing."""
     device = step.device
     step.restart()
     if device.type == "cuda":
@@ -179,6 +183,7 @@ def time_training(
         images = 0
         nonfinite = torch.zeros((), dtype=torch.long, device=device)  # timed steps with a non-finite loss
         stall.read()  # the warm-up's stalls are not the window's
+        host_before = host.sample()  # outside the window: /proc reads take a fraction of a ms
         start = synced_clock(device)
         for _ in range(steps):
             waited, count, loss = run_one()
@@ -186,6 +191,7 @@ def time_training(
             images += count
             nonfinite += (~torch.isfinite(loss)).long()
         seconds = synced_clock(device) - start
+        host_window = host.host_window(host_before, host.sample(), steps, seconds, host.core_mhz())
         stall_s = stall.read()
         profiled = None
         if profile is not None:
@@ -222,6 +228,7 @@ def time_training(
         "setting": asdict(step.setting),
         "numerics": step.setting.numerics,
         "train_stream": "default" if stream is None else "side",
+        "host": host_window,
         "profile": profiled,
     }
 
