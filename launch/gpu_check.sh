@@ -23,6 +23,10 @@
 #                       replaces `compile` (not in the default);
 #   compile_foreach     `compile` with optim.implementation=foreach: the SGD step before fused became the CUDA
 #                       default (not in the default);
+#   compile_mps         `compile` run through launch/with_mps.sh: the trainer and its augment process as clients of
+#                       one MPS daemon of their own, whose kernels then share the SMs instead of the two CUDA
+#                       contexts taking turns (run I: the process phase's step 4.6-6.5 ms of device time above the
+#                       ceiling's); the log's last line says how many clients the daemon saw (not in the default);
 #   loader              `mlgcn bench loader` (CPU decode to uint8 at 448 px) with 1, 4 and 15 workers: img/s per worker;
 #   contention          `mlgcn bench contention`: one thread's kernel launch rate alone and beside a background
 #                       thread of Python, of small CPU ops, of GIL-free C++, and of the GPU data path (decode +
@@ -134,6 +138,9 @@ for check in ${CHECKS:-pytest eager compile compile_cudagraphs loader}; do
         compile_foreach) toy_ready; step bench_compile_foreach 300 "${bench[@]}" \
             --json "$OUT/bench_compile_foreach.json" --profile-dir "$WORK/profiles/compile_foreach" \
             "${overrides[@]}" train.compile=true optim.implementation=foreach ;;
+        compile_mps) toy_ready; step bench_compile_mps 300 bash launch/with_mps.sh "${bench[@]}" \
+            --json "$OUT/bench_compile_mps.json" --profile-dir "$WORK/profiles/compile_mps" "${overrides[@]}" \
+            train.compile=true ;;
         loader) toy_ready; step bench_loader 120 bash -c 'for w in 1 4 15; do "$0" -m mlgcn_dist.cli bench loader \
             --shards "$1" --workers "$w" --batches 16 --batch-size 32; done' "$PY" "$WORK/shards" ;;
         deepspeed) step deepspeed 150 bash launch/gpu_check_deepspeed.sh "$PY" "$WORK/deepspeed" ;;
@@ -146,7 +153,7 @@ done
 
 [[ -d "$WORK/profiles" ]] && tar cf "$OUT/profiles.tar" -C "$WORK" profiles  # one file: 8 come back at most
 for name in bench_eager bench_compile bench_compile_nopin bench_compile_threads16 \
-    bench_compile_foreach bench_compile_b96 \
+    bench_compile_foreach bench_compile_b96 bench_compile_mps \
     bench_cudagraphs bench_loader bench_decode bench_contention deepspeed; do
     [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -iv "warn" "$OUT/$name.log" | tail -n 34; }
 done
