@@ -11,7 +11,9 @@ Performance). The cases, each the median of ``repeats`` calls:
   returns, until its images are ready on the device, and whether the queued work had finished by then.
 
 Decoders: torchvision's ``decode_jpeg`` on CUDA (what GpuAugment uses) with the bitstreams in pageable or pinned
-memory, and NVIDIA nvImageCodec (``nvidia-nvimgcodec-cu13[nvjpeg]``) if installed.
+memory, and NVIDIA nvImageCodec (``nvidia-nvimgcodec-cu13[nvjpeg]``) if installed. Both decode baseline JPEGs on
+the GPU's JPEG engines where it has them (A100, H100, H200): torchvision's batched call creates its nvJPEG handle
+with the hardware backend and sends it every image ``nvjpegDecodeBatchedSupported`` accepts.
 
 Then what follows the decode in training, ``GpuAugment.apply`` on the decoded batch (crop, normalise, resize,
 flip, channels_last): its device time and the host time of its launches, against the same with every crop
