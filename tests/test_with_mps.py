@@ -92,8 +92,10 @@ def test_a_command_stopped_from_outside_still_has_its_daemon_quit(tmp_path, cont
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 124
     else:
+        # As from a terminal's Ctrl-C: a test run in the background inherits SIGINT ignored, which bash cannot trap.
         proc = subprocess.Popen(["bash", str(SCRIPT), "sleep", "30"], env=_env(tmp_path, control),
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 20
         while not (control.parent / "calls").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
