@@ -100,8 +100,10 @@ toy_ready() {
 
 # --ceiling-each: the ceiling again before each end-to-end phase after the first (run I's moved 15% between its
 # first and last measurements, the device's work unchanged): 60 steps of the compiled step, seconds each.
+# --pinned-ceiling: the ceiling once more with its launching threads held on a core each, beside the first: whether
+# the host's pace is those threads moving between cores (each phase's host counters say whether they moved).
 bench_all=("$PY" -m mlgcn_dist.cli bench train --config configs/coco_gcn.yaml --shards "$WORK/shards"
-           --steps 60 --warmup 10 --ceiling-each ${PHASES:+--phases "$PHASES"})
+           --steps 60 --warmup 10 --ceiling-each --pinned-ceiling ${PHASES:+--phases "$PHASES"})
 # lr 0.01: from random weights the configured 0.1 can diverge within the timed steps (speed is the same, but the
 # reported loss should be a number). data.worker_timeout_s=120: a loader worker or augment process that stops
 # answering fails its phase in 2 minutes, not 10, and the bench goes on with the next phase.

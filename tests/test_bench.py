@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -942,8 +943,9 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
 
     sized, benched = [], []
     monkeypatch.setattr(cli, "point_config_at_shards", lambda cfg, shards, batches: sized.append((shards, batches)))
-    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end, ceiling_each: benched.append(
-        (cfg, steps, warmup, profiler, end_to_end, ceiling_each)) or {"phases": {}, "failed_phases": {}})
+    monkeypatch.setattr(cli, "bench_train", lambda cfg, steps, warmup, profiler, end_to_end, ceiling_each,
+                        pinned_ceiling: benched.append((cfg, steps, warmup, profiler, end_to_end, ceiling_each,
+                                                        pinned_ceiling)) or {"phases": {}, "failed_phases": {}})
     monkeypatch.setattr(cli, "describe_shards", lambda shards, split: {"shards": str(shards)})
     monkeypatch.setattr(cli, "format_report", lambda report: "")
     out = tmp_path / "train.json"
@@ -951,10 +953,11 @@ def test_bench_train_sizes_each_phases_loader_epoch_for_its_warmup_timed_and_pro
             str(tmp_path / "pack"), "--profile-dir", str(tmp_path / "profiles"), "--profile-steps", "4",
             "--json", str(out), "data.workers=3"]
     assert main(argv) == 0
-    [(cfg, steps, warmup, profiler, end_to_end, ceiling_each)] = benched
+    [(cfg, steps, warmup, profiler, end_to_end, ceiling_each, pinned_ceiling)] = benched
     assert (steps, warmup, profiler.steps, profiler.out_dir) == (5, 3, 4, tmp_path / "profiles")
     assert end_to_end == end_to_end_phases(cfg, torch.device("cpu"))  # every phase, once each
     assert not ceiling_each  # the ceiling first and last only, unless --ceiling-each
+    assert not pinned_ceiling  # unless --pinned-ceiling
     assert sized == [(tmp_path / "pack", batches_per_phase(cfg, steps=5, warmup=3, profiled=4))]
     assert json.loads(out.read_text())["data"] == {"shards": str(tmp_path / "pack"), "toy": None}
 
@@ -1000,6 +1003,25 @@ def test_every_phase_reports_what_the_hosts_cpus_did_over_its_timed_steps(tmp_pa
     assert set(report["host"]) == {"cpu_model", "governors", "idle_states"}
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert [name for name in rows if name in report["phases"]] == list(report["phases"])
+
+
+def test_with_pinned_ceiling_the_ceiling_runs_again_right_after_with_its_threads_on_a_core_each_and_a_ratio_to_it(
+    tmp_path, capsys
+):
+    mask = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    status, report = _bench_toy_phases(tmp_path, "e2e_decode_cpu", "--pinned-ceiling")
+    assert status == 0
+    assert tuple(report["phases"])[:3] == ("ceiling", "ceiling_pinned", "e2e_decode_cpu")
+    pinned = report["phases"]["ceiling_pinned"]
+    assert report["ratios"]["ceiling_pinned/ceiling"] == pytest.approx(pinned["img_s"]
+                                                                       / report["phases"]["ceiling"]["img_s"])
+    assert "e2e_decode_cpu/ceiling_before" not in report["ratios"]  # not --ceiling-each
+    out = capsys.readouterr().out
+    if hasattr(os, "sched_setaffinity"):
+        (core,) = pinned["pinned_cores"].values()  # the loop thread: a CPU's backward runs in it
+        assert (f"ceiling with its launching threads held on one core each (the loop thread on core {core}): "
+                f"{report['ratios']['ceiling_pinned/ceiling']:.2f}x the ceiling") in out.splitlines()
+        assert os.sched_getaffinity(0) == mask  # the loop thread's cores given back
 
 
 def test_with_ceiling_each_the_ceiling_runs_before_every_end_to_end_phase_and_each_has_a_ratio_to_the_one_before_it(

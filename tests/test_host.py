@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -148,3 +149,32 @@ def test_the_loop_is_the_thread_that_samples_and_another_threads_work_counts_for
     window = host.host_window(before, host.sample(), 1, time.perf_counter() - t0)
     assert window["loop"]["cpu_ms"] < 50  # the sampling thread slept
     assert window["process_cores_busy"] > 0.5  # the spinning one counts for the process
+
+
+def _named_thread(name: str, ready: threading.Event, stop: threading.Event) -> None:
+    """A thread whose kernel-side name (comm) is ``name``, as PyTorch names its autograd threads."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+    ready.set()
+    stop.wait(30)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="Linux's thread affinity, on at least two cores")
+def test_pinning_holds_the_loop_and_each_backward_thread_on_a_core_of_its_own_and_gives_their_masks_back_after():
+    ready, stop = threading.Event(), threading.Event()
+    backward = threading.Thread(target=_named_thread, args=("pt_autograd_0", ready, stop))
+    backward.start()
+    try:
+        ready.wait(10)
+        (tid,) = host.backward_threads()
+        loop = threading.get_native_id()
+        masks = os.sched_getaffinity(loop), os.sched_getaffinity(tid)
+        with host.pinned_threads() as pins:
+            assert set(pins) == {loop, tid} and pins[loop] != pins[tid]
+            assert os.sched_getaffinity(loop) == {pins[loop]} and os.sched_getaffinity(tid) == {pins[tid]}
+        assert (os.sched_getaffinity(loop), os.sched_getaffinity(tid)) == masks
+    finally:
+        stop.set()
+        backward.join()

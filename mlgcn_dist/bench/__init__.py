@@ -16,6 +16,9 @@ groups) on one device, in one process, in these phases:
 * with ``--ceiling-each``, the ceiling before each end-to-end phase after the first
   (``ceiling_before_<phase>``), and each phase's ratio to the one measured just before it
   (``<phase>/ceiling_before``): where the host's pace drifts over the run (run I, README Performance);
+* with ``--pinned-ceiling``, the ceiling right after the first with the loop thread and the backward's each held
+  on one core (``ceiling_pinned``, and ``ceiling_pinned/ceiling``): whether its launching threads' moves between
+  cores cost the host its pace;
 * the ceiling again (``ceiling_repeat``): its difference from the first is the drift of the device (or of its
   host) over the run, the spread to read the ratios against;
 * reference: the original ML-GCN setting (fp32 without TF32, NCHW, eager, CPU decode) on the same data;

@@ -21,6 +21,7 @@ from mlgcn_dist.bench.profiling import StepProfiler
 from mlgcn_dist.bench.report import format_report
 from mlgcn_dist.bench.train import (
     CEILING_BEFORE,
+    CEILING_PINNED,
     batches_per_phase,
     bench_device,
     bench_train,
@@ -118,6 +119,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure the ceiling again before each end-to-end phase after the first (ceiling_before_<phase>) and "
         "report each phase's ratio to the ceiling measured just before it too: for a host whose pace drifts over "
         "the run (default: the ceiling first and last only)",
+    )
+    p.add_argument(
+        "--pinned-ceiling",
+        action="store_true",
+        help="measure the ceiling again right after the first with the loop thread and the backward's each held "
+        "on one core (ceiling_pinned), and its ratio to the ceiling: whether the host's pace is its launching "
+        "threads moving between cores (Linux; default: not measured)",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=64")
     p = sub.add_parser(
@@ -247,7 +255,8 @@ def _bench_train_on_shards(cfg: Config, args: argparse.Namespace, end_to_end: di
         profiler = None if args.profile_dir is None else StepProfiler(args.profile_dir, args.profile_steps)
         profiled = 0 if profiler is None else profiler.steps
         point_config_at_shards(cfg, shards, batches_per_phase(cfg, args.steps, args.warmup, profiled))
-        report = bench_train(cfg, args.steps, args.warmup, profiler, end_to_end, args.ceiling_each)
+        report = bench_train(cfg, args.steps, args.warmup, profiler, end_to_end, args.ceiling_each,
+                             args.pinned_ceiling)
         report["data"] = describe_shards(shards, cfg.data.train_split)
         report["data"]["toy"] = None if args.shards else {"images": args.toy_images, "size": args.toy_size}
     return report
@@ -257,7 +266,8 @@ def describe_run(cfg: Config, device: torch.device, args: argparse.Namespace, en
     """What ``bench train`` is about to run, in a line, before minutes of work show nothing; on a CPU with an
     ImageNet-sized backbone (the built-in defaults: ResNet-101 at 448 px), a second line with the quick recipe."""
     measured = [*end_to_end[:1], *(p for name in end_to_end[1:] for p in (CEILING_BEFORE + name, name))]
-    phases = ["ceiling", *(measured if args.ceiling_each else end_to_end), "ceiling_repeat", "reference"]
+    phases = ["ceiling", *([CEILING_PINNED] if args.pinned_ceiling else []),
+              *(measured if args.ceiling_each else end_to_end), "ceiling_repeat", "reference"]
     profiled = f" + {args.profile_steps} profiled" if args.profile_dir is not None else ""
     data = args.shards or f"a toy set of {args.toy_images} JPEGs at {args.toy_size} px"
     line = (

@@ -23,9 +23,11 @@ A figure the kernel does not give (another OS, a sandbox that fakes /proc) is No
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +234,33 @@ def host_setup() -> dict:
             model = line.partition(":")[2].strip()
             break
     return {"cpu_model": model, "governors": governors, "idle_states": idle_states}
+
+
+@contextlib.contextmanager
+def pinned_threads() -> Iterator[dict[int, int] | None]:
+    """For the block, the calling thread and the autograd device threads each held on one core of those the calling
+    thread may use (the one it last ran on where free), their own affinities restored after it. Yields tid -> core,
+    or None where threads cannot be pinned (not Linux).
+
+    The experiment it is for (``mlgcn bench train --pinned-ceiling``): if a launching thread loses its pace by moving
+    between cores (a core that was idle wakes slowly and runs at a low clock for a while), it keeps it on one."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    tids = [threading.get_native_id(), *backward_threads()]
+    allowed = sorted(os.sched_getaffinity(0))
+    before: dict[int, set[int]] = {}
+    pins: dict[int, int] = {}
+    for tid in tids:
+        free = [core for core in allowed if core not in pins.values()] or allowed
+        last = thread_counters(tid).core
+        pins[tid] = last if last in free else free[0]
+    try:
+        for tid, core in pins.items():
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {core})
+        yield pins
+    finally:
+        for tid, mask in before.items():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, mask)

@@ -51,6 +51,14 @@ def format_report(report: dict) -> str:
     if beside:  # --ceiling-each
         lines.append("against the ceiling measured just before each: "
                      + ", ".join(f"{name} {v:.2f}x" for name, v in beside.items()))
+    pinned = report["phases"].get("ceiling_pinned")
+    if pinned is not None:  # --pinned-ceiling
+        cores = list((pinned.get("pinned_cores") or {}).values())  # the loop thread's first
+        where = ("threads not pinned (no sched_setaffinity here)" if not cores else
+                 f"the loop thread on core {cores[0]}"
+                 + "".join(f", a backward thread on core {core}" for core in cores[1:]))
+        lines.append(f"ceiling with its launching threads held on one core each ({where}): "
+                     f"{report['ratios']['ceiling_pinned/ceiling']:.2f}x the ceiling")
     flops = report["flops"]
     loader = report["loader_cpu"]
     drift = report["ceiling_drift"]

@@ -64,12 +64,14 @@ def with_mfu(result: dict, train_flops: float, device_name: str) -> dict:
 
 
 CEILING_BEFORE = "ceiling_before_"  # + an end-to-end phase's name: the ceiling measured again just before it
+CEILING_PINNED = "ceiling_pinned"  # the ceiling with its launching threads each held on one core
 
 
 def ratios(phases: dict[str, dict]) -> dict[str, float]:
     """img/s of each end-to-end phase over the ceiling's and over the reference's; where the ceiling was also
     measured between the end-to-end phases (``--ceiling-each``), over the last ceiling measured before it too
-    (``<phase>/ceiling_before``), the first one included."""
+    (``<phase>/ceiling_before``), the first one included; the pinned ceiling's over the ceiling's
+    (``--pinned-ceiling``)."""
     result = {
         f"{name}/{base}": phases[name]["img_s"] / phases[base]["img_s"]
         for name in phases
@@ -83,6 +85,8 @@ def ratios(phases: dict[str, dict]) -> dict[str, float]:
                 last = phase
             elif name.startswith("e2e_"):
                 result[f"{name}/ceiling_before"] = phase["img_s"] / last["img_s"]
+    if CEILING_PINNED in phases:
+        result[f"{CEILING_PINNED}/ceiling"] = phases[CEILING_PINNED]["img_s"] / phases["ceiling"]["img_s"]
     return result
 
 
@@ -143,12 +147,15 @@ def _configured_phases(
     profiler: StepProfiler | None,
     end_to_end: dict[str, dict],
     ceiling_each: bool = False,
+    pinned_ceiling: bool = False,
 ) -> tuple[dict[str, dict], dict[str, str], int]:
     """The ceiling and the ``end_to_end`` phases on one model (compiled once), the end-to-end phases that failed
     (name -> error), and the model's forward FLOPs per image. With ``ceiling_each``, the ceiling is measured again
     before each end-to-end phase after the first (``ceiling_before_<phase>``): a host whose pace drifts over the
     run (run I: the repeat at 0.85 of the first, the device's work unchanged) then gives each phase a ratio to a
-    ceiling measured beside it.
+    ceiling measured beside it. With ``pinned_ceiling``, the ceiling is measured again right after the first with the
+    loop thread and the backward's each held on one core (``ceiling_pinned``, :func:`~mlgcn_dist.bench.host.pinned_threads`):
+    whether the host's pace is its launching threads moving between cores.
 
     An end-to-end phase that fails is reported and the others are measured: a code path may fail on the first GPU
     it meets, in a device lease that may not come again, and the phases after it (the ceiling's repeat, the
@@ -168,6 +175,11 @@ def _configured_phases(
             )
 
         phases = {"ceiling": _progress("ceiling", ceiling("ceiling"))}
+        if pinned_ceiling:
+            with host.pinned_threads() as pins:
+                pinned = ceiling(CEILING_PINNED)
+            pinned["pinned_cores"] = None if pins is None else {str(tid): core for tid, core in pins.items()}
+            phases[CEILING_PINNED] = _progress(CEILING_PINNED, pinned)
         failed: dict[str, str] = {}
         for i, name in enumerate(end_to_end):
             if ceiling_each and i > 0:
@@ -214,19 +226,21 @@ def bench_train(
     profiler: StepProfiler | None = None,
     end_to_end: dict[str, dict] | None = None,
     ceiling_each: bool = False,
+    pinned_ceiling: bool = False,
 ) -> dict:
     """Every phase on ``cfg.data.shards``: the ceiling, the ``end_to_end`` phases (default: every one of
     :func:`end_to_end_phases`; the CLI passes those ``--phases`` and ``--also-threads`` make), its repeat and the
     reference; returns the report (see :mod:`mlgcn_dist.bench`), where an end-to-end phase that failed is in
     ``failed_phases`` (name -> its error), not ``phases``. With ``profiler``, each training phase ends with that many
     steps under torch.profiler (their device timeline in ``profile``). With ``ceiling_each``, the ceiling also runs
-    before each end-to-end phase after the first (:func:`_configured_phases`)."""
+    before each end-to-end phase after the first, and with ``pinned_ceiling`` once with its launching threads held
+    on a core each (:func:`_configured_phases`)."""
     device = bench_device(cfg)
     end_to_end = end_to_end_phases(cfg, device) if end_to_end is None else end_to_end
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = dataset_info(cfg.data, val=False)  # training alone: a pack of the training split is enough
     phases, failed, forward_flops = _configured_phases(cfg, info, device, steps, warmup, profiler, end_to_end,
-                                                       ceiling_each)
+                                                       ceiling_each, pinned_ceiling)
     data_gpu = data_path_phase(cfg, device, "gpu", steps, warmup)
     print(f"[bench] data path alone (gpu decode): {data_gpu['img_s']:.1f} img/s", flush=True)
     if device.type == "cuda":  # the first model is gone: the reference's peak memory is its own
