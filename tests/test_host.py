@@ -178,3 +178,20 @@ def test_pinning_holds_the_loop_and_each_backward_thread_on_a_core_of_its_own_an
     finally:
         stop.set()
         backward.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux's thread affinity")
+def test_a_thread_the_kernel_will_not_pin_is_left_as_it_was_and_the_block_still_runs(monkeypatch):
+    real = os.sched_setaffinity
+    loop = threading.get_native_id()
+    mask = os.sched_getaffinity(loop)
+
+    def refuse_a_single_core(tid, cores):
+        if len(cores) == 1:
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, cores)
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse_a_single_core)
+    with host.pinned_threads() as pins:
+        assert pins == {}
+        assert os.sched_getaffinity(loop) == mask

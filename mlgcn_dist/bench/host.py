@@ -239,8 +239,9 @@ def host_setup() -> dict:
 @contextlib.contextmanager
 def pinned_threads() -> Iterator[dict[int, int] | None]:
     """For the block, the calling thread and the autograd device threads each held on one core of those the calling
-    thread may use (the one it last ran on where free), their own affinities restored after it. Yields tid -> core,
-    or None where threads cannot be pinned (not Linux).
+    thread may use (the one it last ran on where free), their own affinities restored after it. Yields tid -> core
+    of the threads it pinned (a thread the kernel refused, or that ended, is left as it was: a diagnostic must not
+    fail the phase it serves), or None where threads cannot be pinned (not Linux).
 
     The experiment it is for (``mlgcn bench train --pinned-ceiling``): if a launching thread loses its pace by moving
     between cores (a core that was idle wakes slowly and runs at a low clock for a while), it keeps it on one."""
@@ -256,9 +257,14 @@ def pinned_threads() -> Iterator[dict[int, int] | None]:
         last = thread_counters(tid).core
         pins[tid] = last if last in free else free[0]
     try:
-        for tid, core in pins.items():
-            before[tid] = os.sched_getaffinity(tid)
-            os.sched_setaffinity(tid, {core})
+        for tid, core in list(pins.items()):
+            try:
+                mask = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, {core})
+            except OSError:  # EPERM, EINVAL (a core outside a cpuset), ESRCH (the thread ended)
+                del pins[tid]
+                continue
+            before[tid] = mask
         yield pins
     finally:
         for tid, mask in before.items():

@@ -54,7 +54,7 @@ def format_report(report: dict) -> str:
     pinned = report["phases"].get("ceiling_pinned")
     if pinned is not None:  # --pinned-ceiling
         cores = list((pinned.get("pinned_cores") or {}).values())  # the loop thread's first
-        where = ("threads not pinned (no sched_setaffinity here)" if not cores else
+        where = ("no thread could be pinned here" if not cores else
                  f"the loop thread on core {cores[0]}"
                  + "".join(f", a backward thread on core {core}" for core in cores[1:]))
         lines.append(f"ceiling with its launching threads held on one core each ({where}): "
