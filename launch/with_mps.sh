@@ -27,9 +27,9 @@ mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 
 quit_daemon() {
     echo quit | "$CONTROL" > /dev/null 2>&1
-    # The daemon removes its pipe on the way out: wait for that (at most 10 s) before its log is read.
+    # Wait (at most 10 s) until the daemon no longer answers: it is gone before its directory is removed.
     for _ in $(seq 50); do
-        compgen -G "$CUDA_MPS_PIPE_DIRECTORY/control*" > /dev/null || break
+        echo get_server_list | "$CONTROL" > /dev/null 2>&1 || break
         sleep 0.2
     done
     local clients

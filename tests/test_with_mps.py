@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "with_mps.sh"
 
 STAND_IN = """#!/usr/bin/env bash
-# -d: the daemon starts (its pipe appears, one client will connect); stdin "quit": it stops (its pipe goes).
+# -d: the daemon starts (its pipe appears, two clients connect); stdin "quit": it stops (its pipe goes).
 calls="$(dirname "$0")/calls"
 if [[ "${1:-}" == -d ]]; then
     echo "start pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> "$calls"
@@ -28,8 +28,17 @@ if [[ "${1:-}" == -d ]]; then
     exit 0
 fi
 read -r command
+if [[ "$command" == get_server_list ]]; then  # answered while the daemon runs, as the real one does
+    if [[ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]]; then echo "poll: running" >> "$calls"; exit 0; fi
+    echo "poll: gone" >> "$calls"
+    exit 1
+fi
 echo "$command" >> "$calls"
-rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"
+if [[ -n "${SLOW_QUIT:-}" ]]; then  # a daemon that takes a while to wind its servers down
+    (sleep 0.6; rm -f "$CUDA_MPS_PIPE_DIRECTORY/control") > /dev/null 2>&1 &
+else
+    rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"
+fi
 """
 
 
@@ -59,11 +68,20 @@ def test_the_command_runs_as_a_client_of_a_daemon_in_a_directory_of_its_own_whic
     run = subprocess.run(["bash", str(SCRIPT), "bash", "-c", f'echo "$CUDA_MPS_PIPE_DIRECTORY" > {seen}; exit 7'],
                          env=_env(tmp_path, control), capture_output=True, text=True, timeout=60)
     assert run.returncode == 7  # the command's status
-    start, quit_ = _calls(control)
+    start, quit_, poll = _calls(control)
     pipe = seen.read_text().strip()
-    assert start == f"start pipe={pipe} log={Path(pipe).parent / 'log'}" and quit_ == "quit"
+    assert start == f"start pipe={pipe} log={Path(pipe).parent / 'log'}" and (quit_, poll) == ("quit", "poll: gone")
     assert Path(pipe).parent.parent == tmp_path and not Path(pipe).parent.exists()  # private, then removed
     assert "the MPS daemon saw 2 client connection(s) and was quit" in run.stderr
+
+
+def test_the_daemon_is_waited_for_until_it_no_longer_answers_before_its_directory_is_removed(tmp_path, control):
+    run = subprocess.run(["bash", str(SCRIPT), "true"], env=_env(tmp_path, control, SLOW_QUIT="1"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    calls = _calls(control)
+    assert calls[1] == "quit" and "poll: running" in calls[2:] and calls[-1] == "poll: gone"
+    assert list(tmp_path.glob("mlgcn-mps.*")) == []
 
 
 def test_without_mps_installed_the_command_does_not_run_and_the_status_says_mps_could_not_start(tmp_path):
@@ -102,5 +120,5 @@ def test_a_command_stopped_from_outside_still_has_its_daemon_quit(tmp_path, cont
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 130
-    assert _calls(control)[-1] == "quit"
+    assert _calls(control)[-2:] == ["quit", "poll: gone"]
     assert list(tmp_path.glob("mlgcn-mps.*")) == []
