@@ -15,6 +15,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _name_width(names: object) -> int:
+    """The phase-name column: 30 wide, or one more than the longest name (``ceiling_before_<phase>`` is longer)."""
+    return max(30, *(len(name) + 1 for name in names))
+
+
 def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -26,7 +31,7 @@ def format_report(report: dict) -> str:
     mode = "eager"
     if setting["compile"]:
         mode = "compile" if setting["compile_mode"] == "default" else f"compile ({setting['compile_mode']})"
-    width = max(30, *(len(name) + 1 for name in report["phases"]))  # ceiling_before_<phase> is longer
+    width = _name_width(report["phases"])
     lines = [
         f"bench train on {report['device']}: {report['model']['backbone']}+{report['model']['head']} "
         f"@{report['image_size']}, batch {report['batch_size']}, {setting['precision']}, "
@@ -139,8 +144,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-_THREAD_COLUMNS = (("cpu_ms", "cpu", 1), ("runqueue_ms", "wait", 2), ("sleeps", "sleeps", 1),
-                   ("preemptions", "preempt", 1), ("migrations", "moves", 1))
+# (key, header, digits, width) of each thread's columns in the host table
+_THREAD_COLUMNS = (("cpu_ms", "cpu", 1, 7), ("runqueue_ms", "wait", 2, 8), ("sleeps", "sleeps", 1, 8),
+                   ("preemptions", "preempt", 1, 8), ("migrations", "moves", 1, 8))
 
 
 def host_lines(report: dict) -> list[str]:
@@ -154,25 +160,29 @@ def host_lines(report: dict) -> list[str]:
     if setup.get("idle_states"):
         power.append("idle states " + ", ".join(f"{name} ({'?' if us is None else us} us)"
                                                 for name, us in setup["idle_states"]))
-    width = max(30, *(len(name) + 1 for name in windows))
-    head = "".join(f"{label:>{8 if label != 'cpu' else 7}s}" for _, label, _ in _THREAD_COLUMNS)
+    width = _name_width(windows)
+
+    def columns(cells: list[str]) -> str:
+        return "".join(f"{cell:>{w}s}" for cell, (_, _, _, w) in zip(cells, _THREAD_COLUMNS))
+
+    head = columns([label for _, label, _, _ in _THREAD_COLUMNS])
+    loop_label, backward_label = " loop:", "  backward:"  # above each thread's columns; blank in the rows
     lines = [
         f"host over the timed steps ({setup.get('cpu_model') or 'cpu model unknown'}"
         + (f"; {'; '.join(power)}" if power else "; no cpufreq or cpuidle exposed") + "): a step's ms on a core "
         "(cpu) and runnable waiting for one (wait), sleeps, preemptions and moves between cores of the loop thread "
         "and of the backward's; the process's busy cores, the host's share of busy cores, its cores' MHz at the "
         "window's end (median, and the loop's core)",
-        f"  {'phase':{width}s} loop:{head}  backward:{head}{'cores':>7s}{'host':>7s}{'MHz':>7s}{'loop':>7s}",
+        f"  {'phase':{width}s}{loop_label}{head}{backward_label}{head}{'cores':>7s}{'host':>7s}{'MHz':>7s}"
+        f"{'loop':>7s}",
     ]
     for name, w in windows.items():
         backward = w["backward"] or {}
-        cells = [_host_cell(w["loop"].get(key), digits) for key, _, digits in _THREAD_COLUMNS]
-        cells_back = ([_host_cell(backward.get(key), digits) for key, _, digits in _THREAD_COLUMNS]
+        cells = [_host_cell(w["loop"].get(key), digits) for key, _, digits, _ in _THREAD_COLUMNS]
+        cells_back = ([_host_cell(backward.get(key), digits) for key, _, digits, _ in _THREAD_COLUMNS]
                       if backward else ["in loop"] + [""] * (len(_THREAD_COLUMNS) - 1))
-        widths = [7 if key == "cpu_ms" else 8 for key, _, _ in _THREAD_COLUMNS]
         lines.append(
-            f"  {name:{width}s}      " + "".join(f"{c:>{wd}s}" for c, wd in zip(cells, widths))
-            + "           " + "".join(f"{c:>{wd}s}" for c, wd in zip(cells_back, widths))
+            f"  {name:{width}s}{'':{len(loop_label)}s}{columns(cells)}{'':{len(backward_label)}s}{columns(cells_back)}"
             + f"{_host_cell(w['process_cores_busy'], 2):>7s}{_percent(w['host_busy_frac']):>7s}"
             + f"{_host_cell(w['mhz_median'], 0):>7s}{_host_cell(w['loop_core_mhz'], 0):>7s}"
         )
@@ -191,17 +201,18 @@ def profile_lines(phases: dict[str, dict]) -> list[str]:
         return []
     first = next(iter(profiled.values()))
     traces = {str(Path(p["trace"]).parent) for p in profiled.values() if p["trace"]}
+    width = _name_width(profiled)
     lines = [
         f"profiled: {first['steps']} steps after each phase's timed ones, traces in "
         f"{', '.join(sorted(traces)) or 'none'}; ms a step: the device's (any stream: window = busy + idle) and "
         "the host's inside ops of the thread that runs the loop and of the one that runs the backward:",
-        f"  {'phase':30s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}"
+        f"  {'phase':{width}s}{'window':>8s}{'busy':>8s}{'idle':>8s}{'training stream':>17s}{'other streams':>15s}"
         f"{'host: loop':>12s}{'backward':>10s}",
     ]
     for name, profile in profiled.items():
         timeline, host = profile["device"], profile.get("host")
         if profile.get("error"):
-            lines.append(f"  {name:30s} profiling failed: {profile['error']}")
+            lines.append(f"  {name:{width}s} profiling failed: {profile['error']}")
             continue
         if timeline is None:
             device = f"{'no device activity recorded (no CUDA)':>56s}"
@@ -211,7 +222,7 @@ def profile_lines(phases: dict[str, dict]) -> list[str]:
                                                                        ("other_streams_ms", 15)))
         loop = _cell(host["loop_thread_ms"] if host else None, 12)
         backward = _cell(host["backward_thread_ms"], 10, none="in loop") if host else _cell(None, 10)
-        lines.append(f"  {name:30s}{device}{loop}{backward}")
+        lines.append(f"  {name:{width}s}{device}{loop}{backward}")
     breakdowns = {name: p["host_ops"] for name, p in profiled.items() if p.get("host_ops")}
     if breakdowns:
         lines.append("host ms a step by outermost span (calls a step where more than one), and kernel launches a step:")
